@@ -1,0 +1,162 @@
+"""The HTTP seam: one client factory, one wire->domain error mapping, one retry policy.
+
+Clients are built here and injected into the components that use them, so tests can
+hand in an ``httpx.MockTransport`` or ``httpx.ASGITransport`` instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Awaitable, Callable
+from email.utils import parsedate_to_datetime
+from typing import TypeVar
+
+import httpx
+import trio
+
+from .errors import (
+    Conflict,
+    DeadlineExceeded,
+    InvalidInput,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+USER_AGENT = "kachery-fs/0.1"
+
+
+def create_client(*, transport: httpx.AsyncBaseTransport | None = None,
+                  timeout: float = 30.0, max_connections: int = 32) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` configured the way every kachery-fs component wants it.
+
+    ``timeout`` bounds each single network wait (connect, one read, one write); whole
+    transfers are judged by progress by their callers, not by this number.
+    """
+    limits = httpx.Limits(max_connections=max_connections,
+                          max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(
+        transport=transport,
+        timeout=httpx.Timeout(timeout),
+        limits=limits,
+        headers={"user-agent": USER_AGENT},
+        follow_redirects=False,
+        trust_env=False,  # never route loopback traffic through a proxy from the environment
+    )
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        import datetime as _dt
+
+        when = parsedate_to_datetime(value)
+        return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
+    except (TypeError, ValueError):
+        return None
+
+
+def _detail(response: httpx.Response) -> str:
+    """The server's own explanation, if it gave one, shortened to one line."""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            err = body.get("error")
+            if isinstance(err, dict) and "message" in err:
+                return str(err["message"])
+            if isinstance(err, str):
+                return err
+    except (ValueError, UnicodeDecodeError):
+        pass
+    text = response.text.strip().replace("\n", " ") if response.content else ""
+    return text[:200] or response.reason_phrase
+
+
+def error_for_response(response: httpx.Response, what: str) -> KacheryError:
+    """Translate a non-success HTTP response into the project's exception tree.
+
+    The body must already be read (``await response.aread()`` for streamed responses).
+    """
+    status = response.status_code
+    detail = _detail(response)
+    msg = f"{what}: HTTP {status}: {detail}"
+    if status == 404:
+        return NotFound(msg)
+    if status in (401, 403):
+        return PermissionDenied(msg)
+    if status in (409, 412):
+        return Conflict(msg)
+    if status in (400, 411, 413, 416, 422):
+        return InvalidInput(msg)
+    if status in (408, 429) or status >= 500:
+        return Unavailable(msg, retry_after=_retry_after(response))
+    return ProtocolError(msg)
+
+
+def check_response(response: httpx.Response, what: str, *, ok: tuple[int, ...] = (200,)) -> None:
+    """Raise the mapped error unless ``response.status_code`` is one of ``ok``."""
+    if response.status_code not in ok:
+        raise error_for_response(response, what)
+
+
+def error_for_exception(exc: httpx.HTTPError, what: str) -> KacheryError:
+    """Translate a transport-level httpx exception (no response) into our tree."""
+    if isinstance(exc, httpx.TimeoutException):
+        return DeadlineExceeded(f"{what}: timed out ({type(exc).__name__})")
+    return Unavailable(f"{what}: {type(exc).__name__}: {exc}")
+
+
+class Backoff:
+    """Exponential backoff with full jitter, honouring a server's ``Retry-After``."""
+
+    def __init__(self, *, initial: float = 0.2, maximum: float = 30.0, factor: float = 2.0):
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.attempt = 0
+
+    def next_delay(self, retry_after: float | None = None) -> float:
+        cap = min(self.maximum, self.initial * (self.factor ** self.attempt))
+        self.attempt += 1
+        delay = random.uniform(cap / 2, cap)
+        if retry_after is not None:
+            delay = max(delay, min(retry_after, self.maximum))
+        return delay
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, attempts: int = 5,
+                   backoff: Backoff | None = None) -> T:
+    """Run ``operation`` and retry it on :class:`Unavailable` with backoff.
+
+    Other errors (not found, permission, integrity) are not transient and propagate at once.
+    The caller bounds the total time with a trio cancel scope.
+    """
+    backoff = backoff or Backoff()
+    while True:
+        try:
+            return await operation()
+        except httpx.HTTPError as exc:
+            err: KacheryError = error_for_exception(exc, what)
+        except Unavailable as exc:
+            err = exc
+        if backoff.attempt + 1 >= attempts:
+            raise err
+        delay = backoff.next_delay(getattr(err, "retry_after", None))
+        log.info("%s; retrying in %.1f s", err, delay)
+        await trio.sleep(delay)

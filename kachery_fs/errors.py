@@ -1,0 +1,65 @@
+"""The exception tree of kachery-fs.
+
+Every module raises only these (or lets a genuine bug surface as something else).
+Each class names a *condition*, not a transport detail, so the three tiers stay
+separate: wire errors (HTTP status, socket errors) are translated into these in
+exactly one place per source (``kachery_fs._http.check_response``), and these are
+translated into errno values in exactly one place (``kachery_fs.fs.errno_map``) and
+into one-line messages in exactly one place (``kachery_fs.cli``).
+"""
+
+from __future__ import annotations
+
+
+class KacheryError(Exception):
+    """Base of every error that kachery-fs raises on purpose.
+
+    ``str(error)`` is a complete, one-line message fit to show a user.
+    """
+
+
+class InvalidInput(KacheryError):
+    """The caller gave something malformed: a bad hash, URI, name or argument."""
+
+
+class NotFound(KacheryError):
+    """The thing asked for does not exist (in this source, or anywhere we looked)."""
+
+
+class PermissionDenied(KacheryError):
+    """The node is not allowed to do this (hub permission, signature refused, EACCES)."""
+
+
+class IntegrityError(KacheryError):
+    """Bytes did not match their SHA-1, or a download was truncated or overlong."""
+
+
+class ProtocolError(KacheryError):
+    """A server answered in a way the protocol forbids (e.g. ``200`` to a ``Range`` GET)."""
+
+
+class Conflict(KacheryError):
+    """A precondition failed: the object already exists, a generation did not match."""
+
+
+class Unavailable(KacheryError):
+    """A service could not be reached or answered with a transient failure.
+
+    Retrying later may succeed.  ``retry_after`` is a server's hint in seconds, if any.
+    """
+
+    def __init__(self, message: str, *, retry_after: float | None = None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(Unavailable):
+    """A wait ran past the deadline its caller set, or a transfer stopped making progress."""
+
+
+class ReadOnly(KacheryError):
+    """A write was attempted on something that can only be read."""
+
+
+class NotMounted(KacheryError):
+    """A mount point is not mounted (or not by kachery-fs)."""

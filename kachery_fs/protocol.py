@@ -1,0 +1,33 @@
+"""Wire types shared by the hub and the nodes (plain data, no I/O)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+#: Hub requests older or newer than this (seconds) are refused as stale.
+MAX_CLOCK_SKEW_S = 300
+
+#: Permissions a node can hold on a channel (kachery's names).
+PERMISSIONS = ("requestFiles", "provideFiles", "requestFeeds", "provideFeeds")
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    """A request the hub signed for a node: send exactly this method, URL and headers."""
+
+    method: str
+    url: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SignedRequest:
+        return cls(method=str(data["method"]), url=str(data["url"]),
+                   headers={str(k): str(v) for k, v in dict(data.get("headers") or {}).items()})
+
+
+def object_key(channel: str, sha1: str) -> str:
+    """The bucket key of a file: ``<channel>/sha1/ab/cd/ef/<sha1>`` (kachery hub layout)."""
+    return f"{channel}/sha1/{sha1[0:2]}/{sha1[2:4]}/{sha1[4:6]}/{sha1}"
