@@ -1,0 +1,492 @@
+"""The ``kachery-fs`` command line.
+
+A user mistake (or an unreachable hub, a missing file...) gets a one-line message on
+stderr and a non-zero exit status, never a traceback: project exceptions are turned
+into messages here and only here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import trio
+
+from . import __version__
+from .config import DEFAULT_HUB_PORT, node_dir
+from .errors import InvalidInput, KacheryError, NotFound
+from .protocol import PERMISSIONS
+from .uris import format_uri, parse_uri
+
+log = logging.getLogger("kachery_fs")
+
+DEFAULT_HUB_URL = f"http://127.0.0.1:{DEFAULT_HUB_PORT}"
+
+
+def _hub_url(args) -> str:
+    return args.hub or os.environ.get("KACHERY_FS_HUB") or DEFAULT_HUB_URL
+
+
+def setup_logging(verbose: int, log_file: str | None = None) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose == 1 else logging.WARNING
+    handler: logging.Handler = (logging.FileHandler(log_file) if log_file
+                                else logging.StreamHandler(sys.stderr))
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    for noisy in ("httpx", "httpcore", "hypercorn"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _open_node(*, create: bool = False):
+    from .node import Node
+
+    return Node(node_dir(), create=create)
+
+
+# -- node commands ---------------------------------------------------------------------
+
+
+def cmd_init(args) -> int:
+    from .node import init_node
+
+    key = init_node(node_dir())
+    print(key.node_id)
+    return 0
+
+
+def cmd_node_id(args) -> int:
+    from .identity import NodeKey
+
+    d = node_dir()
+    try:
+        print(NodeKey.load(d).node_id)
+    except NotFound:
+        raise NotFound(f"no node in {d}: run `kachery-fs init` first") from None
+    return 0
+
+
+async def _join(args) -> int:
+    node = _open_node(create=True)
+    try:
+        info = await node.hub(args.hub_url).get_channel(args.channel)
+        perms = set(info.get("permissions", []))
+        node.db.add_channel(args.channel, args.hub_url.rstrip("/"), info["bucketBaseUrl"], perms)
+    finally:
+        await node.aclose()
+    print(f"joined channel {args.channel} on {args.hub_url}")
+    if perms:
+        print(f"permissions: {', '.join(sorted(perms))}")
+    else:
+        print("this node has no permissions on it yet; ask the channel owner to run:\n"
+              f"  kachery-fs hub channel authorize {args.channel} {node.node_id}"
+              " --permissions requestFiles,provideFiles")
+    return 0
+
+
+def _pick_channel(node, name: str | None) -> str:
+    channels = [c.name for c in node.db.channels()]
+    if name:
+        node.db.channel(name)  # NotFound with advice
+        return name
+    if len(channels) == 1:
+        return channels[0]
+    if not channels:
+        raise NotFound("this node has joined no channel (see `kachery-fs join HUB_URL CHANNEL`)")
+    raise InvalidInput(f"this node has joined several channels ({', '.join(channels)}):"
+                       " choose one with --channel")
+
+
+async def _put(args) -> int:
+    from tqdm import tqdm
+
+    from . import resumable
+
+    node = _open_node()
+    try:
+        channel_name = _pick_channel(node, args.channel)
+        ch = node.db.channel(channel_name)
+        hub = node.hub(ch.hub_url)
+        for name in args.files:
+            path = Path(name)
+            if not path.is_file():
+                raise NotFound(f"{name}: no such file")
+            size = path.stat().st_size
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}",
+                      disable=args.quiet or None, file=sys.stderr) as bar:
+                sha1, size = await trio.to_thread.run_sync(
+                    lambda: node.store.add_file(path, progress=bar.update))
+            node.db.enqueue_upload(channel_name, sha1, size)
+            signed = await hub.initiate_upload(channel_name, sha1, size)
+            if signed is not None:
+                with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
+                          disable=args.quiet or None, file=sys.stderr) as bar:
+                    def progress(committed, bar=bar):
+                        bar.update(committed - bar.n)
+                    session = await resumable.start_session(node.client, signed)
+                    node.db.update_upload(channel_name, sha1, session_uri=session,
+                                          state="uploading")
+                    await resumable.upload(node.client, session, node.store.path(sha1), size,
+                                           on_progress=progress)
+                await hub.finalize_upload(channel_name, sha1, size)
+            node.db.update_upload(channel_name, sha1, state="done", session_uri=None, error=None)
+            print(format_uri(sha1, path.name))
+    finally:
+        await node.aclose()
+    return 0
+
+
+def cmd_store_add(args) -> int:
+    from .store import Store
+
+    d = node_dir()
+    store = Store(d)
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise NotFound(f"{name}: no such file")
+        sha1, _size = store.add_file(path)
+        print(format_uri(sha1, path.name))
+    return 0
+
+
+async def _cat(args) -> int:
+    from .bucket import fetch_to_store
+
+    uri = parse_uri(args.uri)
+    node = _open_node(create=True)
+    try:
+        if not node.store.has(uri.sha1):
+            channels = [node.db.channel(args.channel)] if args.channel else node.db.channels()
+            if not channels:
+                raise NotFound(f"sha1://{uri.sha1} is not in the local store and this node has"
+                               " joined no channel to look in")
+            errors = []
+            for ch in channels:
+                try:
+                    await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
+                                         node.store)
+                    break
+                except KacheryError as exc:
+                    errors.append(f"{ch.name}: {exc}")
+            else:
+                raise NotFound(f"sha1://{uri.sha1} not found ({'; '.join(errors)})")
+        fd = node.store.open(uri.sha1)
+        try:
+            out = sys.stdout.buffer
+            while chunk := os.read(fd, 1 << 20):
+                out.write(chunk)
+            out.flush()
+        finally:
+            os.close(fd)
+    finally:
+        await node.aclose()
+    return 0
+
+
+# -- mount -------------------------------------------------------------------------------
+
+
+async def _mount_foreground(args) -> int:
+    from .fs.mount import run_mount
+
+    node = _open_node()
+    try:
+        await run_mount(node, Path(args.mountpoint), allow_other=args.allow_other,
+                        debug=args.debug_fuse)
+    finally:
+        await node.aclose()
+    return 0
+
+
+def cmd_mount(args) -> int:
+    from .fs.mount import check_mountpoint
+
+    if args.foreground:
+        setup_logging(max(args.verbose, 1), args.log_file)
+        return trio.run(_mount_foreground, args)
+    mountpoint = Path(args.mountpoint).resolve()
+    check_mountpoint(mountpoint)
+    _open_node().db.close()  # fail here, in the foreground, if there is no node
+    log_file = Path(args.log_file or node_dir() / "mount.log").resolve()
+    cmd = [sys.executable, "-m", "kachery_fs", "-" + "v" * max(args.verbose, 1), "mount",
+           "--foreground", "--log-file", str(log_file), str(mountpoint)]
+    if args.allow_other:
+        cmd.append("--allow-other")
+    with open(os.devnull, "rb") as devnull:
+        child = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if os.path.ismount(mountpoint):
+            print(f"mounted at {mountpoint} (pid {child.pid}; log: {log_file})")
+            return 0
+        if child.poll() is not None:
+            raise KacheryError(f"the mount process exited with status {child.returncode};"
+                               f" see {log_file}")
+        time.sleep(0.05)
+    child.terminate()
+    raise KacheryError(f"{mountpoint} was not mounted within 30 s; see {log_file}")
+
+
+def cmd_umount(args) -> int:
+    from .fs.mount import unmount
+
+    unmount(Path(args.mountpoint), lazy=args.lazy)
+    return 0
+
+
+# -- hub ----------------------------------------------------------------------------------
+
+
+async def _hub_serve(args) -> int:
+    from .hub.serve import HubServer
+
+    owner = args.owner
+    if owner is None:
+        from .node import init_node
+
+        owner = init_node(node_dir()).node_id
+    directory = Path(args.dir) if args.dir else node_dir() / "hub"
+    server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket)
+    try:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(lambda task_status: server.run(
+                host=args.host, port=args.port, public_url=args.public_url,
+                task_status=task_status))
+            print(f"kachery-fs hub listening on {url} (owner {owner})", flush=True)
+            if args.url_file:
+                Path(args.url_file).write_text(url + "\n")
+    finally:
+        server.close()
+    return 0
+
+
+def _permissions(text: str) -> list[str]:
+    if text in ("all", "*"):
+        return list(PERMISSIONS)
+    if text in ("none", ""):
+        return []
+    perms = [p.strip() for p in text.split(",") if p.strip()]
+    unknown = set(perms) - set(PERMISSIONS)
+    if unknown:
+        raise InvalidInput(f"unknown permission(s) {', '.join(sorted(unknown))};"
+                           f" choose from {', '.join(PERMISSIONS)}, or all / none")
+    return perms
+
+
+async def _hub_call(args, fn) -> int:
+    node = _open_node(create=True)
+    try:
+        result = await fn(node.hub(_hub_url(args)))
+    finally:
+        await node.aclose()
+    if result:
+        print(result)
+    return 0
+
+
+async def _channel_create(args) -> int:
+    async def go(hub):
+        r = await hub.create_channel(args.name, args.bucket)
+        return f"created channel {r['channel']} (bucket {r['bucket']})"
+    return await _hub_call(args, go)
+
+
+async def _channel_authorize(args) -> int:
+    perms = _permissions(args.permissions)
+
+    async def go(hub):
+        r = await hub.authorize_node(args.name, args.node_id, perms, args.label)
+        return (f"channel {r['channel']}: node {r['nodeId']} has "
+                f"{', '.join(r['permissions']) or 'no permissions'}")
+    return await _hub_call(args, go)
+
+
+async def _channel_list(args) -> int:
+    async def go(hub):
+        lines = []
+        for c in await hub.list_channels():
+            lines.append(f"{c['channel']}  {c['bucket']}")
+            for node_id, perms in c["authorizedNodes"].items():
+                lines.append(f"  {node_id}  {','.join(perms)}")
+        return "\n".join(lines) or "no channels"
+    return await _hub_call(args, go)
+
+
+# -- up ----------------------------------------------------------------------------------------
+
+
+async def _up(args) -> int:
+    from .fs.mount import check_mountpoint, run_mount
+    from .hub.serve import HubServer
+    from .node import Node
+
+    mountpoint = Path(args.mountpoint).resolve()
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    check_mountpoint(mountpoint)
+    node = Node(node_dir(), create=True)
+    server = HubServer(node.dir / "hub", owner_id=node.node_id)
+    try:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(lambda task_status: server.run(
+                host="127.0.0.1", port=args.port, task_status=task_status))
+            hub = node.hub(url)
+            try:
+                await hub.create_channel(args.channel)
+            except KacheryError as exc:
+                if "already exists" not in str(exc):
+                    raise
+            await hub.authorize_node(args.channel, node.node_id, list(PERMISSIONS), "up")
+            info = await hub.get_channel(args.channel)
+            node.db.add_channel(args.channel, url, info["bucketBaseUrl"],
+                                set(info["permissions"]))
+
+            async def announce(_nursery):
+                print(f"""kachery-fs is up: hub and local bucket at {url}, node {node.node_id}
+channel {args.channel!r} mounted at {mountpoint}
+
+Try, in another terminal:
+  cp SOMEFILE {mountpoint}/{args.channel}/
+  getfattr -n user.kachery.uri {mountpoint}/{args.channel}/SOMEFILE
+  cat {mountpoint}/{args.channel}/sha1/<hash printed above>
+  ls {mountpoint}/{args.channel}/sha1/
+Another node can join with:  KACHERY_FS_DIR=/tmp/node2 kachery-fs join {url} {args.channel}
+Press Ctrl-C to unmount and stop.""", flush=True)
+
+            await run_mount(node, mountpoint, also=announce)
+            nursery.cancel_scope.cancel()
+    finally:
+        server.close()
+        await node.aclose()
+    print("unmounted; pending uploads resume at the next start", flush=True)
+    return 0
+
+
+# -- parser ------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kachery-fs",
+        description="Mount kachery channels as a drive: content-addressed files shared through"
+                    " a cloud bucket, brokered by a hub. The node's state lives in"
+                    " $KACHERY_FS_DIR (default ~/.kachery-fs).")
+    p.add_argument("--version", action="version", version=f"kachery-fs {__version__}")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output (-vv for debug)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser("up", help="run hub, local bucket, node and one channel, mounted (Ctrl-C stops)")
+    s.add_argument("mountpoint")
+    s.add_argument("--channel", default="default", help="channel name (default: default)")
+    s.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
+                   help=f"hub port on 127.0.0.1 (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
+    s.set_defaults(run=_up, is_async=True)
+
+    s = sub.add_parser("init", help="create this node's identity and store; print its node id")
+    s.set_defaults(run=cmd_init)
+    s = sub.add_parser("node-id", help="print this node's id")
+    s.set_defaults(run=cmd_node_id)
+
+    s = sub.add_parser("join", help="add a channel membership to this node")
+    s.add_argument("hub_url", metavar="HUB_URL")
+    s.add_argument("channel", metavar="CHANNEL")
+    s.set_defaults(run=_join, is_async=True)
+
+    s = sub.add_parser("mount", help="mount this node's channels")
+    s.add_argument("mountpoint")
+    s.add_argument("-f", "--foreground", action="store_true",
+                   help="stay in the foreground and log to stderr (for services and tests)")
+    s.add_argument("--log-file", help="log here (default in the background:"
+                   " $KACHERY_FS_DIR/mount.log)")
+    s.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
+    s.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    s.set_defaults(run=cmd_mount)
+
+    s = sub.add_parser("umount", help="unmount a kachery-fs mount point")
+    s.add_argument("mountpoint")
+    s.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
+    s.set_defaults(run=cmd_umount)
+
+    s = sub.add_parser("put", help="store files and upload them to a channel; print their URIs")
+    s.add_argument("files", nargs="+", metavar="FILE")
+    s.add_argument("--channel", help="channel (needed when the node joined several)")
+    s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(run=_put, is_async=True)
+
+    s = sub.add_parser("store", help="the local store")
+    ss = s.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
+    t = ss.add_parser("add", help="add files to the local store only; print their URIs")
+    t.add_argument("files", nargs="+", metavar="FILE")
+    t.set_defaults(run=cmd_store_add)
+
+    s = sub.add_parser("cat", help="write the content of a sha1:// URI to stdout (verified)")
+    s.add_argument("uri", metavar="URI")
+    s.add_argument("--channel", help="look only in this channel's bucket")
+    s.set_defaults(run=_cat, is_async=True)
+
+    s = sub.add_parser("hub", help="run or administer a hub")
+    hs = s.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)
+    t = hs.add_parser("serve", help="run a hub (with a local bucket unless --no-local-bucket)")
+    t.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    t.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
+                   help=f"port (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
+    t.add_argument("--dir", help="hub state directory (default $KACHERY_FS_DIR/hub)")
+    t.add_argument("--owner", help="node id of the hub's owner (default: this node)")
+    t.add_argument("--public-url", help="URL nodes use to reach this hub"
+                   " (default http://HOST:PORT)")
+    t.add_argument("--no-local-bucket", action="store_true", help="serve no local bucket")
+    t.add_argument("--url-file", help="write the hub's URL to this file once listening")
+    t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
+
+    t = hs.add_parser("channel", help="channel administration (signed by the hub owner's node)")
+    cs = t.add_subparsers(dest="channel_command", metavar="SUBCOMMAND", required=True)
+    hub_help = f"hub URL (default $KACHERY_FS_HUB or {DEFAULT_HUB_URL})"
+    c = cs.add_parser("create", help="create a channel")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("--bucket", help="bucket URI (default: the hub's local bucket, local://kachery)")
+    c.add_argument("--hub", help=hub_help)
+    c.set_defaults(run=_channel_create, is_async=True)
+    c = cs.add_parser("authorize", help="set a node's permissions on a channel")
+    c.add_argument("name", metavar="NAME")
+    c.add_argument("node_id", metavar="NODE_ID")
+    c.add_argument("--permissions", required=True,
+                   help=f"comma-separated from {', '.join(PERMISSIONS)}; 'all' or 'none'")
+    c.add_argument("--label", help="a note about the node")
+    c.add_argument("--hub", help=hub_help)
+    c.set_defaults(run=_channel_authorize, is_async=True)
+    c = cs.add_parser("list", help="list channels and authorized nodes")
+    c.add_argument("--hub", help=hub_help)
+    c.set_defaults(run=_channel_list, is_async=True)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not (args.command == "mount" and args.foreground):
+        setup_logging(max(args.verbose, getattr(args, "log_default", 0)))
+    try:
+        if getattr(args, "is_async", False):
+            return trio.run(args.run, args)
+        return args.run(args)
+    except KacheryError as exc:
+        print(f"kachery-fs: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except OSError as exc:
+        print(f"kachery-fs: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""The one place where project exceptions become errno values (STYLE rule 1).
+
+Only ``FUSEError`` may leave a pyfuse3 handler: anything else takes the whole mount
+down. Every handler body runs inside :func:`fuse_errors`.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+from contextlib import contextmanager
+
+import pyfuse3
+
+from ..errors import (
+    Conflict,
+    DeadlineExceeded,
+    IntegrityError,
+    InvalidInput,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    ReadOnly,
+    Unavailable,
+)
+
+log = logging.getLogger(__name__)
+
+_ERRNO = [
+    (NotFound, errno.ENOENT),
+    (PermissionDenied, errno.EACCES),
+    (IntegrityError, errno.EIO),
+    (ProtocolError, errno.EIO),
+    (DeadlineExceeded, errno.ETIMEDOUT),
+    (Unavailable, errno.EIO),
+    (ReadOnly, errno.EROFS),
+    (Conflict, errno.EEXIST),
+    (InvalidInput, errno.EINVAL),
+]
+
+
+def errno_for(exc: BaseException) -> int | None:
+    for cls, code in _ERRNO:
+        if isinstance(exc, cls):
+            return code
+    return None
+
+
+@contextmanager
+def fuse_errors(operation: str):
+    """Translate whatever a handler raises into ``FUSEError``; log what is not expected."""
+    try:
+        yield
+    except pyfuse3.FUSEError:
+        raise
+    except OSError as exc:
+        # Local I/O (ENOSPC on the store's disk, EDQUOT, ...) keeps its errno.
+        log.warning("%s: %s", operation, exc)
+        raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+    except Exception as exc:
+        code = errno_for(exc)
+        if code is None:
+            log.exception("%s: unexpected error; answering EIO", operation)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+        if code == errno.ENOENT:
+            log.debug("%s: %s", operation, exc)
+        else:
+            log.warning("%s: %s", operation, exc)
+        raise pyfuse3.FUSEError(code) from None

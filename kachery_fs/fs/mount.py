@@ -1,0 +1,97 @@
+"""The mount entry point: owns the nursery, the signals and the unmount (STYLE rule 6).
+
+Shutdown order: a signal (or an external ``fusermount3 -u``) ends ``pyfuse3.main``; then
+the background tasks are cancelled; then the FUSE session is closed and unmounted;
+then the node's HTTP client and database are closed. Pending uploads stay queued in
+the node database and resume at the next mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ..errors import InvalidInput, NotMounted
+from ..node import Node
+from ..resolver import Resolver
+from ..uploader import Uploader
+from .operations import Operations
+
+log = logging.getLogger(__name__)
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    if not mountpoint.is_dir():
+        raise InvalidInput(f"mount point {mountpoint} is not a directory (create it first)")
+    if os.path.ismount(mountpoint):
+        raise InvalidInput(f"{mountpoint} is already a mount point")
+    if not os.path.exists("/dev/fuse"):
+        raise InvalidInput("/dev/fuse is missing: install fuse3 and load the fuse module")
+
+
+async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
+                    debug: bool = False,
+                    also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
+                    task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
+    mountpoint = Path(mountpoint)
+    check_mountpoint(mountpoint)
+    removed = await trio.to_thread.run_sync(node.store.sweep_temp)
+    del removed
+    async with trio.open_nursery() as nursery:
+        uploader = await Uploader.create(node, nursery=nursery)
+        resolver = Resolver(node, nursery=nursery)
+        ops = Operations(node, resolver, uploader, nursery=nursery)
+        options = set(pyfuse3.default_options)
+        options.add("fsname=kachery-fs")
+        options.add("subtype=kachery")
+        options.add("default_permissions")
+        if allow_other:
+            options.add("allow_other")
+        if debug:
+            options.add("debug")
+        pyfuse3.init(ops, str(mountpoint), options)
+        closed = False
+        try:
+            nursery.start_soon(_watch_signals)
+            if also is not None:
+                await also(nursery)
+            log.info("mounted %s at %s (node %s)", ", ".join(
+                c.name for c in node.db.channels()) or "no channels", mountpoint, node.node_id)
+            task_status.started()
+            await pyfuse3.main()
+            log.info("unmounting %s", mountpoint)
+            nursery.cancel_scope.cancel()
+        finally:
+            if not closed:
+                pyfuse3.close(unmount=True)
+
+
+async def _watch_signals() -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async for signum in signals:
+            log.info("received %s; unmounting", signal.Signals(signum).name)
+            pyfuse3.terminate()
+            return
+
+
+def unmount(mountpoint: Path, *, lazy: bool = False) -> None:
+    """Unmount a kachery-fs mount point (``fusermount3 -u``, or ``umount`` as a fallback)."""
+    mountpoint = Path(mountpoint).resolve()
+    if not os.path.ismount(mountpoint):
+        raise NotMounted(f"{mountpoint} is not mounted")
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u"] + (["-z"] if lazy else []) + [str(mountpoint)] if tool else \
+        ["umount"] + (["-l"] if lazy else []) + [str(mountpoint)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise InvalidInput(f"could not unmount {mountpoint}: {result.stderr.strip()}"
+                           " (is a process still using it? try --lazy)")

@@ -1,0 +1,504 @@
+"""The pyfuse3 adapter: translate kernel requests into namespace, resolver and store calls.
+
+Every handler body runs inside ``fuse_errors`` so that only ``FUSEError`` leaves it.
+Writes are staged in the store's temp directory, hashed as they arrive, and committed
+into the store when the file is closed (on ``flush``, which ``close(2)`` waits for),
+then queued for upload.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from dataclasses import dataclass, field
+
+import pyfuse3
+import trio
+
+from ..errors import Conflict, NotFound, PermissionDenied, ReadOnly
+from ..node import Node
+from ..resolver import Content, LocalContent, Resolver
+from ..store import StagingFile
+from ..uploader import Uploader
+from ..uris import format_uri
+from .errno_map import fuse_errors
+from .namespace import ROOT_INODE, Namespace, VNode
+
+log = logging.getLogger(__name__)
+
+IMMUTABLE_TIMEOUT = 24 * 3600.0  # sha1/<hash> never changes
+MUTABLE_TIMEOUT = 1.0
+XATTR_URI = b"user.kachery.uri"
+XATTR_STATUS = b"user.kachery.status"
+
+
+@dataclass
+class Writer:
+    """The staging file shared by every open write handle of one named entry."""
+
+    entry_id: int
+    staging: StagingFile | None
+    handles: int = 0
+    dirty: bool = False
+
+
+@dataclass
+class Handle:
+    vnode: VNode
+    content: Content | None = None
+    writer: Writer | None = None
+
+
+@dataclass
+class DirHandle:
+    entries: list = field(default_factory=list)
+
+
+class Operations(pyfuse3.Operations):
+    enable_writeback_cache = True
+
+    def __init__(self, node: Node, resolver: Resolver, uploader: Uploader, *,
+                 nursery: trio.Nursery):
+        super().__init__()
+        self.node = node
+        self.resolver = resolver
+        self.uploader = uploader
+        self.nursery = nursery
+        self.ns = Namespace(node.db)
+        self.uid = os.getuid()
+        self.gid = os.getgid()
+        self._handles: dict[int, Handle | DirHandle] = {}
+        self._next_fh = 1
+        self._writers: dict[int, Writer] = {}
+        self._start_ns = time.time_ns()
+
+    # -- attributes -------------------------------------------------------------------
+
+    def _attrs(self, vnode: VNode, *, size: int = 0) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = self.ns.inode(vnode)
+        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_blksize = 1 << 17
+        a.st_atime_ns = a.st_ctime_ns = a.st_mtime_ns = self._start_ns
+        if vnode.kind == "entry":
+            entry = self.node.db.entry(vnode.entry_id)
+            writer = self._writers.get(entry.id)
+            if entry.is_dir:
+                a.st_mode = stat.S_IFDIR | (entry.mode & 0o7777)
+                a.st_nlink = 2
+            else:
+                a.st_mode = stat.S_IFREG | (entry.mode & 0o7777)
+                a.st_nlink = 1
+                a.st_size = writer.staging.size if writer and writer.staging else entry.size
+            a.st_mtime_ns = a.st_ctime_ns = entry.mtime_ns
+            a.entry_timeout = a.attr_timeout = MUTABLE_TIMEOUT
+        elif vnode.kind == "hash":
+            a.st_mode = stat.S_IFREG | 0o444
+            a.st_nlink = 1
+            a.st_size = size
+            a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
+        else:
+            writable = vnode.kind == "channel"
+            a.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
+            a.st_nlink = 2
+            a.entry_timeout = a.attr_timeout = MUTABLE_TIMEOUT
+        a.st_blocks = (a.st_size + 511) // 512
+        return a
+
+    async def _attrs_async(self, vnode: VNode) -> pyfuse3.EntryAttributes:
+        size = 0
+        if vnode.kind == "hash":
+            size = await self.resolver.size(vnode.channel, vnode.sha1)
+        return self._attrs(vnode, size=size)
+
+    # -- lookups -------------------------------------------------------------------------
+
+    async def lookup(self, parent_inode, name, ctx):
+        with fuse_errors("lookup"):
+            parent = self.ns.vnode(parent_inode)
+            text = os.fsdecode(name)
+            if text == "..":
+                return await self._attrs_async(self.ns.parent_of(parent))
+            return await self._attrs_async(self.ns.lookup(parent, text))
+
+    async def getattr(self, inode, ctx):
+        with fuse_errors("getattr"):
+            return await self._attrs_async(self.ns.vnode(inode))
+
+    async def forget(self, inode_list):
+        pass  # inodes are cheap and stable for the life of the mount
+
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        with fuse_errors("setattr"):
+            vnode = self.ns.vnode(inode)
+            if vnode.kind != "entry":
+                if fields.update_size or fields.update_mode:
+                    raise ReadOnly("read-only")
+                return await self._attrs_async(vnode)
+            entry = self.node.db.entry(vnode.entry_id)
+            if fields.update_size:
+                if entry.is_dir:
+                    raise pyfuse3.FUSEError(errno.EISDIR)
+                writer = self._writers.get(entry.id)
+                if writer is not None:
+                    staging = await self._writable_staging(writer)
+                    staging.truncate(attr.st_size)
+                    writer.dirty = True
+                else:
+                    # truncate(2) on a closed file: a new version of it, committed now.
+                    staging = await trio.to_thread.run_sync(
+                        lambda: StagingFile.from_existing(self.node.store, entry.sha1,
+                                                          truncate=attr.st_size == 0))
+                    staging.truncate(attr.st_size)
+                    await self._commit(entry.id, staging)
+            if fields.update_mode:
+                self.node.db.set_mode(entry.id, attr.st_mode)
+            if fields.update_mtime:
+                self.node.db.set_mtime(entry.id, attr.st_mtime_ns)
+            return self._attrs(vnode)
+
+    # -- directories ---------------------------------------------------------------------
+
+    async def opendir(self, inode, ctx):
+        with fuse_errors("opendir"):
+            vnode = self.ns.vnode(inode)
+            if not vnode.is_dir and not (vnode.kind == "entry"
+                                         and self.node.db.entry(vnode.entry_id).is_dir):
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            local = ()
+            if vnode.kind == "sha1dir":
+                local = await trio.to_thread.run_sync(lambda: list(self.node.store.iter_hashes()))
+            entries = []
+            for name, child in self.ns.children(vnode, local):
+                size = 0
+                if child.kind == "hash":
+                    size = self.resolver.local_size(child.sha1) or 0
+                entries.append((os.fsencode(name), self._attrs(child, size=size)))
+            return self._new_handle(DirHandle(entries))
+
+    async def readdir(self, fh, start_id, token):
+        with fuse_errors("readdir"):
+            handle = self._handles[fh]
+            for index in range(start_id, len(handle.entries)):
+                name, attrs = handle.entries[index]
+                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                    break
+
+    async def releasedir(self, fh):
+        self._handles.pop(fh, None)
+
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        with fuse_errors("mkdir"):
+            parent = self._writable_dir(parent_inode)
+            entry = self._create_entry(parent, os.fsdecode(name), is_dir=True,
+                                       mode=mode & ~ctx.umask)
+            return self._attrs(VNode("entry", entry.channel, entry_id=entry.id))
+
+    async def rmdir(self, parent_inode, name, ctx):
+        with fuse_errors("rmdir"):
+            child = self.ns.lookup(self.ns.vnode(parent_inode), os.fsdecode(name))
+            if child.kind != "entry":
+                raise PermissionDenied("cannot remove a built-in directory")
+            entry = self.node.db.entry(child.entry_id)
+            if not entry.is_dir:
+                raise pyfuse3.FUSEError(errno.ENOTDIR)
+            try:
+                self.node.db.delete_entry(entry.id)
+            except Conflict:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY) from None
+
+    async def unlink(self, parent_inode, name, ctx):
+        with fuse_errors("unlink"):
+            child = self.ns.lookup(self.ns.vnode(parent_inode), os.fsdecode(name))
+            if child.kind != "entry":
+                raise ReadOnly("content under sha1/ cannot be removed through the mount")
+            entry = self.node.db.entry(child.entry_id)
+            if entry.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            self.node.db.delete_entry(entry.id)
+
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        with fuse_errors("rename"):
+            old_parent = self.ns.vnode(parent_inode_old)
+            child = self.ns.lookup(old_parent, os.fsdecode(name_old))
+            if child.kind != "entry":
+                raise PermissionDenied("built-in entries cannot be renamed")
+            new_parent = self._writable_dir(parent_inode_new)
+            if new_parent.channel != child.channel:
+                raise pyfuse3.FUSEError(errno.EXDEV)
+            new_name = os.fsdecode(name_new)
+            if new_parent.kind == "channel" and new_name in ("sha1", "feeds"):
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if flags & getattr(pyfuse3, "RENAME_EXCHANGE", 2):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            existing = self.node.db.lookup(new_parent.channel, self.ns.entry_parent(new_parent),
+                                           new_name)
+            if existing is not None and flags & getattr(pyfuse3, "RENAME_NOREPLACE", 1):
+                raise pyfuse3.FUSEError(errno.EEXIST)
+            if existing is not None and existing.is_dir != self.node.db.entry(child.entry_id).is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR if existing.is_dir else errno.ENOTDIR)
+            if self._is_ancestor(child, new_parent):
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            try:
+                self.node.db.rename_entry(child.entry_id, self.ns.entry_parent(new_parent), new_name)
+            except Conflict:
+                raise pyfuse3.FUSEError(errno.ENOTEMPTY) from None
+
+    def _is_ancestor(self, maybe_ancestor: VNode, vnode: VNode) -> bool:
+        while vnode.kind == "entry":
+            if vnode.entry_id == maybe_ancestor.entry_id:
+                return True
+            vnode = self.ns.parent_of(vnode)
+        return False
+
+    def _writable_dir(self, inode: int) -> VNode:
+        vnode = self.ns.vnode(inode)
+        if vnode.kind == "channel":
+            return vnode
+        if vnode.kind == "entry" and self.node.db.entry(vnode.entry_id).is_dir:
+            return vnode
+        if vnode.kind == "entry":
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if vnode.kind == "root":
+            raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
+        raise ReadOnly(f"{vnode.kind} is read-only")
+
+    def _create_entry(self, parent: VNode, name: str, *, is_dir: bool, mode: int):
+        if parent.kind == "channel" and name in ("sha1", "feeds"):
+            raise Conflict(f"{name!r} is reserved")
+        return self.node.db.create_entry(parent.channel, self.ns.entry_parent(parent), name,
+                                         is_dir=is_dir, mode=mode & 0o7777)
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _new_handle(self, handle) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = handle
+        return fh
+
+    async def _require_provide(self, channel: str) -> None:
+        perms = await self.node.permissions(channel)
+        if "provideFiles" not in perms:
+            try:  # it may have just been granted: ask the hub before refusing
+                perms = (await self.node.refresh_channel(channel)).permissions
+            except Exception as exc:
+                log.debug("permission refresh failed: %s", exc)
+        if "provideFiles" not in perms:
+            log.warning(
+                "refused to create a file in channel %s: node %s lacks the provideFiles"
+                " permission; the channel owner can grant it with `kachery-fs hub channel"
+                " authorize %s %s --permissions provideFiles`",
+                channel, self.node.node_id, channel, self.node.node_id)
+            raise PermissionDenied(f"no provideFiles permission on {channel}")
+
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        with fuse_errors("create"):
+            parent = self._writable_dir(parent_inode)
+            await self._require_provide(parent.channel)
+            text = os.fsdecode(name)
+            existing = self.node.db.lookup(parent.channel, self.ns.entry_parent(parent), text)
+            if existing is not None:
+                if flags & os.O_EXCL:
+                    raise pyfuse3.FUSEError(errno.EEXIST)
+                entry = existing
+            else:
+                entry = self._create_entry(parent, text, is_dir=False, mode=mode & ~ctx.umask)
+            vnode = VNode("entry", entry.channel, entry_id=entry.id)
+            fh = await self._open_write(vnode, truncate=True)
+            return pyfuse3.FileInfo(fh=fh), self._attrs(vnode)
+
+    async def open(self, inode, flags, ctx):
+        with fuse_errors("open"):
+            vnode = self.ns.vnode(inode)
+            accmode = flags & os.O_ACCMODE
+            if vnode.kind == "hash":
+                if accmode != os.O_RDONLY:
+                    raise ReadOnly("content under sha1/ is read-only")
+                content = await self.resolver.open(vnode.channel, vnode.sha1)
+                return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
+                                        keep_cache=True)
+            if vnode.kind != "entry":
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            entry = self.node.db.entry(vnode.entry_id)
+            if entry.is_dir:
+                raise pyfuse3.FUSEError(errno.EISDIR)
+            if accmode != os.O_RDONLY or entry.id in self._writers:
+                if accmode != os.O_RDONLY:
+                    await self._require_provide(entry.channel)
+                fh = await self._open_write(vnode, truncate=bool(flags & os.O_TRUNC))
+                return pyfuse3.FileInfo(fh=fh)
+            if entry.sha1 is None:
+                content: Content = LocalContent(os.open(os.devnull, os.O_RDONLY), 0)
+            else:
+                content = await self.resolver.open(entry.channel, entry.sha1)
+            return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
+                                    keep_cache=True)
+
+    async def _open_write(self, vnode: VNode, *, truncate: bool) -> int:
+        writer = self._writers.get(vnode.entry_id)
+        if writer is None:
+            writer = Writer(vnode.entry_id, None)
+            self._writers[vnode.entry_id] = writer
+        writer.handles += 1
+        try:
+            if truncate:
+                staging = await self._writable_staging(writer)
+                if staging.size:
+                    staging.truncate(0)
+                writer.dirty = True
+        except BaseException:
+            await self._drop_writer(writer)
+            raise
+        return self._new_handle(Handle(vnode, writer=writer))
+
+    async def _writable_staging(self, writer: Writer) -> StagingFile:
+        """The writer's staging file, made from the committed content when there is none."""
+        if writer.staging is None:
+            entry = self.node.db.entry(writer.entry_id)
+            if entry.sha1 is not None and not self.node.store.has(entry.sha1):
+                raise NotFound(f"content of {entry.name!r} is no longer in the local store")
+            writer.staging = await trio.to_thread.run_sync(
+                lambda: StagingFile.from_existing(self.node.store, entry.sha1, truncate=False))
+        return writer.staging
+
+    async def read(self, fh, off, size):
+        with fuse_errors("read"):
+            handle = self._handles[fh]
+            if handle.writer is not None:
+                staging = await self._writable_staging(handle.writer)
+                return staging.read(off, size)
+            try:
+                return await handle.content.read(off, size)
+            except Exception:
+                if handle.vnode.kind == "hash":
+                    self._invalidate(handle.vnode)
+                raise
+
+    def _invalidate(self, vnode: VNode) -> None:
+        """Drop the kernel's cached pages of a file whose content failed (never raises)."""
+        inode = self.ns.inode(vnode)
+
+        async def invalidate():
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
+            except Exception as exc:
+                log.debug("invalidate_inode(%d): %s", inode, exc)
+
+        self.nursery.start_soon(invalidate)
+
+    async def write(self, fh, off, buf):
+        with fuse_errors("write"):
+            handle = self._handles[fh]
+            if handle.writer is None:
+                raise pyfuse3.FUSEError(errno.EBADF)
+            staging = await self._writable_staging(handle.writer)
+            handle.writer.dirty = True
+            return staging.write(off, buf)
+
+    async def flush(self, fh):
+        with fuse_errors("flush"):
+            handle = self._handles.get(fh)
+            if handle is None or handle.writer is None:
+                return
+            writer = handle.writer
+            # close(2) waits for this: commit now if this is the only open write handle,
+            # so a `cp` that has returned has its file in the store.
+            if writer.handles == 1 and writer.dirty and writer.staging is not None:
+                await self._commit_writer(writer)
+
+    async def fsync(self, fh, datasync):
+        with fuse_errors("fsync"):
+            handle = self._handles.get(fh)
+            if handle is not None and handle.writer is not None and handle.writer.dirty:
+                await self._commit_writer(handle.writer)
+
+    async def release(self, fh):
+        with fuse_errors("release"):
+            handle = self._handles.pop(fh, None)
+            if handle is None:
+                return
+            if handle.content is not None:
+                handle.content.close()
+            if handle.writer is not None:
+                await self._drop_writer(handle.writer)
+
+    async def _drop_writer(self, writer: Writer) -> None:
+        writer.handles -= 1
+        if writer.handles > 0:
+            return
+        try:
+            if writer.dirty and writer.staging is not None:
+                await self._commit_writer(writer)
+            elif writer.staging is not None:
+                writer.staging.discard()
+                writer.staging = None
+        finally:
+            self._writers.pop(writer.entry_id, None)
+
+    async def _commit_writer(self, writer: Writer) -> None:
+        staging, writer.staging = writer.staging, None
+        writer.dirty = False
+        await self._commit(writer.entry_id, staging)
+
+    async def _commit(self, entry_id: int, staging: StagingFile) -> None:
+        size = staging.size
+        sha1 = await trio.to_thread.run_sync(staging.commit)
+        try:
+            entry = self.node.db.entry(entry_id)
+        except NotFound:
+            log.info("file was removed before it was closed; sha1://%s stays in the store", sha1)
+            return
+        self.node.db.set_content(entry_id, sha1, size)
+        log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1, size)
+        self.uploader.enqueue(entry.channel, sha1, size)
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    async def listxattr(self, inode, ctx):
+        with fuse_errors("listxattr"):
+            vnode = self.ns.vnode(inode)
+            if vnode.kind == "hash" or (vnode.kind == "entry"
+                                        and not self.node.db.entry(vnode.entry_id).is_dir):
+                return [XATTR_URI, XATTR_STATUS]
+            return []
+
+    async def getxattr(self, inode, name, ctx):
+        with fuse_errors("getxattr"):
+            vnode = self.ns.vnode(inode)
+            if vnode.kind == "hash":
+                if name == XATTR_URI:
+                    return format_uri(vnode.sha1).encode()
+                if name == XATTR_STATUS:
+                    local = self.node.store.has(vnode.sha1)
+                    return b"local" if local else b"remote"
+            elif vnode.kind == "entry":
+                entry = self.node.db.entry(vnode.entry_id)
+                if not entry.is_dir and name in (XATTR_URI, XATTR_STATUS):
+                    if entry.id in self._writers or entry.sha1 is None:
+                        return b"" if name == XATTR_URI else b"writing"
+                    if name == XATTR_URI:
+                        return format_uri(entry.sha1, entry.name).encode()
+                    return self.uploader.status(entry.channel, entry.sha1).encode()
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    async def setxattr(self, inode, name, value, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def removexattr(self, inode, name, ctx):
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def statfs(self, ctx):
+        with fuse_errors("statfs"):
+            st = os.statvfs(self.node.dir)
+            data = pyfuse3.StatvfsData()
+            for attr in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                         "f_ffree", "f_favail", "f_namemax"):
+                setattr(data, attr, getattr(st, attr))
+            return data
+
+
+__all__ = ["Operations", "ROOT_INODE"]

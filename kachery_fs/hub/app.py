@@ -1,0 +1,89 @@
+"""The hub's HTTP face: ``/api/...`` for the JSON API, everything else for the local bucket.
+
+Error mapping for the API lives here and only here: project exceptions become HTTP
+statuses with a JSON body ``{"error": {"code": ..., "message": ...}}`` that the node's
+HTTP seam (``kachery_fs._http``) turns back into the same exceptions.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .. import __version__
+from ..errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from .service import AuthError, Hub
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+
+_STATUS = [
+    (AuthError, 401, "unauthenticated"),
+    (PermissionDenied, 403, "permission_denied"),
+    (NotFound, 404, "not_found"),
+    (Conflict, 409, "conflict"),
+    (IntegrityError, 422, "integrity"),
+    (InvalidInput, 400, "invalid_input"),
+    (Unavailable, 503, "unavailable"),
+]
+
+
+def _error_response(exc: KacheryError) -> JSONResponse:
+    for cls, status, code in _STATUS:
+        if isinstance(exc, cls):
+            return JSONResponse({"error": {"code": code, "message": str(exc)}}, status_code=status)
+    return JSONResponse({"error": {"code": "error", "message": str(exc)}}, status_code=500)
+
+
+def create_api(hub: Hub) -> Starlette:
+    async def node_request(request: Request) -> JSONResponse:
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            return _error_response(InvalidInput("request too large"))
+        try:
+            envelope = json.loads(raw)
+        except ValueError:
+            return _error_response(InvalidInput("request body is not JSON"))
+        try:
+            return JSONResponse(await hub.handle(envelope))
+        except KacheryError as exc:
+            return _error_response(exc)
+
+    async def info(request: Request) -> JSONResponse:
+        return JSONResponse({"service": "kachery-fs hub", "version": __version__,
+                             "ownerId": hub.owner_id})
+
+    return Starlette(routes=[
+        Route("/api/node", node_request, methods=["POST"]),
+        Route("/api/info", info, methods=["GET"]),
+    ])
+
+
+def compose(api, bucket_app=None):
+    """One ASGI app: ``/api/`` to the hub API, the rest to the local bucket (if any)."""
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            await api(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        if path == "/api" or path.startswith("/api/") or bucket_app is None:
+            await api(scope, receive, send)
+        else:
+            await bucket_app(scope, receive, send)
+
+    return app

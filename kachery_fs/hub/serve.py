@@ -1,0 +1,62 @@
+"""Assemble and run a hub: SQLite state, the local bucket, the URL signer, the HTTP server.
+
+Layout of a hub directory::
+
+    hub.db                    channels, authorizations, nonces, objects
+    local-bucket/             the local bucket's objects and upload sessions
+    local-bucket-key.json     the RSA key the hub signs local-bucket URLs with (0600)
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import trio
+
+from .._serve import serve_asgi
+from .app import compose, create_api
+from .localbucket import LocalBucket, create_app
+from .service import Buckets, Hub
+from .signing import UrlSigner
+from .storage import HubDB
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LOCAL_BUCKET = "local://kachery"
+
+
+class HubServer:
+    """One hub, ready to serve. The public URL is known only once the port is bound."""
+
+    def __init__(self, directory: Path, *, owner_id: str, local_bucket: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.db = HubDB(self.directory / "hub.db")
+        self.local = LocalBucket(self.directory / "local-bucket", {}) if local_bucket else None
+        self.buckets = Buckets(local=self.local)
+        self.hub = Hub(self.db, owner_id=owner_id.lower(), buckets=self.buckets,
+                       default_bucket_uri=DEFAULT_LOCAL_BUCKET if local_bucket else None)
+        api = create_api(self.hub)
+        self.app = compose(api, create_app(self.local) if self.local is not None else None)
+        self.url: str | None = None
+
+    def _set_public_url(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        self.buckets.public_url = self.url
+        if self.local is not None:
+            signer = UrlSigner.for_local_bucket(self.directory, self.url)
+            self.buckets.signer = signer
+            self.local.public_keys.update(signer.public_keys())
+
+    async def run(self, *, host: str = "127.0.0.1", port: int = 0, public_url: str | None = None,
+                  task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled; ``task_status.started(url)`` once listening."""
+        async with trio.open_nursery() as nursery:
+            bound = await nursery.start(serve_asgi, self.app, host=host, port=port)
+            self._set_public_url(public_url or f"http://{host}:{bound}")
+            log.info("hub listening on %s (owner %s…)", self.url, self.hub.owner_id[:12])
+            task_status.started(self.url)
+
+    def close(self) -> None:
+        self.db.close()

@@ -1,0 +1,284 @@
+"""The hub's logic: authenticate node requests, administer channels, broker uploads.
+
+The hub is the control plane. It never carries file bytes: it signs URLs that let a
+node write exactly one object of exactly one size into a channel's bucket, and checks
+that object before recording it.
+
+Every node request is an envelope ``{"body": {...}, "nodeId": <hex>, "signature": <hex>}``
+(kachery's shape) whose body also carries ``type``, ``timestamp`` (ms) and ``nonce``:
+requests more than :data:`~kachery_fs.protocol.MAX_CLOCK_SKEW_S` off the hub's clock, and
+nonces seen before, are refused, so a captured request cannot be replayed.
+
+Handlers raise the project's exceptions; ``hub.app`` maps them to HTTP statuses.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, PermissionDenied
+from ..identity import is_node_id, verify_signature
+from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, object_key
+from ..uris import is_sha1
+
+log = logging.getLogger(__name__)
+
+CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+#: How long a signed upload URL stays valid. Short: the session URI it yields outlives it.
+UPLOAD_URL_EXPIRY_S = 600
+
+#: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
+MAX_OBJECT_SIZE = 5 * 1024**4
+
+
+class AuthError(PermissionDenied):
+    """The request's signature, timestamp or nonce was not acceptable (HTTP 401)."""
+
+
+def check_channel_name(name: str) -> str:
+    if not isinstance(name, str) or not (3 <= len(name) <= 40) or not CHANNEL_NAME_RE.match(name):
+        raise InvalidInput(
+            f"invalid channel name {name!r}: use 3-40 characters from A-Z a-z 0-9 _ - "
+            "in segments joined by '.'")
+    return name
+
+
+def check_permissions(perms: Any) -> set[str]:
+    if not isinstance(perms, list | tuple | set | frozenset):
+        raise InvalidInput("permissions must be a list")
+    unknown = set(perms) - set(PERMISSIONS)
+    if unknown:
+        raise InvalidInput(f"unknown permission(s) {sorted(unknown)}; known: {', '.join(PERMISSIONS)}")
+    return set(perms)
+
+
+@dataclass
+class Caller:
+    node_id: str
+    is_owner: bool
+
+
+class Hub:
+    """Request handling for one hub. ``buckets`` maps a channel's bucket URI to a backend."""
+
+    def __init__(self, db, *, owner_id: str, buckets, default_bucket_uri: str | None):
+        self.db = db
+        self.owner_id = owner_id
+        self.buckets = buckets
+        self.default_bucket_uri = default_bucket_uri
+
+    # -- authentication ---------------------------------------------------------------
+
+    def authenticate(self, envelope: Any, *, now: float | None = None) -> tuple[Caller, dict]:
+        """Check an envelope's signature, freshness and nonce; return the caller and body."""
+        if not isinstance(envelope, dict):
+            raise InvalidInput("request must be a JSON object")
+        body, node_id, signature = envelope.get("body"), envelope.get("nodeId"), envelope.get("signature")
+        if not isinstance(body, dict) or not isinstance(node_id, str) or not isinstance(signature, str):
+            raise InvalidInput("request must have body, nodeId and signature")
+        if not is_node_id(node_id):
+            raise InvalidInput("nodeId must be 64 hex characters")
+        if body.get("nodeId", node_id) != node_id:
+            raise AuthError("body.nodeId does not match the signer")
+        if not verify_signature(body, signature, node_id):
+            raise AuthError("bad signature")
+        now = time.time() if now is None else now
+        ts = body.get("timestamp")
+        if not isinstance(ts, int) or abs(ts / 1000 - now) > MAX_CLOCK_SKEW_S:
+            raise AuthError(
+                f"stale or missing timestamp: the request is more than {MAX_CLOCK_SKEW_S} s "
+                "off the hub's clock (check this machine's clock)")
+        nonce = body.get("nonce")
+        if not isinstance(nonce, str) or not (16 <= len(nonce) <= 128):
+            raise AuthError("missing or malformed nonce")
+        if not self.db.remember_nonce(node_id, nonce, now=now, keep_s=2 * MAX_CLOCK_SKEW_S + 60):
+            raise AuthError("replayed request (nonce already used)")
+        return Caller(node_id=node_id.lower(), is_owner=node_id.lower() == self.owner_id), body
+
+    async def handle(self, envelope: Any) -> dict:
+        caller, body = self.authenticate(envelope)
+        kind = body.get("type")
+        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
+        if handler is None:
+            raise InvalidInput(f"unknown request type {kind!r}")
+        try:
+            return await handler(caller, body)
+        except KacheryError as exc:
+            log.info("%s from %s… refused: %s", kind, caller.node_id[:8], exc)
+            raise
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _require_owner(self, caller: Caller) -> None:
+        if not caller.is_owner:
+            raise PermissionDenied(
+                f"only the hub's owner may administer channels (owner is {self.owner_id[:12]}…,"
+                f" you are {caller.node_id[:12]}…)")
+
+    def _require(self, caller: Caller, channel: str, permission: str) -> None:
+        self.db.channel(channel)  # NotFound for an unknown channel
+        if permission not in self.db.permissions(channel, caller.node_id):
+            raise PermissionDenied(
+                f"node {caller.node_id[:12]}… lacks the {permission} permission on channel"
+                f" {channel!r}; the channel owner can grant it with `kachery-fs hub channel"
+                f" authorize {channel} {caller.node_id} --permissions {permission}`")
+
+    @staticmethod
+    def _sha1_and_size(body: dict) -> tuple[str, int]:
+        sha1, size = body.get("sha1"), body.get("size")
+        if not isinstance(sha1, str) or not is_sha1(sha1):
+            raise InvalidInput(f"invalid sha1 {sha1!r}")
+        if not isinstance(size, int) or not (0 <= size <= MAX_OBJECT_SIZE):
+            raise InvalidInput(f"invalid size {size!r}")
+        return sha1.lower(), size
+
+    # -- handlers -------------------------------------------------------------------------
+
+    async def _on_getChannel(self, caller: Caller, body: dict) -> dict:
+        name = check_channel_name(body.get("channel"))
+        record = self.db.channel(name)
+        backend = self.buckets.for_uri(record.bucket_uri)
+        return {
+            "channel": record.name,
+            "bucketBaseUrl": backend.base_url(),
+            "permissions": sorted(self.db.permissions(name, caller.node_id)),
+            "isOwner": caller.is_owner,
+        }
+
+    async def _on_createChannel(self, caller: Caller, body: dict) -> dict:
+        self._require_owner(caller)
+        name = check_channel_name(body.get("channel"))
+        bucket_uri = body.get("bucket") or self.default_bucket_uri
+        if not bucket_uri:
+            raise InvalidInput("this hub serves no local bucket: give the channel a --bucket")
+        self.buckets.for_uri(bucket_uri)  # validates the URI and that we can serve it
+        record = self.db.create_channel(name, bucket_uri)
+        log.info("channel %s created on %s", name, bucket_uri)
+        return {"channel": record.name, "bucket": record.bucket_uri}
+
+    async def _on_authorizeNode(self, caller: Caller, body: dict) -> dict:
+        self._require_owner(caller)
+        name = check_channel_name(body.get("channel"))
+        self.db.channel(name)
+        node_id = body.get("targetNodeId")
+        if not isinstance(node_id, str) or not is_node_id(node_id):
+            raise InvalidInput(f"invalid node id {node_id!r}: expected 64 hex characters")
+        perms = check_permissions(body.get("permissions", []))
+        self.db.set_permissions(name, node_id.lower(), perms, body.get("label"))
+        log.info("channel %s: node %s… now has %s", name, node_id[:12], sorted(perms) or "nothing")
+        return {"channel": name, "nodeId": node_id.lower(), "permissions": sorted(perms)}
+
+    async def _on_listChannels(self, caller: Caller, body: dict) -> dict:
+        self._require_owner(caller)
+        return {"channels": [
+            {"channel": c.name, "bucket": c.bucket_uri,
+             "authorizedNodes": self.db.authorizations(c.name)}
+            for c in self.db.channels()]}
+
+    async def _on_initiateUpload(self, caller: Caller, body: dict) -> dict:
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "provideFiles")
+        sha1, size = self._sha1_and_size(body)
+        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        key = object_key(channel, sha1)
+        present = await backend.stat(key)
+        if present is not None:
+            if present == size:
+                if self.db.object_size(channel, sha1) is None:
+                    # In the bucket but not on record (e.g. finalize was lost): check it now.
+                    await self._verify_and_record(backend, caller, channel, sha1, size)
+                return {"status": "present"}
+            log.warning("channel %s: object %s has size %d, expected %d; deleting it",
+                        channel, sha1, present, size)
+            await backend.delete(key)
+            self.db.forget_object(channel, sha1)
+        signed = backend.resumable_upload(key, size=size, expires_s=UPLOAD_URL_EXPIRY_S)
+        return {"status": "upload", "upload": signed.to_json()}
+
+    async def _on_finalizeUpload(self, caller: Caller, body: dict) -> dict:
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "provideFiles")
+        sha1, size = self._sha1_and_size(body)
+        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        await self._verify_and_record(backend, caller, channel, sha1, size)
+        return {"status": "finalized"}
+
+    async def _verify_and_record(self, backend, caller: Caller, channel: str, sha1: str,
+                                 size: int) -> None:
+        key = object_key(channel, sha1)
+        actual = await backend.stat(key)
+        if actual is None:
+            raise NotFound(f"sha1://{sha1} is not in the bucket of channel {channel!r}")
+        problem = None
+        if actual != size:
+            problem = f"size {actual} instead of {size}"
+        elif backend.can_hash:
+            digest = await backend.sha1(key)
+            if digest != sha1:
+                problem = f"content hashes to {digest}"
+        if problem:
+            log.warning("channel %s: upload of %s from %s… is bad (%s); deleting it",
+                        channel, sha1, caller.node_id[:12], problem)
+            await backend.delete(key)
+            self.db.forget_object(channel, sha1)
+            raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem}); deleted")
+        self.db.record_object(channel, sha1, size, caller.node_id)
+
+
+class LocalBucketBackend:
+    """A channel bucket that is a bucket of this hub's local bucket."""
+
+    can_hash = True
+
+    def __init__(self, local, signer, public_url: str, bucket: str):
+        self.local = local
+        self.signer = signer
+        self.public_url = public_url.rstrip("/")
+        self.bucket = bucket
+
+    def base_url(self) -> str:
+        return f"{self.public_url}/{self.bucket}"
+
+    async def stat(self, key: str) -> int | None:
+        st = self.local.stat(self.bucket, key)
+        return None if st is None else st[0]
+
+    async def sha1(self, key: str) -> str:
+        return await trio.to_thread.run_sync(self.local.sha1, self.bucket, key)
+
+    async def delete(self, key: str) -> None:
+        self.local.delete(self.bucket, key)
+
+    def resumable_upload(self, key: str, *, size: int, expires_s: int):
+        return self.signer.resumable_upload(self.bucket, key, size=size, expires_s=expires_s)
+
+
+class Buckets:
+    """Resolves a channel's bucket URI (``local://NAME`` or ``gs://NAME``) to a backend."""
+
+    def __init__(self, *, local=None, signer=None, public_url: str | None = None):
+        self.local = local
+        self.signer = signer
+        self.public_url = public_url
+
+    def for_uri(self, uri: str):
+        if not isinstance(uri, str):
+            raise InvalidInput("bucket must be a string")
+        if uri.startswith("local://"):
+            name = uri[len("local://"):]
+            if not re.match(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$", name) or name == "api":
+                raise InvalidInput(f"invalid local bucket name {name!r}")
+            if self.local is None:
+                raise InvalidInput("this hub serves no local bucket (started with --no-local-bucket)")
+            return LocalBucketBackend(self.local, self.signer, self.public_url, name)
+        if uri.startswith("gs://"):
+            raise InvalidInput("gs:// buckets are not supported by this version of the hub yet")
+        raise InvalidInput(f"unknown bucket URI {uri!r}: expected local://NAME or gs://NAME")
+

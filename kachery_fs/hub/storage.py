@@ -1,0 +1,138 @@
+"""The hub's state in SQLite: channels, authorizations, seen nonces, finalized objects.
+
+Short synchronous transactions, called from the hub's trio thread. Every change is
+committed at once, so a permission change is in force for the very next request.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import Conflict, NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY,
+    bucket_uri TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS authorizations (
+    channel TEXT NOT NULL REFERENCES channels(name) ON DELETE CASCADE,
+    node_id TEXT NOT NULL,
+    permissions TEXT NOT NULL,
+    label TEXT,
+    PRIMARY KEY (channel, node_id)
+);
+CREATE TABLE IF NOT EXISTS nonces (
+    node_id TEXT NOT NULL,
+    nonce TEXT NOT NULL,
+    ts REAL NOT NULL,
+    PRIMARY KEY (node_id, nonce)
+);
+CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
+CREATE TABLE IF NOT EXISTS objects (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    finalized_at REAL NOT NULL,
+    finalized_by TEXT NOT NULL,
+    PRIMARY KEY (channel, sha1)
+);
+"""
+
+
+@dataclass(frozen=True)
+class ChannelRecord:
+    name: str
+    bucket_uri: str
+    created_at: float
+
+
+class HubDB:
+    def __init__(self, path: Path):
+        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- channels -------------------------------------------------------------------
+
+    def create_channel(self, name: str, bucket_uri: str) -> ChannelRecord:
+        try:
+            self._db.execute("INSERT INTO channels (name, bucket_uri, created_at) VALUES (?, ?, ?)",
+                             (name, bucket_uri, time.time()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"channel {name!r} already exists") from None
+        return self.channel(name)
+
+    def channel(self, name: str) -> ChannelRecord:
+        row = self._db.execute("SELECT name, bucket_uri, created_at FROM channels WHERE name = ?",
+                               (name,)).fetchone()
+        if row is None:
+            raise NotFound(f"no channel named {name!r} on this hub")
+        return ChannelRecord(*row)
+
+    def channels(self) -> list[ChannelRecord]:
+        rows = self._db.execute("SELECT name, bucket_uri, created_at FROM channels ORDER BY name")
+        return [ChannelRecord(*r) for r in rows]
+
+    # -- authorizations -------------------------------------------------------------------
+
+    def set_permissions(self, channel: str, node_id: str, permissions: set[str],
+                        label: str | None = None) -> None:
+        if not permissions:
+            self._db.execute("DELETE FROM authorizations WHERE channel = ? AND node_id = ?",
+                             (channel, node_id))
+            return
+        self._db.execute(
+            "INSERT INTO authorizations (channel, node_id, permissions, label) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT(channel, node_id) DO UPDATE SET permissions = excluded.permissions,"
+            " label = COALESCE(excluded.label, authorizations.label)",
+            (channel, node_id, json.dumps(sorted(permissions)), label))
+
+    def permissions(self, channel: str, node_id: str) -> frozenset[str]:
+        row = self._db.execute(
+            "SELECT permissions FROM authorizations WHERE channel = ? AND node_id = ?",
+            (channel, node_id)).fetchone()
+        return frozenset(json.loads(row[0])) if row else frozenset()
+
+    def authorizations(self, channel: str) -> dict[str, list[str]]:
+        rows = self._db.execute(
+            "SELECT node_id, permissions FROM authorizations WHERE channel = ? ORDER BY node_id",
+            (channel,))
+        return {r[0]: json.loads(r[1]) for r in rows}
+
+    # -- replay protection -------------------------------------------------------------
+
+    def remember_nonce(self, node_id: str, nonce: str, *, now: float, keep_s: float) -> bool:
+        """Record a nonce; False if this node already used it (a replay)."""
+        self._db.execute("DELETE FROM nonces WHERE ts < ?", (now - keep_s,))
+        try:
+            self._db.execute("INSERT INTO nonces (node_id, nonce, ts) VALUES (?, ?, ?)",
+                             (node_id, nonce, now))
+        except sqlite3.IntegrityError:
+            return False
+        return True
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def record_object(self, channel: str, sha1: str, size: int, node_id: str) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO objects (channel, sha1, size, finalized_at, finalized_by)"
+            " VALUES (?, ?, ?, ?, ?)", (channel, sha1, size, time.time(), node_id))
+
+    def object_size(self, channel: str, sha1: str) -> int | None:
+        row = self._db.execute("SELECT size FROM objects WHERE channel = ? AND sha1 = ?",
+                               (channel, sha1)).fetchone()
+        return row[0] if row else None
+
+    def forget_object(self, channel: str, sha1: str) -> None:
+        self._db.execute("DELETE FROM objects WHERE channel = ? AND sha1 = ?", (channel, sha1))

@@ -1,0 +1,98 @@
+"""A node's client for the hub's JSON API: every request signed, timestamped and nonced."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+
+import httpx
+
+from ._http import check_response, error_for_exception
+from .errors import KacheryError, PermissionDenied, ProtocolError
+from .identity import NodeKey
+from .protocol import SignedRequest
+
+log = logging.getLogger(__name__)
+
+
+class HubClient:
+    """Talks to one hub as one node. The ``httpx`` client is injected (STYLE rule 5)."""
+
+    def __init__(self, url: str, key: NodeKey, client: httpx.AsyncClient):
+        self.url = url.rstrip("/")
+        self.key = key
+        self.client = client
+
+    def envelope(self, kind: str, fields: dict) -> dict:
+        body = {**fields, "type": kind, "timestamp": int(time.time() * 1000),
+                "nonce": secrets.token_hex(16)}
+        return {"body": body, "nodeId": self.key.node_id, "signature": self.key.sign(body)}
+
+    async def call(self, kind: str, **fields) -> dict:
+        """Send one signed request; returns the JSON answer or raises a project error."""
+        what = f"hub {self.url} {kind}"
+        try:
+            response = await self.client.post(f"{self.url}/api/node",
+                                              json=self.envelope(kind, fields))
+        except httpx.HTTPError as exc:
+            raise error_for_exception(exc, what) from None
+        if response.status_code == 401:
+            try:
+                message = response.json()["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                message = response.text[:200]
+            raise PermissionDenied(f"{what}: the hub refused this node's signature: {message}")
+        check_response(response, what)
+        try:
+            answer = response.json()
+        except ValueError:
+            raise ProtocolError(f"{what}: answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise ProtocolError(f"{what}: answer is not a JSON object")
+        return answer
+
+    async def info(self) -> dict:
+        what = f"hub {self.url}"
+        try:
+            response = await self.client.get(f"{self.url}/api/info")
+        except httpx.HTTPError as exc:
+            raise error_for_exception(exc, what) from None
+        check_response(response, what)
+        return response.json()
+
+    # -- typed calls ---------------------------------------------------------------------
+
+    async def get_channel(self, channel: str) -> dict:
+        return await self.call("getChannel", channel=channel)
+
+    async def create_channel(self, channel: str, bucket: str | None = None) -> dict:
+        fields = {"channel": channel}
+        if bucket:
+            fields["bucket"] = bucket
+        return await self.call("createChannel", **fields)
+
+    async def authorize_node(self, channel: str, node_id: str, permissions: list[str],
+                             label: str | None = None) -> dict:
+        fields = {"channel": channel, "targetNodeId": node_id, "permissions": permissions}
+        if label:
+            fields["label"] = label
+        return await self.call("authorizeNode", **fields)
+
+    async def list_channels(self) -> list[dict]:
+        return (await self.call("listChannels"))["channels"]
+
+    async def initiate_upload(self, channel: str, sha1: str, size: int) -> SignedRequest | None:
+        """A signed resumable-upload request, or ``None`` if the bucket already has it."""
+        answer = await self.call("initiateUpload", channel=channel, sha1=sha1, size=size)
+        if answer.get("status") == "present":
+            return None
+        if answer.get("status") == "upload" and isinstance(answer.get("upload"), dict):
+            return SignedRequest.from_json(answer["upload"])
+        raise ProtocolError(f"hub {self.url}: unexpected initiateUpload answer {answer!r}")
+
+    async def finalize_upload(self, channel: str, sha1: str, size: int) -> None:
+        await self.call("finalizeUpload", channel=channel, sha1=sha1, size=size)
+
+
+__all__ = ["HubClient", "KacheryError"]

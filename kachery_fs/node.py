@@ -1,0 +1,91 @@
+"""One node: identity, local store, state database and the HTTP client they share.
+
+A node directory (``$KACHERY_FS_DIR``) holds ``private.pem``/``public.pem`` (kachery's
+PEM format), ``node.db`` (SQLite), ``sha1/`` and ``tmp/`` (the store).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import httpx
+
+from . import _http
+from .errors import NotFound, PermissionDenied
+from .hub_client import HubClient
+from .identity import NodeKey
+from .state import Channel, NodeDB
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+#: How long a node trusts its cached view of its own channel permissions.
+PERMISSIONS_TTL_S = 5.0
+
+
+def init_node(directory: Path) -> NodeKey:
+    """Create the node directory and identity if missing; return the identity."""
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        return NodeKey.load(directory)
+    except NotFound:
+        key = NodeKey.generate()
+        key.save(directory)
+        log.info("created node %s in %s", key.node_id, directory)
+        return key
+
+
+class Node:
+    def __init__(self, directory: Path, *, client: httpx.AsyncClient | None = None,
+                 create: bool = False):
+        self.dir = Path(directory)
+        if create:
+            self.key = init_node(self.dir)
+        else:
+            if not (self.dir / "private.pem").exists():
+                raise NotFound(f"no node in {self.dir}: run `kachery-fs init` first")
+            self.key = NodeKey.load(self.dir)
+        self.store = Store(self.dir)
+        self.db = NodeDB(self.dir / "node.db")
+        self.client = client or _http.create_client()
+        self._hubs: dict[str, HubClient] = {}
+
+    @property
+    def node_id(self) -> str:
+        return self.key.node_id
+
+    def hub(self, url: str) -> HubClient:
+        if url not in self._hubs:
+            self._hubs[url] = HubClient(url, self.key, self.client)
+        return self._hubs[url]
+
+    def channel(self, name: str) -> Channel:
+        return self.db.channel(name)
+
+    async def refresh_channel(self, name: str) -> Channel:
+        """Ask the hub for this node's current permissions on ``name`` and remember them."""
+        ch = self.db.channel(name)
+        info = await self.hub(ch.hub_url).get_channel(name)
+        self.db.set_permissions(name, set(info.get("permissions", [])),
+                                info.get("bucketBaseUrl"))
+        return self.db.channel(name)
+
+    async def permissions(self, name: str) -> frozenset[str]:
+        """This node's permissions on a channel, at most PERMISSIONS_TTL_S old when the hub
+        answers; the last known ones when it does not."""
+        ch = self.db.channel(name)
+        if time.time() - ch.checked_at < PERMISSIONS_TTL_S:
+            return ch.permissions
+        try:
+            return (await self.refresh_channel(name)).permissions
+        except PermissionDenied:
+            raise
+        except Exception as exc:  # hub down: fall back on what we knew
+            log.warning("could not refresh permissions on %s (%s); using the last known", name, exc)
+            return ch.permissions
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+        self.db.close()

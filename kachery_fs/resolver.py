@@ -1,0 +1,125 @@
+"""Where content comes from: the local store, else the channel bucket (single-flight).
+
+``Resolver.size`` answers lookups; ``Resolver.open`` returns a :class:`Content` that
+reads verified bytes. However many readers want one missing hash, there is one
+download (STYLE rule 9); it keeps running after the readers go, so the content ends up
+in the store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+from cachetools import TTLCache
+
+from .bucket import Download, head_size, object_url
+from .errors import DeadlineExceeded, NotFound
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+#: How long a lookup may wait for the bucket to say whether it has a hash.
+LOOKUP_DEADLINE_S = 15.0
+#: How long a read may wait without the download making any progress.
+STALL_TIMEOUT_S = 60.0
+
+
+class Content:
+    """Readable bytes of one hash. ``read`` may wait for a download."""
+
+    size: int
+
+    async def read(self, offset: int, size: int) -> bytes:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class LocalContent(Content):
+    def __init__(self, fd: int, size: int):
+        self.fd = fd
+        self.size = size
+
+    async def read(self, offset: int, size: int) -> bytes:
+        # A page-cache read of at most a kernel request (256 KiB - 1 MiB) is fast enough
+        # to do on the event loop; offloading it to a thread halves throughput.
+        return os.pread(self.fd, size, offset)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class DownloadContent(Content):
+    def __init__(self, download: Download):
+        self.download = download
+        self.size = download.size
+        download.readers += 1
+
+    async def read(self, offset: int, size: int) -> bytes:
+        end = min(offset + size, self.size)
+        if offset >= self.size:
+            return b""
+        await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
+        return os.pread(self.download.fd, end - offset, offset)
+
+    def close(self) -> None:
+        self.download.readers -= 1
+        if self.download.readers == 0 and self.download.done.is_set():
+            self.download.close_fd()
+
+
+class Resolver:
+    def __init__(self, node: Node, *, nursery: trio.Nursery):
+        self.node = node
+        self.nursery = nursery
+        self._downloads: dict[str, Download] = {}
+        self._sizes: TTLCache = TTLCache(maxsize=100_000, ttl=3600)  # immutable: sizes stay true
+
+    def local_size(self, sha1: str) -> int | None:
+        return self.node.store.size(sha1)
+
+    async def size(self, channel: str, sha1: str) -> int:
+        """The size of ``sha1``; ``NotFound`` when neither the store nor the bucket has it."""
+        local = self.node.store.size(sha1)
+        if local is not None:
+            return local
+        if sha1 in self._downloads:
+            return self._downloads[sha1].size
+        key = (channel, sha1)
+        if key in self._sizes:
+            return self._sizes[key]
+        ch = self.node.channel(channel)
+        url = object_url(ch.bucket_base_url, channel, sha1)
+        with trio.move_on_after(LOOKUP_DEADLINE_S) as scope:
+            size = await head_size(self.node.client, url)
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
+        self._sizes[key] = size
+        return size
+
+    async def open(self, channel: str, sha1: str) -> Content:
+        try:
+            fd = self.node.store.open(sha1)
+        except NotFound:
+            pass
+        else:
+            return LocalContent(fd, os.fstat(fd).st_size)
+        download = self._downloads.get(sha1)
+        if download is None:
+            size = await self.size(channel, sha1)
+            # The await above may have let another opener start the download.
+            download = self._downloads.get(sha1)
+            if download is None:
+                ch = self.node.channel(channel)
+                download = Download(self.node.client, object_url(ch.bucket_base_url, channel, sha1),
+                                    sha1, size, self.node.store, on_finish=self._finished)
+                self._downloads[sha1] = download
+                self.nursery.start_soon(download.run)
+        return DownloadContent(download)
+
+    def _finished(self, download: Download) -> None:
+        if self._downloads.get(download.sha1) is download:
+            del self._downloads[download.sha1]

@@ -1,0 +1,277 @@
+"""A node's persistent state in SQLite: channel memberships, the upload queue, named entries.
+
+One database file (``node.db``) per node directory. Every method is a short synchronous
+transaction: cheap enough to call from the trio thread (STYLE rule 7), and safe with
+several processes on one node (WAL mode, busy timeout), e.g. a mount and ``kachery-fs put``.
+
+Named entries are the files and directories a user made under ``<mount>/<channel>/``.
+Each has a stable inode number (its row id plus :data:`INODE_BASE`) so names persist
+across remounts with the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import Conflict, InvalidInput, NotFound
+
+log = logging.getLogger(__name__)
+
+#: Inodes below this are reserved for the virtual tree (root, channel dirs, sha1/, ...).
+INODE_BASE = 1 << 40
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS channels (
+    name TEXT PRIMARY KEY,
+    hub_url TEXT NOT NULL,
+    bucket_base_url TEXT NOT NULL,
+    permissions TEXT NOT NULL DEFAULT '[]',
+    checked_at REAL NOT NULL DEFAULT 0,
+    joined_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    state TEXT NOT NULL,          -- pending | uploading | done | failed
+    session_uri TEXT,
+    committed INTEGER NOT NULL DEFAULT 0,
+    error TEXT,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (channel, sha1)
+);
+CREATE TABLE IF NOT EXISTS entries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    parent INTEGER NOT NULL,      -- 0 = the channel directory itself
+    name TEXT NOT NULL,
+    is_dir INTEGER NOT NULL,
+    sha1 TEXT,
+    size INTEGER NOT NULL DEFAULT 0,
+    mode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    UNIQUE (channel, parent, name)
+);
+"""
+
+
+@dataclass
+class Channel:
+    name: str
+    hub_url: str
+    bucket_base_url: str
+    permissions: frozenset[str]
+    checked_at: float
+
+
+@dataclass
+class Upload:
+    channel: str
+    sha1: str
+    size: int
+    state: str
+    session_uri: str | None
+    committed: int
+    error: str | None
+    attempts: int
+
+
+@dataclass
+class Entry:
+    id: int
+    channel: str
+    parent: int
+    name: str
+    is_dir: bool
+    sha1: str | None
+    size: int
+    mode: int
+    mtime_ns: int
+
+    @property
+    def inode(self) -> int:
+        return INODE_BASE + self.id
+
+
+def _entry(row) -> Entry:
+    return Entry(id=row[0], channel=row[1], parent=row[2], name=row[3], is_dir=bool(row[4]),
+                 sha1=row[5], size=row[6], mode=row[7], mtime_ns=row[8])
+
+
+_ENTRY_COLS = "id, channel, parent, name, is_dir, sha1, size, mode, mtime_ns"
+
+
+class NodeDB:
+    """The node's SQLite state. See the module docstring for the concurrency model."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- channels -------------------------------------------------------------------
+
+    def add_channel(self, name: str, hub_url: str, bucket_base_url: str,
+                    permissions: set[str] | frozenset[str]) -> None:
+        self._db.execute(
+            "INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at, joined_at)"
+            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET hub_url=excluded.hub_url,"
+            " bucket_base_url=excluded.bucket_base_url, permissions=excluded.permissions,"
+            " checked_at=excluded.checked_at",
+            (name, hub_url, bucket_base_url, json.dumps(sorted(permissions)), time.time(),
+             time.time()))
+
+    def remove_channel(self, name: str) -> None:
+        self._db.execute("DELETE FROM channels WHERE name = ?", (name,))
+
+    def channels(self) -> list[Channel]:
+        rows = self._db.execute(
+            "SELECT name, hub_url, bucket_base_url, permissions, checked_at FROM channels"
+            " ORDER BY name").fetchall()
+        return [Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4]) for r in rows]
+
+    def channel(self, name: str) -> Channel:
+        for ch in self.channels():
+            if ch.name == name:
+                return ch
+        raise NotFound(f"this node has not joined a channel named {name!r}"
+                       " (see `kachery-fs join HUB_URL CHANNEL`)")
+
+    def set_permissions(self, name: str, permissions: set[str] | frozenset[str],
+                        bucket_base_url: str | None = None) -> None:
+        self._db.execute(
+            "UPDATE channels SET permissions = ?, checked_at = ?,"
+            " bucket_base_url = COALESCE(?, bucket_base_url) WHERE name = ?",
+            (json.dumps(sorted(permissions)), time.time(), bucket_base_url, name))
+
+    # -- upload queue -------------------------------------------------------------------
+
+    def enqueue_upload(self, channel: str, sha1: str, size: int) -> bool:
+        """Queue ``sha1`` for upload to ``channel``; False if it is already queued or done."""
+        cur = self._db.execute(
+            "INSERT INTO uploads (channel, sha1, size, state, updated_at) VALUES (?, ?, ?, 'pending', ?)"
+            " ON CONFLICT(channel, sha1) DO UPDATE SET state='pending', error=NULL,"
+            " updated_at=excluded.updated_at WHERE uploads.state = 'failed'",
+            (channel, sha1, size, time.time()))
+        return cur.rowcount > 0
+
+    def upload(self, channel: str, sha1: str) -> Upload | None:
+        row = self._db.execute(
+            "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
+            " FROM uploads WHERE channel = ? AND sha1 = ?", (channel, sha1)).fetchone()
+        return Upload(*row) if row else None
+
+    def pending_uploads(self) -> list[Upload]:
+        rows = self._db.execute(
+            "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
+            " FROM uploads WHERE state IN ('pending', 'uploading') ORDER BY updated_at").fetchall()
+        return [Upload(*r) for r in rows]
+
+    def uploads(self) -> list[Upload]:
+        rows = self._db.execute(
+            "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
+            " FROM uploads ORDER BY updated_at").fetchall()
+        return [Upload(*r) for r in rows]
+
+    def update_upload(self, channel: str, sha1: str, **fields) -> None:
+        allowed = {"state", "session_uri", "committed", "error", "attempts"}
+        if not fields or not set(fields) <= allowed:
+            raise ValueError(f"bad upload fields: {sorted(fields)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE uploads SET {sets}, updated_at = ? WHERE channel = ? AND sha1 = ?",
+                         (*fields.values(), time.time(), channel, sha1))
+
+    # -- named entries ------------------------------------------------------------------
+
+    def entry(self, entry_id: int) -> Entry:
+        row = self._db.execute(f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?",
+                               (entry_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no entry {entry_id}")
+        return _entry(row)
+
+    def lookup(self, channel: str, parent: int, name: str) -> Entry | None:
+        row = self._db.execute(
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE channel = ? AND parent = ? AND name = ?",
+            (channel, parent, name)).fetchone()
+        return _entry(row) if row else None
+
+    def children(self, channel: str, parent: int) -> list[Entry]:
+        rows = self._db.execute(
+            f"SELECT {_ENTRY_COLS} FROM entries WHERE channel = ? AND parent = ? ORDER BY id",
+            (channel, parent)).fetchall()
+        return [_entry(r) for r in rows]
+
+    def create_entry(self, channel: str, parent: int, name: str, *, is_dir: bool, mode: int,
+                     sha1: str | None = None, size: int = 0) -> Entry:
+        _check_name(name)
+        try:
+            cur = self._db.execute(
+                "INSERT INTO entries (channel, parent, name, is_dir, sha1, size, mode, mtime_ns)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (channel, parent, name, int(is_dir), sha1, size, mode, time.time_ns()))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"{name!r} already exists") from None
+        return self.entry(cur.lastrowid)
+
+    def set_content(self, entry_id: int, sha1: str, size: int) -> None:
+        self._db.execute("UPDATE entries SET sha1 = ?, size = ?, mtime_ns = ? WHERE id = ?",
+                         (sha1, size, time.time_ns(), entry_id))
+
+    def set_mode(self, entry_id: int, mode: int) -> None:
+        self._db.execute("UPDATE entries SET mode = ? WHERE id = ?", (mode, entry_id))
+
+    def set_mtime(self, entry_id: int, mtime_ns: int) -> None:
+        self._db.execute("UPDATE entries SET mtime_ns = ? WHERE id = ?", (mtime_ns, entry_id))
+
+    def rename_entry(self, entry_id: int, new_parent: int, new_name: str) -> None:
+        """Move an entry; an existing target file is replaced (POSIX rename semantics)."""
+        _check_name(new_name)
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            target = self._db.execute(
+                "SELECT id, is_dir, channel FROM entries WHERE parent = ? AND name = ? AND channel ="
+                " (SELECT channel FROM entries WHERE id = ?)",
+                (new_parent, new_name, entry_id)).fetchone()
+            if target is not None and target[0] != entry_id:
+                if target[1]:
+                    if self._db.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1",
+                                        (target[0],)).fetchone():
+                        raise Conflict(f"{new_name!r} is a non-empty directory")
+                self._db.execute("DELETE FROM entries WHERE id = ?", (target[0],))
+            self._db.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?",
+                             (new_parent, new_name, entry_id))
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    def delete_entry(self, entry_id: int) -> None:
+        if self._db.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1",
+                            (entry_id,)).fetchone():
+            raise Conflict("directory not empty")
+        self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+
+    def entry_sha1s(self) -> set[str]:
+        """Every hash that backs a named entry (these must stay in the local store)."""
+        rows = self._db.execute("SELECT DISTINCT sha1 FROM entries WHERE sha1 IS NOT NULL")
+        return {r[0] for r in rows}
+
+
+def _check_name(name: str) -> None:
+    if not name or name in (".", "..") or "/" in name or "\0" in name:
+        raise InvalidInput(f"invalid file name {name!r}")
+    if len(name.encode()) > 255:
+        raise InvalidInput("file name longer than 255 bytes")

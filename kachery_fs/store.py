@@ -1,0 +1,289 @@
+"""The local content-addressed store of one node.
+
+Layout under the node directory (``$KACHERY_FS_DIR``)::
+
+    sha1/ab/cd/ef/<sha1>     content, read-only (0444), named by the SHA-1 of its bytes
+    tmp/<pid>-<rand>.part    files being written or downloaded; swept at start when the
+                             process that made them is gone
+
+Contract: a file under ``sha1/`` always holds exactly the bytes its name says. Every
+way in goes through a temp file in ``tmp/`` (same file system), is hashed while it is
+written, fsynced, compared with the expected hash if there is one, and only then
+renamed into place with ``os.replace``; on any failure the temp file is removed. A
+crash leaves at most a stray temp file, never a partial or wrong object.
+
+All methods here block (file I/O, hashing); async callers run the big ones in
+``trio.to_thread.run_sync``. Several processes may use one store at once: renames are
+atomic and content-addressed, so two writers of the same hash cannot conflict.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import logging
+import os
+import secrets
+from pathlib import Path
+
+from .errors import IntegrityError, InvalidInput, NotFound
+from .uris import is_sha1
+
+log = logging.getLogger(__name__)
+
+COPY_CHUNK = 1 << 20
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class StagingFile:
+    """A file being written, hashed as it goes, committed into the store on close.
+
+    Sequential writes (the common case: ``cp``, ``>``) are hashed on the fly. A write
+    anywhere else marks the hash stale, and :meth:`commit` re-reads the file once.
+    Not thread-safe: the mount serialises access per open file.
+    """
+
+    def __init__(self, store: Store, path: Path, fd: int):
+        self._store = store
+        self.path = path
+        self.fd = fd
+        self._hasher = hashlib.sha1()
+        self._hashed = 0  # bytes [0, _hashed) are in _hasher
+        self._sequential = True
+        self.size = 0
+
+    @classmethod
+    def from_existing(cls, store: Store, sha1: str | None, *, truncate: bool) -> StagingFile:
+        """A new staging file, holding a copy of stored content ``sha1`` unless ``truncate``."""
+        staging = store.new_staging()
+        if sha1 is not None and not truncate:
+            try:
+                with open(store.path(sha1), "rb") as src:
+                    while chunk := src.read(COPY_CHUNK):
+                        staging.write(staging.size, chunk)
+            except BaseException:
+                staging.discard()
+                raise
+        return staging
+
+    def write(self, offset: int, data: bytes) -> int:
+        n = os.pwrite(self.fd, data, offset)
+        if self._sequential and offset == self._hashed:
+            self._hasher.update(data[:n])
+            self._hashed += n
+        else:
+            self._sequential = False  # commit() re-reads the file once
+        self.size = max(self.size, offset + n)
+        return n
+
+    def read(self, offset: int, size: int) -> bytes:
+        return os.pread(self.fd, size, offset)
+
+    def truncate(self, length: int) -> None:
+        os.ftruncate(self.fd, length)
+        if not (length == self._hashed == self.size):
+            self._sequential = False
+        self.size = length
+
+    def _digest(self) -> str:
+        if self._sequential and self._hashed == self.size:
+            return self._hasher.hexdigest()
+        hasher = hashlib.sha1()
+        offset = 0
+        while chunk := os.pread(self.fd, COPY_CHUNK, offset):
+            hasher.update(chunk)
+            offset += len(chunk)
+        return hasher.hexdigest()
+
+    def commit(self) -> str:
+        """fsync, hash and move into the store; returns the SHA-1. Closes the staging file."""
+        try:
+            os.fsync(self.fd)
+            sha1 = self._digest()
+        except BaseException:
+            self.discard()
+            raise
+        os.close(self.fd)
+        self.fd = -1
+        self._store._install(self.path, sha1)
+        return sha1
+
+    def discard(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+class Store:
+    """A content-addressed store rooted at a node directory. See the module docstring."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.sha1_dir = self.root / "sha1"
+        self.tmp_dir = self.root / "tmp"
+        self.sha1_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    # -- paths and lookups ----------------------------------------------------------
+
+    def path(self, sha1: str) -> Path:
+        if not is_sha1(sha1):
+            raise InvalidInput(f"not a SHA-1 hash: {sha1!r}")
+        sha1 = sha1.lower()
+        return self.sha1_dir / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1
+
+    def size(self, sha1: str) -> int | None:
+        """The size of stored content ``sha1``, or ``None`` if it is not here."""
+        try:
+            return os.stat(self.path(sha1)).st_size
+        except FileNotFoundError:
+            return None
+
+    def has(self, sha1: str) -> bool:
+        return self.size(sha1) is not None
+
+    def open(self, sha1: str) -> int:
+        """An O_RDONLY file descriptor on stored content; raises NotFound."""
+        try:
+            return os.open(self.path(sha1), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"sha1://{sha1} is not in the local store") from None
+
+    def iter_hashes(self):
+        """Every hash stored here (walks the fan-out directories)."""
+        for dirpath, _dirnames, filenames in os.walk(self.sha1_dir):
+            for name in filenames:
+                if is_sha1(name):
+                    yield name
+
+    # -- writing ----------------------------------------------------------------------
+
+    def new_temp_path(self) -> Path:
+        return self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.part"
+
+    def new_staging(self) -> StagingFile:
+        path = self.new_temp_path()
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        return StagingFile(self, path, fd)
+
+    def _install(self, temp: Path, sha1: str) -> None:
+        """Rename a complete, fsynced, verified temp file into place (or drop it if present)."""
+        dest = self.path(sha1)
+        try:
+            if dest.exists():
+                os.unlink(temp)
+                return
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(temp, 0o444)
+            os.replace(temp, dest)
+            _fsync_dir(dest.parent)
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def install_verified(self, temp: Path, expected_sha1: str, *, actual_sha1: str) -> None:
+        """Install a downloaded temp file whose hash the caller computed as ``actual_sha1``.
+
+        Raises IntegrityError (and removes the temp file) when it is not ``expected_sha1``.
+        """
+        if actual_sha1 != expected_sha1.lower():
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            raise IntegrityError(
+                f"content for sha1://{expected_sha1} hashed to {actual_sha1}; not stored")
+        with open(temp, "rb+") as f:
+            os.fsync(f.fileno())
+        self._install(temp, expected_sha1.lower())
+
+    def add_file(self, src: Path, *, progress=None) -> tuple[str, int]:
+        """Copy a file into the store, hashing as it is read; returns ``(sha1, size)``."""
+        staging = self.new_staging()
+        try:
+            with open(src, "rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    staging.write(staging.size, chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        except BaseException:
+            staging.discard()
+            raise
+        size = staging.size
+        return staging.commit(), size
+
+    def add_bytes(self, data: bytes) -> str:
+        staging = self.new_staging()
+        try:
+            staging.write(0, data)
+        except BaseException:
+            staging.discard()
+            raise
+        return staging.commit()
+
+    def verify(self, sha1: str) -> bool:
+        """Re-hash stored content; a corrupt object is deleted and False returned."""
+        path = self.path(sha1)
+        hasher = hashlib.sha1()
+        with open(path, "rb") as f:
+            while chunk := f.read(COPY_CHUNK):
+                hasher.update(chunk)
+        if hasher.hexdigest() == sha1.lower():
+            return True
+        log.error("stored object %s is corrupt (hashes to %s); deleting it", sha1,
+                  hasher.hexdigest())
+        self.delete(sha1)
+        return False
+
+    def delete(self, sha1: str) -> None:
+        try:
+            os.unlink(self.path(sha1))
+        except FileNotFoundError:
+            pass
+
+    def sweep_temp(self) -> int:
+        """Remove temp files left by processes that no longer run; returns how many."""
+        removed = 0
+        for entry in os.scandir(self.tmp_dir):
+            pid_text = entry.name.split("-", 1)[0]
+            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+                continue
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except FileNotFoundError:
+                pass
+            except IsADirectoryError:
+                continue
+        if removed:
+            log.info("removed %d temp file(s) left by an earlier run", removed)
+        return removed
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as exc:  # pragma: no cover - exotic file systems
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,178 @@
+"""The background upload queue: stored files to their channel's bucket, through the hub.
+
+The queue lives in the node database (``uploads`` table), so a crash, a kill or a remount
+loses nothing: :meth:`Uploader.create` picks up every pending upload, and an upload
+that had a resumable session resumes from the bucket's committed offset.
+
+Life of one upload: ``initiate`` at the hub (answer: already present, or a signed
+resumable URL) → session start → chunked PUTs (progress persisted) → ``finalize`` at
+the hub, which checks the object. Transient failures are retried with backoff without
+limit; a refusal (no permission, bad object) marks the upload failed with the reason,
+which ``user.kachery.status`` shows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import trio
+
+from . import resumable
+from ._http import Backoff
+from .errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+
+class Uploader:
+    """Runs uploads in the background of a nursery it is given (STYLE rule 6)."""
+
+    def __init__(self, node: Node, *, workers: int = 2):
+        self.node = node
+        self.workers = workers
+        self._wake = trio.Event()
+        self._active: set[tuple[str, str]] = set()
+        self._progress: dict[tuple[str, str], int] = {}
+        self.idle = trio.Event()
+
+    @classmethod
+    async def create(cls, node: Node, *, nursery: trio.Nursery, workers: int = 2) -> Uploader:
+        self = cls(node, workers=workers)
+        for _ in range(workers):
+            nursery.start_soon(self._worker)
+        pending = node.db.pending_uploads()
+        if pending:
+            log.info("resuming %d pending upload(s)", len(pending))
+        return self
+
+    def enqueue(self, channel: str, sha1: str, size: int) -> None:
+        if self.node.db.enqueue_upload(channel, sha1, size):
+            log.info("queued upload of sha1://%s (%d bytes) to %s", sha1, size, channel)
+        self._wake.set()
+
+    def status(self, channel: str, sha1: str) -> str:
+        """A one-line status for ``user.kachery.status``."""
+        up = self.node.db.upload(channel, sha1)
+        if up is None:
+            return "local"
+        if up.state == "done":
+            return "in bucket"
+        if up.state == "failed":
+            return f"failed: {up.error}"
+        committed = self._progress.get((channel, sha1), up.committed)
+        pct = 100.0 if up.size == 0 else 100.0 * committed / up.size
+        text = f"uploading {math.floor(pct * 10) / 10:.1f}%"
+        if up.error:
+            text += f" (retrying: {up.error})"
+        return text
+
+    async def _worker(self) -> None:
+        while True:
+            job = self._next_job()
+            if job is None:
+                self._wake = trio.Event() if self._wake.is_set() else self._wake
+                with trio.move_on_after(30):
+                    await self._wake.wait()
+                continue
+            key = (job.channel, job.sha1)
+            self._active.add(key)
+            try:
+                await self._run(job)
+            except Exception:
+                log.exception("upload of %s to %s failed unexpectedly", job.sha1, job.channel)
+                self.node.db.update_upload(job.channel, job.sha1, state="failed",
+                                           error="internal error (see the log)")
+            finally:
+                self._active.discard(key)
+                self._progress.pop(key, None)
+
+    def _next_job(self):
+        for up in self.node.db.pending_uploads():
+            if (up.channel, up.sha1) not in self._active:
+                return up
+        return None
+
+    async def _run(self, job) -> None:
+        backoff = Backoff(initial=0.5, maximum=60)
+        while True:
+            try:
+                await self._attempt(job)
+                self.node.db.update_upload(job.channel, job.sha1, state="done", error=None)
+                log.info("sha1://%s is in the bucket of %s", job.sha1, job.channel)
+                return
+            except (PermissionDenied, InvalidInput) as exc:
+                self.node.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+                log.error("upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
+                return
+            except NotFound as exc:
+                if not self.node.store.has(job.sha1):
+                    self.node.db.update_upload(job.channel, job.sha1, state="failed",
+                                               error="the file is no longer in the local store")
+                    return
+                err: KacheryError = exc
+            except IntegrityError as exc:
+                # The hub found the object bad and deleted it: start over with a new session.
+                self.node.db.update_upload(job.channel, job.sha1, session_uri=None, committed=0)
+                err = exc
+            except (Unavailable, Conflict, KacheryError) as exc:
+                err = exc
+            attempts = (self.node.db.upload(job.channel, job.sha1).attempts or 0) + 1
+            self.node.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
+            delay = backoff.next_delay(getattr(err, "retry_after", None))
+            log.warning("upload of sha1://%s to %s: %s; retrying in %.1f s", job.sha1,
+                        job.channel, err, delay)
+            await trio.sleep(delay)
+            job = self.node.db.upload(job.channel, job.sha1)
+
+    async def _attempt(self, job) -> None:
+        node, db = self.node, self.node.db
+        channel = node.channel(job.channel)
+        hub = node.hub(channel.hub_url)
+        client = node.client
+        path = node.store.path(job.sha1)
+        if not path.exists():
+            raise NotFound(f"sha1://{job.sha1} is not in the local store")
+        session, offset = job.session_uri, 0
+        if session:
+            try:
+                committed = await resumable.query_offset(client, session, job.size)
+            except NotFound:
+                log.info("upload session for %s expired; starting a new one", job.sha1)
+                session = None
+                db.update_upload(job.channel, job.sha1, session_uri=None, committed=0)
+            else:
+                if committed is None:
+                    await hub.finalize_upload(job.channel, job.sha1, job.size)
+                    return
+                offset = committed
+        if not session:
+            signed = await hub.initiate_upload(job.channel, job.sha1, job.size)
+            if signed is None:
+                return  # the bucket already has it (the hub checked)
+            try:
+                session = await resumable.start_session(client, signed)
+            except Conflict:
+                await hub.finalize_upload(job.channel, job.sha1, job.size)
+                return
+            db.update_upload(job.channel, job.sha1, session_uri=session, committed=0,
+                             state="uploading")
+            offset = 0
+
+        def on_progress(committed: int) -> None:
+            self._progress[(job.channel, job.sha1)] = committed
+            db.update_upload(job.channel, job.sha1, committed=committed)
+
+        await resumable.upload(client, session, path, job.size, offset=offset,
+                               on_progress=on_progress)
+        await hub.finalize_upload(job.channel, job.sha1, job.size)
+        db.update_upload(job.channel, job.sha1, session_uri=None)
