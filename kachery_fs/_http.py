@@ -64,7 +64,7 @@ def _retry_after(response: httpx.Response) -> float | None:
         import datetime as _dt
 
         when = parsedate_to_datetime(value)
-        return max(0.0, (when - _dt.datetime.now(_dt.timezone.utc)).total_seconds())
+        return max(0.0, (when - _dt.datetime.now(_dt.UTC)).total_seconds())
     except (TypeError, ValueError):
         return None
 
