@@ -1,0 +1,309 @@
+"""End to end through real FUSE mounts: a hub with its local bucket and two nodes, on loopback.
+
+Node A owns the hub and may request and provide; node B may only request files.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import http.server
+import os
+import shutil
+import sqlite3
+import subprocess
+import threading
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from kachery_fs.protocol import object_key
+
+from .util import PERMS_ALL, HubProcess, kfs, mounted, require_fuse, wait_for, xattr
+
+pytestmark = pytest.mark.mount
+
+CHANNEL = "ch1"
+
+
+@dataclass
+class Cluster:
+    base: Path
+    hub: HubProcess
+    a: Path
+    b: Path
+    a_id: str
+    b_id: str
+    mnt_a: Path
+    mnt_b: Path
+
+
+def make_cluster(base: Path, *, b_permissions: str = "requestFiles") -> Cluster:
+    a, b = base / "node-a", base / "node-b"
+    a_id = kfs(a, "init").stdout.decode().strip()
+    b_id = kfs(b, "init").stdout.decode().strip()
+    hub = HubProcess(a, base / "hub").start()
+    try:
+        kfs(a, "hub", "channel", "create", CHANNEL, "--hub", hub.url)
+        kfs(a, "hub", "channel", "authorize", CHANNEL, a_id, "--permissions", PERMS_ALL,
+            "--hub", hub.url)
+        kfs(a, "hub", "channel", "authorize", CHANNEL, b_id, "--permissions", b_permissions,
+            "--hub", hub.url)
+        kfs(a, "join", hub.url, CHANNEL)
+        kfs(b, "join", hub.url, CHANNEL)
+    except BaseException:
+        hub.stop()
+        raise
+    return Cluster(base, hub, a, b, a_id, b_id, base / "mnt-a", base / "mnt-b")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    require_fuse()
+    c = make_cluster(tmp_path_factory.mktemp("cluster"))
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        stack.enter_context(mounted(c.a, c.mnt_a))
+        stack.enter_context(mounted(c.b, c.mnt_b))
+        yield c
+
+
+def wait_in_bucket(path: Path, timeout: float = 30) -> None:
+    wait_for(lambda: xattr(path, "user.kachery.status") == "in bucket", timeout=timeout,
+             what=f"{path} to be in the bucket (status: {xattr(path, 'user.kachery.status')})")
+
+
+def write_random(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def test_cp_on_a_read_by_hash_on_b(cluster, tmp_path):
+    src = tmp_path / "data.bin"
+    data = write_random(src, 3 * 1024 * 1024 + 17)
+    sha1 = hashlib.sha1(data).hexdigest()
+    dest = cluster.mnt_a / CHANNEL / "data.bin"
+    subprocess.run(["cp", str(src), str(dest)], check=True)
+    assert xattr(dest, "user.kachery.uri") == f"sha1://{sha1}?label=data.bin"
+    assert dest.read_bytes() == data
+    # committed to A's local store on close, under its hash
+    assert (cluster.mnt_a / CHANNEL / "sha1" / sha1).read_bytes() == data
+    wait_in_bucket(dest)
+    got = (cluster.mnt_b / CHANNEL / "sha1" / sha1).read_bytes()
+    assert got == data
+    # B cached it into its own store, verified
+    assert (cluster.b / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1).read_bytes() == data
+    # getfattr, as a user would run it
+    out = subprocess.run(["getfattr", "--only-values", "-n", "user.kachery.uri", str(dest)],
+                         capture_output=True, check=True).stdout.decode()
+    assert out == f"sha1://{sha1}?label=data.bin"
+
+
+def test_kachery_fs_cat_on_b(cluster, tmp_path):
+    dest = cluster.mnt_a / CHANNEL / "for-cat.txt"
+    dest.write_bytes(b"hello from A\n")
+    wait_in_bucket(dest)
+    uri = xattr(dest, "user.kachery.uri")
+    assert kfs(cluster.b, "cat", uri).stdout == b"hello from A\n"
+
+
+def test_node_without_provide_gets_eacces(cluster):
+    with pytest.raises(PermissionError):
+        (cluster.mnt_b / CHANNEL / "nope.txt").write_bytes(b"x")
+    assert not (cluster.mnt_b / CHANNEL / "nope.txt").exists()
+    log = (cluster.b / "mount-test.log").read_text()
+    assert "lacks the provideFiles permission" in log
+
+
+def test_invalid_names_give_enoent(cluster):
+    sha1dir = cluster.mnt_b / CHANNEL / "sha1"
+    for name in ["xyz", "0" * 39, "g" * 40, "A" * 40, "0" * 41,
+                 hashlib.sha1(b"never stored anywhere").hexdigest()]:
+        with pytest.raises(FileNotFoundError):
+            os.stat(sha1dir / name)
+    with pytest.raises(FileNotFoundError):
+        os.stat(cluster.mnt_b / "no-such-channel")
+
+
+def test_sha1_dir_is_read_only(cluster):
+    with pytest.raises(OSError) as info:
+        (cluster.mnt_a / CHANNEL / "sha1" / "new").write_bytes(b"x")
+    assert info.value.errno in (errno.EROFS, errno.EACCES)
+
+
+def test_corrupted_bucket_object_gives_eio_and_is_not_cached(cluster):
+    good = b"the real content " * 1000
+    sha1 = hashlib.sha1(good).hexdigest()
+    obj = cluster.hub.bucket_dir() / object_key(CHANNEL, sha1)
+    obj.parent.mkdir(parents=True, exist_ok=True)
+    obj.write_bytes(good[:-1] + b"X")  # same size, one byte wrong
+    path = cluster.mnt_b / CHANNEL / "sha1" / sha1
+    assert path.stat().st_size == len(good)
+    with pytest.raises(OSError) as info:
+        path.read_bytes()
+    assert info.value.errno == errno.EIO
+    assert not list((cluster.b / "sha1").rglob(sha1))
+    assert not any((cluster.b / "tmp").iterdir())
+    # the mount survived, and still serves good content
+    assert (cluster.mnt_b / CHANNEL).is_dir()
+
+
+def test_mkdir_rename_unlink(cluster):
+    root = cluster.mnt_a / CHANNEL
+    (root / "d1").mkdir()
+    (root / "d1" / "f.txt").write_bytes(b"one")
+    (root / "d1" / "f.txt").rename(root / "d1" / "g.txt")
+    assert sorted(os.listdir(root / "d1")) == ["g.txt"]
+    (root / "d1").rename(root / "d2")
+    assert (root / "d2" / "g.txt").read_bytes() == b"one"
+    with pytest.raises(OSError) as info:
+        (root / "d2").rmdir()
+    assert info.value.errno == errno.ENOTEMPTY
+    (root / "d2" / "g.txt").unlink()
+    (root / "d2").rmdir()
+    assert "d2" not in os.listdir(root)
+    assert {"sha1", "feeds"} <= set(os.listdir(root))
+
+
+def test_overwrite_and_append_make_new_versions(cluster):
+    path = cluster.mnt_a / CHANNEL / "log.txt"
+    path.write_bytes(b"first\n")
+    uri1 = xattr(path, "user.kachery.uri")
+    with open(path, "ab") as f:
+        f.write(b"second\n")
+    assert path.read_bytes() == b"first\nsecond\n"
+    uri2 = xattr(path, "user.kachery.uri")
+    assert uri1 != uri2
+    assert hashlib.sha1(b"first\nsecond\n").hexdigest() in uri2
+    # the old version is still readable by hash
+    old = uri1.split("://")[1].split("?")[0]
+    assert (cluster.mnt_a / CHANNEL / "sha1" / old).read_bytes() == b"first\n"
+
+
+class _IgnoresRange(http.server.BaseHTTPRequestHandler):
+    body = b""
+
+    def do_HEAD(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+
+    def do_GET(self):
+        self.send_response(200)  # a full body, whatever Range asked for
+        self.send_header("Content-Length", str(len(self.body)))
+        self.end_headers()
+        self.wfile.write(self.body)
+
+    def log_message(self, *args):
+        pass
+
+
+def test_server_answering_200_to_range_gives_eio(tmp_path):
+    require_fuse()
+    body = b"full body, not a range " * 500
+    sha1 = hashlib.sha1(body).hexdigest()
+    handler = type("H", (_IgnoresRange,), {"body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        node = tmp_path / "node-c"
+        kfs(node, "init")
+        db = sqlite3.connect(node / "node.db")
+        db.execute("INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at,"
+                   " joined_at) VALUES (?, ?, ?, '[\"requestFiles\"]', 0, 0)",
+                   (CHANNEL, "http://127.0.0.1:9", f"http://127.0.0.1:{server.server_port}/b"))
+        db.commit()
+        db.close()
+        mnt = tmp_path / "mnt"
+        with mounted(node, mnt):
+            with pytest.raises(OSError) as info:
+                (mnt / CHANNEL / "sha1" / sha1).read_bytes()
+            assert info.value.errno == errno.EIO
+            assert not list((node / "sha1").rglob(sha1))
+            log = (node / "mount-test.log").read_text()
+            assert "answered 200 to a Range request" in log
+    finally:
+        server.shutdown()
+
+
+def test_remount_resumes_pending_upload(tmp_path):
+    """Hub down while a file is written; the mount is stopped; both come back; it uploads."""
+    require_fuse()
+    c = make_cluster(tmp_path)
+    try:
+        data = os.urandom(2 * 1024 * 1024)
+        sha1 = hashlib.sha1(data).hexdigest()
+        c.hub.stop()
+        with mounted(c.a, c.mnt_a):
+            dest = c.mnt_a / CHANNEL / "pending.bin"
+            dest.write_bytes(data)  # the write itself works with the hub down
+            wait_for(lambda: "retrying" in xattr(dest, "user.kachery.status"), timeout=20,
+                     what="the upload to be retrying")
+        assert not (c.hub.bucket_dir() / object_key(CHANNEL, sha1)).exists()
+        c.hub.start()
+        with mounted(c.a, c.mnt_a):
+            dest = c.mnt_a / CHANNEL / "pending.bin"
+            assert dest.read_bytes() == data  # the name persisted
+            wait_in_bucket(dest, timeout=60)
+        assert (c.hub.bucket_dir() / object_key(CHANNEL, sha1)).read_bytes() == data
+        with mounted(c.b, c.mnt_b):
+            assert (c.mnt_b / CHANNEL / "sha1" / sha1).read_bytes() == data
+    finally:
+        c.hub.stop()
+
+
+def test_tampered_or_expired_signed_url_is_refused(cluster):
+    """Against the running hub's local bucket, over real HTTP."""
+    import trio
+
+    from kachery_fs.hub_client import HubClient
+    from kachery_fs.identity import NodeKey
+
+    data = b"signed upload test"
+    sha1 = hashlib.sha1(data).hexdigest()
+
+    async def main():
+        async with httpx.AsyncClient(trust_env=False) as client:
+            hub = HubClient(cluster.hub.url, NodeKey.load(cluster.a), client)
+            signed = await hub.initiate_upload(CHANNEL, sha1, len(data))
+            assert signed is not None
+            other = hashlib.sha1(b"other").hexdigest()
+            repointed = signed.url.replace(sha1, other)
+            r = await client.post(repointed, headers=signed.headers)
+            assert r.status_code == 403
+            flipped = signed.url[:-1] + ("0" if signed.url[-1] != "0" else "1")
+            r = await client.post(flipped, headers=signed.headers)
+            assert r.status_code == 403
+            bigger = dict(signed.headers)
+            bigger["x-goog-content-length-range"] = "0,99999999"
+            r = await client.post(signed.url, headers=bigger)
+            assert r.status_code == 403
+            expired = signed.url.replace("X-Goog-Expires=600", "X-Goog-Expires=1")
+            r = await client.post(expired, headers=signed.headers)
+            assert r.status_code == 403  # changing the expiry breaks the signature
+            r = await client.post(signed.url, headers=signed.headers)
+            assert r.status_code == 201
+
+    trio.run(main)
+
+
+def test_names_persist_across_remount(tmp_path):
+    require_fuse()
+    c = make_cluster(tmp_path)
+    try:
+        with mounted(c.a, c.mnt_a):
+            (c.mnt_a / CHANNEL / "keep").mkdir()
+            (c.mnt_a / CHANNEL / "keep" / "x.txt").write_bytes(b"persisted")
+            ino = os.stat(c.mnt_a / CHANNEL / "keep" / "x.txt").st_ino
+        with mounted(c.a, c.mnt_a):
+            path = c.mnt_a / CHANNEL / "keep" / "x.txt"
+            assert path.read_bytes() == b"persisted"
+            assert os.stat(path).st_ino == ino
+            assert shutil.which("ls")
+    finally:
+        c.hub.stop()

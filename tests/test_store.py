@@ -1,0 +1,147 @@
+"""The local store and the node database, in process."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+from kachery_fs.errors import Conflict, IntegrityError, InvalidInput, NotFound
+from kachery_fs.state import INODE_BASE, NodeDB
+from kachery_fs.store import StagingFile, Store
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def test_add_bytes_layout_and_mode(tmp_path):
+    store = Store(tmp_path)
+    h = store.add_bytes(b"Hello, world!")
+    assert h == "943a702d06f34599aee1f8da8ef9f7296031d699"
+    path = tmp_path / "sha1" / "94" / "3a" / "70" / h
+    assert path.read_bytes() == b"Hello, world!"
+    assert oct(path.stat().st_mode & 0o777) == oct(0o444)
+    assert store.size(h) == 13 and store.has(h)
+    assert not any((tmp_path / "tmp").iterdir())
+    # adding the same content again is a no-op
+    assert store.add_bytes(b"Hello, world!") == h
+
+
+def test_staging_sequential_and_random_writes_hash_right(tmp_path):
+    store = Store(tmp_path)
+    s = store.new_staging()
+    s.write(0, b"abc")
+    s.write(3, b"def")
+    assert s.commit() == sha1(b"abcdef")
+    s = store.new_staging()
+    s.write(3, b"def")  # out of order: re-hashed at commit
+    s.write(0, b"abc")
+    assert s.commit() == sha1(b"abcdef")
+    s = store.new_staging()
+    s.write(0, b"abcdef")
+    s.truncate(2)
+    assert s.commit() == sha1(b"ab")
+
+
+def test_staging_from_existing_copies(tmp_path):
+    store = Store(tmp_path)
+    h = store.add_bytes(b"base")
+    s = StagingFile.from_existing(store, h, truncate=False)
+    s.write(4, b"+more")
+    assert s.commit() == sha1(b"base+more")
+    s = StagingFile.from_existing(store, h, truncate=True)
+    assert s.size == 0
+    s.discard()
+    assert not any((tmp_path / "tmp").iterdir())
+
+
+def test_install_verified_refuses_mismatch(tmp_path):
+    store = Store(tmp_path)
+    temp = store.new_temp_path()
+    temp.write_bytes(b"bad")
+    with pytest.raises(IntegrityError):
+        store.install_verified(temp, sha1(b"good"), actual_sha1=sha1(b"bad"))
+    assert not temp.exists()
+    assert not store.has(sha1(b"good"))
+
+
+def test_verify_deletes_corrupt_object(tmp_path):
+    store = Store(tmp_path)
+    h = store.add_bytes(b"content")
+    p = store.path(h)
+    os.chmod(p, 0o644)
+    p.write_bytes(b"tampered")
+    assert store.verify(h) is False
+    assert not store.has(h)
+
+
+def test_invalid_hash_and_missing(tmp_path):
+    store = Store(tmp_path)
+    with pytest.raises(InvalidInput):
+        store.path("nothex")
+    with pytest.raises(NotFound):
+        store.open(sha1(b"missing"))
+
+
+def test_sweep_removes_only_dead_processes_temps(tmp_path):
+    store = Store(tmp_path)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    (tmp_path / "tmp" / f"{dead}-abc.part").write_bytes(b"x")
+    mine = store.new_staging()
+    assert store.sweep_temp() == 1
+    assert mine.path.exists()
+    mine.discard()
+
+
+def test_add_file_with_progress(tmp_path):
+    store = Store(tmp_path / "store")
+    src = tmp_path / "f"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    seen = []
+    h, size = store.add_file(src, progress=seen.append)
+    assert (h, size) == (sha1(data), len(data)) and sum(seen) == len(data)
+
+
+# -- node database -----------------------------------------------------------------------
+
+
+def test_entries_tree(tmp_path):
+    db = NodeDB(tmp_path / "node.db")
+    d = db.create_entry("c", 0, "dir", is_dir=True, mode=0o755)
+    f = db.create_entry("c", d.id, "f", is_dir=False, mode=0o644)
+    assert d.inode == INODE_BASE + d.id
+    with pytest.raises(Conflict):
+        db.create_entry("c", d.id, "f", is_dir=False, mode=0o644)
+    with pytest.raises(InvalidInput):
+        db.create_entry("c", 0, "a/b", is_dir=False, mode=0o644)
+    db.set_content(f.id, sha1(b"x"), 1)
+    assert db.lookup("c", d.id, "f").sha1 == sha1(b"x")
+    with pytest.raises(Conflict):
+        db.delete_entry(d.id)
+    db.rename_entry(f.id, 0, "g")
+    assert db.lookup("c", 0, "g").id == f.id
+    g2 = db.create_entry("c", 0, "h", is_dir=False, mode=0o644)
+    db.rename_entry(g2.id, 0, "g")  # replaces the old g
+    assert db.lookup("c", 0, "g").id == g2.id
+    assert [e.name for e in db.children("c", 0)] == ["dir", "g"]
+    db.close()
+    db = NodeDB(tmp_path / "node.db")  # persists
+    assert db.lookup("c", 0, "g").id == g2.id
+
+
+def test_upload_queue(tmp_path):
+    db = NodeDB(tmp_path / "node.db")
+    assert db.enqueue_upload("c", "a" * 40, 10)
+    assert not db.enqueue_upload("c", "a" * 40, 10)  # already queued
+    db.update_upload("c", "a" * 40, state="failed", error="nope")
+    assert db.pending_uploads() == []
+    assert db.enqueue_upload("c", "a" * 40, 10)  # a failed upload can be queued again
+    assert [u.sha1 for u in db.pending_uploads()] == ["a" * 40]
+    db.update_upload("c", "a" * 40, state="done")
+    assert not db.enqueue_upload("c", "a" * 40, 10)
