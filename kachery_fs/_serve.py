@@ -1,0 +1,53 @@
+"""Serve an ASGI app over HTTP with hypercorn's trio worker, inside the caller's nursery.
+
+Every server kachery-fs runs goes through :func:`serve_asgi`, so every socket it answers
+on has ``TCP_NODELAY``: hypercorn sets it on the listening socket, Linux hands it down
+to accepted sockets, and trio's ``SocketStream`` sets it again on each one. Without it
+small responses (a ``308`` to an upload chunk, a JSON answer) wait for Nagle's delayed
+ACK and every round trip costs tens of milliseconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+log = logging.getLogger(__name__)
+
+
+def server_config(host: str, port: int) -> Config:
+    """The hypercorn configuration of our servers: one plain-HTTP bind, no access log."""
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("kachery_fs.http")
+    config.include_server_header = False
+    return config
+
+
+async def serve_asgi(app, *, host: str, port: int,
+                     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+                     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` on ``host:port`` until cancelled, or until ``shutdown_trigger`` returns.
+
+    ``port=0`` picks a free port; ``task_status.started(port)`` reports the port actually
+    bound, once the socket is listening. Cancelling stops at once; ``shutdown_trigger``
+    stops gracefully (requests in flight get hypercorn's grace period to finish).
+    """
+    config = server_config(host, port)
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(partial(serve, app, config,
+                                            shutdown_trigger=shutdown_trigger))
+        bound = _port_of(binds[0])
+        log.debug("serving on %s", binds[0])
+        task_status.started(bound)
+
+
+def _port_of(bind: str) -> int:
+    """The port of a hypercorn bind description such as ``http://127.0.0.1:8080``."""
+    return int(bind.rsplit(":", 1)[1])
