@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import random
+import re
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
@@ -18,6 +19,7 @@ import trio
 from .errors import (
     Conflict,
     DeadlineExceeded,
+    IntegrityError,
     InvalidInput,
     KacheryError,
     NotFound,
@@ -69,20 +71,42 @@ def _retry_after(response: httpx.Response) -> float | None:
         return None
 
 
-def _detail(response: httpx.Response) -> str:
-    """The server's own explanation, if it gave one, shortened to one line."""
+_XML_FIELD = re.compile(r"<(Code|Message|Details)>([^<]*)</\1>")
+
+#: The hub's own error codes (``{"error": {"code", "message"}}``), which are more precise
+#: than the status they travel with.
+_CODES: dict[str, type[KacheryError]] = {
+    "unauthenticated": PermissionDenied,
+    "permission_denied": PermissionDenied,
+    "not_found": NotFound,
+    "conflict": Conflict,
+    "integrity": IntegrityError,
+    "invalid_input": InvalidInput,
+}
+
+
+def _error_body(response: httpx.Response) -> tuple[str | None, str]:
+    """The server's own error code and explanation, if it gave them, on one line.
+
+    Understands the hub's JSON errors and Google Cloud Storage's XML ``<Error>`` bodies.
+    """
     try:
         body = response.json()
         if isinstance(body, dict):
             err = body.get("error")
             if isinstance(err, dict) and "message" in err:
-                return str(err["message"])
+                return err.get("code"), str(err["message"])
             if isinstance(err, str):
-                return err
+                return None, err
     except (ValueError, UnicodeDecodeError):
         pass
     text = response.text.strip().replace("\n", " ") if response.content else ""
-    return text[:200] or response.reason_phrase
+    if text.startswith("<?xml") or text.startswith("<Error>"):
+        fields = dict(_XML_FIELD.findall(text))
+        if fields:
+            return fields.get("Code"), ": ".join(
+                v for v in (fields.get("Code"), fields.get("Message"), fields.get("Details")) if v)
+    return None, text[:200] or response.reason_phrase
 
 
 def error_for_response(response: httpx.Response, what: str) -> KacheryError:
@@ -91,8 +115,10 @@ def error_for_response(response: httpx.Response, what: str) -> KacheryError:
     The body must already be read (``await response.aread()`` for streamed responses).
     """
     status = response.status_code
-    detail = _detail(response)
+    code, detail = _error_body(response)
     msg = f"{what}: HTTP {status}: {detail}"
+    if code in _CODES:
+        return _CODES[code](msg)
     if status == 404:
         return NotFound(msg)
     if status in (401, 403):

@@ -10,7 +10,6 @@ import hashlib
 import http.server
 import os
 import shutil
-import sqlite3
 import subprocess
 import threading
 from contextlib import ExitStack
@@ -21,6 +20,7 @@ import httpx
 import pytest
 
 from kachery_fs.protocol import object_key
+from kachery_fs.state import NodeDB
 
 from .util import PERMS_ALL, HubProcess, kfs, mounted, require_fuse, wait_for, xattr
 
@@ -213,11 +213,9 @@ def test_server_answering_200_to_range_gives_eio(tmp_path):
     try:
         node = tmp_path / "node-c"
         kfs(node, "init")
-        db = sqlite3.connect(node / "node.db")
-        db.execute("INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at,"
-                   " joined_at) VALUES (?, ?, ?, '[\"requestFiles\"]', 0, 0)",
-                   (CHANNEL, "http://127.0.0.1:9", f"http://127.0.0.1:{server.server_port}/b"))
-        db.commit()
+        db = NodeDB(node / "node.db")
+        db.add_channel(CHANNEL, "http://127.0.0.1:9", f"http://127.0.0.1:{server.server_port}/b",
+                       {"requestFiles"})
         db.close()
         mnt = tmp_path / "mnt"
         with mounted(node, mnt):

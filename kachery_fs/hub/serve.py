@@ -10,6 +10,7 @@ Layout of a hub directory::
 from __future__ import annotations
 
 import logging
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -53,7 +54,7 @@ class HubServer:
                   task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled; ``task_status.started(url)`` once listening."""
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(serve_asgi, self.app, host=host, port=port)
+            bound = await nursery.start(partial(serve_asgi, self.app, host=host, port=port))
             self._set_public_url(public_url or f"http://{host}:{bound}")
             log.info("hub listening on %s (owner %s…)", self.url, self.hub.owner_id[:12])
             task_status.started(self.url)
