@@ -185,7 +185,7 @@ class Download:
             if ranges:
                 nursery.start_soon(feeder)
             held_back = self._held_back_start()
-            for index, (start, end) in enumerate(ranges):
+            for index, (_start, end) in enumerate(ranges):
                 await landed[index].wait()
                 data = buffers.pop(index)
                 await trio.to_thread.run_sync(hasher.update, data)

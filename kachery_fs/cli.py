@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -121,7 +122,7 @@ async def _put(args) -> int:
             with tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}",
                       disable=args.quiet or None, file=sys.stderr) as bar:
                 sha1, size = await trio.to_thread.run_sync(
-                    lambda: node.store.add_file(path, progress=bar.update))
+                    lambda path=path, bar=bar: node.store.add_file(path, progress=bar.update))
             node.db.enqueue_upload(channel_name, sha1, size)
             signed = await hub.initiate_upload(channel_name, sha1, size)
             if signed is not None:
@@ -372,36 +373,74 @@ Press Ctrl-C to unmount and stop.""", flush=True)
 # -- parser ------------------------------------------------------------------------------------
 
 
+EPILOG = """\
+getting started (one machine, everything embedded):
+  kachery-fs up ./kachery             hub, local bucket, node and channel 'default', mounted
+  cp data.bin ./kachery/default/      hashed as written, committed on close, uploaded
+  getfattr -n user.kachery.uri ./kachery/default/data.bin
+  cat ./kachery/default/sha1/<hash>   any content by hash, verified
+
+a second node:
+  KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs init            prints its node id
+  kachery-fs hub channel authorize default NODE_ID --permissions requestFiles,provideFiles
+  KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs join http://127.0.0.1:7420 default
+  KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs mount ~/kachery2
+
+environment:
+  KACHERY_FS_DIR   this node's directory: identity, store, state (default ~/.kachery-fs)
+  KACHERY_FS_HUB   default hub URL for `hub channel ...` (default http://127.0.0.1:7420)
+"""
+
+
+def _sub(parent, name: str, help: str, description: str | None = None, **kw):
+    description = description or help[:1].upper() + help[1:] + "."
+    return parent.add_parser(name, help=help, description=textwrap.fill(description, 88),
+                             formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kachery-fs",
         description="Mount kachery channels as a drive: content-addressed files shared through"
                     " a cloud bucket, brokered by a hub. The node's state lives in"
-                    " $KACHERY_FS_DIR (default ~/.kachery-fs).")
+                    " $KACHERY_FS_DIR (default ~/.kachery-fs).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"kachery-fs {__version__}")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more log output (-vv for debug)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    s = sub.add_parser("up", help="run hub, local bucket, node and one channel, mounted (Ctrl-C stops)")
-    s.add_argument("mountpoint")
+    s = _sub(sub, "up", "run hub, local bucket, node and one channel, mounted (Ctrl-C stops)",
+             "The embedded default: a hub with its local bucket on 127.0.0.1, this node (created"
+             " if missing) as its owner, one channel this node may request and provide, and the"
+             " mount, all in one process until Ctrl-C. Hub state lives in $KACHERY_FS_DIR/hub.")
+    s.add_argument("mountpoint", help="directory to mount on (created if missing)")
     s.add_argument("--channel", default="default", help="channel name (default: default)")
     s.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
                    help=f"hub port on 127.0.0.1 (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
     s.set_defaults(run=_up, is_async=True)
 
-    s = sub.add_parser("init", help="create this node's identity and store; print its node id")
+    s = _sub(sub, "init", "create this node's identity and store; print its node id",
+             "Create $KACHERY_FS_DIR with a new Ed25519 identity (private.pem, mode 0600, in"
+             " kachery's PEM format) unless one exists, and print the node id (the 64-hex public"
+             " key) that a channel owner authorizes.")
     s.set_defaults(run=cmd_init)
-    s = sub.add_parser("node-id", help="print this node's id")
+    s = _sub(sub, "node-id", "print this node's id")
     s.set_defaults(run=cmd_node_id)
 
-    s = sub.add_parser("join", help="add a channel membership to this node")
-    s.add_argument("hub_url", metavar="HUB_URL")
-    s.add_argument("channel", metavar="CHANNEL")
+    s = _sub(sub, "join", "add a channel membership to this node",
+             "Remember CHANNEL on the hub at HUB_URL, with the bucket and permissions the hub"
+             " reports for this node. Joining before being authorized is allowed: the mount"
+             " picks up permissions as soon as the owner grants them.")
+    s.add_argument("hub_url", metavar="HUB_URL", help="the hub, e.g. http://127.0.0.1:7420")
+    s.add_argument("channel", metavar="CHANNEL", help="channel name")
     s.set_defaults(run=_join, is_async=True)
 
-    s = sub.add_parser("mount", help="mount this node's channels")
-    s.add_argument("mountpoint")
+    s = _sub(sub, "mount", "mount this node's channels",
+             "Mount every joined channel as a directory under MOUNTPOINT: <channel>/sha1/<hash>"
+             " reads any content by hash (verified), files written under <channel>/ are stored"
+             " and uploaded. Runs in the background unless -f; stop it with `kachery-fs umount`.")
+    s.add_argument("mountpoint", help="an existing empty directory")
     s.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr (for services and tests)")
     s.add_argument("--log-file", help="log here (default in the background:"
@@ -411,31 +450,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
     s.set_defaults(run=cmd_mount)
 
-    s = sub.add_parser("umount", help="unmount a kachery-fs mount point")
-    s.add_argument("mountpoint")
+    s = _sub(sub, "umount", "unmount a kachery-fs mount point",
+             "Unmount MOUNTPOINT (fusermount3 -u). Files already closed are safe in the local"
+             " store; their uploads resume at the next mount.")
+    s.add_argument("mountpoint", help="the mount point")
     s.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
     s.set_defaults(run=cmd_umount)
 
-    s = sub.add_parser("put", help="store files and upload them to a channel; print their URIs")
-    s.add_argument("files", nargs="+", metavar="FILE")
+    s = _sub(sub, "put", "store files and upload them to a channel; print their URIs",
+             "Hash each FILE into the local store, upload it to the channel's bucket through the"
+             " hub (resumable, with a progress bar) and print its sha1:// URI. If the upload is"
+             " interrupted it stays queued and the next mount finishes it.")
+    s.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
     s.add_argument("--channel", help="channel (needed when the node joined several)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     s.set_defaults(run=_put, is_async=True)
 
-    s = sub.add_parser("store", help="the local store")
+    s = _sub(sub, "store", "the local store")
     ss = s.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
-    t = ss.add_parser("add", help="add files to the local store only; print their URIs")
-    t.add_argument("files", nargs="+", metavar="FILE")
+    t = _sub(ss, "add", "add files to the local store only; print their URIs")
+    t.add_argument("files", nargs="+", metavar="FILE", help="files to add")
     t.set_defaults(run=cmd_store_add)
 
-    s = sub.add_parser("cat", help="write the content of a sha1:// URI to stdout (verified)")
-    s.add_argument("uri", metavar="URI")
+    s = _sub(sub, "cat", "write the content of a sha1:// URI to stdout (verified)",
+             "Write the content of URI (sha1://<hash>[...] or a bare hash) to stdout: from the"
+             " local store, else from the bucket of a joined channel, verified against its SHA-1"
+             " before any byte is written.")
+    s.add_argument("uri", metavar="URI", help="sha1://<hash>, with or without ?label=...")
     s.add_argument("--channel", help="look only in this channel's bucket")
     s.set_defaults(run=_cat, is_async=True)
 
-    s = sub.add_parser("hub", help="run or administer a hub")
+    s = _sub(sub, "hub", "run or administer a hub")
     hs = s.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)
-    t = hs.add_parser("serve", help="run a hub (with a local bucket unless --no-local-bucket)")
+    t = _sub(hs, "serve", "run a hub (with a local bucket unless --no-local-bucket)",
+             "Run a hub: the control plane that authorizes nodes and signs upload URLs (it never"
+             " carries file bytes), and the local bucket, a directory served with Google Cloud"
+             " Storage semantics at the same address.")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     t.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
                    help=f"port (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
@@ -447,23 +497,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--url-file", help="write the hub's URL to this file once listening")
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
 
-    t = hs.add_parser("channel", help="channel administration (signed by the hub owner's node)")
+    t = _sub(hs, "channel", "channel administration (signed by the hub owner's node)")
     cs = t.add_subparsers(dest="channel_command", metavar="SUBCOMMAND", required=True)
     hub_help = f"hub URL (default $KACHERY_FS_HUB or {DEFAULT_HUB_URL})"
-    c = cs.add_parser("create", help="create a channel")
-    c.add_argument("name", metavar="NAME")
+    c = _sub(cs, "create", "create a channel")
+    c.add_argument("name", metavar="NAME", help="channel name: 3-40 characters from A-Z a-z 0-9 _ -, in segments joined by '.'")
     c.add_argument("--bucket", help="bucket URI (default: the hub's local bucket, local://kachery)")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_create, is_async=True)
-    c = cs.add_parser("authorize", help="set a node's permissions on a channel")
-    c.add_argument("name", metavar="NAME")
-    c.add_argument("node_id", metavar="NODE_ID")
+    c = _sub(cs, "authorize", "set a node's permissions on a channel",
+             "Set NODE_ID's permissions on channel NAME, replacing the ones it had. Takes effect"
+             " at once on the hub and within seconds on running mounts.")
+    c.add_argument("name", metavar="NAME", help="channel name")
+    c.add_argument("node_id", metavar="NODE_ID", help="the node's id (`kachery-fs node-id`)")
     c.add_argument("--permissions", required=True,
                    help=f"comma-separated from {', '.join(PERMISSIONS)}; 'all' or 'none'")
     c.add_argument("--label", help="a note about the node")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_authorize, is_async=True)
-    c = cs.add_parser("list", help="list channels and authorized nodes")
+    c = _sub(cs, "list", "list channels and authorized nodes")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_list, is_async=True)
     return p

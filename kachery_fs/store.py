@@ -164,7 +164,7 @@ class Store:
 
     def iter_hashes(self):
         """Every hash stored here (walks the fan-out directories)."""
-        for dirpath, _dirnames, filenames in os.walk(self.sha1_dir):
+        for _dirpath, _dirnames, filenames in os.walk(self.sha1_dir):
             for name in filenames:
                 if is_sha1(name):
                     yield name

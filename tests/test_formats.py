@@ -70,7 +70,7 @@ def test_signature_vector():
     key = NodeKey.from_seed(TEST_SEED)
     body = {"type": "getNodeConfig", "nodeId": TEST_NODE_ID, "ownerId": "user@example.org"}
     assert canonical_json(body) == (
-        '{"nodeId":"%s","ownerId":"user@example.org","type":"getNodeConfig"}' % TEST_NODE_ID)
+        f'{{"nodeId":"{TEST_NODE_ID}","ownerId":"user@example.org","type":"getNodeConfig"}}')
     assert canonical_sha1(body) == "a030cfca175c49ec18435e67855626c67df44f81"
     sig = key.sign(body)
     assert sig == ("e0be30dd53a9941ecccababc3d5d744f52fef160b60fd64c0b6764652bc4ddb2"
