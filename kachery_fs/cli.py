@@ -8,6 +8,7 @@ into messages here and only here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import subprocess
@@ -22,6 +23,7 @@ from . import __version__
 from .config import DEFAULT_HUB_PORT, node_dir
 from .errors import InvalidInput, KacheryError, NotFound
 from .protocol import PERMISSIONS
+from .requester import DEFAULT_STALL_TIMEOUT_S
 from .uris import format_uri, parse_uri
 
 log = logging.getLogger("kachery_fs")
@@ -159,6 +161,7 @@ def cmd_store_add(args) -> int:
 
 async def _cat(args) -> int:
     from .bucket import fetch_to_store
+    from .requester import request_file
 
     uri = parse_uri(args.uri)
     node = _open_node(create=True)
@@ -171,13 +174,20 @@ async def _cat(args) -> int:
             errors = []
             for ch in channels:
                 try:
-                    await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
-                                         node.store)
+                    try:
+                        await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
+                                             node.store)
+                    except NotFound:
+                        # In no bucket: ask the channel's other nodes through the hub.
+                        await request_file(node, ch.name, uri.sha1,
+                                           stall_timeout=args.request_timeout)
+                        await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
+                                             node.store)
                     break
                 except KacheryError as exc:
                     errors.append(f"{ch.name}: {exc}")
             else:
-                raise NotFound(f"sha1://{uri.sha1} not found ({'; '.join(errors)})")
+                raise NotFound(f"could not get sha1://{uri.sha1}: {'; '.join(errors)}")
         fd = node.store.open(uri.sha1)
         try:
             out = sys.stdout.buffer
@@ -186,6 +196,52 @@ async def _cat(args) -> int:
             out.flush()
         finally:
             os.close(fd)
+    finally:
+        await node.aclose()
+    return 0
+
+
+async def _serve(args) -> int:
+    from .provider import Provider
+    from .uploader import Uploader
+
+    node = _open_node()
+    try:
+        if not node.db.channels():
+            raise InvalidInput("this node has joined no channel: `kachery-fs join HUB_URL"
+                               " CHANNEL` first")
+        async with trio.open_nursery() as nursery:
+            uploader = await Uploader.create(node, nursery=nursery)
+            provider = Provider(node, uploader)
+            nursery.start_soon(provider.run)
+            print(f"kachery-fs serving files of node {node.node_id} on request"
+                  f" (channels: {', '.join(c.name for c in node.db.channels())}); Ctrl-C stops",
+                  file=sys.stderr, flush=True)
+    finally:
+        await node.aclose()
+    return 0
+
+
+async def _status(args) -> int:
+    from . import status
+
+    node = _open_node()
+    try:
+        snapshot = status.read(node.dir)
+        if snapshot is None:  # no mount running: what the database and the hubs say
+            snapshot = status.collect(node)
+            for url in sorted({ch.hub_url for ch in node.db.channels()}):
+                try:
+                    await node.hub(url).info()
+                    snapshot["hubs"][url] = {"state": "reachable (no mount running)",
+                                             "since": None, "error": None}
+                except KacheryError as exc:
+                    snapshot["hubs"][url] = {"state": "unreachable", "since": None,
+                                             "error": str(exc)}
+        if args.json:
+            print(json.dumps(snapshot, indent=1))
+        else:
+            sys.stdout.write(status.render(snapshot))
     finally:
         await node.aclose()
     return 0
@@ -200,7 +256,7 @@ async def _mount_foreground(args) -> int:
     node = _open_node()
     try:
         await run_mount(node, Path(args.mountpoint), allow_other=args.allow_other,
-                        debug=args.debug_fuse)
+                        debug=args.debug_fuse, request_timeout=args.request_timeout)
     finally:
         await node.aclose()
     return 0
@@ -220,6 +276,7 @@ def cmd_mount(args) -> int:
            "--foreground", "--log-file", str(log_file), str(mountpoint)]
     if args.allow_other:
         cmd.append("--allow-other")
+    cmd += ["--request-timeout", str(args.request_timeout)]
     with open(os.devnull, "rb") as devnull:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
@@ -448,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (needs user_allow_other in /etc/fuse.conf)")
     s.add_argument("--debug-fuse", action="store_true", help="libfuse debug output")
+    s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                   metavar="SECONDS", help="give up on a file requested from other nodes when"
+                   f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
     s.set_defaults(run=cmd_mount)
 
     s = _sub(sub, "umount", "unmount a kachery-fs mount point",
@@ -474,11 +534,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "cat", "write the content of a sha1:// URI to stdout (verified)",
              "Write the content of URI (sha1://<hash>[...] or a bare hash) to stdout: from the"
-             " local store, else from the bucket of a joined channel, verified against its SHA-1"
-             " before any byte is written.")
+             " local store, else from the bucket of a joined channel, else by asking the"
+             " channel's other nodes through the hub; verified against its SHA-1 before any"
+             " byte is written.")
     s.add_argument("uri", metavar="URI", help="sha1://<hash>, with or without ?label=...")
-    s.add_argument("--channel", help="look only in this channel's bucket")
+    s.add_argument("--channel", help="look only in this channel")
+    s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
+                   metavar="SECONDS", help="give up on a file requested from other nodes when"
+                   f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
     s.set_defaults(run=_cat, is_async=True)
+
+    s = _sub(sub, "serve", "provide this node's files to its channels, without a mount",
+             "Answer file requests: hold a connection to the hub of every joined channel and,"
+             " when another node asks for a file this node holds, upload it to the channel's"
+             " bucket. A mount does the same; this is for machines that only provide. Also"
+             " finishes this node's pending uploads. Runs until Ctrl-C.")
+    s.set_defaults(run=_serve, is_async=True, log_default=1)
+
+    s = _sub(sub, "status", "show hub connections, pending requests and uploads",
+             "Show this node's channels and permissions, its connection to each hub, the files"
+             " it is waiting for from other nodes, the files it is providing, and its upload"
+             " queue. Reads what the running mount reports; without a mount, asks the hubs.")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(run=_status, is_async=True)
 
     s = _sub(sub, "hub", "run or administer a hub")
     hs = s.add_subparsers(dest="hub_command", metavar="SUBCOMMAND", required=True)

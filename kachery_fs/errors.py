@@ -34,6 +34,10 @@ class IntegrityError(KacheryError):
     """Bytes did not match their SHA-1, or a download was truncated or overlong."""
 
 
+class CorruptLocalFile(IntegrityError):
+    """A file in the local store no longer matches its hash (disk fault, outside edit)."""
+
+
 class ProtocolError(KacheryError):
     """A server answered in a way the protocol forbids (e.g. ``200`` to a ``Range`` GET)."""
 

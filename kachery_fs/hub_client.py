@@ -29,12 +29,19 @@ class HubClient:
                 "nonce": secrets.token_hex(16)}
         return {"body": body, "nodeId": self.key.node_id, "signature": self.key.sign(body)}
 
-    async def call(self, kind: str, **fields) -> dict:
-        """Send one signed request; returns the JSON answer or raises a project error."""
+    async def call(self, kind: str, *, wait_s: float = 0.0, **fields) -> dict:
+        """Send one signed request; returns the JSON answer or raises a project error.
+
+        ``wait_s`` > 0 makes it a long-poll: the hub may hold it that long.
+        """
         what = f"hub {self.url} {kind}"
+        kwargs = {}
+        if wait_s > 0:
+            fields["waitMs"] = int(wait_s * 1000)
+            kwargs["timeout"] = httpx.Timeout(wait_s + 15, connect=10)
         try:
             response = await self.client.post(f"{self.url}/api/node",
-                                              json=self.envelope(kind, fields))
+                                              json=self.envelope(kind, fields), **kwargs)
         except httpx.HTTPError as exc:
             raise error_for_exception(exc, what) from None
         if response.status_code == 401:
@@ -93,6 +100,41 @@ class HubClient:
 
     async def finalize_upload(self, channel: str, sha1: str, size: int) -> None:
         await self.call("finalizeUpload", channel=channel, sha1=sha1, size=size)
+
+    # -- file requests ---------------------------------------------------------------------
+
+    async def request_file(self, channel: str, sha1: str, *, version: int | None = None,
+                           wait_s: float = 0.0) -> dict:
+        """Start or join a request (``version`` None), or wait for a change after
+        ``version``; returns the request's state."""
+        fields = {"channel": channel, "sha1": sha1}
+        if version is not None:
+            fields["version"] = version
+        return await self.call("requestFile", wait_s=wait_s, **fields)
+
+    async def listen_requests(self, wait_s: float) -> list[dict]:
+        answer = await self.call("listenRequests", wait_s=wait_s)
+        offers = answer.get("offers")
+        if not isinstance(offers, list):
+            raise ProtocolError(f"hub {self.url}: unexpected listenRequests answer")
+        return offers
+
+    async def answer_request(self, channel: str, sha1: str, *, accept: bool,
+                             size: int | None = None, reason: str | None = None) -> None:
+        fields = {"channel": channel, "sha1": sha1, "accept": accept}
+        if size is not None:
+            fields["size"] = size
+        if reason is not None:
+            fields["reason"] = reason
+        await self.call("answerRequest", **fields)
+
+    async def report_progress(self, channel: str, sha1: str, nbytes: int) -> bool:
+        """Report upload progress; False means the hub gave the request to another node."""
+        answer = await self.call("requestProgress", channel=channel, sha1=sha1, bytes=nbytes)
+        return bool(answer.get("continue", False))
+
+    async def my_requests(self) -> list[dict]:
+        return (await self.call("myRequests"))["requests"]
 
 
 __all__ = ["HubClient", "KacheryError"]

@@ -1,9 +1,10 @@
-"""Where content comes from: the local store, else the channel bucket (single-flight).
+"""Where content comes from: the local store, else the channel bucket, else a request
+through the hub that a provider node answers by uploading to the bucket.
 
 ``Resolver.size`` answers lookups; ``Resolver.open`` returns a :class:`Content` that
-reads verified bytes. However many readers want one missing hash, there is one
-download (STYLE rule 9); it keeps running after the readers go, so the content ends up
-in the store.
+reads verified bytes. However many readers want one missing hash, there is one request
+and one download (STYLE rule 9); they keep running after the readers go, so the content
+ends up in the store.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from cachetools import TTLCache
 from .bucket import Download, head_size, object_url
 from .errors import DeadlineExceeded, NotFound
 from .node import Node
+from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +74,13 @@ class DownloadContent(Content):
 
 
 class Resolver:
-    def __init__(self, node: Node, *, nursery: trio.Nursery):
+    def __init__(self, node: Node, *, nursery: trio.Nursery,
+                 request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
         self.node = node
         self.nursery = nursery
+        self.request_stall_timeout = request_stall_timeout
         self._downloads: dict[str, Download] = {}
+        self._requests: dict[tuple[str, str], FileRequest] = {}
         self._sizes: TTLCache = TTLCache(maxsize=100_000, ttl=3600)  # immutable: sizes stay true
 
     def local_size(self, sha1: str) -> int | None:
@@ -91,14 +96,46 @@ class Resolver:
         key = (channel, sha1)
         if key in self._sizes:
             return self._sizes[key]
-        ch = self.node.channel(channel)
-        url = object_url(ch.bucket_base_url, channel, sha1)
-        with trio.move_on_after(LOOKUP_DEADLINE_S) as scope:
-            size = await head_size(self.node.client, url)
-        if scope.cancelled_caught:
-            raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
+        request = self._requests.get(key)
+        if request is None:
+            ch = self.node.channel(channel)
+            url = object_url(ch.bucket_base_url, channel, sha1)
+            try:
+                with trio.move_on_after(LOOKUP_DEADLINE_S) as scope:
+                    size = await head_size(self.node.client, url)
+                if scope.cancelled_caught:
+                    raise DeadlineExceeded(
+                        f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
+            except NotFound:
+                request = self._request(channel, sha1)
+            else:
+                self._sizes[key] = size
+                return size
+        # In no bucket yet: a provider has been asked; its size is known once it accepts.
+        size = await request.wait_size()
         self._sizes[key] = size
         return size
+
+    def _request(self, channel: str, sha1: str) -> FileRequest:
+        """The one request for (channel, sha1), started if there is none (single-flight)."""
+        key = (channel, sha1)
+        request = self._requests.get(key)
+        if request is None:
+            request = FileRequest(self.node, channel, sha1,
+                                  stall_timeout=self.request_stall_timeout)
+            self._requests[key] = request
+
+            async def run():
+                try:
+                    await request.run()
+                finally:
+                    if self._requests.get(key) is request:
+                        del self._requests[key]
+                    if request.error is not None:
+                        self._sizes.pop(key, None)
+
+            self.nursery.start_soon(run)
+        return request
 
     async def open(self, channel: str, sha1: str) -> Content:
         try:
@@ -110,6 +147,9 @@ class Resolver:
         download = self._downloads.get(sha1)
         if download is None:
             size = await self.size(channel, sha1)
+            request = self._requests.get((channel, sha1))
+            if request is not None:
+                await request.wait_done()  # a provider is uploading it to the bucket
             # The await above may have let another opener start the download.
             download = self._downloads.get(sha1)
             if download is None:

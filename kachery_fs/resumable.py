@@ -15,6 +15,7 @@ of the hub. Errors are the project's (``kachery_fs.errors``), mapped in
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -27,6 +28,7 @@ import trio
 from ._http import Backoff, check_response, error_for_exception, error_for_response
 from .errors import (
     Conflict,
+    CorruptLocalFile,
     DeadlineExceeded,
     IntegrityError,
     InvalidInput,
@@ -93,7 +95,7 @@ async def query_offset(client: httpx.AsyncClient, session_uri: str, size: int) -
 async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
                  offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  on_progress: Callable[[int], None] | None = None,
-                 stall_timeout: float = 60) -> None:
+                 stall_timeout: float = 60, sha1: str | None = None) -> None:
     """Send bytes ``offset..size`` of ``path`` to the session, in ``chunk_size`` chunks.
 
     ``offset`` is what the session had committed (from :func:`query_offset` or a
@@ -102,6 +104,10 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
     transport errors) are retried with backoff, re-asking the session where to go on;
     the upload gives up with DeadlineExceeded only after ``stall_timeout`` seconds
     without progress (bytes sent or committed).
+
+    With ``sha1``, the bytes are hashed as they are read and the final chunk is sent only
+    if the whole file matches: a file that fails its own SHA-1 check is never committed
+    (IntegrityError).
 
     Raises NotFound if the session is gone, Conflict if the object appeared meanwhile
     (the final chunk met ``x-goog-if-generation-match: 0``), IntegrityError if the file
@@ -113,7 +119,8 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
     if not 0 <= offset <= size:
         raise InvalidInput(f"offset {offset} is outside the {size}-byte upload")
     await _Upload(client, session_uri, path, size, committed=offset, chunk_size=chunk_size,
-                  on_progress=on_progress, stall_timeout=stall_timeout).run()
+                  on_progress=on_progress, stall_timeout=stall_timeout,
+                  verifier=_Verifier(path, sha1) if sha1 else None).run()
 
 
 class _Upload:
@@ -121,7 +128,8 @@ class _Upload:
 
     def __init__(self, client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
                  committed: int, chunk_size: int, on_progress: Callable[[int], None] | None,
-                 stall_timeout: float):
+                 stall_timeout: float, verifier: _Verifier | None = None):
+        self.verifier = verifier
         self.client = client
         self.session_uri = session_uri
         self.path = path
@@ -145,8 +153,12 @@ class _Upload:
         """Send chunks from the committed offset until the session reports completion."""
         while not self.complete:
             end = min(self.committed + self.chunk_size, self.size)
-            data = await trio.to_thread.run_sync(_read_range, self.path, self.committed,
-                                                 end - self.committed)
+            if self.verifier is None:
+                data = await trio.to_thread.run_sync(_read_range, self.path, self.committed,
+                                                     end - self.committed)
+            else:
+                data = await trio.to_thread.run_sync(self.verifier.read, self.committed,
+                                                     end - self.committed, self.size)
             self._advance(await _put_chunk(self.client, self.session_uri, data,
                                            self.committed, self.size, self.watch))
 
@@ -183,6 +195,33 @@ class _Upload:
         self.committed = committed
         if self.on_progress is not None:
             self.on_progress(committed)
+
+
+class _Verifier:
+    """Hashes a file in order as it is read for upload; checks the digest before the end."""
+
+    def __init__(self, path: Path, sha1: str):
+        self.path = path
+        self.expected = sha1.lower()
+        self.hasher = hashlib.sha1()
+        self.hashed = 0
+
+    def read(self, offset: int, length: int, size: int) -> bytes:
+        """Bytes ``offset..offset+length`` (blocking). Raises IntegrityError before
+        handing out the last bytes of a file whose SHA-1 is not the expected one."""
+        while self.hashed < offset:  # the session is ahead of us (a resumed upload)
+            self.hasher.update(_read_range(self.path, self.hashed,
+                                           min(DEFAULT_CHUNK_SIZE, offset - self.hashed)))
+            self.hashed = min(self.hashed + DEFAULT_CHUNK_SIZE, offset)
+        data = _read_range(self.path, offset, length)
+        end = offset + length
+        if end > self.hashed:
+            self.hasher.update(memoryview(data)[self.hashed - offset:])
+            self.hashed = end
+        if end == size and self.hasher.hexdigest() != self.expected:
+            raise CorruptLocalFile(f"{self.path} does not match its SHA-1 {self.expected}"
+                                 f" (it hashes to {self.hasher.hexdigest()}); not uploading it")
+        return data
 
 
 def _transient(exc: Exception) -> Unavailable:

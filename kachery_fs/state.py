@@ -158,12 +158,17 @@ class NodeDB:
 
     # -- upload queue -------------------------------------------------------------------
 
-    def enqueue_upload(self, channel: str, sha1: str, size: int) -> bool:
-        """Queue ``sha1`` for upload to ``channel``; False if it is already queued or done."""
+    def enqueue_upload(self, channel: str, sha1: str, size: int, *, again: bool = False) -> bool:
+        """Queue ``sha1`` for upload to ``channel``; False if it is already queued or done.
+
+        ``again``: also when it is done (the bucket lost it; a file request asks for it).
+        """
+        redo = "('failed', 'done')" if again else "('failed')"
         cur = self._db.execute(
             "INSERT INTO uploads (channel, sha1, size, state, updated_at) VALUES (?, ?, ?, 'pending', ?)"
             " ON CONFLICT(channel, sha1) DO UPDATE SET state='pending', error=NULL,"
-            " updated_at=excluded.updated_at WHERE uploads.state = 'failed'",
+            " session_uri=NULL, committed=0, attempts=0, updated_at=excluded.updated_at"
+            f" WHERE uploads.state IN {redo}",
             (channel, sha1, size, time.time()))
         return cur.rowcount > 0
 
@@ -184,6 +189,16 @@ class NodeDB:
             "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
             " FROM uploads ORDER BY updated_at").fetchall()
         return [Upload(*r) for r in rows]
+
+    def upload_counts(self) -> dict[str, int]:
+        rows = self._db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state")
+        return dict(rows.fetchall())
+
+    def failed_uploads(self, limit: int = 10) -> list[Upload]:
+        rows = self._db.execute(
+            "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
+            " FROM uploads WHERE state = 'failed' ORDER BY updated_at DESC LIMIT ?", (limit,))
+        return [Upload(*r) for r in rows.fetchall()]
 
     def update_upload(self, channel: str, sha1: str, **fields) -> None:
         allowed = {"state", "session_uri", "committed", "error", "attempts"}

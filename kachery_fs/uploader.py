@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 
 import trio
 
@@ -22,6 +23,7 @@ from . import resumable
 from ._http import Backoff
 from .errors import (
     Conflict,
+    CorruptLocalFile,
     IntegrityError,
     InvalidInput,
     KacheryError,
@@ -43,6 +45,7 @@ class Uploader:
         self._wake = trio.Event()
         self._active: set[tuple[str, str]] = set()
         self._progress: dict[tuple[str, str], int] = {}
+        self._listeners: dict[tuple[str, str], Callable[[int], None]] = {}
         self.idle = trio.Event()
 
     @classmethod
@@ -110,6 +113,12 @@ class Uploader:
                 self.node.db.update_upload(job.channel, job.sha1, state="done", error=None)
                 log.info("sha1://%s is in the bucket of %s", job.sha1, job.channel)
                 return
+            except CorruptLocalFile as exc:
+                self.node.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+                log.error("upload of sha1://%s to %s abandoned: %s; removing the bad copy"
+                          " from the local store", job.sha1, job.channel, exc)
+                self.node.store.delete(job.sha1)
+                return
             except (PermissionDenied, InvalidInput) as exc:
                 self.node.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
                 log.error("upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
@@ -133,6 +142,40 @@ class Uploader:
                         job.channel, err, delay)
             await trio.sleep(delay)
             job = self.node.db.upload(job.channel, job.sha1)
+
+    async def upload_now(self, channel: str, sha1: str, size: int, *,
+                         on_progress: Callable[[int], None] | None = None) -> None:
+        """Upload at once (for a file request), ahead of the queue, and return when the
+        object is in the bucket. Uses the persistent queue's record, so an interrupted
+        upload is resumed later by the background workers like any other.
+
+        Raises the upload's error; transient errors are retried here only until the
+        caller gives up (it cancels us).
+        """
+        key = (channel, sha1)
+        self.node.db.enqueue_upload(channel, sha1, size, again=True)
+        while key in self._active:  # a worker is on it already: follow its progress
+            if on_progress is not None:
+                on_progress(self._progress.get(key, 0))
+            await trio.sleep(0.2)
+        up = self.node.db.upload(channel, sha1)
+        if up.state == "done":
+            return
+        self._active.add(key)
+        try:
+            def progress(committed: int) -> None:
+                if on_progress is not None:
+                    on_progress(committed)
+            self._listeners[key] = progress
+            await self._run(up)
+        finally:
+            self._listeners.pop(key, None)
+            self._active.discard(key)
+            self._progress.pop(key, None)
+            self._wake.set()
+        up = self.node.db.upload(channel, sha1)
+        if up is None or up.state != "done":
+            raise KacheryError(up.error if up is not None and up.error else "upload failed")
 
     async def _attempt(self, job) -> None:
         node, db = self.node, self.node.db
@@ -168,11 +211,16 @@ class Uploader:
                              state="uploading")
             offset = 0
 
+        key = (job.channel, job.sha1)
+
         def on_progress(committed: int) -> None:
-            self._progress[(job.channel, job.sha1)] = committed
+            self._progress[key] = committed
             db.update_upload(job.channel, job.sha1, committed=committed)
+            listener = self._listeners.get(key)
+            if listener is not None:
+                listener(committed)
 
         await resumable.upload(client, session, path, job.size, offset=offset,
-                               on_progress=on_progress)
+                               on_progress=on_progress, sha1=job.sha1)
         await hub.finalize_upload(job.channel, job.sha1, job.size)
         db.update_upload(job.channel, job.sha1, session_uri=None)

@@ -14,13 +14,17 @@ import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
+from functools import partial
 from pathlib import Path
 
 import pyfuse3
 import trio
 
+from .. import status
 from ..errors import InvalidInput, NotMounted
 from ..node import Node
+from ..provider import Provider
+from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..resolver import Resolver
 from ..uploader import Uploader
 from .operations import Operations
@@ -38,18 +42,23 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 
 async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
-                    debug: bool = False,
+                    debug: bool = False, request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
                     also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = Path(mountpoint)
     check_mountpoint(mountpoint)
     removed = await trio.to_thread.run_sync(node.store.sweep_temp)
-    del removed
+    if removed:
+        log.info("removed %d temporary file(s) left by processes that ended", removed)
     async with trio.open_nursery() as nursery:
         uploader = await Uploader.create(node, nursery=nursery)
-        resolver = Resolver(node, nursery=nursery)
-        ops = Operations(node, resolver, uploader, nursery=nursery)
+        resolver = Resolver(node, nursery=nursery, request_stall_timeout=request_timeout)
+        provider = Provider(node, uploader)
+        nursery.start_soon(provider.run)
+        nursery.start_soon(partial(status.keep_written, node, provider=provider,
+                                   resolver=resolver, mountpoint=str(mountpoint)))
+        ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider)
         options = set(pyfuse3.default_options)
         options.add("fsname=kachery-fs")
         options.add("subtype=kachery")
@@ -59,7 +68,6 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         if debug:
             options.add("debug")
         pyfuse3.init(ops, str(mountpoint), options)
-        closed = False
         try:
             nursery.start_soon(_watch_signals)
             if also is not None:
@@ -71,8 +79,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
             log.info("unmounting %s", mountpoint)
             nursery.cancel_scope.cancel()
         finally:
-            if not closed:
-                pyfuse3.close(unmount=True)
+            pyfuse3.close(unmount=True)
 
 
 async def _watch_signals() -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
+from .. import status
 from ..errors import Conflict, NotFound, PermissionDenied, ReadOnly
 from ..node import Node
 from ..resolver import Content, LocalContent, Resolver
@@ -61,8 +62,9 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, node: Node, resolver: Resolver, uploader: Uploader, *,
-                 nursery: trio.Nursery):
+                 nursery: trio.Nursery, provider=None):
         super().__init__()
+        self.provider = provider
         self.node = node
         self.resolver = resolver
         self.uploader = uploader
@@ -464,11 +466,17 @@ class Operations(pyfuse3.Operations):
             if vnode.kind == "hash" or (vnode.kind == "entry"
                                         and not self.node.db.entry(vnode.entry_id).is_dir):
                 return [XATTR_URI, XATTR_STATUS]
+            if vnode.kind == "channel":
+                return [XATTR_STATUS]
             return []
 
     async def getxattr(self, inode, name, ctx):
         with fuse_errors("getxattr"):
             vnode = self.ns.vnode(inode)
+            if vnode.kind == "channel" and name == XATTR_STATUS:
+                snapshot = status.collect(self.node, provider=self.provider,
+                                          resolver=self.resolver)
+                return status.render(snapshot, channel=vnode.channel).encode()
             if vnode.kind == "hash":
                 if name == XATTR_URI:
                     return format_uri(vnode.sha1).encode()

@@ -10,9 +10,10 @@ from __future__ import annotations
 import json
 import logging
 
+import trio
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .. import __version__
@@ -58,10 +59,22 @@ def create_api(hub: Hub) -> Starlette:
             envelope = json.loads(raw)
         except ValueError:
             return _error_response(InvalidInput("request body is not JSON"))
-        try:
-            return JSONResponse(await hub.handle(envelope))
-        except KacheryError as exc:
-            return _error_response(exc)
+        # A long-poll (a provider listening, a requester waiting) must end when its client
+        # goes away, so that the hub knows at once that a provider has disconnected.
+        response = None
+        async with trio.open_nursery() as nursery:
+            async def watch_disconnect():
+                while (await request.receive())["type"] != "http.disconnect":
+                    pass
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(watch_disconnect)
+            try:
+                response = JSONResponse(await hub.handle(envelope))
+            except KacheryError as exc:
+                response = _error_response(exc)
+            nursery.cancel_scope.cancel()
+        return response if response is not None else Response(status_code=499)
 
     async def info(request: Request) -> JSONResponse:
         return JSONResponse({"service": "kachery-fs hub", "version": __version__,

@@ -26,6 +26,7 @@ from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, Permi
 from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, object_key
 from ..uris import is_sha1
+from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,8 @@ class Hub:
         self.owner_id = owner_id
         self.buckets = buckets
         self.default_bucket_uri = default_bucket_uri
+        self.requests = FileRequests(db.connection, providers_of=db.providers,
+                                     object_size=self._object_in_bucket)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -173,6 +176,7 @@ class Hub:
         perms = check_permissions(body.get("permissions", []))
         self.db.set_permissions(name, node_id.lower(), perms, body.get("label"))
         log.info("channel %s: node %s… now has %s", name, node_id[:12], sorted(perms) or "nothing")
+        self.requests.permissions_changed()
         return {"channel": name, "nodeId": node_id.lower(), "permissions": sorted(perms)}
 
     async def _on_listChannels(self, caller: Caller, body: dict) -> dict:
@@ -194,6 +198,7 @@ class Hub:
                 if self.db.object_size(channel, sha1) is None:
                     # In the bucket but not on record (e.g. finalize was lost): check it now.
                     await self._verify_and_record(backend, caller, channel, sha1, size)
+                self.requests.object_finalized(channel, sha1, size)
                 return {"status": "present"}
             log.warning("channel %s: object %s has size %d, expected %d; deleting it",
                         channel, sha1, present, size)
@@ -230,6 +235,70 @@ class Hub:
             self.db.forget_object(channel, sha1)
             raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem}); deleted")
         self.db.record_object(channel, sha1, size, caller.node_id)
+        self.requests.object_finalized(channel, sha1, size)
+
+    async def _object_in_bucket(self, channel: str, sha1: str) -> int | None:
+        """The size of a verified object in the channel's bucket, or None."""
+        size = self.db.object_size(channel, sha1)
+        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        actual = await backend.stat(object_key(channel, sha1))
+        if actual is None:
+            if size is not None:
+                log.warning("channel %s: sha1://%s is on record but not in the bucket;"
+                            " forgetting it", channel, sha1)
+                self.db.forget_object(channel, sha1)
+            return None
+        if size is None:
+            try:  # in the bucket but never finalized: check it before trusting it
+                await self._verify_and_record(backend, Caller(self.owner_id, True), channel,
+                                              sha1, actual)
+            except IntegrityError:
+                return None
+        return actual
+
+    # -- file requests (see hub.requests) -------------------------------------------------
+
+    async def _on_requestFile(self, caller: Caller, body: dict) -> dict:
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "requestFiles")
+        sha1 = body.get("sha1")
+        if not isinstance(sha1, str) or not is_sha1(sha1):
+            raise InvalidInput(f"invalid sha1 {sha1!r}")
+        version = body.get("version")
+        if version is not None and not isinstance(version, int):
+            raise InvalidInput("version must be an integer")
+        return await self.requests.request(caller.node_id, channel, sha1.lower(),
+                                           version=version, wait_s=check_wait(body))
+
+    async def _on_listenRequests(self, caller: Caller, body: dict) -> dict:
+        if not caller.is_owner and not self.db.channels_of(caller.node_id):
+            raise PermissionDenied(f"node {caller.node_id[:12]}… is not authorized on any"
+                                   " channel of this hub")
+        return {"offers": await self.requests.listen(caller.node_id, check_wait(body))}
+
+    async def _on_answerRequest(self, caller: Caller, body: dict) -> dict:
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "provideFiles")
+        sha1 = body.get("sha1")
+        accept = body.get("accept")
+        if not isinstance(sha1, str) or not is_sha1(sha1) or not isinstance(accept, bool):
+            raise InvalidInput("answerRequest needs sha1 and accept (true or false)")
+        reason = body.get("reason")
+        self.requests.answer(caller.node_id, channel, sha1.lower(), accept=accept,
+                             size=body.get("size"),
+                             reason=str(reason)[:300] if reason is not None else None)
+        return {}
+
+    async def _on_requestProgress(self, caller: Caller, body: dict) -> dict:
+        channel = check_channel_name(body.get("channel"))
+        sha1 = body.get("sha1")
+        if not isinstance(sha1, str) or not is_sha1(sha1):
+            raise InvalidInput(f"invalid sha1 {sha1!r}")
+        go_on = self.requests.progress(caller.node_id, channel, sha1.lower(), body.get("bytes"))
+        return {"continue": go_on}
+
+    async def _on_myRequests(self, caller: Caller, body: dict) -> dict:
+        return {"requests": self.requests.requests_of(caller.node_id)}
 
 
 class LocalBucketBackend:

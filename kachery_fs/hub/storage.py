@@ -63,6 +63,16 @@ class HubDB:
     def close(self) -> None:
         self._db.close()
 
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """For the parts of the hub that keep their own tables in this database."""
+        return self._db
+
+    def providers(self, channel: str) -> set[str]:
+        """The nodes that may provide files on ``channel``."""
+        return {node for node, perms in self.authorizations(channel).items()
+                if "provideFiles" in perms}
+
     # -- channels -------------------------------------------------------------------
 
     def create_channel(self, name: str, bucket_uri: str) -> ChannelRecord:
@@ -109,6 +119,12 @@ class HubDB:
             "SELECT node_id, permissions FROM authorizations WHERE channel = ? ORDER BY node_id",
             (channel,))
         return {r[0]: json.loads(r[1]) for r in rows}
+
+    def channels_of(self, node_id: str) -> list[str]:
+        """The channels where ``node_id`` holds any permission."""
+        rows = self._db.execute("SELECT channel FROM authorizations WHERE node_id = ?",
+                                (node_id,))
+        return [r[0] for r in rows]
 
     # -- replay protection -------------------------------------------------------------
 

@@ -1,0 +1,154 @@
+"""The provider side of file requests: hold a long-poll open to each hub, answer offers.
+
+For every hub this node has joined a channel on, one task keeps a ``listenRequests``
+long-poll open; the hub answers it at once when it offers this node a request. For an offer
+the node declines at once if it does not hold the file, otherwise accepts and uploads it
+through the same resumable, verified path as its own writes (``Uploader.upload_now``),
+reporting progress to the hub, which relays it to the requesters. If the hub gives the
+request to another provider meanwhile, the upload here is stopped.
+
+When a hub is unreachable the listener retries with backoff and reconnects by itself;
+its state is in :attr:`Provider.connections` for ``status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import trio
+
+from ._http import Backoff
+from .errors import KacheryError, NotFound, PermissionDenied
+from .node import Node
+from .uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+#: How long one listen long-poll is held open.
+LISTEN_WAIT_S = 20.0
+#: How often a running upload reports its progress to the hub.
+PROGRESS_INTERVAL_S = 0.5
+#: How often the set of hubs (from joined channels) is re-read.
+HUBS_RESCAN_S = 5.0
+
+
+@dataclass
+class Connection:
+    state: str = "connecting"  # connecting | connected | unreachable | refused
+    since: float = 0.0
+    error: str | None = None
+
+
+class Provider:
+    def __init__(self, node: Node, uploader: Uploader):
+        self.node = node
+        self.uploader = uploader
+        self.connections: dict[str, Connection] = {}
+        #: Offers being served now: (channel, sha1) -> bytes committed so far.
+        self.serving: dict[tuple[str, str], int] = {}
+
+    async def run(self) -> None:
+        """Listen to every hub of a joined channel, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            listening: set[str] = set()
+            while True:
+                for url in {ch.hub_url for ch in self.node.db.channels()} - listening:
+                    listening.add(url)
+                    nursery.start_soon(self._listen, url, nursery)
+                await trio.sleep(HUBS_RESCAN_S)
+
+    def _set(self, url: str, state: str, error: str | None = None) -> None:
+        conn = self.connections.setdefault(url, Connection())
+        if conn.state != state:
+            if state == "connected":
+                log.info("listening for file requests from hub %s", url)
+            elif state == "unreachable":
+                log.warning("hub %s is unreachable (%s); reconnecting with backoff", url, error)
+            elif state == "refused":
+                log.warning("hub %s refuses this node's listen: %s", url, error)
+            conn.state, conn.since = state, time.time()
+        conn.error = error
+
+    async def _listen(self, url: str, nursery: trio.Nursery) -> None:
+        hub = self.node.hub(url)
+        backoff = Backoff(initial=0.25, maximum=5.0)
+        self._set(url, "connecting")
+        while True:
+            try:
+                offers = await hub.listen_requests(LISTEN_WAIT_S)
+            except PermissionDenied as exc:
+                self._set(url, "refused", str(exc))
+                await trio.sleep(10)
+                continue
+            except KacheryError as exc:
+                self._set(url, "unreachable", str(exc))
+                await trio.sleep(backoff.next_delay(getattr(exc, "retry_after", None)))
+                continue
+            self._set(url, "connected")
+            backoff.reset()
+            for offer in offers:
+                try:
+                    key = (str(offer["channel"]), str(offer["sha1"]).lower())
+                except (KeyError, TypeError):
+                    log.warning("hub %s sent a malformed offer %r", url, offer)
+                    continue
+                if key not in self.serving:
+                    self.serving[key] = 0
+                    nursery.start_soon(self._serve, url, *key)
+
+    async def _serve(self, url: str, channel: str, sha1: str) -> None:
+        hub = self.node.hub(url)
+        key = (channel, sha1)
+        try:
+            size = self.node.store.size(sha1)
+            if size is None:
+                await hub.answer_request(channel, sha1, accept=False,
+                                         reason="not in its local store")
+                return
+            try:
+                self.node.db.channel(channel)
+            except NotFound:
+                await hub.answer_request(channel, sha1, accept=False,
+                                         reason="has not joined the channel")
+                return
+            await hub.answer_request(channel, sha1, accept=True, size=size)
+            log.info("providing sha1://%s (%d bytes) to channel %s on request", sha1, size,
+                     channel)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._report_progress, hub, channel, sha1, nursery)
+
+                def on_progress(committed: int) -> None:
+                    self.serving[key] = committed
+
+                try:
+                    await self.uploader.upload_now(channel, sha1, size, on_progress=on_progress)
+                except KacheryError as exc:
+                    log.warning("could not provide sha1://%s to %s: %s", sha1, channel, exc)
+                    await hub.answer_request(channel, sha1, accept=False, reason=str(exc)[:300])
+                nursery.cancel_scope.cancel()
+        except KacheryError as exc:
+            log.info("file request for sha1://%s on %s: %s", sha1, channel, exc)
+        finally:
+            self.serving.pop(key, None)
+
+    async def _report_progress(self, hub, channel: str, sha1: str,
+                               upload: trio.Nursery) -> None:
+        last = -1
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL_S)
+            nbytes = self.serving.get((channel, sha1), 0)
+            if nbytes == last:
+                continue
+            last = nbytes
+            try:
+                go_on = await hub.report_progress(channel, sha1, nbytes)
+            except KacheryError as exc:
+                log.debug("progress report failed: %s", exc)
+                continue
+            if not go_on:
+                log.info("the hub gave the request for sha1://%s to another node; stopping",
+                         sha1)
+                upload.cancel_scope.cancel()
+                return

@@ -1,0 +1,155 @@
+"""The requester side of file requests: ask the hub for a hash no bucket has, and wait.
+
+:class:`FileRequest` starts (or joins) the hub's request for one hash on one channel and
+follows it by long-polling its state. It gives up only when nothing has moved for
+``stall_timeout`` seconds (no fixed total: a provider uploading a multi-gigabyte file
+keeps it alive by making progress), or when the hub says the request failed (no provider
+online, every provider declined or failed) or this node may not ask. While it runs,
+``size`` becomes known as soon as a provider accepts, so a ``stat`` need not wait for the
+whole upload.
+
+If the hub is unreachable when the request starts, it fails at once with a clear error;
+if the hub goes away during a request, the request keeps retrying until the stall timeout,
+so a hub restart does not break a transfer in progress.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from ._http import Backoff
+from .errors import (
+    DeadlineExceeded,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
+from .node import Node
+
+log = logging.getLogger(__name__)
+
+#: Default: give up on a request when it has made no progress for this long.
+DEFAULT_STALL_TIMEOUT_S = 60.0
+#: Longest single long-poll.
+POLL_WAIT_S = 20.0
+
+
+class RequestFailed(NotFound):
+    """The hub could not get the file from any provider."""
+
+
+class FileRequest:
+    def __init__(self, node: Node, channel: str, sha1: str, *,
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
+        self.node = node
+        self.channel = channel
+        self.sha1 = sha1
+        self.stall_timeout = stall_timeout
+        self.state: dict = {}
+        self.size: int | None = None
+        self.error: KacheryError | None = None
+        self.size_known = trio.Event()
+        self.done = trio.Event()
+
+    def __repr__(self) -> str:
+        return f"<FileRequest {self.channel}/{self.sha1[:12]} {self.state.get('state')}>"
+
+    async def wait_size(self) -> int:
+        await self.size_known.wait()
+        if self.size is None:
+            assert self.error is not None
+            raise self.error
+        return self.size
+
+    async def wait_done(self) -> int:
+        await self.done.wait()
+        if self.error is not None:
+            raise self.error
+        assert self.size is not None
+        return self.size
+
+    async def run(self) -> None:
+        """Follow the request to its end; never raises (see :attr:`error`)."""
+        try:
+            self.size = await self._follow()
+            log.info("sha1://%s is in the bucket of %s (requested)", self.sha1, self.channel)
+        except KacheryError as exc:
+            self.error = exc
+            log.warning("request for sha1://%s on channel %s failed: %s", self.sha1,
+                        self.channel, exc)
+        except Exception as exc:  # a bug: report it to the waiters, never hang them
+            log.exception("request for sha1://%s failed unexpectedly", self.sha1)
+            self.error = KacheryError(f"internal error: {exc!r}")
+        finally:
+            self.size_known.set()
+            self.done.set()
+
+    def _update(self, state: dict) -> bool:
+        """Adopt a state answer; True if it shows progress."""
+        old = self.state
+        self.state = state
+        size = state.get("size")
+        if isinstance(size, int) and size >= 0 and self.size is None:
+            self.size = size
+            self.size_known.set()
+        keys = ("state", "bytes", "provider", "version")
+        return any(old.get(k) != state.get(k) for k in keys)
+
+    async def _follow(self) -> int:
+        ch = self.node.channel(self.channel)
+        perms = await self.node.permissions(self.channel)
+        if "requestFiles" not in perms:
+            raise PermissionDenied(
+                f"sha1://{self.sha1} is in neither the local store nor the bucket of channel"
+                f" {self.channel!r}, and this node lacks the requestFiles permission to ask"
+                " other nodes for it")
+        hub = self.node.hub(ch.hub_url)
+        try:
+            self._update(await hub.request_file(self.channel, self.sha1))
+        except Unavailable as exc:
+            raise Unavailable(f"cannot request sha1://{self.sha1} from other nodes: hub"
+                              f" unreachable ({exc})") from None
+        log.info("requested sha1://%s on channel %s through the hub", self.sha1, self.channel)
+        last_progress = trio.current_time()
+        backoff = Backoff(initial=0.25, maximum=5.0)
+        while True:
+            state = self.state.get("state")
+            if state == "finished" and self.size is not None:
+                return self.size
+            if state == "failed":
+                raise RequestFailed(f"no node could provide sha1://{self.sha1} on channel"
+                                    f" {self.channel!r}: {self.state.get('error', 'failed')}")
+            remaining = last_progress + self.stall_timeout - trio.current_time()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"request for sha1://{self.sha1} made no progress for"
+                    f" {self.stall_timeout:g} s (last state: {state},"
+                    f" {self.state.get('bytes', 0)} bytes uploaded)")
+            try:
+                answer = await hub.request_file(self.channel, self.sha1,
+                                                version=self.state.get("version"),
+                                                wait_s=min(POLL_WAIT_S, max(remaining, 0.5)))
+            except NotFound:
+                # The hub forgot the request (it expired, or its state was lost): ask again.
+                answer = await hub.request_file(self.channel, self.sha1)
+            except (Unavailable, DeadlineExceeded) as exc:
+                delay = min(backoff.next_delay(getattr(exc, "retry_after", None)),
+                            max(remaining, 0))
+                log.info("hub unreachable while waiting for sha1://%s (%s); retrying in %.1f s",
+                         self.sha1, exc, delay)
+                await trio.sleep(delay)
+                continue
+            backoff.reset()
+            if self._update(answer):
+                last_progress = trio.current_time()
+
+
+async def request_file(node: Node, channel: str, sha1: str, *,
+                       stall_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> int:
+    """Request ``sha1`` on ``channel`` and wait until it is in the bucket; return its size."""
+    req = FileRequest(node, channel, sha1, stall_timeout=stall_timeout)
+    await req.run()
+    return await req.wait_done()

@@ -1,0 +1,134 @@
+"""What a node is doing: its hub connections, pending requests, files it provides, uploads.
+
+The mount keeps ``$KACHERY_FS_DIR/status.json`` current (rewritten atomically about once a
+second), which ``kachery-fs status`` reads; the same text is the ``user.kachery.status``
+extended attribute of each channel directory in the mount.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger(__name__)
+
+STATUS_FILE = "status.json"
+
+
+def collect(node, *, provider=None, resolver=None, mountpoint: str | None = None) -> dict:
+    """A JSON-able snapshot of this node's activity."""
+    channels = []
+    for ch in node.db.channels():
+        channels.append({"name": ch.name, "hub": ch.hub_url, "bucket": ch.bucket_base_url,
+                         "permissions": sorted(ch.permissions)})
+    hubs = {}
+    if provider is not None:
+        for url, conn in provider.connections.items():
+            hubs[url] = {"state": conn.state, "since": conn.since, "error": conn.error}
+    requests = []
+    if resolver is not None:
+        for (channel, sha1), req in list(resolver._requests.items()):
+            st = req.state
+            requests.append({"channel": channel, "sha1": sha1,
+                             "state": st.get("state", "starting"),
+                             "bytes": st.get("bytes", 0), "size": st.get("size"),
+                             "provider": st.get("provider")})
+    providing = []
+    if provider is not None:
+        for (channel, sha1), nbytes in list(provider.serving.items()):
+            providing.append({"channel": channel, "sha1": sha1, "bytes": nbytes,
+                              "size": node.store.size(sha1)})
+    counts = node.db.upload_counts()
+    uploads = {"pending": counts.get("pending", 0) + counts.get("uploading", 0),
+               "failed": counts.get("failed", 0),
+               "failures": [{"channel": up.channel, "sha1": up.sha1, "error": up.error}
+                            for up in node.db.failed_uploads()]}
+    return {"nodeId": node.node_id, "pid": os.getpid(), "mountpoint": mountpoint,
+            "updated": time.time(), "channels": channels, "hubs": hubs,
+            "requests": requests, "providing": providing, "uploads": uploads}
+
+
+def _pct(nbytes: int, size: int | None) -> str:
+    if not size:
+        return f"{nbytes} bytes"
+    return f"{100 * nbytes / size:.0f}% of {size} bytes"
+
+
+def render(status: dict, *, channel: str | None = None) -> str:
+    """Human-readable lines; only what concerns ``channel`` when one is given."""
+    lines = [f"node {status['nodeId']}"]
+    if status.get("mountpoint"):
+        lines.append(f"mounted at {status['mountpoint']} (pid {status['pid']})")
+    hubs = status.get("hubs", {})
+    for ch in status["channels"]:
+        if channel is not None and ch["name"] != channel:
+            continue
+        conn = hubs.get(ch["hub"])
+        if conn is None:
+            hub_state = "not connected (no mount running)" if not status.get("mountpoint") \
+                else "connecting"
+        else:
+            hub_state = conn["state"]
+            if conn["state"] == "connected":
+                hub_state += " (listening for file requests)"
+            if conn.get("error") and conn["state"] != "connected":
+                hub_state += f": {conn['error']}"
+        lines.append(f"channel {ch['name']}: hub {ch['hub']} {hub_state}")
+        lines.append(f"  permissions: {', '.join(ch['permissions']) or 'none'}")
+    reqs = [r for r in status.get("requests", []) if channel in (None, r["channel"])]
+    lines.append(f"requests waiting: {len(reqs)}")
+    for r in reqs:
+        who = f" by {r['provider'][:12]}…" if r.get("provider") else ""
+        lines.append(f"  {r['channel']}/sha1/{r['sha1']}: {r['state']}{who},"
+                     f" {_pct(r['bytes'], r.get('size'))}")
+    prov = [p for p in status.get("providing", []) if channel in (None, p["channel"])]
+    lines.append(f"providing: {len(prov)}")
+    for p in prov:
+        lines.append(f"  {p['channel']}/sha1/{p['sha1']}: {_pct(p['bytes'], p.get('size'))}")
+    up = status["uploads"]
+    lines.append(f"uploads: {up['pending']} pending, {up['failed']} failed")
+    for f in up.get("failures", []):
+        if channel in (None, f["channel"]):
+            lines.append(f"  {f['channel']}/sha1/{f['sha1']}: {f['error']}")
+    return "\n".join(lines) + "\n"
+
+
+def write(directory: Path, status: dict) -> None:
+    path = Path(directory) / STATUS_FILE
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(status, indent=1))
+    os.replace(tmp, path)
+
+
+def read(directory: Path) -> dict | None:
+    """The status a running mount wrote, or None when no mount of this node is running."""
+    path = Path(directory) / STATUS_FILE
+    try:
+        status = json.loads(path.read_text())
+        os.kill(int(status["pid"]), 0)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return status
+
+
+async def keep_written(node, *, provider, resolver, mountpoint: str,
+                       interval: float = 1.0) -> None:
+    """Rewrite the status file every ``interval`` seconds until cancelled; remove it then."""
+    try:
+        while True:
+            try:
+                write(node.dir, collect(node, provider=provider, resolver=resolver,
+                                        mountpoint=mountpoint))
+            except OSError as exc:
+                log.debug("could not write the status file: %s", exc)
+            await trio.sleep(interval)
+    finally:
+        try:
+            (Path(node.dir) / STATUS_FILE).unlink()
+        except OSError:
+            pass
