@@ -190,6 +190,22 @@ class NodeDB:
             " FROM uploads ORDER BY updated_at").fetchall()
         return [Upload(*r) for r in rows]
 
+    def entries_not_queued(self) -> list[tuple[str, str, int]]:
+        """(channel, sha1, size) of written files whose content has no upload record: a
+        process that ended between committing a file and queuing its upload."""
+        rows = self._db.execute(
+            "SELECT DISTINCT e.channel, e.sha1, e.size FROM entries e WHERE e.sha1 IS NOT NULL"
+            " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.channel = e.channel"
+            " AND u.sha1 = e.sha1)")
+        return rows.fetchall()
+
+    def requeue_failed(self) -> int:
+        """Give failed uploads another try (a permission may have been granted since)."""
+        cur = self._db.execute(
+            "UPDATE uploads SET state = 'pending', session_uri = NULL, committed = 0,"
+            " attempts = 0 WHERE state = 'failed'")
+        return cur.rowcount
+
     def upload_counts(self) -> dict[str, int]:
         rows = self._db.execute("SELECT state, COUNT(*) FROM uploads GROUP BY state")
         return dict(rows.fetchall())

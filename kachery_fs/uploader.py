@@ -53,6 +53,13 @@ class Uploader:
         self = cls(node, workers=workers)
         for _ in range(workers):
             nursery.start_soon(self._worker)
+        for channel, sha1, size in node.db.entries_not_queued():
+            log.info("queuing the upload of %s/sha1://%s, committed but not queued", channel,
+                     sha1)
+            node.db.enqueue_upload(channel, sha1, size)
+        retried = node.db.requeue_failed()
+        if retried:
+            log.info("retrying %d upload(s) that failed before", retried)
         pending = node.db.pending_uploads()
         if pending:
             log.info("resuming %d pending upload(s)", len(pending))

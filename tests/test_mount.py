@@ -305,3 +305,84 @@ def test_names_persist_across_remount(tmp_path):
             assert shutil.which("ls")
     finally:
         c.hub.stop()
+
+
+def _uploads_of(node_dir: Path) -> set[str]:
+    db = NodeDB(node_dir / "node.db")
+    try:
+        return {u.sha1 for u in db.uploads()}
+    finally:
+        db.close()
+
+
+def test_concurrent_writes_to_an_existing_file_are_all_kept(cluster, tmp_path):
+    """Writes at far-apart offsets reach the mount concurrently (writeback cache); none
+    may be lost to a second staging copy."""
+    path = cluster.mnt_a / CHANNEL / "patched.bin"
+    base = write_random(tmp_path / "base", 48 * 1024 * 1024)
+    subprocess.run(["cp", str(tmp_path / "base"), str(path)], check=True)
+    for attempt in range(3):
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.pwrite(fd, b"A" * 4096, 0)
+            os.pwrite(fd, b"B" * 4096, 24 * 1024 * 1024)
+            os.pwrite(fd, b"C" * 4096, 40 * 1024 * 1024 + 5)
+        finally:
+            os.close(fd)
+        expected = bytearray(base)
+        expected[0:4096] = b"A" * 4096
+        expected[24 * 1024 * 1024:24 * 1024 * 1024 + 4096] = b"B" * 4096
+        expected[40 * 1024 * 1024 + 5:40 * 1024 * 1024 + 4101] = b"C" * 4096
+        sha1 = hashlib.sha1(expected).hexdigest()
+        assert xattr(path, "user.kachery.uri") == f"sha1://{sha1}?label=patched.bin", attempt
+        stored = cluster.a / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
+        assert stored.read_bytes() == expected
+        base = bytes(expected)
+        base = base[:1] + bytes([attempt]) + base[2:]
+        subprocess.run(["dd", f"of={path}", "bs=1", "seek=1", "count=1", "conv=notrunc",
+                        "status=none"], input=bytes([attempt]), check=True)
+    leftovers = [p for p in (cluster.a / "tmp").iterdir()]
+    assert not leftovers, leftovers
+
+
+def test_shared_descriptor_is_uploaded_once(cluster):
+    """Five processes writing through one inherited descriptor: five closes, one upload."""
+    path = cluster.mnt_a / CHANNEL / "lines.txt"
+    subprocess.run(["sh", "-c", f'for i in 1 2 3 4 5; do /bin/echo line$i; done > "{path}"'],
+                   check=True)
+    data = b"".join(b"line%d\n" % i for i in range(1, 6))
+    assert path.read_bytes() == data
+    queued = _uploads_of(cluster.a)
+    assert hashlib.sha1(data).hexdigest() in queued
+    for i in range(1, 5):
+        partial = b"".join(b"line%d\n" % j for j in range(1, i + 1))
+        assert hashlib.sha1(partial).hexdigest() not in queued
+
+
+def test_a_reader_does_not_hold_back_the_commit(cluster):
+    path = cluster.mnt_a / CHANNEL / "watched.txt"
+    with open(path, "wb") as writer:
+        writer.write(b"first\n")
+        writer.flush()
+        with open(path, "rb") as reader:
+            assert reader.read() == b"first\n"  # what is written so far
+            writer.write(b"second\n")
+            writer.close()
+            sha1 = hashlib.sha1(b"first\nsecond\n").hexdigest()
+            # committed at the writer's close although the reader is still open
+            assert xattr(path, "user.kachery.uri") == f"sha1://{sha1}?label=watched.txt"
+            assert xattr(path, "user.kachery.status") != "writing"
+            reader.seek(0)
+            assert reader.read() == b"first\nsecond\n"
+
+
+def test_overwrite_with_a_shorter_file(cluster, tmp_path):
+    path = cluster.mnt_a / CHANNEL / "replaced.bin"
+    write_random(tmp_path / "old", 8 * 1024 * 1024)
+    new = write_random(tmp_path / "new", 1000)
+    subprocess.run(["cp", str(tmp_path / "old"), str(path)], check=True)
+    subprocess.run(["cp", str(tmp_path / "new"), str(path)], check=True)
+    assert path.read_bytes() == new
+    assert os.stat(path).st_size == 1000
+    log = (cluster.a / "mount-test.log").read_text()
+    assert f"replaced.bin committed as sha1://{hashlib.sha1(new).hexdigest()} (1000 bytes)" in log

@@ -38,12 +38,20 @@ XATTR_STATUS = b"user.kachery.status"
 
 @dataclass
 class Writer:
-    """The staging file shared by every open write handle of one named entry."""
+    """The staging file shared by every open handle of one named entry being written.
+
+    ``lock`` serialises making the staging file and committing it: the kernel sends
+    writes (and reads) of one file concurrently, and without it two of them could each
+    make a staging file, or one could copy the old content while a commit is in flight.
+    """
 
     entry_id: int
-    staging: StagingFile | None
-    handles: int = 0
+    staging: StagingFile | None = None
+    handles: int = 0  # open handles that may write
+    readers: int = 0  # read-only handles opened while it was being written
     dirty: bool = False
+    unqueued: bool = False  # committed, but the upload is queued only at the last close
+    lock: trio.Lock = field(default_factory=trio.Lock)
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Handle:
     vnode: VNode
     content: Content | None = None
     writer: Writer | None = None
+    writes: bool = False
 
 
 @dataclass
@@ -145,17 +154,22 @@ class Operations(pyfuse3.Operations):
                 if entry.is_dir:
                     raise pyfuse3.FUSEError(errno.EISDIR)
                 writer = self._writers.get(entry.id)
-                if writer is not None:
-                    staging = await self._writable_staging(writer)
+                if writer is not None and writer.handles > 0:
+                    staging = await self._staging(writer, truncate=attr.st_size == 0)
                     staging.truncate(attr.st_size)
                     writer.dirty = True
                 else:
-                    # truncate(2) on a closed file: a new version of it, committed now.
-                    staging = await trio.to_thread.run_sync(
-                        lambda: StagingFile.from_existing(self.node.store, entry.sha1,
-                                                          truncate=attr.st_size == 0))
-                    staging.truncate(attr.st_size)
-                    await self._commit(entry.id, staging)
+                    # truncate(2) on a file nobody writes: a new version of it, committed
+                    # and queued now.
+                    writer = self._writer(entry.id)
+                    try:
+                        staging = await self._staging(writer, truncate=attr.st_size == 0)
+                        staging.truncate(attr.st_size)
+                        writer.dirty = True
+                        await self._commit_writer(writer)
+                        self._queue_upload(writer)
+                    finally:
+                        self._forget_writer(writer)
             if fields.update_mode:
                 self.node.db.set_mode(entry.id, attr.st_mode)
             if fields.update_mtime:
@@ -303,14 +317,16 @@ class Operations(pyfuse3.Operations):
             await self._require_provide(parent.channel)
             text = os.fsdecode(name)
             existing = self.node.db.lookup(parent.channel, self.ns.entry_parent(parent), text)
-            if existing is not None:
+            if existing is not None:  # created meanwhile by another process
                 if flags & os.O_EXCL:
                     raise pyfuse3.FUSEError(errno.EEXIST)
                 entry = existing
+                truncate = bool(flags & os.O_TRUNC)
             else:
                 entry = self._create_entry(parent, text, is_dir=False, mode=mode & ~ctx.umask)
+                truncate = True
             vnode = VNode("entry", entry.channel, entry_id=entry.id)
-            fh = await self._open_write(vnode, truncate=True)
+            fh = await self._open_write(vnode, truncate=truncate)
             return pyfuse3.FileInfo(fh=fh), self._attrs(vnode)
 
     async def open(self, inode, flags, ctx):
@@ -328,11 +344,14 @@ class Operations(pyfuse3.Operations):
             entry = self.node.db.entry(vnode.entry_id)
             if entry.is_dir:
                 raise pyfuse3.FUSEError(errno.EISDIR)
-            if accmode != os.O_RDONLY or entry.id in self._writers:
-                if accmode != os.O_RDONLY:
-                    await self._require_provide(entry.channel)
+            if accmode != os.O_RDONLY:
+                await self._require_provide(entry.channel)
                 fh = await self._open_write(vnode, truncate=bool(flags & os.O_TRUNC))
                 return pyfuse3.FileInfo(fh=fh)
+            if entry.id in self._writers:  # being written: read what is written so far
+                writer = self._writers[entry.id]
+                writer.readers += 1
+                return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, writer=writer)))
             if entry.sha1 is None:
                 content: Content = LocalContent(os.open(os.devnull, os.O_RDONLY), 0)
             else:
@@ -340,39 +359,68 @@ class Operations(pyfuse3.Operations):
             return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
                                     keep_cache=True)
 
-    async def _open_write(self, vnode: VNode, *, truncate: bool) -> int:
-        writer = self._writers.get(vnode.entry_id)
+    def _writer(self, entry_id: int) -> Writer:
+        writer = self._writers.get(entry_id)
         if writer is None:
-            writer = Writer(vnode.entry_id, None)
-            self._writers[vnode.entry_id] = writer
+            writer = self._writers[entry_id] = Writer(entry_id)
+        return writer
+
+    def _forget_writer(self, writer: Writer) -> None:
+        if writer.handles == 0 and writer.readers == 0:
+            if writer.staging is not None:  # not dirty: nothing to keep
+                writer.staging.discard()
+                writer.staging = None
+            if self._writers.get(writer.entry_id) is writer:
+                del self._writers[writer.entry_id]
+
+    async def _open_write(self, vnode: VNode, *, truncate: bool) -> int:
+        writer = self._writer(vnode.entry_id)
         writer.handles += 1
         try:
             if truncate:
-                staging = await self._writable_staging(writer)
-                if staging.size:
-                    staging.truncate(0)
+                await self._staging(writer, truncate=True)
                 writer.dirty = True
         except BaseException:
-            await self._drop_writer(writer)
+            writer.handles -= 1
+            self._forget_writer(writer)
             raise
-        return self._new_handle(Handle(vnode, writer=writer))
+        return self._new_handle(Handle(vnode, writer=writer, writes=True))
 
-    async def _writable_staging(self, writer: Writer) -> StagingFile:
-        """The writer's staging file, made from the committed content when there is none."""
-        if writer.staging is None:
-            entry = self.node.db.entry(writer.entry_id)
-            if entry.sha1 is not None and not self.node.store.has(entry.sha1):
-                raise NotFound(f"content of {entry.name!r} is no longer in the local store")
-            writer.staging = await trio.to_thread.run_sync(
-                lambda: StagingFile.from_existing(self.node.store, entry.sha1, truncate=False))
-        return writer.staging
+    async def _staging(self, writer: Writer, *, truncate: bool = False) -> StagingFile:
+        """The writer's staging file: made from the committed content when there is none
+        (empty when ``truncate``). Waits for a commit in flight."""
+        if writer.staging is not None and not (truncate and writer.staging.size):
+            return writer.staging
+        async with writer.lock:
+            if truncate and writer.staging is not None and writer.staging.size:
+                writer.staging.discard()  # O_TRUNC: a fresh file, not a copy cut to zero
+                writer.staging = None
+            if writer.staging is None:
+                entry = self.node.db.entry(writer.entry_id)
+                copy_from = None if truncate else entry.sha1
+                if copy_from is not None and not self.node.store.has(copy_from):
+                    raise NotFound(f"content of {entry.name!r} is no longer in the local store")
+                writer.staging = await trio.to_thread.run_sync(
+                    lambda: StagingFile.from_existing(self.node.store, copy_from,
+                                                      truncate=copy_from is None))
+            return writer.staging
 
     async def read(self, fh, off, size):
         with fuse_errors("read"):
             handle = self._handles[fh]
             if handle.writer is not None:
-                staging = await self._writable_staging(handle.writer)
-                return staging.read(off, size)
+                writer = handle.writer
+                async with writer.lock:  # not during a commit: the staging file moves
+                    if writer.staging is not None:
+                        return writer.staging.read(off, size)
+                    entry = self.node.db.entry(writer.entry_id)
+                if entry.sha1 is None:
+                    return b""
+                fd = self.node.store.open(entry.sha1)
+                try:
+                    return os.pread(fd, size, off)
+                finally:
+                    os.close(fd)
             try:
                 return await handle.content.read(off, size)
             except Exception:
@@ -395,27 +443,29 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         with fuse_errors("write"):
             handle = self._handles[fh]
-            if handle.writer is None:
+            if not handle.writes:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            staging = await self._writable_staging(handle.writer)
+            staging = await self._staging(handle.writer)
             handle.writer.dirty = True
             return staging.write(off, buf)
 
     async def flush(self, fh):
         with fuse_errors("flush"):
             handle = self._handles.get(fh)
-            if handle is None or handle.writer is None:
+            if handle is None or not handle.writes:
                 return
             writer = handle.writer
             # close(2) waits for this: commit now if this is the only open write handle,
-            # so a `cp` that has returned has its file in the store.
-            if writer.handles == 1 and writer.dirty and writer.staging is not None:
+            # so a `cp` that has returned has its file in the store. The upload is queued
+            # at the last close (release), so a file written by several short-lived
+            # processes sharing one descriptor is uploaded once, not once per process.
+            if writer.handles == 1 and writer.dirty:
                 await self._commit_writer(writer)
 
     async def fsync(self, fh, datasync):
         with fuse_errors("fsync"):
             handle = self._handles.get(fh)
-            if handle is not None and handle.writer is not None and handle.writer.dirty:
+            if handle is not None and handle.writes and handle.writer.dirty:
                 await self._commit_writer(handle.writer)
 
     async def release(self, fh):
@@ -425,38 +475,52 @@ class Operations(pyfuse3.Operations):
                 return
             if handle.content is not None:
                 handle.content.close()
-            if handle.writer is not None:
-                await self._drop_writer(handle.writer)
-
-    async def _drop_writer(self, writer: Writer) -> None:
-        writer.handles -= 1
-        if writer.handles > 0:
-            return
-        try:
-            if writer.dirty and writer.staging is not None:
-                await self._commit_writer(writer)
-            elif writer.staging is not None:
-                writer.staging.discard()
-                writer.staging = None
-        finally:
-            self._writers.pop(writer.entry_id, None)
+            writer = handle.writer
+            if writer is None:
+                return
+            if not handle.writes:
+                writer.readers -= 1
+                self._forget_writer(writer)
+                return
+            writer.handles -= 1
+            try:
+                if writer.handles == 0:
+                    if writer.dirty:
+                        await self._commit_writer(writer)
+                    self._queue_upload(writer)
+            finally:
+                self._forget_writer(writer)
 
     async def _commit_writer(self, writer: Writer) -> None:
-        staging, writer.staging = writer.staging, None
-        writer.dirty = False
-        await self._commit(writer.entry_id, staging)
+        """Commit the staging file into the store and point the entry at it."""
+        async with writer.lock:
+            staging, writer.staging = writer.staging, None
+            if staging is None or not writer.dirty:
+                return
+            writer.dirty = False
+            size = staging.size
+            sha1 = await trio.to_thread.run_sync(staging.commit)
+            try:
+                entry = self.node.db.entry(writer.entry_id)
+            except NotFound:
+                log.info("file was removed before it was closed; sha1://%s stays in the store",
+                         sha1)
+                return
+            self.node.db.set_content(writer.entry_id, sha1, size)
+            writer.unqueued = True
+            log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1,
+                     size)
 
-    async def _commit(self, entry_id: int, staging: StagingFile) -> None:
-        size = staging.size
-        sha1 = await trio.to_thread.run_sync(staging.commit)
-        try:
-            entry = self.node.db.entry(entry_id)
-        except NotFound:
-            log.info("file was removed before it was closed; sha1://%s stays in the store", sha1)
+    def _queue_upload(self, writer: Writer) -> None:
+        if not writer.unqueued:
             return
-        self.node.db.set_content(entry_id, sha1, size)
-        log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1, size)
-        self.uploader.enqueue(entry.channel, sha1, size)
+        writer.unqueued = False
+        try:
+            entry = self.node.db.entry(writer.entry_id)
+        except NotFound:
+            return
+        if entry.sha1 is not None:
+            self.uploader.enqueue(entry.channel, entry.sha1, entry.size)
 
     # -- extended attributes ----------------------------------------------------------------
 
@@ -486,7 +550,8 @@ class Operations(pyfuse3.Operations):
             elif vnode.kind == "entry":
                 entry = self.node.db.entry(vnode.entry_id)
                 if not entry.is_dir and name in (XATTR_URI, XATTR_STATUS):
-                    if entry.id in self._writers or entry.sha1 is None:
+                    writer = self._writers.get(entry.id)
+                    if (writer is not None and writer.handles) or entry.sha1 is None:
                         return b"" if name == XATTR_URI else b"writing"
                     if name == XATTR_URI:
                         return format_uri(entry.sha1, entry.name).encode()
