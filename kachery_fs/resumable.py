@@ -95,7 +95,8 @@ async def query_offset(client: httpx.AsyncClient, session_uri: str, size: int) -
 async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
                  offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  on_progress: Callable[[int], None] | None = None,
-                 stall_timeout: float = 60, sha1: str | None = None) -> None:
+                 stall_timeout: float = 60, sha1: str | None = None,
+                 rate_limit: RateLimit | None = None) -> None:
     """Send bytes ``offset..size`` of ``path`` to the session, in ``chunk_size`` chunks.
 
     ``offset`` is what the session had committed (from :func:`query_offset` or a
@@ -120,7 +121,7 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
         raise InvalidInput(f"offset {offset} is outside the {size}-byte upload")
     await _Upload(client, session_uri, path, size, committed=offset, chunk_size=chunk_size,
                   on_progress=on_progress, stall_timeout=stall_timeout,
-                  verifier=_Verifier(path, sha1) if sha1 else None).run()
+                  verifier=_Verifier(path, sha1) if sha1 else None, rate_limit=rate_limit).run()
 
 
 class _Upload:
@@ -128,8 +129,10 @@ class _Upload:
 
     def __init__(self, client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
                  committed: int, chunk_size: int, on_progress: Callable[[int], None] | None,
-                 stall_timeout: float, verifier: _Verifier | None = None):
+                 stall_timeout: float, verifier: _Verifier | None = None,
+                 rate_limit: RateLimit | None = None):
         self.verifier = verifier
+        self.rate_limit = rate_limit
         self.client = client
         self.session_uri = session_uri
         self.path = path
@@ -160,7 +163,8 @@ class _Upload:
                 data = await trio.to_thread.run_sync(self.verifier.read, self.committed,
                                                      end - self.committed, self.size)
             self._advance(await _put_chunk(self.client, self.session_uri, data,
-                                           self.committed, self.size, self.watch))
+                                           self.committed, self.size, self.watch,
+                                           self.rate_limit))
 
     async def _recover(self, error: Unavailable) -> None:
         """After a transient ``error``: back off, then ask the session where to resume.
@@ -231,13 +235,14 @@ def _transient(exc: Exception) -> Unavailable:
 
 
 async def _put_chunk(client: httpx.AsyncClient, session_uri: str, data: bytes, first: int,
-                     size: int, watch: _StallWatch) -> int | None:
+                     size: int, watch: _StallWatch,
+                     rate_limit: RateLimit | None = None) -> int | None:
     """``PUT`` one chunk; return the committed byte count, or ``None`` if the upload is done."""
     last = first + len(data) - 1
     final = last + 1 == size
     content_range = f"bytes {first}-{last}/{size}" if data else f"bytes */{size}"
     what = f"uploading bytes {first}-{last} of {size}" if data else "finishing an upload"
-    response = await client.put(session_uri, content=_slices(data, watch), headers={
+    response = await client.put(session_uri, content=_slices(data, watch, rate_limit), headers={
         "content-range": content_range, "content-length": str(len(data))})
     if response.status_code in (200, 201):
         if not final:
@@ -280,12 +285,48 @@ def _read_range(path: Path, offset: int, length: int) -> bytes:
     return data
 
 
-async def _slices(data: bytes, watch: _StallWatch) -> AsyncIterator[bytes]:
+async def _slices(data: bytes, watch: _StallWatch,
+                  rate_limit: RateLimit | None = None) -> AsyncIterator[bytes]:
     """A chunk as a request body, handed out in slices so each one counts as progress."""
     view = memoryview(data)
     for start in range(0, len(view), _SEND_SLICE):
-        yield bytes(view[start:start + _SEND_SLICE])
+        piece = bytes(view[start:start + _SEND_SLICE])
+        if rate_limit is not None:
+            await rate_limit.consume(len(piece))
+        yield piece
         watch.progressed()
+
+
+class RateLimit:
+    """An upload bandwidth limit in bytes per second, shared by the uploads it is given to
+    (``--bwlimit``, as rclone calls it)."""
+
+    def __init__(self, bytes_per_s: float):
+        if bytes_per_s <= 0:
+            raise InvalidInput("a bandwidth limit must be positive")
+        self.rate = float(bytes_per_s)
+        self._next = 0.0  # trio time at which the next byte may go
+
+    async def consume(self, nbytes: int) -> None:
+        now = trio.current_time()
+        start = max(self._next, now)
+        self._next = start + nbytes / self.rate
+        if start > now:
+            await trio.sleep(start - now)
+
+
+def parse_rate(text: str) -> float:
+    """``"2M"`` → 2 MiB/s; accepts a plain number of bytes or K, M, G suffixes (powers of 1024)."""
+    units = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in "KMG" else ""
+    try:
+        value = float(t[: len(t) - len(unit)]) * units[unit]
+    except ValueError:
+        raise InvalidInput(f"not a bandwidth: {text!r} (examples: 500K, 2M, 1G)") from None
+    if value <= 0:
+        raise InvalidInput(f"a bandwidth limit must be positive: {text!r}")
+    return value
 
 
 class _StallWatch:

@@ -39,8 +39,10 @@ log = logging.getLogger(__name__)
 class Uploader:
     """Runs uploads in the background of a nursery it is given (STYLE rule 6)."""
 
-    def __init__(self, node: Node, *, workers: int = 2):
+    def __init__(self, node: Node, *, workers: int = 2,
+                 rate_limit: resumable.RateLimit | None = None):
         self.node = node
+        self.rate_limit = rate_limit
         self.workers = workers
         self._wake = trio.Event()
         self._active: set[tuple[str, str]] = set()
@@ -49,8 +51,9 @@ class Uploader:
         self.idle = trio.Event()
 
     @classmethod
-    async def create(cls, node: Node, *, nursery: trio.Nursery, workers: int = 2) -> Uploader:
-        self = cls(node, workers=workers)
+    async def create(cls, node: Node, *, nursery: trio.Nursery, workers: int = 2,
+                     rate_limit: resumable.RateLimit | None = None) -> Uploader:
+        self = cls(node, workers=workers, rate_limit=rate_limit)
         for _ in range(workers):
             nursery.start_soon(self._worker)
         for channel, sha1, size in node.db.entries_not_queued():
@@ -228,6 +231,7 @@ class Uploader:
                 listener(committed)
 
         await resumable.upload(client, session, path, job.size, offset=offset,
-                               on_progress=on_progress, sha1=job.sha1)
+                               on_progress=on_progress, sha1=job.sha1,
+                               rate_limit=self.rate_limit)
         await hub.finalize_upload(job.channel, job.sha1, job.size)
         db.update_upload(job.channel, job.sha1, session_uri=None)

@@ -26,6 +26,7 @@ from ..node import Node
 from ..provider import Provider
 from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..resolver import Resolver
+from ..resumable import RateLimit
 from ..uploader import Uploader
 from .operations import Operations
 
@@ -43,6 +44,7 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     debug: bool = False, request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+                    bwlimit: float | None = None,
                     also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
@@ -52,7 +54,8 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
     if removed:
         log.info("removed %d temporary file(s) left by processes that ended", removed)
     async with trio.open_nursery() as nursery:
-        uploader = await Uploader.create(node, nursery=nursery)
+        uploader = await Uploader.create(
+            node, nursery=nursery, rate_limit=RateLimit(bwlimit) if bwlimit else None)
         resolver = Resolver(node, nursery=nursery, request_stall_timeout=request_timeout)
         provider = Provider(node, uploader)
         nursery.start_soon(provider.run)
