@@ -76,8 +76,10 @@ class Provider:
         backoff = Backoff(initial=0.25, maximum=5.0)
         self._set(url, "connecting")
         while True:
+            # The first call returns at once, so that "connected" is known without waiting.
+            connected = self.connections[url].state == "connected"
             try:
-                offers = await hub.listen_requests(LISTEN_WAIT_S)
+                offers = await hub.listen_requests(LISTEN_WAIT_S if connected else 0)
             except PermissionDenied as exc:
                 self._set(url, "refused", str(exc))
                 await trio.sleep(10)

@@ -78,7 +78,7 @@ class FileRequest:
             log.info("sha1://%s is in the bucket of %s (requested)", self.sha1, self.channel)
         except KacheryError as exc:
             self.error = exc
-            log.warning("request for sha1://%s on channel %s failed: %s", self.sha1,
+            log.info("request for sha1://%s on channel %s failed: %s", self.sha1,
                         self.channel, exc)
         except Exception as exc:  # a bug: report it to the waiters, never hang them
             log.exception("request for sha1://%s failed unexpectedly", self.sha1)
