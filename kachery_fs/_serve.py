@@ -13,11 +13,20 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+import hypercorn.trio.tcp_server
 import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
 log = logging.getLogger(__name__)
+
+# hypercorn reads a connection 64 KiB at a time (``MAX_RECV``), and every read then goes
+# through h11 and the ASGI queue in Python: request bodies (uploads to the local bucket)
+# top out near 100 MiB/s. Reading 1 MiB at a time measured +40% on a 2-core machine.
+# hypercorn has no setting for it, so the module constant is raised where it exists.
+_RECV_SIZE = 1 << 20
+if getattr(hypercorn.trio.tcp_server, "MAX_RECV", _RECV_SIZE) < _RECV_SIZE:
+    hypercorn.trio.tcp_server.MAX_RECV = _RECV_SIZE
 
 
 def server_config(host: str, port: int) -> Config:

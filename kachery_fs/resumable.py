@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 #: Non-final chunks must be multiples of this (GCS's rule).
 CHUNK_GRANULARITY = 256 * 1024
 
-DEFAULT_CHUNK_SIZE = 8 * 1024 * 1024
+#: 16 MiB, as rclone uses for GCS: fewer round trips (and fsyncs on the local bucket) than 8.
+DEFAULT_CHUNK_SIZE = 16 * 1024 * 1024
 
 #: How much of a chunk is handed to httpx at a time (and counts as progress).
 _SEND_SLICE = 256 * 1024
