@@ -1,15 +1,22 @@
 """Reading from a channel bucket: public ``HEAD`` and parallel ranged ``GET``s, verified.
 
 A :class:`Download` fetches one object into a temp file of the local store with several
-ranged GETs at once, hashes the bytes in order as they land, and lets readers read any
-byte that has landed (read-while-downloading). Two rules keep every served byte honest:
+ranged GETs at once and hashes the bytes in order as they land. The rule is that every
+byte served is verified against its SHA-1:
 
 * Any answer other than ``206`` with the exact ``Content-Range`` asked for, or a body
   of any other length, fails the download (``ProtocolError``/``IntegrityError``): a
   server that ignores ``Range`` cannot slip wrong bytes in.
-* The last chunk of the file is only released to readers after the SHA-1 of the whole
-  file has matched. So no reader ever reaches end-of-file on content that failed its
-  check; it gets ``EIO`` instead, and nothing is cached into the store.
+* No byte is released to readers before the SHA-1 of the whole file has matched and
+  the file is installed in the store: readers of a download wait for all of it, then
+  read verified bytes. Content that fails its check is never read (readers get the
+  error, ``EIO`` through the mount) and nothing is cached into the store.
+
+While readers wait, bytes arriving count as progress: a reader gives up only when the
+download stalls, not because a big file takes long.
+
+The temp file is held under an exclusive ``flock`` for as long as the download uses it,
+so :meth:`Store.sweep_temp` of another process never removes it.
 
 Memory is bounded: at most ``window`` chunks are held between fetch and hash.
 """
@@ -40,6 +47,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 8 << 20
 PARALLEL = 4
+#: While bytes arrive, waiting readers are woken (told of progress) at most this often.
+_DATA_BUMP_INTERVAL_S = 0.5
 EMPTY_SHA1 = hashlib.sha1(b"").hexdigest()
 
 
@@ -62,8 +71,12 @@ async def head_size(client: httpx.AsyncClient, url: str) -> int:
     return int(length)
 
 
-async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of an object; anything but an exact ``206`` is an error."""
+async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
+                    on_data: Callable[[int], None] | None = None) -> bytes:
+    """Bytes ``[start, end)`` of an object; anything but an exact ``206`` is an error.
+
+    ``on_data(n)`` is called as each piece of ``n`` bytes arrives (progress, unverified).
+    """
     what = f"GET {url} bytes {start}-{end - 1}"
     try:
         async with client.stream("GET", url, headers={"range": f"bytes={start}-{end - 1}"}) as r:
@@ -82,11 +95,22 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int) -
                 if got > end - start:
                     raise IntegrityError(f"{what}: server sent more bytes than asked for")
                 parts.append(piece)
+                if on_data is not None:
+                    on_data(len(piece))
     except httpx.HTTPError as exc:
         raise error_for_exception(exc, what) from None
     if got != end - start:
         raise IntegrityError(f"{what}: truncated ({got} of {end - start} bytes)")
     return b"".join(parts)
+
+
+def _leaves(exc: BaseException):
+    """The exceptions inside (nested) exception groups, in order; ``exc`` if not a group."""
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
 
 
 class Download:
@@ -104,32 +128,54 @@ class Download:
         self.parallel = parallel
         self.attempts = attempts
         self.on_finish = on_finish
-        self.available = 0  # readers may read [0, available)
+        # Readers may read [0, available): nothing until the whole file is verified and
+        # installed, then all of it.
+        self.available = 0
         self.error: KacheryError | None = None
         self.done = trio.Event()
         self._progress = trio.Event()
-        self.temp_path = store.new_temp_path()
-        self.fd = os.open(self.temp_path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._last_bump = 0.0
+        self._installed = False
+        # Created and flock'ed by the store; the lock lasts as long as the fd is open.
+        self.temp_path, self.fd = store.new_temp_file()
         self.readers = 0
 
     def _bump(self) -> None:
+        """Wake the readers: something happened (progress, completion, failure)."""
         self._progress.set()
         self._progress = trio.Event()
+        self._last_bump = trio.current_time()
+
+    def _on_data(self, _n: int) -> None:
+        # Bytes arriving are progress; wake waiting readers at most a few times a second.
+        if trio.current_time() - self._last_bump >= _DATA_BUMP_INTERVAL_S:
+            self._bump()
 
     async def run(self) -> None:
         """Fetch, verify and install. Never raises: the outcome is ``self.error`` / ``done``."""
         try:
             await self._fetch_all()
-        except KacheryError as exc:
-            self.error = exc
-        except Exception as exc:  # a bug: keep readers from hanging, and show it
-            log.exception("download of %s failed unexpectedly", self.sha1)
-            self.error = Unavailable(f"download of sha1://{self.sha1} failed: {exc!r}")
+        except Exception as exc:
+            # Errors of the fetch workers arrive wrapped in (nested) exception groups:
+            # the download's error is the project error inside, as if raised directly.
+            leaves = list(_leaves(exc))
+            error = next((e for e in leaves if isinstance(e, KacheryError)), None)
+            if not all(isinstance(e, KacheryError) for e in leaves):
+                # A bug: show it, and keep readers from hanging.
+                log.exception("download of sha1://%s from %s failed unexpectedly", self.sha1,
+                              self.url)
+            if error is None:
+                error = Unavailable(f"download of sha1://{self.sha1} failed: internal error"
+                                    f" ({type(leaves[0]).__name__}: {leaves[0]})")
+            else:
+                log.warning("download of sha1://%s from %s failed: %s", self.sha1, self.url,
+                            error)
+            self.error = error
         finally:
+            if self.error is None and not self._installed:  # cancelled
+                self.error = Unavailable(f"download of sha1://{self.sha1} was interrupted")
             if self.error is not None:
-                log.error("download of sha1://%s from %s failed: %s", self.sha1, self.url,
-                          self.error)
-                self.available = min(self.available, self._held_back_start())
+                self.available = 0
                 try:
                     os.unlink(self.temp_path)
                 except FileNotFoundError:
@@ -145,12 +191,6 @@ class Download:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-
-    def _held_back_start(self) -> int:
-        """Where the last chunk begins: bytes from here on wait for verification."""
-        if self.size == 0:
-            return 0
-        return ((self.size - 1) // self.chunk_size) * self.chunk_size
 
     async def _fetch_all(self) -> None:
         ranges = [(s, min(s + self.chunk_size, self.size))
@@ -184,20 +224,18 @@ class Download:
         async with trio.open_nursery() as nursery:
             if ranges:
                 nursery.start_soon(feeder)
-            held_back = self._held_back_start()
-            for index, (_start, end) in enumerate(ranges):
+            for index in range(len(ranges)):
                 await landed[index].wait()
                 data = buffers.pop(index)
                 await trio.to_thread.run_sync(hasher.update, data)
                 window.release()
-                if end <= held_back:
-                    self.available = end
-                    self._bump()
+                self._bump()  # progress, though nothing is readable before the end
         digest = hasher.hexdigest()
         if digest != self.sha1:
             raise IntegrityError(
                 f"bucket object {self.url} hashes to {digest}, not {self.sha1}; not cached")
         await trio.to_thread.run_sync(self._install, digest)
+        self._installed = True
         self.available = self.size
         self._bump()
 
@@ -209,7 +247,8 @@ class Download:
         backoff = Backoff()
         while True:
             try:
-                return await get_range(self.client, self.url, start, end)
+                return await get_range(self.client, self.url, start, end,
+                                       on_data=self._on_data)
             except (Unavailable, IntegrityError) as exc:
                 # Transient, or a truncated body: try again a few times.
                 if backoff.attempt + 1 >= self.attempts:
@@ -221,8 +260,10 @@ class Download:
     async def wait_readable(self, end: int, *, stall_timeout: float) -> None:
         """Wait until bytes ``[0, end)`` may be read; raise the download's error if it failed.
 
-        Gives up with ``DeadlineExceeded`` when the download makes no progress for
-        ``stall_timeout`` seconds (judged by progress, not by total time).
+        Bytes become readable only once the whole file is verified, so this waits for
+        the end of the download. It gives up with ``DeadlineExceeded`` when the download
+        makes no progress (no bytes arriving, no chunk hashed) for ``stall_timeout``
+        seconds: judged by progress, not by total time.
         """
         end = min(end, self.size)
         while self.available < end:

@@ -110,12 +110,35 @@ async def _put(args) -> int:
     from tqdm import tqdm
 
     from . import resumable
+    from .errors import Conflict, CorruptLocalFile, PermissionDenied
 
     node = _open_node()
     try:
         channel_name = _pick_channel(node, args.channel)
         ch = node.db.channel(channel_name)
         hub = node.hub(ch.hub_url)
+
+        async def upload(path: Path, sha1: str, size: int) -> None:
+            signed = await hub.initiate_upload(channel_name, sha1, size)
+            if signed is None:
+                return  # the bucket already has it (the hub checked)
+            with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
+                      disable=args.quiet or None, file=sys.stderr) as bar:
+                def progress(committed, bar=bar):
+                    bar.update(committed - bar.n)
+                    node.db.update_upload(channel_name, sha1, committed=committed)
+                try:
+                    session = await resumable.start_session(node.client, signed)
+                    node.db.update_upload(channel_name, sha1, session_uri=session,
+                                          committed=0, state="uploading")
+                    await resumable.upload(node.client, session, node.store.path(sha1), size,
+                                           on_progress=progress, sha1=sha1)
+                except Conflict:
+                    # The object appeared meanwhile (a mount or another node uploading the
+                    # same content): already uploaded, as far as we are concerned.
+                    pass
+            await hub.finalize_upload(channel_name, sha1, size)
+
         for name in args.files:
             path = Path(name)
             if not path.is_file():
@@ -126,18 +149,18 @@ async def _put(args) -> int:
                 sha1, size = await trio.to_thread.run_sync(
                     lambda path=path, bar=bar: node.store.add_file(path, progress=bar.update))
             node.db.enqueue_upload(channel_name, sha1, size)
-            signed = await hub.initiate_upload(channel_name, sha1, size)
-            if signed is not None:
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
-                          disable=args.quiet or None, file=sys.stderr) as bar:
-                    def progress(committed, bar=bar):
-                        bar.update(committed - bar.n)
-                    session = await resumable.start_session(node.client, signed)
-                    node.db.update_upload(channel_name, sha1, session_uri=session,
-                                          state="uploading")
-                    await resumable.upload(node.client, session, node.store.path(sha1), size,
-                                           on_progress=progress)
-                await hub.finalize_upload(channel_name, sha1, size)
+            try:
+                await upload(path, sha1, size)
+            except (PermissionDenied, InvalidInput, CorruptLocalFile) as exc:
+                # Refused: retrying would not help (the mount's uploader would say the same).
+                node.db.update_upload(channel_name, sha1, state="failed", error=str(exc))
+                raise
+            except KacheryError as exc:
+                # Transient (hub or bucket unreachable...): the upload stays queued.
+                node.db.update_upload(channel_name, sha1, error=str(exc))
+                raise KacheryError(
+                    f"{name}: {exc}; the upload of {format_uri(sha1, path.name)} stays queued:"
+                    " the next `kachery-fs mount` or `kachery-fs serve` will finish it") from None
             node.db.update_upload(channel_name, sha1, state="done", session_uri=None, error=None)
             print(format_uri(sha1, path.name))
     finally:
@@ -203,6 +226,7 @@ async def _cat(args) -> int:
 
 async def _serve(args) -> int:
     from .provider import Provider
+    from .resumable import RateLimit
     from .uploader import Uploader
 
     node = _open_node()
@@ -211,7 +235,8 @@ async def _serve(args) -> int:
             raise InvalidInput("this node has joined no channel: `kachery-fs join HUB_URL"
                                " CHANNEL` first")
         async with trio.open_nursery() as nursery:
-            uploader = await Uploader.create(node, nursery=nursery)
+            uploader = await Uploader.create(
+                node, nursery=nursery, rate_limit=RateLimit(args.bwlimit) if args.bwlimit else None)
             provider = Provider(node, uploader)
             nursery.start_soon(provider.run)
             print(f"kachery-fs serving files of node {node.node_id} on request"
@@ -256,7 +281,8 @@ async def _mount_foreground(args) -> int:
     node = _open_node()
     try:
         await run_mount(node, Path(args.mountpoint), allow_other=args.allow_other,
-                        debug=args.debug_fuse, request_timeout=args.request_timeout)
+                        debug=args.debug_fuse, request_timeout=args.request_timeout,
+                        bwlimit=args.bwlimit)
     finally:
         await node.aclose()
     return 0
@@ -277,6 +303,8 @@ def cmd_mount(args) -> int:
     if args.allow_other:
         cmd.append("--allow-other")
     cmd += ["--request-timeout", str(args.request_timeout)]
+    if args.bwlimit:
+        cmd += ["--bwlimit", str(args.bwlimit)]
     with open(os.devnull, "rb") as devnull:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
@@ -455,6 +483,15 @@ def _sub(parent, name: str, help: str, description: str | None = None, **kw):
                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
 
+def _rate(text: str) -> float:
+    from .resumable import parse_rate
+
+    try:
+        return parse_rate(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kachery-fs",
@@ -508,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                    metavar="SECONDS", help="give up on a file requested from other nodes when"
                    f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
+    s.add_argument("--bwlimit", type=_rate, metavar="RATE",
+                   help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
     s.set_defaults(run=cmd_mount)
 
     s = _sub(sub, "umount", "unmount a kachery-fs mount point",
@@ -549,6 +588,8 @@ def build_parser() -> argparse.ArgumentParser:
              " when another node asks for a file this node holds, upload it to the channel's"
              " bucket. A mount does the same; this is for machines that only provide. Also"
              " finishes this node's pending uploads. Runs until Ctrl-C.")
+    s.add_argument("--bwlimit", type=_rate, metavar="RATE",
+                   help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
     s.set_defaults(run=_serve, is_async=True, log_default=1)
 
     s = _sub(sub, "status", "show hub connections, pending requests and uploads",
@@ -615,6 +656,29 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:
         print(f"kachery-fs: {exc}", file=sys.stderr)
+        return 1
+    except BaseExceptionGroup as group:
+        # An error raised inside a nursery (the hub's listener, the mount...) arrives
+        # wrapped in a group: show it like the same error raised directly. Tasks
+        # cancelled because of it add only trio.Cancelled leaves. Anything else is a
+        # bug, and keeps its traceback.
+        def leaves_of(exc: BaseException):
+            if isinstance(exc, BaseExceptionGroup):
+                for inner in exc.exceptions:
+                    yield from leaves_of(inner)
+            else:
+                yield exc
+
+        leaves = list(leaves_of(group))
+        expected = (KacheryError, OSError, KeyboardInterrupt)
+        if not all(isinstance(e, (*expected, trio.Cancelled)) for e in leaves):
+            raise
+        first = next((e for e in leaves if isinstance(e, expected)), None)
+        if first is None:
+            raise
+        if isinstance(first, KeyboardInterrupt):
+            return 130
+        print(f"kachery-fs: {first}", file=sys.stderr)
         return 1
 
 

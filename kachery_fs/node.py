@@ -11,9 +11,10 @@ import time
 from pathlib import Path
 
 import httpx
+import trio
 
 from . import _http
-from .errors import NotFound, PermissionDenied
+from .errors import DeadlineExceeded, NotFound, PermissionDenied
 from .hub_client import HubClient
 from .identity import NodeKey
 from .state import Channel, NodeDB
@@ -21,8 +22,12 @@ from .store import Store
 
 log = logging.getLogger(__name__)
 
-#: How long a node trusts its cached view of its own channel permissions.
+#: How long a node trusts its cached view of its own channel permissions; also how long
+#: it waits after a failed refresh before asking the hub again.
 PERMISSIONS_TTL_S = 5.0
+#: How long one permission refresh may wait for the hub. Callers are file operations
+#: (``create``), which must not hang on a hub that does not answer.
+REFRESH_TIMEOUT_S = 2.0
 
 
 def init_node(directory: Path) -> NodeKey:
@@ -51,6 +56,7 @@ class Node:
         self.db = NodeDB(self.dir / "node.db")
         self.client = client or _http.create_client()
         self._hubs: dict[str, HubClient] = {}
+        self._refresh_failed_at: dict[str, float] = {}  # channel -> time.monotonic()
 
     @property
     def node_id(self) -> str:
@@ -65,18 +71,39 @@ class Node:
         return self.db.channel(name)
 
     async def refresh_channel(self, name: str) -> Channel:
-        """Ask the hub for this node's current permissions on ``name`` and remember them."""
+        """Ask the hub for this node's current permissions on ``name`` and remember them.
+
+        Waits at most REFRESH_TIMEOUT_S for the hub (``DeadlineExceeded``).
+        """
         ch = self.db.channel(name)
-        info = await self.hub(ch.hub_url).get_channel(name)
+        try:
+            with trio.move_on_after(REFRESH_TIMEOUT_S) as scope:
+                info = await self.hub(ch.hub_url).get_channel(name)
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"hub {ch.hub_url} did not answer within"
+                                       f" {REFRESH_TIMEOUT_S:g} s")
+        except PermissionDenied:
+            raise
+        except Exception:
+            self._refresh_failed_at[name] = time.monotonic()
+            raise
+        self._refresh_failed_at.pop(name, None)
         self.db.set_permissions(name, set(info.get("permissions", [])),
                                 info.get("bucketBaseUrl"))
         return self.db.channel(name)
 
     async def permissions(self, name: str) -> frozenset[str]:
         """This node's permissions on a channel, at most PERMISSIONS_TTL_S old when the hub
-        answers; the last known ones when it does not."""
+        answers; the last known ones when it does not.
+
+        A refresh waits at most REFRESH_TIMEOUT_S; after a failed one the hub is left alone
+        for PERMISSIONS_TTL_S, so a hub that hangs costs one short wait, not one per call.
+        """
         ch = self.db.channel(name)
         if time.time() - ch.checked_at < PERMISSIONS_TTL_S:
+            return ch.permissions
+        failed_at = self._refresh_failed_at.get(name)
+        if failed_at is not None and time.monotonic() - failed_at < PERMISSIONS_TTL_S:
             return ch.permissions
         try:
             return (await self.refresh_channel(name)).permissions

@@ -3,14 +3,21 @@
 Layout under the node directory (``$KACHERY_FS_DIR``)::
 
     sha1/ab/cd/ef/<sha1>     content, read-only (0444), named by the SHA-1 of its bytes
-    tmp/<pid>-<rand>.part    files being written or downloaded; swept at start when the
-                             process that made them is gone
+    tmp/<pid>-<rand>.part    files being written or downloaded; swept at start when no
+                             process holds them (see below)
 
 Contract: a file under ``sha1/`` always holds exactly the bytes its name says. Every
 way in goes through a temp file in ``tmp/`` (same file system), is hashed while it is
 written, fsynced, compared with the expected hash if there is one, and only then
 renamed into place with ``os.replace``; on any failure the temp file is removed. A
 crash leaves at most a stray temp file, never a partial or wrong object.
+
+Every temp file is held under an exclusive ``flock`` on the descriptor its writer keeps
+open for as long as it uses the file (:meth:`Store.new_temp_file`). The kernel drops
+the lock when that descriptor is closed, or when its process dies however it dies, so
+:meth:`Store.sweep_temp` removes exactly the temp files it can lock: nobody uses them.
+The PID in a name is only a hint for a human; it decides nothing (in a container, a
+new run often gets the PID the crashed one had).
 
 All methods here block (file I/O, hashing); async callers run the big ones in
 ``trio.to_thread.run_sync``. Several processes may use one store at once: renames are
@@ -20,6 +27,7 @@ atomic and content-addressed, so two writers of the same hash cannot conflict.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
@@ -32,16 +40,6 @@ from .uris import is_sha1
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class StagingFile:
@@ -109,22 +107,23 @@ class StagingFile:
         try:
             os.fsync(self.fd)
             sha1 = self._digest()
+            # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
+            self._store._install(self.path, sha1)
         except BaseException:
             self.discard()
             raise
         os.close(self.fd)
         self.fd = -1
-        self._store._install(self.path, sha1)
         return sha1
 
     def discard(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 class Store:
@@ -172,11 +171,31 @@ class Store:
     # -- writing ----------------------------------------------------------------------
 
     def new_temp_path(self) -> Path:
+        """A fresh temp file name. The file is not created, so nothing protects it from
+        :meth:`sweep_temp`: use :meth:`new_temp_file` for a file that must survive."""
         return self.tmp_dir / f"{os.getpid()}-{secrets.token_hex(8)}.part"
 
+    def new_temp_file(self) -> tuple[Path, int]:
+        """Create a temp file and hold it: ``(path, fd)``, the fd O_RDWR under an exclusive
+        ``flock`` that lasts until it is closed. Keep the fd open while using the file."""
+        while True:
+            path = self.new_temp_path()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A sweep may have locked and removed the file between open and flock.
+                st, held = os.stat(path), os.fstat(fd)
+                if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                    return path, fd
+            except (BlockingIOError, FileNotFoundError):
+                pass
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # lost that race: take another name
+
     def new_staging(self) -> StagingFile:
-        path = self.new_temp_path()
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        path, fd = self.new_temp_file()
         return StagingFile(self, path, fd)
 
     def _install(self, temp: Path, sha1: str) -> None:
@@ -258,21 +277,33 @@ class Store:
             pass
 
     def sweep_temp(self) -> int:
-        """Remove temp files left by processes that no longer run; returns how many."""
+        """Remove the temp files nobody holds (their ``flock`` is free); returns how many.
+
+        A file in use by any process, this one included, is locked and left alone,
+        whatever PID its name carries.
+        """
         removed = 0
         for entry in os.scandir(self.tmp_dir):
-            pid_text = entry.name.split("-", 1)[0]
-            if pid_text.isdigit() and _pid_alive(int(pid_text)):
+            if not entry.is_file(follow_symlinks=False):
                 continue
             try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # in use
+                # Removed while we hold the lock, so its writer cannot be mid-creation.
                 os.unlink(entry.path)
                 removed += 1
             except FileNotFoundError:
                 pass
-            except IsADirectoryError:
-                continue
+            finally:
+                os.close(fd)
         if removed:
-            log.info("removed %d temp file(s) left by an earlier run", removed)
+            log.info("removed %d temp file(s) that no process holds", removed)
         return removed
 
 

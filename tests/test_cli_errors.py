@@ -1,0 +1,243 @@
+"""Errors reach the user as one line, never a traceback; `put` copes with a concurrent
+upload of the same file and with a hub that goes away; a hub that hangs does not stall
+permission checks."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+import trio
+
+from kachery_fs import cli, resumable
+from kachery_fs import node as node_module
+from kachery_fs.errors import InvalidInput, NotFound
+from kachery_fs.hub.serve import HubServer
+from kachery_fs.node import Node
+from kachery_fs.state import NodeDB
+
+from .util import free_port, node_env
+
+URL = "http://hub.test"
+
+
+def sha1(data: bytes) -> str:
+    return hashlib.sha1(data).hexdigest()
+
+
+def run_cli(node_dir, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "kachery_fs", *args], env=node_env(node_dir),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    err = result.stderr
+    assert result.returncode == 1, (result.returncode, err)
+    assert "Traceback" not in err and "ExceptionGroup" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+@pytest.fixture
+def busy_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+# -- errors raised inside nurseries ----------------------------------------------------------
+
+
+def test_hub_serve_on_a_busy_port(tmp_path, busy_port):
+    assert run_cli(tmp_path / "node", "init").returncode == 0  # no "created node" log line
+    result = run_cli(tmp_path / "node", "hub", "serve", "--port", str(busy_port))
+    assert_one_line_error(result, "Address already in use")
+
+
+def test_up_on_a_busy_port(tmp_path, busy_port):
+    (tmp_path / "m").mkdir()
+    result = run_cli(tmp_path / "node", "up", str(tmp_path / "m"), "--port", str(busy_port))
+    assert_one_line_error(result, "Address already in use")
+
+
+def test_up_with_a_bad_channel_name(tmp_path):
+    result = run_cli(tmp_path / "node", "up", str(tmp_path / "m"), "--channel", "x",
+                     "--port", "0")
+    assert_one_line_error(result, "invalid channel name 'x'")
+
+
+def _main_raising(monkeypatch, exc: BaseException) -> int:
+    async def failing(args):
+        raise exc
+    monkeypatch.setattr(cli, "_status", failing)
+    return cli.main(["status"])
+
+
+def test_main_unwraps_groups_of_expected_errors(monkeypatch, capsys):
+    group = ExceptionGroup("nursery", [ExceptionGroup("inner", [InvalidInput("bad thing")]),
+                                       NotFound("second")])
+    assert _main_raising(monkeypatch, group) == 1
+    assert capsys.readouterr().err == "kachery-fs: bad thing\n"
+
+    group = BaseExceptionGroup("nursery", [trio.Cancelled._create(),
+                                           OSError(98, "Address already in use")])
+    assert _main_raising(monkeypatch, group) == 1
+    assert capsys.readouterr().err == "kachery-fs: [Errno 98] Address already in use\n"
+
+    group = BaseExceptionGroup("nursery", [KeyboardInterrupt(), trio.Cancelled._create()])
+    assert _main_raising(monkeypatch, group) == 130
+
+
+def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
+    group = ExceptionGroup("nursery", [InvalidInput("fine"), ZeroDivisionError("a bug")])
+    with pytest.raises(ExceptionGroup):
+        _main_raising(monkeypatch, group)
+
+
+# -- put -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def hub_node(tmp_path, monkeypatch):
+    """A node joined to channel 'chan' of an in-process hub; `put` uses it."""
+    node_dir = tmp_path / "node"
+    probe = Node(node_dir, create=True)
+    owner_id = probe.node_id
+    probe.db.close()
+    await probe.client.aclose()
+    server = HubServer(tmp_path / "hub", owner_id=owner_id)
+    server._set_public_url(URL)
+
+    def open_node(*, create=False):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
+        return Node(node_dir, client=client)
+
+    node = open_node()
+    hub = node.hub(URL)
+    await hub.create_channel("chan")
+    await hub.authorize_node("chan", node.node_id, ["provideFiles", "requestFiles"])
+    info = await hub.get_channel("chan")
+    node.db.add_channel("chan", URL, info["bucketBaseUrl"], set(info["permissions"]))
+    await node.aclose()
+    monkeypatch.setattr(cli, "_open_node", open_node)
+    try:
+        yield node_dir, server, open_node
+    finally:
+        server.close()
+
+
+def put_args(*files) -> argparse.Namespace:
+    return argparse.Namespace(files=[str(f) for f in files], channel=None, quiet=True)
+
+
+def upload_state(node_dir, sha: str):
+    db = NodeDB(node_dir / "node.db")
+    try:
+        return db.upload("chan", sha)
+    finally:
+        db.close()
+
+
+async def test_put_when_the_object_appears_before_the_session_starts(hub_node, tmp_path,
+                                                                     monkeypatch, capsys):
+    node_dir, server, _ = hub_node
+    data = b"uploaded by the mount at the same time" * 100
+    src = tmp_path / "file.bin"
+    src.write_bytes(data)
+    real_start = resumable.start_session
+
+    async def racing(client, signed):
+        # The mount uploads the same content first; then our session start meets 412.
+        other = await real_start(client, signed)
+        await resumable.upload(client, other, src, len(data))
+        return await real_start(client, signed)
+
+    monkeypatch.setattr(resumable, "start_session", racing)
+    assert await cli._put(put_args(src)) == 0
+    assert capsys.readouterr().out.strip() == f"sha1://{sha1(data)}?label=file.bin"
+    assert server.db.object_size("chan", sha1(data)) == len(data)
+    assert upload_state(node_dir, sha1(data)).state == "done"
+
+
+async def test_put_when_the_object_appears_before_the_final_chunk(hub_node, tmp_path,
+                                                                  monkeypatch, capsys):
+    node_dir, server, _ = hub_node
+    data = b"another racer" * 1000
+    src = tmp_path / "other.bin"
+    src.write_bytes(data)
+    real_start = resumable.start_session
+
+    async def racing(client, signed):
+        ours = await real_start(client, signed)
+        other = await real_start(client, signed)
+        await resumable.upload(client, other, src, len(data))  # done before our last chunk
+        return ours
+
+    monkeypatch.setattr(resumable, "start_session", racing)
+    assert await cli._put(put_args(src)) == 0
+    assert sha1(data) in capsys.readouterr().out
+    assert server.db.object_size("chan", sha1(data)) == len(data)
+    assert upload_state(node_dir, sha1(data)).state == "done"
+
+
+def test_put_with_the_hub_gone_leaves_the_upload_queued(tmp_path):
+    node_dir = tmp_path / "node"
+    node = Node(node_dir, create=True)
+    gone = f"http://127.0.0.1:{free_port()}"
+    node.db.add_channel("chan", gone, f"{gone}/kachery", {"provideFiles"})
+    node.db.close()
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"queued for later")
+    result = run_cli(node_dir, "put", "-q", str(src))
+    assert_one_line_error(result, "stays queued", "`kachery-fs mount`", "`kachery-fs serve`")
+    up = upload_state(node_dir, sha1(b"queued for later"))
+    assert up is not None and up.state in ("pending", "uploading") and up.error
+
+
+# -- permission refresh against a hub that hangs -----------------------------------------
+
+
+async def test_permissions_do_not_stall_on_a_hung_hub(tmp_path, monkeypatch):
+    calls = []
+    answering = False
+
+    async def handler(request):
+        calls.append(request)
+        if not answering:
+            await trio.sleep_forever()
+        return httpx.Response(200, json={"channel": "chan", "permissions": ["requestFiles"],
+                                         "bucketBaseUrl": f"{URL}/kachery"})
+
+    node = Node(tmp_path / "node", create=True,
+                client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+    try:
+        node.db.add_channel("chan", URL, f"{URL}/kachery", {"provideFiles"})
+        node.db._db.execute("UPDATE channels SET checked_at = 0")  # the cache is stale
+        with trio.fail_after(10):
+            start = time.monotonic()
+            assert await node.permissions("chan") == {"provideFiles"}
+            first = time.monotonic() - start
+            assert len(calls) == 1
+            start = time.monotonic()
+            assert await node.permissions("chan") == {"provideFiles"}
+            second = time.monotonic() - start
+        assert first < node_module.REFRESH_TIMEOUT_S + 1.0
+        assert second < 0.1 and len(calls) == 1  # no second attempt at the hub
+
+        # Once the hold-off has passed, the hub is asked again, and an answer is taken.
+        monkeypatch.setattr(node_module, "PERMISSIONS_TTL_S", 0.2)
+        await trio.sleep(0.3)
+        answering = True
+        assert await node.permissions("chan") == {"requestFiles"}
+        assert len(calls) == 2
+    finally:
+        await node.aclose()
