@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 
 import trio
 from cachetools import TTLCache
 
 from .bucket import Download, head_size, object_url
-from .errors import DeadlineExceeded, NotFound
+from .errors import DeadlineExceeded, IntegrityError, NotFound
 from .node import Node
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 
@@ -24,6 +25,8 @@ log = logging.getLogger(__name__)
 
 #: How long a lookup may wait for the bucket to say whether it has a hash.
 LOOKUP_DEADLINE_S = 15.0
+#: How long a hash whose bucket object failed verification is refused before a new try.
+BAD_OBJECT_TTL_S = 60.0
 #: How long a read may wait without the download making any progress.
 STALL_TIMEOUT_S = 60.0
 
@@ -82,6 +85,9 @@ class Resolver:
         self._downloads: dict[str, Download] = {}
         self._requests: dict[tuple[str, str], FileRequest] = {}
         self._sizes: TTLCache = TTLCache(maxsize=100_000, ttl=3600)  # immutable: sizes stay true
+        # Hashes whose bucket object just failed verification: opens fail at once for a
+        # while instead of downloading the same bad bytes again for every reader.
+        self._bad: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
 
     def local_size(self, sha1: str) -> int | None:
         return self.node.store.size(sha1)
@@ -138,6 +144,9 @@ class Resolver:
         return request
 
     async def open(self, channel: str, sha1: str) -> Content:
+        bad = self._bad.get((channel, sha1))
+        if bad is not None and not self.node.store.has(sha1):
+            raise IntegrityError(f"{bad} (retried after {BAD_OBJECT_TTL_S:.0f} s)")
         try:
             fd = self.node.store.open(sha1)
         except NotFound:
@@ -155,11 +164,14 @@ class Resolver:
             if download is None:
                 ch = self.node.channel(channel)
                 download = Download(self.node.client, object_url(ch.bucket_base_url, channel, sha1),
-                                    sha1, size, self.node.store, on_finish=self._finished)
+                                    sha1, size, self.node.store,
+                                    on_finish=partial(self._finished, channel))
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)
         return DownloadContent(download)
 
-    def _finished(self, download: Download) -> None:
+    def _finished(self, channel: str, download: Download) -> None:
         if self._downloads.get(download.sha1) is download:
             del self._downloads[download.sha1]
+        if isinstance(download.error, IntegrityError):
+            self._bad[(channel, download.sha1)] = str(download.error)

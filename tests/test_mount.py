@@ -144,6 +144,11 @@ def test_corrupted_bucket_object_gives_eio_and_is_not_cached(cluster):
     path = cluster.mnt_b / CHANNEL / "sha1" / sha1
     assert path.stat().st_size == len(good)
     with pytest.raises(OSError) as info:
+        with open(path, "rb") as f:
+            f.read(16)  # not even the first bytes of a bad object are served
+    assert info.value.errno == errno.EIO
+    # the next open fails at once, without downloading the same bad bytes again
+    with pytest.raises(OSError) as info:
         path.read_bytes()
     assert info.value.errno == errno.EIO
     assert not list((cluster.b / "sha1").rglob(sha1))

@@ -108,8 +108,10 @@ def test_file_only_in_a_store_is_read_through_b_mount_and_cat(nodes):
         # The channel directory says what the node is doing.
         status = xattr(mnt / CH, "user.kachery.status")
         assert "connected" in status and "requests waiting: 0" in status
-        out = kfs(nodes.b, "status").stdout.decode()
-        assert f"channel {CH}: hub {nodes.hub.url} connected" in out
+        # `kachery-fs status` reads what the mount writes about once a second
+        wait_for(lambda: f"channel {CH}: hub {nodes.hub.url} connected"
+                 in kfs(nodes.b, "status").stdout.decode(), timeout=10,
+                 what="kachery-fs status to show the connection")
     assert "providing sha1://" + h1 in (nodes.a / "serve.log").read_text()
 
 
