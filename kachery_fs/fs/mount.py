@@ -48,7 +48,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
-    mountpoint = Path(mountpoint)
+    mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
     removed = await trio.to_thread.run_sync(node.store.sweep_temp)
     if removed:
@@ -73,6 +73,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         pyfuse3.init(ops, str(mountpoint), options)
         try:
             nursery.start_soon(_watch_signals)
+            nursery.start_soon(_raise_read_ahead, mountpoint)
             if also is not None:
                 await also(nursery)
             log.info("mounted %s at %s (node %s)", ", ".join(
@@ -83,6 +84,47 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
             nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+
+
+#: Kernel read-ahead for the mount. The default, 128 KiB, makes every sequential read a
+#: 128 KiB FUSE request and caps a local read near 0.7 GiB/s; with 1 MiB the same read
+#: measured 1.6-2.1 GiB/s on a 2-core machine.
+READ_AHEAD_KB = 1024
+
+
+async def _raise_read_ahead(mountpoint: Path, kb: int = READ_AHEAD_KB) -> None:
+    """Set the mount's read-ahead (``/sys/class/bdi/<dev>/read_ahead_kb``) where we may.
+
+    The kernel sets it from the FUSE handshake, which happens once we serve, so this runs
+    beside the file system and checks that the value stuck. The device is found in
+    ``/proc/self/mountinfo``: a ``stat`` of the mount point from this process could wait
+    for an answer from this very process. ``mountpoint`` must be a resolved path.
+    """
+    target = str(mountpoint)
+    device = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                    device = fields[2]  # the last one listed is the newest mount there
+    except OSError:
+        return
+    if device is None:
+        return
+    path = Path(f"/sys/class/bdi/{device}/read_ahead_kb")
+    for _ in range(50):
+        await trio.sleep(0.1)
+        try:
+            if int(path.read_text()) == kb:
+                log.debug("read-ahead of %s is %d KiB", mountpoint, kb)
+                return
+            path.write_text(str(kb))
+        except (OSError, ValueError) as exc:
+            log.info("could not raise the read-ahead of %s (%s); sequential reads will be"
+                     " slower. As root: echo %d > %s", mountpoint,
+                     getattr(exc, "strerror", None) or exc, kb, path)
+            return
 
 
 async def _watch_signals() -> None:
