@@ -234,14 +234,16 @@ class Download:
         if digest != self.sha1:
             raise IntegrityError(
                 f"bucket object {self.url} hashes to {digest}, not {self.sha1}; not cached")
-        await trio.to_thread.run_sync(self._install, digest)
-        self._installed = True
+        # Verified: readers may have it now, from the temp file's descriptor, while it is
+        # made durable (fsync) and renamed into the store, which can take a while on a
+        # slow disk.
         self.available = self.size
         self._bump()
+        await trio.to_thread.run_sync(self._install, digest)
+        self._installed = True
 
     def _install(self, digest: str) -> None:
-        os.fsync(self.fd)
-        self.store.install_verified(self.temp_path, self.sha1, actual_sha1=digest)
+        self.store.install_verified(self.temp_path, self.sha1, actual_sha1=digest)  # fsyncs
 
     async def _fetch_with_retry(self, start: int, end: int) -> bytes:
         backoff = Backoff()
