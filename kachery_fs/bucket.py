@@ -132,6 +132,8 @@ class Download:
         # installed, then all of it.
         self.available = 0
         self.error: KacheryError | None = None
+        #: Bytes hashed so far, in order (progress; nothing is readable before the end).
+        self.hashed = 0
         self.done = trio.Event()
         self._progress = trio.Event()
         self._last_bump = 0.0
@@ -228,6 +230,7 @@ class Download:
                 await landed[index].wait()
                 data = buffers.pop(index)
                 await trio.to_thread.run_sync(hasher.update, data)
+                self.hashed += len(data)
                 window.release()
                 self._bump()  # progress, though nothing is readable before the end
         digest = hasher.hexdigest()

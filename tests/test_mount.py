@@ -95,8 +95,10 @@ def test_cp_on_a_read_by_hash_on_b(cluster, tmp_path):
     wait_in_bucket(dest)
     got = (cluster.mnt_b / CHANNEL / "sha1" / sha1).read_bytes()
     assert got == data
-    # B cached it into its own store, verified
-    assert (cluster.b / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1).read_bytes() == data
+    # B caches it into its own store, verified (made durable just after it is served)
+    cached = cluster.b / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
+    wait_for(cached.exists, timeout=30, what="the download to be installed in B's store")
+    assert cached.read_bytes() == data
     # getfattr, as a user would run it
     out = subprocess.run(["getfattr", "--only-values", "-n", "user.kachery.uri", str(dest)],
                          capture_output=True, check=True).stdout.decode()

@@ -103,6 +103,7 @@ def test_file_only_in_a_store_is_read_through_b_mount_and_cat(nodes):
     mnt = nodes.base / "mnt-b"
     with serving(nodes.a), mounted(nodes.b, mnt):
         assert (mnt / CH / "sha1" / h1).read_bytes() == d1
+        wait_for(in_store(nodes.b, h1).exists, timeout=30, what="B to cache the file")
         assert in_store(nodes.b, h1).read_bytes() == d1  # cached, verified
         assert kfs(nodes.b, "cat", f"sha1://{h2}?label=x.bin").stdout == d2
         # The channel directory says what the node is doing.
