@@ -92,6 +92,11 @@ class Node:
                                 info.get("bucketBaseUrl"))
         return self.db.channel(name)
 
+    def hub_recently_failed(self, name: str) -> bool:
+        """True while a failed permission refresh on ``name`` is less than the TTL old."""
+        failed_at = self._refresh_failed_at.get(name)
+        return failed_at is not None and time.monotonic() - failed_at < PERMISSIONS_TTL_S
+
     async def permissions(self, name: str) -> frozenset[str]:
         """This node's permissions on a channel, at most PERMISSIONS_TTL_S old when the hub
         answers; the last known ones when it does not.

@@ -215,3 +215,22 @@ async def test_answers_outside_the_protocol_are_protocol_errors(tmp_path):
     async with server(httpx.Response(201)) as client:
         with pytest.raises(ProtocolError, match="Location"):
             await resumable.start_session(client, SignedRequest("POST", "http://x/b/o"))
+
+
+async def test_a_file_that_fails_its_own_sha1_is_never_committed(env):
+    import hashlib
+
+    from kachery_fs.errors import CorruptLocalFile
+
+    data = env.write(3 * KIB256 + 7)
+    claimed = hashlib.sha1(data[:-1] + b"!").hexdigest()  # what the store says it holds
+    session = await resumable.start_session(env.client, env.signed("bad", len(data)))
+    with pytest.raises(CorruptLocalFile, match="does not match its SHA-1"):
+        await resumable.upload(env.client, session, env.file, len(data), chunk_size=KIB256,
+                               sha1=claimed)
+    assert await resumable.query_offset(env.client, session, len(data)) == 3 * KIB256
+    assert not env.local.path(BUCKET, "bad").exists()  # the final chunk never went out
+    # The right hash goes through, also when resumed mid-file (the prefix is re-hashed).
+    await resumable.upload(env.client, session, env.file, len(data), chunk_size=KIB256,
+                           offset=3 * KIB256, sha1=hashlib.sha1(data).hexdigest())
+    assert env.stored("bad") == data

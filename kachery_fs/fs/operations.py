@@ -298,7 +298,7 @@ class Operations(pyfuse3.Operations):
 
     async def _require_provide(self, channel: str) -> None:
         perms = await self.node.permissions(channel)
-        if "provideFiles" not in perms:
+        if "provideFiles" not in perms and not self.node.hub_recently_failed(channel):
             try:  # it may have just been granted: ask the hub before refusing
                 perms = (await self.node.refresh_channel(channel)).permissions
             except Exception as exc:
