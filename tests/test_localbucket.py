@@ -508,3 +508,41 @@ async def test_real_server_upload_read_and_tcp_nodelay(tmp_path):
             client_address = stream.socket.getsockname()
             assert _server_side_tcp_nodelay(client_address) == 1
         stop.set()  # a graceful stop: the server task ends and so does the nursery
+
+
+async def test_a_resumable_upload_is_hashed_as_it_arrives(tmp_path, monkeypatch):
+    """The hub's check of a finished upload uses the digest computed on the way in (even
+    with a re-sent chunk), and reads the object again only if it changed since."""
+    import hashlib
+
+    from kachery_fs import resumable
+    from kachery_fs.hub import localbucket as lb
+    from kachery_fs.hub.signing import UrlSigner
+
+    signer = UrlSigner.for_local_bucket(tmp_path, "http://bucket.test")
+    local = LocalBucket(tmp_path / "bucket", signer.public_keys())
+    data = os.urandom(3 * lb.CHUNK_GRANULARITY + 11)
+    src = tmp_path / "src"
+    src.write_bytes(data)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(local))) as client:
+        session = await resumable.start_session(
+            client, signer.resumable_upload("kachery", "obj", size=len(data)))
+        first = data[:2 * lb.CHUNK_GRANULARITY]
+        r = await client.put(session, content=first, headers={
+            "content-range": f"bytes 0-{len(first) - 1}/{len(data)}"})
+        assert r.status_code == 308
+        # a chunk that overlaps what is committed (a client that did not see the 308)
+        three = 3 * lb.CHUNK_GRANULARITY
+        r = await client.put(session, content=data[:three], headers={
+            "content-range": f"bytes 0-{three - 1}/{len(data)}"})
+        assert r.status_code == 308 and r.headers["range"] == f"bytes=0-{three - 1}"
+        r = await client.put(session, content=data[three:], headers={
+            "content-range": f"bytes {three}-{len(data) - 1}/{len(data)}"})
+        assert r.status_code == 200
+    reads = []
+    real = hashlib.file_digest
+    monkeypatch.setattr(lb.hashlib, "file_digest", lambda *a: reads.append(1) or real(*a))
+    assert local.sha1("kachery", "obj") == hashlib.sha1(data).hexdigest()
+    assert reads == []  # known from the upload, not read again
+    assert local.sha1("kachery", "obj") == hashlib.sha1(data).hexdigest()
+    assert reads == [1]  # asked again: read (the known digest is used once)

@@ -224,6 +224,12 @@ class LocalBucket:
             directory.mkdir(parents=True, exist_ok=True)
         self._install_lock = threading.Lock()
         self._session_locks: dict[str, trio.Lock] = {}
+        # Running SHA-1 of each resumable session's committed bytes, so that the hub's check
+        # of a finished upload need not read the object again: upload id -> (offset, hasher).
+        # In memory only: after a restart the check falls back on reading the object.
+        self._session_hashes: dict[str, tuple[int, object]] = {}
+        # Digests known without reading: (bucket, key) -> (size, mtime_ns, sha1 hex).
+        self._known_sha1: dict[tuple[str, str], tuple[int, int, str]] = {}
         self._sweep_tmp()
         self._sessions = self._load_sessions()
         self._last_sweep = self.clock()
@@ -262,12 +268,20 @@ class LocalBucket:
         return fd, ObjectInfo.from_stat(st)
 
     def sha1(self, bucket: str, key: str) -> str:
-        """The SHA-1 hex digest of the object's bytes. Blocking; NotFound if it is absent."""
+        """The SHA-1 hex digest of the object's bytes. Blocking; NotFound if it is absent.
+
+        An object just made by a resumable upload was hashed as it arrived: that digest is
+        used while the file is unchanged (same size and mtime), and not read again.
+        """
         try:
             f = open(self.path(bucket, key), "rb")
         except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
             raise NotFound(f"no object {bucket}/{key} in the local bucket") from None
         with f:
+            st = os.fstat(f.fileno())
+            known = self._known_sha1.pop((bucket, key), None)
+            if known is not None and known[:2] == (st.st_size, st.st_mtime_ns):
+                return known[2]
             return hashlib.file_digest(f, "sha1").hexdigest()
 
     def delete(self, bucket: str, key: str) -> None:
@@ -374,6 +388,7 @@ class LocalBucket:
         """Forget session ``upload_id`` and remove its files (missing ones are fine)."""
         self._sessions.pop(upload_id, None)
         self._session_locks.pop(upload_id, None)
+        self._session_hashes.pop(upload_id, None)
         for path in (self._session_path(upload_id), self.part_path(upload_id)):
             path.unlink(missing_ok=True)
 
@@ -1043,8 +1058,18 @@ class _BucketApp:
         f = await trio.to_thread.run_sync(_open_for_append,
                                           self.bucket.part_path(session.upload_id),
                                           session.committed)
+        hashes = self.bucket._session_hashes
+        offset, hasher = hashes.get(session.upload_id, (0, hashlib.sha1()))
+        # Hash the new bytes into a copy, adopted only once the chunk is committed.
+        running = hasher.copy() if offset == session.committed else None
+
+        def write(data: bytes) -> None:
+            f.write(data)
+            if running is not None:
+                running.update(data)
+
         try:
-            received = await _receive_body(request.receive, f.write, limit=chunk.length,
+            received = await _receive_body(request.receive, write, limit=chunk.length,
                                            skip=skip)
             if received != chunk.length:
                 raise _invalid(f"the chunk has {received} bytes, Content-Range said "
@@ -1056,6 +1081,10 @@ class _BucketApp:
         updated = replace(session, committed=max(session.committed, chunk.last + 1),
                           total=total)
         await trio.to_thread.run_sync(self.bucket.save_session, updated)
+        if running is not None:
+            hashes[session.upload_id] = (updated.committed, running)
+        else:
+            hashes.pop(session.upload_id, None)
         return updated
 
     async def _finalize(self, session: UploadSession, send) -> None:
@@ -1071,6 +1100,11 @@ class _BucketApp:
         await trio.to_thread.run_sync(
             _fsync_dir, self.bucket.path(session.bucket, session.key).parent)
         await trio.to_thread.run_sync(self.bucket.save_session, replace(session, done=True))
+        offset, hasher = self.bucket._session_hashes.pop(session.upload_id, (None, None))
+        if offset == session.committed == info.size:
+            st = os.stat(self.bucket.path(session.bucket, session.key))
+            self.bucket._known_sha1[(session.bucket, session.key)] = (
+                st.st_size, st.st_mtime_ns, hasher.hexdigest())
         log.info("stored %s/%s (%d bytes, resumable)", session.bucket, session.key, info.size)
         await _respond(send, 200, _upload_result_headers(info))
 
