@@ -513,6 +513,15 @@ class FeedStore:
                           (feed_id.lower(),))
         return bool(rows and rows[0][0])
 
+    def key(self, feed_id: str) -> NodeKey:
+        """The private key of an owned feed (e.g. to prove ownership to a hub).
+
+        NotFound for an unknown feed; PermissionDenied if another node owns it.
+        """
+        feed_id = normalize_feed_id(feed_id)
+        with self._lock:
+            return self._key(self._db, feed_id)
+
     def _key(self, db: sqlite3.Connection, feed_id: str) -> NodeKey:
         row = db.execute("SELECT private_key_pem FROM feeds WHERE feed_id = ?",
                          (feed_id,)).fetchone()

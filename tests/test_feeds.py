@@ -298,9 +298,14 @@ def test_store_file_mode_and_feeds(tmp_path):
         assert [(f.feed_id, f.label, f.owned) for f in info] == [(fid, "lab", True)]
         assert store.feed(fid).owned and store.owned(fid)
         assert not store.owned(TEST_ID) and not store.owned("junk")
+        assert store.key(fid).node_id == fid
+        with pytest.raises(NotFound):
+            store.key(TEST_ID)
         store.add_feed(TEST_ID, label="remote")
         assert not store.owned(TEST_ID)
         assert store.feed(TEST_ID).label == "remote"
+        with pytest.raises(PermissionDenied):
+            store.key(TEST_ID)
         assert {f.feed_id for f in store.feeds()} == {fid, TEST_ID}
         with pytest.raises(NotFound):
             store.feed("ab" * 32)
