@@ -31,3 +31,12 @@ class SignedRequest:
 def object_key(channel: str, sha1: str) -> str:
     """The bucket key of a file: ``<channel>/sha1/ab/cd/ef/<sha1>`` (kachery hub layout)."""
     return f"{channel}/sha1/{sha1[0:2]}/{sha1[2:4]}/{sha1[4:6]}/{sha1}"
+
+
+def feed_prefix(channel: str, feed_id: str, subfeed_hash: str) -> str:
+    """The bucket prefix of a subfeed (kachery hub layout): ``<channel>/feeds/<pathify(feed
+    id)>/subfeeds/<pathify(subfeed hash)>``; messages are ``<prefix>/<i>``, the index is
+    ``<prefix>/subfeed.json``."""
+    def pathify(h: str) -> str:
+        return f"{h[0:2]}/{h[2:4]}/{h[4:6]}/{h}"
+    return f"{channel}/feeds/{pathify(feed_id)}/subfeeds/{pathify(subfeed_hash)}"

@@ -24,8 +24,9 @@ import trio
 
 from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, PermissionDenied
 from ..identity import is_node_id, verify_signature
-from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, object_key
+from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
 from ..uris import is_sha1
+from .feeds import FeedIndex
 from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
@@ -34,6 +35,11 @@ CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 
 #: How long a signed upload URL stays valid. Short: the session URI it yields outlives it.
 UPLOAD_URL_EXPIRY_S = 600
+
+#: A feed message object's largest size (kachery: under 10,000 characters of JSON, which
+#: is at most 40,000 bytes of UTF-8) and the most messages signed in one batch.
+MAX_FEED_MESSAGE_BYTES = 40_000
+MAX_FEED_BATCH = 500
 
 #: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
 MAX_OBJECT_SIZE = 5 * 1024**4
@@ -76,6 +82,7 @@ class Hub:
         self.default_bucket_uri = default_bucket_uri
         self.requests = FileRequests(db.connection, providers_of=db.providers,
                                      object_size=self._object_in_bucket)
+        self.feeds = FeedIndex(db.connection)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -300,6 +307,88 @@ class Hub:
     async def _on_myRequests(self, caller: Caller, body: dict) -> dict:
         return {"requests": self.requests.requests_of(caller.node_id)}
 
+    # -- feeds (see hub.feeds) -------------------------------------------------------------
+
+    @staticmethod
+    def _subfeed(body: dict) -> tuple[str, str]:
+        feed_id, subfeed_hash = body.get("feedId"), body.get("subfeedHash")
+        if not is_node_id(feed_id):
+            raise InvalidInput(f"invalid feed id {feed_id!r}: expected 64 hex characters")
+        if not isinstance(subfeed_hash, str) or not is_sha1(subfeed_hash):
+            raise InvalidInput(f"invalid subfeed hash {subfeed_hash!r}")
+        return feed_id, subfeed_hash.lower()
+
+    def _require_feed_owner(self, body: dict, feed_id: str) -> None:
+        """The request must also be signed by the feed's own key (over its nonce)."""
+        if not verify_signature({"nonce": body.get("nonce")}, body.get("feedSignature"),
+                                feed_id):
+            raise PermissionDenied(f"only the owner of feed {feed_id[:12]}… (the holder of its"
+                                   " private key) may upload its messages")
+
+    async def _on_feedUploadUrls(self, caller: Caller, body: dict) -> dict:
+        """Signed PUTs for messages ``start..start+len(sizes)-1`` of a subfeed, and one for
+        its ``subfeed.json`` (which is overwritten as the subfeed grows)."""
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "provideFeeds")
+        feed_id, subfeed_hash = self._subfeed(body)
+        self._require_feed_owner(body, feed_id)
+        start, sizes = body.get("start"), body.get("sizes")
+        if not isinstance(start, int) or start < 0 or not isinstance(sizes, list) or not all(
+                isinstance(n, int) and 0 < n <= MAX_FEED_MESSAGE_BYTES for n in sizes):
+            raise InvalidInput("feedUploadUrls needs start and sizes (1 to"
+                               f" {MAX_FEED_MESSAGE_BYTES} bytes each)")
+        if len(sizes) > MAX_FEED_BATCH:
+            raise InvalidInput(f"at most {MAX_FEED_BATCH} messages per batch")
+        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        prefix = feed_prefix(channel, feed_id, subfeed_hash)
+        urls = [backend.put(f"{prefix}/{start + i}", size=n, expires_s=UPLOAD_URL_EXPIRY_S)
+                .to_json() for i, n in enumerate(sizes)]
+        index_size, index = body.get("indexSize"), None
+        if isinstance(index_size, int) and 0 < index_size < 1000:
+            index = backend.put(f"{prefix}/subfeed.json", size=index_size,
+                                expires_s=UPLOAD_URL_EXPIRY_S, overwrite=True).to_json()
+        batch, batch_url = body.get("batch"), None
+        if batch is not None:  # [start, end, size]: messages start..end-1 as one object
+            if not (isinstance(batch, list) and len(batch) == 3
+                    and all(isinstance(x, int) for x in batch)
+                    and 0 <= batch[0] < batch[1] and batch[1] - batch[0] <= MAX_FEED_BATCH
+                    and 0 < batch[2] <= MAX_FEED_BATCH * MAX_FEED_MESSAGE_BYTES):
+                raise InvalidInput("batch must be [start, end, size]")
+            batch_url = backend.put(f"{prefix}/batch/{batch[0]}-{batch[1]}", size=batch[2],
+                                    expires_s=UPLOAD_URL_EXPIRY_S).to_json()
+        return {"messages": urls, "index": index, "batch": batch_url}
+
+    async def _on_feedUpdated(self, caller: Caller, body: dict) -> dict:
+        """The owner uploaded messages: record the count, wake the watchers."""
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "provideFeeds")
+        feed_id, subfeed_hash = self._subfeed(body)
+        self._require_feed_owner(body, feed_id)
+        count = body.get("messageCount")
+        if not isinstance(count, int) or count < 0:
+            raise InvalidInput("messageCount must be a non-negative integer")
+        return {"messageCount": self.feeds.set_count(channel, feed_id, subfeed_hash, count)}
+
+    async def _on_watchFeeds(self, caller: Caller, body: dict) -> dict:
+        """Long-poll: the subscribed subfeeds whose count is beyond the position given."""
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "requestFeeds")
+        subs = body.get("subscriptions")
+        if not isinstance(subs, list) or not subs or len(subs) > 1000:
+            raise InvalidInput("subscriptions must be a list of 1 to 1000 subfeeds")
+        parsed = []
+        for sub in subs:
+            if not isinstance(sub, dict):
+                raise InvalidInput("each subscription is {feedId, subfeedHash, position}")
+            feed_id, subfeed_hash = self._subfeed(sub)
+            position = sub.get("position", 0)
+            if not isinstance(position, int) or position < 0:
+                raise InvalidInput("position must be a non-negative integer")
+            parsed.append((feed_id, subfeed_hash, position))
+        return {"updates": await self.feeds.watch(channel, parsed, check_wait(body)),
+                "bucketBaseUrl": self.buckets.for_uri(
+                    self.db.channel(channel).bucket_uri).base_url()}
+
 
 class LocalBucketBackend:
     """A channel bucket that is a bucket of this hub's local bucket."""
@@ -327,6 +416,10 @@ class LocalBucketBackend:
 
     def resumable_upload(self, key: str, *, size: int, expires_s: int):
         return self.signer.resumable_upload(self.bucket, key, size=size, expires_s=expires_s)
+
+    def put(self, key: str, *, size: int, expires_s: int, overwrite: bool = False):
+        return self.signer.put(self.bucket, key, size=size, expires_s=expires_s,
+                               overwrite=overwrite)
 
 
 class Buckets:

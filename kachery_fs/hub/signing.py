@@ -100,10 +100,14 @@ class UrlSigner:
         headers = {"x-goog-resumable": "start", **_upload_headers(size)}
         return self._sign(bucket, key, method="POST", headers=headers, expires_s=expires_s)
 
-    def put(self, bucket: str, key: str, *, size: int, expires_s: int = 900) -> SignedRequest:
-        """A signed single ``PUT`` of exactly ``size`` bytes that never overwrites the object."""
-        return self._sign(bucket, key, method="PUT", headers=_upload_headers(size),
-                          expires_s=expires_s)
+    def put(self, bucket: str, key: str, *, size: int, expires_s: int = 900,
+            overwrite: bool = False) -> SignedRequest:
+        """A signed single ``PUT`` of exactly ``size`` bytes that never overwrites the object
+        (unless ``overwrite``: for the few mutable objects, such as a subfeed's index)."""
+        headers = _upload_headers(size)
+        if overwrite:
+            del headers["x-goog-if-generation-match"]
+        return self._sign(bucket, key, method="PUT", headers=headers, expires_s=expires_s)
 
     def _sign(self, bucket: str, key: str, *, method: str, headers: dict[str, str],
               expires_s: int) -> SignedRequest:

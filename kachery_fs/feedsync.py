@@ -1,0 +1,220 @@
+"""Feeds between a node and a channel's bucket: the owner publishes, readers fetch.
+
+Bucket layout (kachery's, reference: kachery.md §2.1), under
+``<channel>/feeds/<pathify(feedId)>/subfeeds/<pathify(subfeedHash)>/``:
+
+* ``<i>``: signed message ``i`` as JSON, one object each (what every kachery reader reads);
+* ``subfeed.json``: ``{"messageCount": N}``, plus ``"batches"``, a list of ``[start, end]``
+  for which ``batch/<start>-<end>`` holds messages ``start..end-1`` as one JSON array.
+  Batches are our addition (kachery readers ignore them): a reader fetches a 10,000-message
+  subfeed in 20 GETs rather than 10,000.
+
+The owner uploads what the bucket lacks through URLs the hub signs (it proves it holds the
+feed key by a second signature over the request), then tells the hub the new count; the
+hub wakes every node watching the subfeed. Readers verify everything they fetch
+(signatures, chain, numbering) and keep only the valid prefix (``FeedStore.add_signed``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from functools import partial
+
+import httpx
+import trio
+
+from ._http import check_response, error_for_exception
+from .canonical import canonical_json
+from .errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
+from .feeds import FeedStore, normalize_feed_id
+from .identity import NodeKey
+from .node import Node
+from .protocol import SignedRequest, feed_prefix
+
+log = logging.getLogger(__name__)
+
+#: Messages per upload batch (and per batch object).
+BATCH = 500
+#: Parallel HTTP requests of one publish or fetch.
+PARALLEL = 16
+
+
+def feed_store(node: Node) -> FeedStore:
+    return FeedStore(node.dir / "feeds.db")
+
+
+def feed_key(store: FeedStore, feed_id: str) -> NodeKey:
+    """The private key of a feed this node owns (PermissionDenied otherwise)."""
+    feed_id = normalize_feed_id(feed_id)
+    rows = store._read("SELECT private_key_pem FROM feeds WHERE feed_id = ?", (feed_id,))
+    if not rows:
+        raise NotFound(f"feed {feed_id} is not known to this node")
+    if rows[0][0] is None:
+        raise PermissionDenied(f"feed {feed_id} is owned by another node: only its owner can"
+                               " append to it")
+    return NodeKey.from_private_pem(rows[0][0])
+
+
+async def _put(client: httpx.AsyncClient, signed: SignedRequest, data: bytes) -> None:
+    what = f"PUT {signed.url.split('?')[0]}"
+    try:
+        r = await client.put(signed.url, content=data, headers=signed.headers)
+    except httpx.HTTPError as exc:
+        raise error_for_exception(exc, what) from None
+    if r.status_code == 412:  # already there (an earlier, interrupted publish)
+        return
+    check_response(r, what, ok=(200, 201))
+
+
+async def _get(client: httpx.AsyncClient, url: str, *, bust: bool = False) -> bytes | None:
+    """The object's bytes, or None if absent. ``bust`` defeats edge caches (mutable)."""
+    what = f"GET {url}"
+    try:
+        r = await client.get(url, params={"cb": secrets.token_hex(5)} if bust else None)
+    except httpx.HTTPError as exc:
+        raise error_for_exception(exc, what) from None
+    if r.status_code == 404:
+        return None
+    check_response(r, what)
+    return r.content
+
+
+async def _gather(jobs, limit: int = PARALLEL) -> list:
+    """Run the async callables in ``jobs`` with at most ``limit`` at once; results in order."""
+    results: list = [None] * len(jobs)
+    sem = trio.Semaphore(limit)
+
+    async def run(i, job):
+        async with sem:
+            results[i] = await job()
+
+    async with trio.open_nursery() as nursery:
+        for i, job in enumerate(jobs):
+            nursery.start_soon(run, i, job)
+    return results
+
+
+class FeedSync:
+    def __init__(self, node: Node, store: FeedStore):
+        self.node = node
+        self.store = store
+
+    # -- the owner ---------------------------------------------------------------------------
+
+    async def publish(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
+        """Upload the messages the bucket lacks, then the index, then tell the hub. Returns
+        the message count now in the bucket."""
+        ch = self.node.channel(channel)
+        hub = self.node.hub(ch.hub_url)
+        key = feed_key(self.store, feed_id)
+        ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
+        remote = (await hub.call("feedUpdated", cosign=key, messageCount=0, **ids))[
+            "messageCount"]
+        local = self.store.count(feed_id, subfeed_hash)
+        if local <= remote:
+            return remote
+        old_index = await _get(self.node.client, f"{ch.bucket_base_url}/"
+                               f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json",
+                               bust=True)
+        batches = _batches_of(old_index)
+        start = remote
+        while start < local:
+            end = min(start + BATCH, local)
+            messages = self.store.messages(feed_id, subfeed_hash, start, end)
+            bodies = [canonical_json(m).encode() for m in messages]
+            batch_body = ("[" + ",".join(b.decode() for b in bodies) + "]").encode()
+            batches.append([start, end])
+            index = json.dumps({"messageCount": end, "batches": batches},
+                               separators=(",", ":")).encode()
+            urls = await hub.call("feedUploadUrls", cosign=key, start=start,
+                                  sizes=[len(b) for b in bodies], indexSize=len(index),
+                                  batch=[start, end, len(batch_body)], **ids)
+            signed = [SignedRequest.from_json(u) for u in urls["messages"]]
+            jobs = [lambda s=s, b=b: _put(self.node.client, s, b)
+                    for s, b in zip(signed, bodies, strict=True)]
+            if urls.get("batch"):
+                jobs.append(partial(_put, self.node.client,
+                                    SignedRequest.from_json(urls["batch"]), batch_body))
+            await _gather(jobs)
+            if urls.get("index"):
+                await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
+            await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
+            start = end
+        log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
+                 subfeed_hash[:12], local, channel)
+        return local
+
+    # -- readers -----------------------------------------------------------------------------
+
+    async def fetch(self, channel: str, feed_id: str, subfeed_hash: str, *,
+                    name: str | None = None) -> tuple[int, str | None]:
+        """Fetch the messages this node lacks from the bucket and store the valid prefix.
+        Returns ``(added, problem)``; a problem (tampering, a fork) is logged."""
+        ch = self.node.channel(channel)
+        base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
+        index = await _get(self.node.client, f"{base}/subfeed.json", bust=True)
+        if index is None:
+            raise NotFound(f"feed {feed_id} has no subfeed {subfeed_hash} in channel"
+                           f" {channel!r}")
+        count = _count_of(index)
+        local = self.store.count(feed_id, subfeed_hash)
+        if count <= local:
+            return 0, None
+        messages: list = []
+        position = local
+        # Whole batches where they cover what we lack, single messages for the rest.
+        while position < count:
+            batch = next((b for b in _batches_of(index) if b[0] <= position < b[1]), None)
+            if batch is None:
+                break
+            data = await _get(self.node.client, f"{base}/batch/{batch[0]}-{batch[1]}")
+            if data is None:
+                break
+            try:
+                got = json.loads(data)
+            except ValueError:
+                break
+            if not isinstance(got, list):
+                break
+            messages.extend(got[position - batch[0]:])
+            position = batch[0] + len(got)
+        if position < count:
+            rest = await _gather([
+                lambda i=i: _get(self.node.client, f"{base}/{i}")
+                for i in range(position, count)])
+            for data in rest:
+                if data is None:
+                    break
+                try:
+                    messages.append(json.loads(data))
+                except ValueError:
+                    messages.append(None)  # add_signed reports it, keeps the prefix
+        added, problem = await trio.to_thread.run_sync(
+            lambda: self.store.add_signed(feed_id, subfeed_hash, messages, local, name=name))
+        if problem:
+            log.warning("feed %s subfeed %s in channel %s: %s (kept the %d valid message(s)"
+                        " before it)", feed_id, subfeed_hash, channel, problem, local + added)
+        return added, problem
+
+
+def _count_of(index: bytes) -> int:
+    try:
+        count = json.loads(index)["messageCount"]
+    except (ValueError, KeyError, TypeError):
+        raise ProtocolError("subfeed.json is not {\"messageCount\": N}") from None
+    if not isinstance(count, int) or count < 0:
+        raise IntegrityError(f"subfeed.json has a bad messageCount {count!r}")
+    return count
+
+
+def _batches_of(index: bytes | None) -> list[list[int]]:
+    if index is None:
+        return []
+    try:
+        batches = json.loads(index).get("batches", [])
+    except (ValueError, AttributeError):
+        return []
+    return [b for b in batches if isinstance(b, list) and len(b) == 2
+            and all(isinstance(x, int) for x in b) and 0 <= b[0] < b[1]]
