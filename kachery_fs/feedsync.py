@@ -27,9 +27,8 @@ import trio
 
 from ._http import check_response, error_for_exception
 from .canonical import canonical_json
-from .errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
-from .feeds import FeedStore, normalize_feed_id
-from .identity import NodeKey
+from .errors import IntegrityError, NotFound, ProtocolError
+from .feeds import FeedStore
 from .node import Node
 from .protocol import SignedRequest, feed_prefix
 
@@ -43,18 +42,6 @@ PARALLEL = 16
 
 def feed_store(node: Node) -> FeedStore:
     return FeedStore(node.dir / "feeds.db")
-
-
-def feed_key(store: FeedStore, feed_id: str) -> NodeKey:
-    """The private key of a feed this node owns (PermissionDenied otherwise)."""
-    feed_id = normalize_feed_id(feed_id)
-    rows = store._read("SELECT private_key_pem FROM feeds WHERE feed_id = ?", (feed_id,))
-    if not rows:
-        raise NotFound(f"feed {feed_id} is not known to this node")
-    if rows[0][0] is None:
-        raise PermissionDenied(f"feed {feed_id} is owned by another node: only its owner can"
-                               " append to it")
-    return NodeKey.from_private_pem(rows[0][0])
 
 
 async def _put(client: httpx.AsyncClient, signed: SignedRequest, data: bytes) -> None:
@@ -108,7 +95,7 @@ class FeedSync:
         the message count now in the bucket."""
         ch = self.node.channel(channel)
         hub = self.node.hub(ch.hub_url)
-        key = feed_key(self.store, feed_id)
+        key = self.store.key(feed_id)
         ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
         remote = (await hub.call("feedUpdated", cosign=key, messageCount=0, **ids))[
             "messageCount"]
