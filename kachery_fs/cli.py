@@ -343,6 +343,10 @@ async def _feed_read(args) -> int:
             channel = None
             if not store.owned(feed_id):
                 channel = _pick_channel(node, args.channel)
+                try:  # a one-shot command: this node's permissions as of now
+                    await node.refresh_channel(channel)
+                except KacheryError as exc:
+                    log.info("could not refresh permissions on %s: %s", channel, exc)
                 await sync.fetch(channel, feed_id, h, name=None if subfeed.startswith("~")
                                  else subfeed)
             shown = 0

@@ -27,7 +27,7 @@ import trio
 
 from ._http import check_response, error_for_exception
 from .canonical import canonical_json
-from .errors import IntegrityError, NotFound, ProtocolError
+from .errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
 from .feeds import FeedStore
 from .node import Node
 from .protocol import SignedRequest, feed_prefix
@@ -139,6 +139,11 @@ class FeedSync:
                     name: str | None = None) -> tuple[int, str | None]:
         """Fetch the messages this node lacks from the bucket and store the valid prefix.
         Returns ``(added, problem)``; a problem (tampering, a fork) is logged."""
+        if "requestFeeds" not in await self.node.permissions(channel):
+            raise PermissionDenied(
+                f"this node lacks the requestFeeds permission on channel {channel!r}; the"
+                f" channel owner can grant it with `kachery-fs hub channel authorize {channel}"
+                f" {self.node.node_id} --permissions requestFeeds`")
         ch = self.node.channel(channel)
         base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
         index = await _get(self.node.client, f"{base}/subfeed.json", bust=True)

@@ -28,6 +28,7 @@ from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..resolver import Resolver
 from ..resumable import RateLimit
 from ..uploader import Uploader
+from .feedfiles import FeedFiles
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,10 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         nursery.start_soon(provider.run)
         nursery.start_soon(partial(status.keep_written, node, provider=provider,
                                    resolver=resolver, mountpoint=str(mountpoint)))
-        ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider)
+        feeds = FeedFiles(node, nursery)
+        ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider,
+                         feeds=feeds)
+        feeds.on_grow = ops.feed_grew
         options = set(pyfuse3.default_options)
         options.add("fsname=kachery-fs")
         options.add("subtype=kachery")

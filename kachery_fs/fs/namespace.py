@@ -4,7 +4,8 @@
 
     /                         one directory per joined channel
     /<channel>/sha1/<hash>    any content by hash (read-only; listing shows what is local)
-    /<channel>/feeds/         signed append-only logs (empty until feeds land)
+    /<channel>/feeds/<feed-id>/<subfeed>
+                              signed append-only logs, one JSON message per line
     /<channel>/<name>...      files and directories the user made (rows of ``entries``)
 
 Inodes: 1 is the root; named entries have ``INODE_BASE + row id`` (stable across
@@ -16,7 +17,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import NotFound
+from ..errors import InvalidInput, NotFound
+from ..feeds import subfeed_hash
+from ..identity import is_node_id
 from ..state import INODE_BASE, NodeDB
 from ..uris import is_sha1
 
@@ -26,16 +29,19 @@ RESERVED_NAMES = frozenset({"sha1", "feeds"})
 
 @dataclass(frozen=True)
 class VNode:
-    """One node of the tree. ``kind`` is root, channel, sha1dir, feedsdir, hash or entry."""
+    """One node of the tree. ``kind`` is root, channel, sha1dir, feedsdir, hash, entry,
+    feed (``feeds/<feed-id>``) or subfeed (``feeds/<feed-id>/<name>``)."""
 
     kind: str
     channel: str | None = None
     sha1: str | None = None
     entry_id: int | None = None
+    feed: str | None = None
+    subfeed: str | None = None
 
     @property
     def is_dir(self) -> bool:
-        return self.kind in ("root", "channel", "sha1dir", "feedsdir")
+        return self.kind in ("root", "channel", "sha1dir", "feedsdir", "feed")
 
 
 class Namespace:
@@ -80,7 +86,15 @@ class Namespace:
             if is_sha1(name) and name == name.lower():
                 return VNode("hash", parent.channel, sha1=name)
         elif parent.kind == "feedsdir":
-            pass
+            if is_node_id(name):
+                return VNode("feed", parent.channel, feed=name)
+        elif parent.kind == "feed":
+            try:
+                subfeed_hash(name)
+            except InvalidInput:
+                pass
+            else:
+                return VNode("subfeed", parent.channel, feed=parent.feed, subfeed=name)
         elif parent.kind in ("channel", "entry"):
             if parent.kind == "channel" and name in RESERVED_NAMES:
                 return VNode("sha1dir" if name == "sha1" else "feedsdir", parent.channel)
@@ -101,18 +115,27 @@ class Namespace:
             return VNode("channel", vnode.channel)
         if vnode.kind == "hash":
             return VNode("sha1dir", vnode.channel)
+        if vnode.kind == "feed":
+            return VNode("feedsdir", vnode.channel)
+        if vnode.kind == "subfeed":
+            return VNode("feed", vnode.channel, feed=vnode.feed)
         entry = self.db.entry(vnode.entry_id)
         if entry.parent == 0:
             return VNode("channel", entry.channel)
         return VNode("entry", entry.channel, entry_id=entry.parent)
 
-    def children(self, vnode: VNode, local_hashes=()) -> list[tuple[str, VNode]]:
+    def children(self, vnode: VNode, local_hashes=(), feed_names=()) -> list[tuple[str, VNode]]:
+        """``local_hashes`` lists ``sha1/``; ``feed_names`` lists ``feeds/`` (feed ids) and
+        ``feeds/<feed-id>/`` (subfeed names)."""
         if vnode.kind == "root":
             return [(name, VNode("channel", name)) for name in self.channel_names()]
         if vnode.kind == "sha1dir":
             return [(h, VNode("hash", vnode.channel, sha1=h)) for h in sorted(local_hashes)]
         if vnode.kind == "feedsdir":
-            return []
+            return [(f, VNode("feed", vnode.channel, feed=f)) for f in feed_names]
+        if vnode.kind == "feed":
+            return [(n, VNode("subfeed", vnode.channel, feed=vnode.feed, subfeed=n))
+                    for n in feed_names]
         out = []
         if vnode.kind == "channel":
             out += [("sha1", VNode("sha1dir", vnode.channel)),

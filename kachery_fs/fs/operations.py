@@ -26,6 +26,7 @@ from ..store import StagingFile
 from ..uploader import Uploader
 from ..uris import format_uri
 from .errno_map import fuse_errors
+from .feedfiles import FeedFiles
 from .namespace import ROOT_INODE, Namespace, VNode
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class Handle:
     content: Content | None = None
     writer: Writer | None = None
     writes: bool = False
+    #: For a subfeed file opened for appending: bytes written but not yet a whole line.
+    pending: bytearray | None = None
 
 
 @dataclass
@@ -71,9 +74,10 @@ class Operations(pyfuse3.Operations):
     enable_writeback_cache = True
 
     def __init__(self, node: Node, resolver: Resolver, uploader: Uploader, *,
-                 nursery: trio.Nursery, provider=None):
+                 nursery: trio.Nursery, provider=None, feeds: FeedFiles | None = None):
         super().__init__()
         self.provider = provider
+        self.feeds = feeds
         self.node = node
         self.resolver = resolver
         self.uploader = uploader
@@ -111,6 +115,18 @@ class Operations(pyfuse3.Operations):
             a.st_nlink = 1
             a.st_size = size
             a.entry_timeout = a.attr_timeout = IMMUTABLE_TIMEOUT
+        elif vnode.kind == "subfeed":
+            # Grows as messages arrive: no attribute caching, so `tail -f` sees the size.
+            owned = self.feeds is not None and self.feeds.owned(vnode.feed)
+            a.st_mode = stat.S_IFREG | (0o644 if owned else 0o444)
+            a.st_nlink = 1
+            a.st_size = size
+            a.entry_timeout = a.attr_timeout = 0
+        elif vnode.kind == "feed":
+            owned = self.feeds is not None and self.feeds.owned(vnode.feed)
+            a.st_mode = stat.S_IFDIR | (0o755 if owned else 0o555)
+            a.st_nlink = 2
+            a.entry_timeout = a.attr_timeout = MUTABLE_TIMEOUT
         else:
             writable = vnode.kind == "channel"
             a.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
@@ -123,7 +139,14 @@ class Operations(pyfuse3.Operations):
         size = 0
         if vnode.kind == "hash":
             size = await self.resolver.size(vnode.channel, vnode.sha1)
+        elif vnode.kind == "subfeed":
+            size = await self._feeds().size(vnode.channel, vnode.feed, vnode.subfeed)
         return self._attrs(vnode, size=size)
+
+    def _feeds(self) -> FeedFiles:
+        if self.feeds is None:
+            raise NotFound("feeds are not served by this mount")
+        return self.feeds
 
     # -- lookups -------------------------------------------------------------------------
 
@@ -184,14 +207,20 @@ class Operations(pyfuse3.Operations):
             if not vnode.is_dir and not (vnode.kind == "entry"
                                          and self.node.db.entry(vnode.entry_id).is_dir):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            local = ()
+            local, names = (), ()
             if vnode.kind == "sha1dir":
                 local = await trio.to_thread.run_sync(lambda: list(self.node.store.iter_hashes()))
+            elif vnode.kind == "feedsdir":
+                names = self._feeds().feed_ids()
+            elif vnode.kind == "feed":
+                names = self._feeds().subfeed_names(vnode.feed)
             entries = []
-            for name, child in self.ns.children(vnode, local):
+            for name, child in self.ns.children(vnode, local, names):
                 size = 0
                 if child.kind == "hash":
                     size = self.resolver.local_size(child.sha1) or 0
+                elif child.kind == "subfeed":
+                    size = len(self.feeds.content(child.feed, child.subfeed))
                 entries.append((os.fsencode(name), self._attrs(child, size=size)))
             return self._new_handle(DirHandle(entries))
 
@@ -313,6 +342,10 @@ class Operations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with fuse_errors("create"):
+            feed_dir = self.ns.vnode(parent_inode)
+            if feed_dir.kind == "feed":  # a new subfeed, by appending to it
+                vnode = self.ns.lookup(feed_dir, os.fsdecode(name))
+                return await self._open_subfeed(vnode, flags), self._attrs(vnode)
             parent = self._writable_dir(parent_inode)
             await self._require_provide(parent.channel)
             text = os.fsdecode(name)
@@ -339,6 +372,8 @@ class Operations(pyfuse3.Operations):
                 content = await self.resolver.open(vnode.channel, vnode.sha1)
                 return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
                                         keep_cache=True)
+            if vnode.kind == "subfeed":
+                return await self._open_subfeed(vnode, flags)
             if vnode.kind != "entry":
                 raise pyfuse3.FUSEError(errno.EISDIR)
             entry = self.node.db.entry(vnode.entry_id)
@@ -358,6 +393,28 @@ class Operations(pyfuse3.Operations):
                 content = await self.resolver.open(entry.channel, entry.sha1)
             return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
                                     keep_cache=True)
+
+    async def _open_subfeed(self, vnode: VNode, flags: int) -> pyfuse3.FileInfo:
+        """Subfeed files are read through (``direct_io``: never stale), and appendable only,
+        by the feed's owner."""
+        feeds = self._feeds()
+        handle = Handle(vnode)
+        if flags & os.O_ACCMODE != os.O_RDONLY:
+            if not feeds.owned(vnode.feed):
+                raise PermissionDenied(f"feed {vnode.feed[:12]}… is owned by another node:"
+                                       " only its owner can append")
+            if flags & os.O_TRUNC:
+                raise PermissionDenied("a subfeed is append-only: use >>, not >")
+            await self._require_feed_provide(vnode.channel)
+            feeds.created(vnode.feed, vnode.subfeed)
+            handle.pending = bytearray()
+        return pyfuse3.FileInfo(fh=self._new_handle(handle), direct_io=True)
+
+    async def _require_feed_provide(self, channel: str) -> None:
+        if "provideFeeds" not in await self.node.permissions(channel):
+            log.warning("refused an append to a feed in channel %s: node %s lacks the"
+                        " provideFeeds permission", channel, self.node.node_id)
+            raise PermissionDenied(f"no provideFeeds permission on {channel}")
 
     def _writer(self, entry_id: int) -> Writer:
         writer = self._writers.get(entry_id)
@@ -408,6 +465,9 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         with fuse_errors("read"):
             handle = self._handles[fh]
+            if handle.vnode.kind == "subfeed":
+                data = self._feeds().content(handle.vnode.feed, handle.vnode.subfeed)
+                return data[off:off + size]
             if handle.writer is not None:
                 writer = handle.writer
                 async with writer.lock:  # not during a commit: the staging file moves
@@ -428,6 +488,17 @@ class Operations(pyfuse3.Operations):
                     self._invalidate(handle.vnode)
                 raise
 
+    async def feed_grew(self, channel: str, feed_id: str, name: str, old_size: int,
+                        data: bytes) -> None:
+        """A subfeed file grew (messages arrived): hand the kernel the new bytes. With the
+        writeback cache the kernel keeps file sizes itself and ignores ours; a store
+        notification is what extends the size it shows, so ``tail -f`` sees the growth."""
+        inode = self.ns.inode(VNode("subfeed", channel, feed=feed_id, subfeed=name))
+        try:
+            await trio.to_thread.run_sync(pyfuse3.notify_store, inode, old_size, data)
+        except OSError as exc:  # the kernel does not know the inode (never looked up)
+            log.debug("notify_store(%d): %s", inode, exc)
+
     def _invalidate(self, vnode: VNode) -> None:
         """Drop the kernel's cached pages of a file whose content failed (never raises)."""
         inode = self.ns.inode(vnode)
@@ -443,6 +514,13 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         with fuse_errors("write"):
             handle = self._handles[fh]
+            if handle.pending is not None:  # appending to a subfeed: whole lines only
+                data = bytes(handle.pending) + bytes(buf)
+                cut = data.rfind(b"\n") + 1
+                v = handle.vnode
+                await self._feeds().append_lines(v.channel, v.feed, v.subfeed, data[:cut])
+                handle.pending = bytearray(data[cut:])
+                return len(buf)
             if not handle.writes:
                 raise pyfuse3.FUSEError(errno.EBADF)
             staging = await self._staging(handle.writer)
@@ -452,6 +530,11 @@ class Operations(pyfuse3.Operations):
     async def flush(self, fh):
         with fuse_errors("flush"):
             handle = self._handles.get(fh)
+            if handle is not None and handle.pending:  # a last line without its newline
+                data, handle.pending = bytes(handle.pending), bytearray()
+                v = handle.vnode
+                await self._feeds().append_lines(v.channel, v.feed, v.subfeed, data)
+                return
             if handle is None or not handle.writes:
                 return
             writer = handle.writer

@@ -1,0 +1,208 @@
+"""Feeds in the mount: ``<channel>/feeds/<feed-id>/<subfeed>`` as growing text files.
+
+A subfeed file holds one line per message: the message's JSON, compact. Files of feeds this
+node does not own are fetched from the channel's bucket when first looked up, then kept
+current by one long-poll per channel (``watchFeeds``): the hub answers when the owner has
+published more, the node fetches and verifies the new messages, and the file grows, which
+``tail -f`` sees. For the feed's owner, appending a line to the file appends a signed message
+and publishes it (in the background, coalesced per subfeed).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from ..errors import InvalidInput, KacheryError, NotFound, Unavailable
+from ..feeds import message_line, parse_line, subfeed_hash
+from ..feedsync import FeedSync, feed_store
+from ..node import Node
+
+log = logging.getLogger(__name__)
+
+#: Longest watch long-poll.
+WATCH_WAIT_S = 20.0
+
+
+class FeedFiles:
+    def __init__(self, node: Node, nursery: trio.Nursery,
+                 on_grow: Callable[[str, str, str, int, bytes], Awaitable[None]] | None = None):
+        """``on_grow(channel, feed id, name, old size, new bytes)`` is awaited when a
+        watched file grows (the mount tells the kernel its new size and bytes)."""
+        self.node = node
+        self.nursery = nursery
+        self.on_grow = on_grow
+        self.store = feed_store(node)
+        self.sync = FeedSync(node, self.store)
+        # channel -> {(feed id, subfeed hash): name}: subfeeds to keep current
+        self._watched: dict[str, dict[tuple[str, str], str]] = {}
+        self._watch_changed: dict[str, trio.Event] = {}
+        self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
+        self._publish_pending: dict[tuple[str, str, str], trio.Event] = {}
+        self._fetch_locks: dict[tuple[str, str, str], trio.Lock] = {}
+        # Subfeeds of owned feeds created (opened for appending) but still empty.
+        self._created: set[tuple[str, str]] = set()
+
+    def created(self, feed_id: str, name: str) -> None:
+        self._created.add((feed_id, subfeed_hash(name)))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- listing and content ----------------------------------------------------------------
+
+    def feed_ids(self) -> list[str]:
+        return [f.feed_id for f in self.store.feeds()]
+
+    def subfeed_names(self, feed_id: str) -> list[str]:
+        try:
+            infos = self.store.subfeeds(feed_id)
+        except (NotFound, InvalidInput):
+            return []
+        return [i.name if i.name is not None else f"~{i.subfeed_hash}" for i in infos]
+
+    def owned(self, feed_id: str) -> bool:
+        return self.store.owned(feed_id)
+
+    def content(self, feed_id: str, name: str) -> bytes:
+        """The file's bytes: one line per stored (verified) message."""
+        h = subfeed_hash(name)
+        count = self.store.count(feed_id, h)
+        cached = self._cache.get((feed_id, h))
+        if cached is not None and cached[0] == count:
+            return cached[1]
+        if cached is not None and cached[0] < count:
+            data = cached[1] + b"".join(message_line(m) for m in
+                                        self.store.messages(feed_id, h, cached[0], count))
+        else:
+            data = b"".join(message_line(m) for m in self.store.messages(feed_id, h, 0, count))
+        self._cache[(feed_id, h)] = (count, data)
+        return data
+
+    async def size(self, channel: str, feed_id: str, name: str) -> int:
+        """The file's size; fetches a subfeed seen for the first time. NotFound if the
+        subfeed exists neither here nor in the channel's bucket."""
+        h = subfeed_hash(name)
+        if not self.owned(feed_id):
+            key = (channel, feed_id, h)
+            if key not in self._fetch_locks:
+                self._fetch_locks[key] = trio.Lock()
+            async with self._fetch_locks[key]:
+                if (feed_id, h) not in self._watched.get(channel, {}):
+                    await self._first_fetch(channel, feed_id, h, name)
+        elif (self.store.count(feed_id, h) == 0 and (feed_id, h) not in self._created
+              and name not in self.subfeed_names(feed_id)):
+            raise NotFound(f"feed {feed_id[:12]}… has no subfeed {name!r} yet")
+        return len(self.content(feed_id, name))
+
+    async def _first_fetch(self, channel: str, feed_id: str, h: str, name: str) -> None:
+        try:
+            await self.sync.fetch(channel, feed_id, h,
+                                  name=None if name.startswith("~") else name)
+        except NotFound:
+            if self.store.count(feed_id, h) == 0:
+                raise
+        except Unavailable as exc:
+            if self.store.count(feed_id, h) == 0:
+                raise
+            log.warning("feed %s…: %s; showing the %d message(s) stored here", feed_id[:12],
+                        exc, self.store.count(feed_id, h))
+        self._watch(channel, feed_id, h, name)
+
+    # -- keeping current -----------------------------------------------------------------
+
+    def _watch(self, channel: str, feed_id: str, h: str, name: str) -> None:
+        watched = self._watched.setdefault(channel, {})
+        if (feed_id, h) in watched:
+            return
+        watched[(feed_id, h)] = name
+        if channel not in self._watch_changed:
+            self._watch_changed[channel] = trio.Event()
+            self.nursery.start_soon(self._watch_channel, channel)
+        else:
+            self._watch_changed[channel].set()
+
+    async def _watch_channel(self, channel: str) -> None:
+        hub = self.node.hub(self.node.channel(channel).hub_url)
+        while True:
+            changed = self._watch_changed[channel] = trio.Event()
+            subs = [{"feedId": f, "subfeedHash": h, "position": self.store.count(f, h)}
+                    for (f, h) in self._watched[channel]]
+            answer = await self._poll(hub, channel, subs, changed)
+            for update in (answer or {}).get("updates", []):
+                key = (update.get("feedId"), update.get("subfeedHash"))
+                name = self._watched[channel].get(key)
+                if name is None:
+                    continue
+                old = len(self.content(key[0], name))
+                try:
+                    await self.sync.fetch(channel, key[0], key[1],
+                                          name=None if name.startswith("~") else name)
+                except KacheryError as exc:
+                    log.warning("fetching feed %s… subfeed %s: %s", key[0][:12], name, exc)
+                new = self.content(key[0], name)
+                if len(new) > old and self.on_grow is not None:
+                    await self.on_grow(channel, key[0], name, old, new[old:])
+
+    async def _poll(self, hub, channel: str, subs: list, changed: trio.Event) -> dict | None:
+        """One watch long-poll; cut short (None) when the subscriptions change."""
+        answer = None
+        async with trio.open_nursery() as nursery:
+            async def poll():
+                nonlocal answer
+                try:
+                    with trio.fail_after(WATCH_WAIT_S + 30):
+                        answer = await hub.call("watchFeeds", wait_s=WATCH_WAIT_S,
+                                                channel=channel, subscriptions=subs)
+                except (KacheryError, trio.TooSlowError) as exc:
+                    log.info("watching feeds on %s: %s; retrying in 2 s", channel, exc)
+                    await trio.sleep(2)
+                nursery.cancel_scope.cancel()
+
+            async def restart():
+                await changed.wait()  # a new subscription: ask again at once
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(poll)
+            nursery.start_soon(restart)
+        return answer
+
+    # -- appending (the owner) ---------------------------------------------------------------
+
+    async def append_lines(self, channel: str, feed_id: str, name: str, data: bytes) -> None:
+        """Append each complete line of ``data`` as a message; all or nothing."""
+        lines = data.split(b"\n")
+        if lines and lines[-1] == b"":
+            lines.pop()
+        values = [parse_line(line) for line in lines]  # InvalidInput before anything is kept
+        if not values:
+            return
+        await trio.to_thread.run_sync(self.store.append, feed_id, name, values)
+        self._publish_soon(channel, feed_id, subfeed_hash(name))
+
+    def _publish_soon(self, channel: str, feed_id: str, h: str) -> None:
+        key = (channel, feed_id, h)
+        pending = self._publish_pending.get(key)
+        if pending is not None:
+            pending.set()  # the running publisher goes round once more
+            return
+        self._publish_pending[key] = trio.Event()
+        self.nursery.start_soon(self._publisher, key)
+
+    async def _publisher(self, key: tuple[str, str, str]) -> None:
+        channel, feed_id, h = key
+        try:
+            while True:
+                self._publish_pending[key] = again = trio.Event()
+                try:
+                    await self.sync.publish(channel, feed_id, h)
+                except KacheryError as exc:
+                    log.warning("publishing feed %s… to %s: %s (retrying at the next append"
+                                " or mount)", feed_id[:12], channel, exc)
+                    return
+                if not again.is_set():
+                    return
+        finally:
+            self._publish_pending.pop(key, None)

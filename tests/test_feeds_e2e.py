@@ -1,0 +1,143 @@
+"""Feeds end to end: the owner appends on node A (through its mount and the CLI), node B
+reads through its mount and the CLI, live, with every message verified."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from kachery_fs.protocol import feed_prefix
+
+from .util import KFS, PERMS_ALL, HubProcess, kfs, mounted, node_env, require_fuse, wait_for
+
+pytestmark = pytest.mark.mount
+
+CH = "feeds.test"
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    require_fuse()
+    a, b = tmp_path / "node-a", tmp_path / "node-b"
+    a_id = kfs(a, "init").stdout.decode().strip()
+    b_id = kfs(b, "init").stdout.decode().strip()
+    hub = HubProcess(a, tmp_path / "hub").start()
+    try:
+        kfs(a, "hub", "channel", "create", CH, "--hub", hub.url)
+        kfs(a, "hub", "channel", "authorize", CH, a_id, "--permissions", PERMS_ALL,
+            "--hub", hub.url)
+        kfs(a, "hub", "channel", "authorize", CH, b_id, "--permissions", "requestFeeds",
+            "--hub", hub.url)
+        kfs(a, "join", hub.url, CH)
+        kfs(b, "join", hub.url, CH)
+        feed = kfs(a, "feed", "create", "--label", "test").stdout.decode().strip()
+        yield tmp_path, hub, a, b, b_id, feed
+    finally:
+        hub.stop()
+
+
+def published(node: Path, count: int) -> bool:
+    return f": {count} message(s) in the bucket" in (node / "mount-test.log").read_text()
+
+
+def test_append_on_a_read_and_follow_on_b(cluster):
+    base, hub, a, b, _, feed = cluster
+    ma, mb = base / "mnt-a", base / "mnt-b"
+    with mounted(a, ma), mounted(b, mb):
+        fa = ma / CH / "feeds" / feed / "results"
+        subprocess.run(f"echo '{{\"step\": 1}}' >> '{fa}'", shell=True, check=True)
+        fd = os.open(fa, os.O_WRONLY | os.O_APPEND)
+        try:  # a line that is not one JSON document: EINVAL, and nothing appended
+            with pytest.raises(OSError) as info:
+                os.write(fd, b'{"step": 2} trailing\n')
+        finally:
+            os.close(fd)
+        assert info.value.errno == 22
+        assert fa.read_bytes() == b'{"step":1}\n'
+        wait_for(lambda: published(a, 1), timeout=20, what="A to publish")
+        fb = mb / CH / "feeds" / feed / "results"
+        assert fb.read_bytes() == b'{"step":1}\n'
+        assert os.listdir(mb / CH / "feeds" / feed) == ["results"]
+        # tail -f on B sees what A appends next
+        tail = subprocess.Popen(["tail", "-f", "-n", "+1", str(fb)], stdout=subprocess.PIPE)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(
+            [tail.stdout.readline(), tail.stdout.readline()]))
+        reader.start()
+        try:
+            wait_for(lambda: lines or reader.is_alive(), timeout=5, what="tail to start")
+            subprocess.run(f"echo '{{\"step\": 3}}' >> '{fa}'", shell=True, check=True)
+            reader.join(timeout=20)
+            assert lines == [b'{"step":1}\n', b'{"step":3}\n']
+        finally:
+            tail.kill()
+            tail.wait()
+        # B does not own the feed
+        r = subprocess.run(f"echo '{{\"x\": 1}}' >> '{fb}'", shell=True, capture_output=True)
+        assert r.returncode != 0
+    # the CLI, on both sides
+    kfs(a, "feed", "append", f"feed://{feed}/results", '{"step": 4}')
+    out = kfs(b, "feed", "read", feed, "results").stdout
+    assert [json.loads(x) for x in out.splitlines()] == [{"step": 1}, {"step": 3}, {"step": 4}]
+
+
+def test_a_tampered_message_is_rejected_and_the_valid_prefix_kept(cluster):
+    base, hub, a, b, _, feed = cluster
+    for i in range(5):
+        kfs(a, "feed", "append", feed, "log", json.dumps({"i": i}))
+    h = __import__("hashlib").sha1(b"log").hexdigest()
+    prefix = hub.bucket_dir() / feed_prefix(CH, feed, h)
+    msg = json.loads((prefix / "3").read_text())
+    msg["body"]["message"] = {"i": 333}
+    (prefix / "3").write_text(json.dumps(msg))
+    for batch in (prefix / "batch").iterdir():  # the batch copies too
+        batch.unlink()
+    r = kfs(b, "feed", "read", feed, "log", check=False)
+    assert [json.loads(x) for x in r.stdout.splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
+
+
+def test_ten_thousand_messages_and_two_appenders(cluster):
+    base, hub, a, b, _, feed = cluster
+    ma, mb = base / "mnt-a", base / "mnt-b"
+    with mounted(a, ma), mounted(b, mb):
+        fa = ma / CH / "feeds" / feed / "big"
+        with open(fa, "ab") as f:
+            f.write(b"".join(b'{"n": %d}\n' % i for i in range(10_000)))
+        # two processes append at once; the chain stays valid
+        procs = [subprocess.Popen(["sh", "-c", f"for i in $(seq 50); do echo "
+                                   f"'{{\"p\": {p}}}' >> '{fa}'; done"]) for p in (1, 2)]
+        for p in procs:
+            assert p.wait(timeout=60) == 0
+        wait_for(lambda: published(a, 10_100), timeout=60, what="A to publish 10,100")
+        lines = (mb / CH / "feeds" / feed / "big").read_bytes().splitlines()
+        assert len(lines) == 10_100
+        assert [json.loads(x) for x in lines[:10_000]] == [{"n": i} for i in range(10_000)]
+        assert sorted(json.loads(x)["p"] for x in lines[10_000:]) == [1] * 50 + [2] * 50
+
+
+def test_without_request_feeds_b_is_refused(cluster):
+    base, hub, a, b, b_id, feed = cluster
+    kfs(a, "feed", "append", feed, "log", '{"x": 1}')
+    kfs(a, "hub", "channel", "authorize", CH, b_id, "--permissions", "requestFiles",
+        "--hub", hub.url)
+    r = kfs(b, "feed", "read", feed, "log", check=False)
+    assert r.returncode == 1 and "requestFeeds" in r.stderr.decode()
+
+
+def test_follow_with_the_cli(cluster):
+    base, hub, a, b, _, feed = cluster
+    kfs(a, "feed", "append", feed, "live", '{"x": 0}')
+    proc = subprocess.Popen([*KFS, "feed", "read", "--follow", f"feed://{feed}/live"],
+                            env=node_env(b), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline() == b'{"x":0}\n'
+        kfs(a, "feed", "append", feed, "live", '{"x": 1}')
+        assert proc.stdout.readline() == b'{"x":1}\n'
+    finally:
+        proc.kill()
+        proc.wait()
