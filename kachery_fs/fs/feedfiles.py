@@ -15,7 +15,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
-from ..errors import InvalidInput, KacheryError, NotFound, Unavailable
+from .._http import Backoff
+from ..errors import InvalidInput, KacheryError, NotFound, ProtocolError, Unavailable
 from ..feeds import message_line, parse_line, subfeed_hash
 from ..feedsync import FeedSync, feed_store
 from ..node import Node
@@ -193,15 +194,24 @@ class FeedFiles:
 
     async def _publisher(self, key: tuple[str, str, str]) -> None:
         channel, feed_id, h = key
+        backoff = Backoff(initial=1.0, maximum=60.0)
         try:
             while True:
                 self._publish_pending[key] = again = trio.Event()
                 try:
                     await self.sync.publish(channel, feed_id, h)
+                except (Unavailable, ProtocolError) as exc:  # the hub or bucket is away
+                    delay = backoff.next_delay(getattr(exc, "retry_after", None))
+                    log.warning("publishing feed %s… to %s: %s; retrying in %.0f s",
+                                feed_id[:12], channel, exc, delay)
+                    await trio.sleep(delay)
+                    continue
                 except KacheryError as exc:
-                    log.warning("publishing feed %s… to %s: %s (retrying at the next append"
-                                " or mount)", feed_id[:12], channel, exc)
+                    log.error("publishing feed %s… to %s refused: %s (the messages stay in"
+                              " this node's database; the next append retries)", feed_id[:12],
+                              channel, exc)
                     return
+                backoff.reset()
                 if not again.is_set():
                     return
         finally:
