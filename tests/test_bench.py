@@ -19,7 +19,8 @@ pytestmark = pytest.mark.mount
 BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
 EXPECTED = {
-    "meta": {"mode", "file_mib", "stream_mib", "request_mib", "request_repeats", "pids", "git",
+    "meta": {"mode", "file_mib", "stream_mib", "request_mib", "request_repeats",
+             "feed_append_messages", "feed_read_messages", "pids", "git",
              "page_cache_dropped", "mount_pids_verified_dev_fuse"},
     "cp": {"cp_MiB_per_s", "sha1sum_MiB_per_s", "ratio_cp_to_sha1sum",
            "in_bucket_seconds_from_cp_start", "committed_in_store_when_cp_returned"},
@@ -33,6 +34,11 @@ EXPECTED = {
     "request_throughput": {"MiB_per_s", "seconds", "ttfb_s", "split_s", "upload_MiB_per_s",
                            "download_MiB_per_s", "bucket_read_MiB_per_s",
                            "ratio_to_bucket_read", "in_store_b_after_read"},
+    "feed_append": {"feed_id", "messages", "seconds", "split_s", "lines_on_b", "content_on_b_ok",
+                    "content_on_a_ok", "cpu_during_append"},
+    "feed_cold_read": {"feed_id", "messages", "seconds", "lines_on_b", "content_on_b_ok",
+                       "warm_cat_seconds", "node_c_feed_read_seconds",
+                       "a_published_seconds_from_write_start", "cpu_during_cold_cat"},
 }
 
 
@@ -66,10 +72,20 @@ def test_bench_smoke(tmp_path):
     # The phase split comes from the mount and hub logs: every boundary was found.
     assert None not in flow["split_s"].values(), flow["split_s"]
     assert "mount -f" in data["memory"]["pid_cmdline"]
+    appended, cold = data["feed_append"], data["feed_cold_read"]
+    assert appended["messages"] == data["meta"]["feed_append_messages"] == 50
+    assert appended["lines_on_b"] == 51 and appended["content_on_b_ok"] is True
+    assert appended["content_on_a_ok"] is True
+    # Every boundary of the split was found (A's and the hub's logs, B's file).
+    assert None not in appended["split_s"].values(), appended["split_s"]
+    assert cold["messages"] == data["meta"]["feed_read_messages"] == 200
+    assert cold["lines_on_b"] == 200 and cold["content_on_b_ok"] is True
+    assert cold["feed_id"] == appended["feed_id"]
     for figure in (data["cp"]["cp_MiB_per_s"], data["local_read"]["mount"]["cold_MiB_per_s"],
                    data["bucket_read"]["mount_MiB_per_s"], data["memory"]["VmHWM_after_MiB"],
                    latency["request_median_s"], latency["bucket_median_s"],
-                   flow["MiB_per_s"], flow["bucket_read_MiB_per_s"]):
+                   flow["MiB_per_s"], flow["bucket_read_MiB_per_s"], appended["seconds"],
+                   cold["seconds"], cold["warm_cat_seconds"], cold["node_c_feed_read_seconds"]):
         assert isinstance(figure, (int, float)) and figure > 0
     assert data["table"], "no table rows"
     assert "measurement" in result.stdout.decode()
