@@ -91,8 +91,9 @@ class FeedSync:
     # -- the owner ---------------------------------------------------------------------------
 
     async def publish(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
-        """Upload the messages the bucket lacks, then the index, then tell the hub. Returns
-        the message count now in the bucket."""
+        """Upload what the bucket lacks, a batch of up to 500 at a time: the batch object and
+        the index, then tell the hub (watchers fetch now), then the single-message objects.
+        Returns the message count now in the bucket."""
         ch = self.node.channel(channel)
         hub = self.node.hub(ch.hub_url)
         key = self.store.key(feed_id)
@@ -115,19 +116,19 @@ class FeedSync:
             batches.append([start, end])
             index = json.dumps({"messageCount": end, "batches": batches},
                                separators=(",", ":")).encode()
-            urls = await hub.call("feedUploadUrls", cosign=key, start=start,
-                                  sizes=[len(b) for b in bodies], indexSize=len(index),
-                                  batch=[start, end, len(batch_body)], **ids)
-            signed = [SignedRequest.from_json(u) for u in urls["messages"]]
-            jobs = [lambda s=s, b=b: _put(self.node.client, s, b)
-                    for s, b in zip(signed, bodies, strict=True)]
-            if urls.get("batch"):
-                jobs.append(partial(_put, self.node.client,
-                                    SignedRequest.from_json(urls["batch"]), batch_body))
-            await _gather(jobs)
-            if urls.get("index"):
-                await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
+            # The batch object and the index first, and tell the hub: watching nodes read
+            # batches, so they have the messages while the single objects (which kachery's
+            # own readers use) go up after.
+            urls = await hub.call("feedUploadUrls", cosign=key, start=start, sizes=[],
+                                  indexSize=len(index), batch=[start, end, len(batch_body)],
+                                  **ids)
+            await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
+            await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
             await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
+            urls = await hub.call("feedUploadUrls", cosign=key, start=start,
+                                  sizes=[len(b) for b in bodies], **ids)
+            await _gather([partial(_put, self.node.client, SignedRequest.from_json(u), b)
+                           for u, b in zip(urls["messages"], bodies, strict=True)])
             start = end
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
                  subfeed_hash[:12], local, channel)

@@ -103,6 +103,20 @@ def test_tampered_message_keeps_valid_prefix():
     assert "message 3" in verify_messages(TEST_ID, bad).problem
 
 
+def test_long_runs_are_checked_on_threads_with_the_same_outcome():
+    from kachery_fs import feeds
+
+    n = feeds.PARALLEL_VERIFY_MIN + 100
+    msgs = chain(TEST_KEY, [{"i": i} for i in range(n)])
+    assert verify_messages(TEST_ID, msgs) == (msgs, None)
+    bad = copy.deepcopy(msgs)
+    bad[n // 2]["body"]["message"]["i"] = -1
+    bad[n - 3] = "garbage"
+    valid, problem = verify_messages(TEST_ID, bad)
+    assert valid == msgs[:n // 2]
+    assert problem.startswith(f"message {n // 2}:") and "signature" in problem
+
+
 def test_wrong_numbering():
     msgs = chain(TEST_KEY, ["a", "b", "c"])
     body = dict(msgs[1]["body"], messageNumber=5)
