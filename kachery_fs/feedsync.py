@@ -107,29 +107,29 @@ class FeedSync:
                                f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json",
                                bust=True)
         batches = _batches_of(old_index)
-        start = remote
-        while start < local:
-            end = min(start + BATCH, local)
+        # First every batch object with its index, telling the hub after each (watching
+        # nodes read batches, so they have the messages at once); then the single-message
+        # objects that kachery's own readers use.
+        runs = [(a, min(a + BATCH, local)) for a in range(remote, local, BATCH)]
+        for start, end in runs:
             messages = self.store.messages(feed_id, subfeed_hash, start, end)
-            bodies = [canonical_json(m).encode() for m in messages]
-            batch_body = ("[" + ",".join(b.decode() for b in bodies) + "]").encode()
+            batch_body = ("[" + ",".join(canonical_json(m) for m in messages) + "]").encode()
             batches.append([start, end])
             index = json.dumps({"messageCount": end, "batches": batches},
                                separators=(",", ":")).encode()
-            # The batch object and the index first, and tell the hub: watching nodes read
-            # batches, so they have the messages while the single objects (which kachery's
-            # own readers use) go up after.
             urls = await hub.call("feedUploadUrls", cosign=key, start=start, sizes=[],
                                   indexSize=len(index), batch=[start, end, len(batch_body)],
                                   **ids)
             await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
             await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
+        for start, end in runs:
+            bodies = [canonical_json(m).encode()
+                      for m in self.store.messages(feed_id, subfeed_hash, start, end)]
             urls = await hub.call("feedUploadUrls", cosign=key, start=start,
                                   sizes=[len(b) for b in bodies], **ids)
             await _gather([partial(_put, self.node.client, SignedRequest.from_json(u), b)
                            for u, b in zip(urls["messages"], bodies, strict=True)])
-            start = end
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
                  subfeed_hash[:12], local, channel)
         return local
@@ -155,24 +155,25 @@ class FeedSync:
         local = self.store.count(feed_id, subfeed_hash)
         if count <= local:
             return 0, None
+        # The batches that cover what we lack, fetched together; single messages after.
+        wanted, position = [], local
+        for b in sorted(_batches_of(index)):
+            if b[0] <= position < b[1] <= count:
+                wanted.append(b)
+                position = b[1]
+        bodies = await _gather([partial(_get, self.node.client, f"{base}/batch/{a}-{b}")
+                                for a, b in wanted])
         messages: list = []
         position = local
-        # Whole batches where they cover what we lack, single messages for the rest.
-        while position < count:
-            batch = next((b for b in _batches_of(index) if b[0] <= position < b[1]), None)
-            if batch is None:
-                break
-            data = await _get(self.node.client, f"{base}/batch/{batch[0]}-{batch[1]}")
-            if data is None:
-                break
+        for (a, b), data in zip(wanted, bodies, strict=True):
             try:
-                got = json.loads(data)
+                got = json.loads(data) if data is not None else None
             except ValueError:
-                break
-            if not isinstance(got, list):
-                break
-            messages.extend(got[position - batch[0]:])
-            position = batch[0] + len(got)
+                got = None
+            if not isinstance(got, list) or len(got) != b - a:
+                break  # the rest from single objects
+            messages.extend(got[position - a:])
+            position = b
         if position < count:
             rest = await _gather([
                 lambda i=i: _get(self.node.client, f"{base}/{i}")
