@@ -96,8 +96,33 @@ def _write(obj, out: list[str]) -> None:
         raise InvalidInput(f"{type(obj).__name__} has no JSON representation")
 
 
+def _plain(obj) -> bool:
+    """True when ``json.dumps(sort_keys=True)`` gives the canonical text: no floats (JS
+    number formatting), no integers beyond JS's safe range, and only string keys below
+    U+10000 (where code-point order is UTF-16 order)."""
+    t = type(obj)
+    if t is str or obj is None or t is bool:
+        return True
+    if t is int:
+        return -MAX_SAFE_INTEGER <= obj <= MAX_SAFE_INTEGER
+    if t is dict:
+        for k, v in obj.items():
+            if type(k) is not str or (k and max(k) >= "\U00010000") or not _plain(v):
+                return False
+        return True
+    if t is list or t is tuple:
+        return all(_plain(v) for v in obj)
+    return False
+
+
+_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"),
+                          allow_nan=False).encode
+
+
 def canonical_json(obj) -> str:
     """The canonical JSON text of ``obj`` (encode as UTF-8 before hashing)."""
+    if _plain(obj):  # the common case, in C
+        return _dumps(obj)
     out: list[str] = []
     _write(obj, out)
     return "".join(out)

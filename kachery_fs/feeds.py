@@ -342,8 +342,11 @@ def _signatures_ok(feed_id: str, signed_messages) -> list[bool | None]:
     workers = min(4, os.cpu_count() or 1)
     if workers < 2 or len(signed_messages) < PARALLEL_VERIFY_MIN:
         return [None] * len(signed_messages)  # checked one by one, in order
+    step = -(-len(signed_messages) // workers)
+    slices = [signed_messages[i:i + step] for i in range(0, len(signed_messages), step)]
     with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(check, signed_messages, chunksize=64))
+        return [ok for part in pool.map(lambda msgs: [check(m) for m in msgs], slices)
+                for ok in part]
 
 
 def _verify(feed_id, signed_messages, start, previous_signature) -> tuple[list, str | None]:

@@ -6,6 +6,8 @@ import os
 import stat
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kachery_fs.canonical import canonical_json, canonical_sha1
 from kachery_fs.errors import InvalidInput, NotFound, PermissionDenied
@@ -176,3 +178,18 @@ def test_hash_helpers():
     assert is_sha1(HELLO) and is_sha1(HELLO.upper()) and not is_sha1(HELLO + "a")
     assert normalize_sha1(HELLO.upper()) == HELLO
     assert pathify(HELLO) == f"94/3a/70/{HELLO}"
+
+
+_json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53) + 1, 2**53 - 1) | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20)
+
+
+@given(_json_values)
+def test_the_fast_path_gives_the_same_text_as_the_js_algorithm(value):
+    from kachery_fs.canonical import _write
+
+    out: list[str] = []
+    _write(value, out)
+    assert canonical_json(value) == "".join(out)
