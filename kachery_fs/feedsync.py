@@ -134,6 +134,11 @@ class FeedSync:
                  subfeed_hash[:12], local, channel)
         return local
 
+    async def _singles(self, base: str, start: int, end: int) -> list:
+        """Messages ``start..end-1`` from their single objects (up to the first missing)."""
+        return _parse_all(await _gather([partial(_get, self.node.client, f"{base}/{i}")
+                                         for i in range(start, end)]))
+
     # -- readers -----------------------------------------------------------------------------
 
     async def fetch(self, channel: str, feed_id: str, subfeed_hash: str, *,
@@ -175,22 +180,37 @@ class FeedSync:
             messages.extend(got[position - a:])
             position = b
         if position < count:
-            rest = await _gather([
-                lambda i=i: _get(self.node.client, f"{base}/{i}")
-                for i in range(position, count)])
-            for data in rest:
-                if data is None:
-                    break
-                try:
-                    messages.append(json.loads(data))
-                except ValueError:
-                    messages.append(None)  # add_signed reports it, keeps the prefix
+            messages += await self._singles(base, position, count)
         added, problem = await trio.to_thread.run_sync(
             lambda: self.store.add_signed(feed_id, subfeed_hash, messages, local, name=name))
+        if problem and wanted and local + added < position:
+            # A bad batch object: the single-message objects may be sound.
+            log.warning("feed %s subfeed %s in channel %s: a batch object is bad (%s);"
+                        " reading single messages", feed_id, subfeed_hash, channel, problem)
+            resume = local + added
+            singles = await self._singles(base, resume, count)
+            more, problem = await trio.to_thread.run_sync(
+                lambda: self.store.add_signed(feed_id, subfeed_hash, singles, resume,
+                                              name=name))
+            added += more
         if problem:
             log.warning("feed %s subfeed %s in channel %s: %s (kept the %d valid message(s)"
                         " before it)", feed_id, subfeed_hash, channel, problem, local + added)
         return added, problem
+
+
+def _parse_all(bodies: list) -> list:
+    """JSON of each body up to the first missing one; unparsable ones become None (which
+    ``add_signed`` reports, keeping the prefix before it)."""
+    out = []
+    for data in bodies:
+        if data is None:
+            break
+        try:
+            out.append(json.loads(data))
+        except ValueError:
+            out.append(None)
+    return out
 
 
 def _count_of(index: bytes) -> int:

@@ -92,12 +92,27 @@ def test_a_tampered_message_is_rejected_and_the_valid_prefix_kept(cluster):
         kfs(a, "feed", "append", feed, "log", json.dumps({"i": i}))
     h = __import__("hashlib").sha1(b"log").hexdigest()
     prefix = hub.bucket_dir() / feed_prefix(CH, feed, h)
-    msg = json.loads((prefix / "3").read_text())
-    msg["body"]["message"] = {"i": 333}
-    (prefix / "3").write_text(json.dumps(msg))
-    for batch in (prefix / "batch").iterdir():  # the batch copies too
-        batch.unlink()
+    # A tampered batch object: the reader falls back on the single-message objects.
+    for batch in (prefix / "batch").iterdir():
+        first, end = map(int, batch.name.split("-"))
+        if first <= 3 < end:
+            msgs = json.loads(batch.read_text())
+            msgs[3 - first]["body"]["message"] = {"i": 333}
+            batch.write_text(json.dumps(msgs))
     r = kfs(b, "feed", "read", feed, "log", check=False)
+    assert [json.loads(x) for x in r.stdout.splitlines()] == [{"i": i} for i in range(5)]
+    # A tampered single message, with no batch to fall back on: the valid prefix only.
+    kfs(a, "feed", "append", feed, "log2", '{"i": 0}')
+    for i in range(1, 5):
+        kfs(a, "feed", "append", feed, "log2", json.dumps({"i": i}))
+    prefix2 = hub.bucket_dir() / feed_prefix(CH, feed, __import__("hashlib").sha1(b"log2")
+                                             .hexdigest())
+    msg = json.loads((prefix2 / "3").read_text())
+    msg["body"]["message"] = {"i": 333}
+    (prefix2 / "3").write_text(json.dumps(msg))
+    for batch in (prefix2 / "batch").iterdir():
+        batch.unlink()
+    r = kfs(b, "feed", "read", feed, "log2", check=False)
     assert [json.loads(x) for x in r.stdout.splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
 
 
