@@ -132,6 +132,9 @@ def check_bucket_name(bucket: str) -> str:
     return bucket
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_key(key: str) -> str:
     """``key`` if it can name an object file, else InvalidInput.
 
@@ -140,7 +143,7 @@ def check_key(key: str) -> str:
     """
     if not isinstance(key, str) or not key or len(key.encode("utf-8", "replace")) > 1024:
         raise InvalidInput(f"invalid object key {key!r}")
-    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+    if _CONTROL.search(key):
         raise InvalidInput(f"invalid object key {key!r}: control character")
     if any(segment in ("", ".", "..") for segment in key.split("/")):
         raise InvalidInput(f"invalid object key {key!r}: empty, '.' or '..' path segment")
