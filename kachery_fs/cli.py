@@ -321,7 +321,8 @@ async def _feed_append(args) -> int:
             signed = await trio.to_thread.run_sync(store.append, feed_id, subfeed, [value])
             number = signed[0]["body"]["messageNumber"]
             channel = _pick_channel(node, args.channel)
-            count = await FeedSync(node, store).publish(channel, feed_id, subfeed_hash(subfeed))
+            _, count = await FeedSync(node, store).publish(channel, feed_id,
+                                                           subfeed_hash(subfeed))
         print(f"appended message {number}; {count} in the bucket of {channel}")
     finally:
         await node.aclose()

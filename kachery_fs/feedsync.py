@@ -90,10 +90,13 @@ class FeedSync:
 
     # -- the owner ---------------------------------------------------------------------------
 
-    async def publish(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
-        """Upload what the bucket lacks, a batch of up to 500 at a time: the batch object and
-        the index, then tell the hub (watchers fetch now), then the single-message objects.
-        Returns the message count now in the bucket."""
+    async def publish(self, channel: str, feed_id: str, subfeed_hash: str, *,
+                      singles: bool = True) -> tuple[int, int]:
+        """Publish what the bucket lacks, a batch of up to 500 messages at a time: the batch
+        object and the index, then tell the hub (watching nodes fetch at once). Then, with
+        ``singles``, the single-message objects that kachery's own readers use (else the
+        caller runs :meth:`upload_singles` itself, when it suits). Returns the message
+        counts in the bucket before and after."""
         ch = self.node.channel(channel)
         hub = self.node.hub(ch.hub_url)
         key = self.store.key(feed_id)
@@ -102,16 +105,13 @@ class FeedSync:
             "messageCount"]
         local = self.store.count(feed_id, subfeed_hash)
         if local <= remote:
-            return remote
+            return remote, remote
         old_index = await _get(self.node.client, f"{ch.bucket_base_url}/"
                                f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json",
                                bust=True)
         batches = _batches_of(old_index)
-        # First every batch object with its index, telling the hub after each (watching
-        # nodes read batches, so they have the messages at once); then the single-message
-        # objects that kachery's own readers use.
-        runs = [(a, min(a + BATCH, local)) for a in range(remote, local, BATCH)]
-        for start, end in runs:
+        for start in range(remote, local, BATCH):
+            end = min(start + BATCH, local)
             messages = self.store.messages(feed_id, subfeed_hash, start, end)
             batch_body = ("[" + ",".join(canonical_json(m) for m in messages) + "]").encode()
             batches.append([start, end])
@@ -123,16 +123,28 @@ class FeedSync:
             await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
             await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
-        for start, end in runs:
+        log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
+                  subfeed_hash[:12], local, channel)
+        if singles:
+            await self.upload_singles(channel, feed_id, subfeed_hash, remote, local)
+        return remote, local
+
+    async def upload_singles(self, channel: str, feed_id: str, subfeed_hash: str, start: int,
+                             end: int) -> None:
+        """The single-message objects ``start..end-1`` (kachery's layout)."""
+        hub = self.node.hub(self.node.channel(channel).hub_url)
+        key = self.store.key(feed_id)
+        ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
+        for a in range(start, end, BATCH):
+            b = min(a + BATCH, end)
             bodies = [canonical_json(m).encode()
-                      for m in self.store.messages(feed_id, subfeed_hash, start, end)]
-            urls = await hub.call("feedUploadUrls", cosign=key, start=start,
-                                  sizes=[len(b) for b in bodies], **ids)
-            await _gather([partial(_put, self.node.client, SignedRequest.from_json(u), b)
-                           for u, b in zip(urls["messages"], bodies, strict=True)])
+                      for m in self.store.messages(feed_id, subfeed_hash, a, b)]
+            urls = await hub.call("feedUploadUrls", cosign=key, start=a,
+                                  sizes=[len(x) for x in bodies], **ids)
+            await _gather([partial(_put, self.node.client, SignedRequest.from_json(u), x)
+                           for u, x in zip(urls["messages"], bodies, strict=True)])
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
-                 subfeed_hash[:12], local, channel)
-        return local
+                 subfeed_hash[:12], end, channel)
 
     async def _singles(self, base: str, start: int, end: int) -> list:
         """Messages ``start..end-1`` from their single objects (up to the first missing)."""

@@ -128,8 +128,11 @@ def test_ten_thousand_messages_and_two_appenders(cluster):
                                    f"'{{\"p\": {p}}}' >> '{fa}'; done"]) for p in (1, 2)]
         for p in procs:
             assert p.wait(timeout=60) == 0
-        wait_for(lambda: published(a, 10_100), timeout=60, what="A to publish 10,100")
-        lines = (mb / CH / "feeds" / feed / "big").read_bytes().splitlines()
+        # B reads the batch objects, announced before the 10,100 single objects are up
+        fb = mb / CH / "feeds" / feed / "big"
+        wait_for(lambda: fb.read_bytes().count(b"\n") == 10_100, timeout=120, interval=0.5,
+                 what="B to have all 10,100 messages")
+        lines = fb.read_bytes().splitlines()
         assert len(lines) == 10_100
         assert [json.loads(x) for x in lines[:10_000]] == [{"n": i} for i in range(10_000)]
         assert sorted(json.loads(x)["p"] for x in lines[10_000:]) == [1] * 50 + [2] * 50
@@ -156,3 +159,16 @@ def test_follow_with_the_cli(cluster):
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_owners_mount_shows_lines_appended_by_the_cli(cluster):
+    base, hub, a, b, _, feed = cluster
+    ma = base / "mnt-a"
+    kfs(a, "feed", "append", feed, "notes", '{"n": 1}')
+    with mounted(a, ma):
+        f = ma / CH / "feeds" / feed / "notes"
+        assert f.read_bytes() == b'{"n":1}\n'
+        kfs(a, "feed", "append", feed, "notes", '{"n": 2}')
+        wait_for(lambda: os.stat(f).st_size == 16, timeout=20,
+                 what="the owner's mount to show the appended line")
+        assert f.read_bytes() == b'{"n":1}\n{"n":2}\n'

@@ -42,9 +42,12 @@ class FeedFiles:
         self._watch_changed: dict[str, trio.Event] = {}
         self._cache: dict[tuple[str, str], tuple[int, bytes]] = {}
         self._publish_pending: dict[tuple[str, str, str], trio.Event] = {}
+        self._singles_queue: dict[tuple[str, str, str], list[tuple[int, int]]] = {}
         self._fetch_locks: dict[tuple[str, str, str], trio.Lock] = {}
         # Subfeeds of owned feeds created (opened for appending) but still empty.
         self._created: set[tuple[str, str]] = set()
+        # The size of each watched file as the kernel was last told it.
+        self._known: dict[tuple[str, str], int] = {}
 
     def created(self, feed_id: str, name: str) -> None:
         self._created.add((feed_id, subfeed_hash(name)))
@@ -96,7 +99,13 @@ class FeedFiles:
         elif (self.store.count(feed_id, h) == 0 and (feed_id, h) not in self._created
               and name not in self.subfeed_names(feed_id)):
             raise NotFound(f"feed {feed_id[:12]}… has no subfeed {name!r} yet")
-        return len(self.content(feed_id, name))
+        elif "requestFeeds" in self.node.db.channel(channel).permissions:
+            # The owner watches too: lines appended by another process (`kachery-fs feed
+            # append`) then show in this mount when they are published.
+            self._watch(channel, feed_id, h, name)
+        size = len(self.content(feed_id, name))
+        self._known[(feed_id, h)] = size
+        return size
 
     async def _first_fetch(self, channel: str, feed_id: str, h: str, name: str) -> None:
         try:
@@ -137,14 +146,16 @@ class FeedFiles:
                 name = self._watched[channel].get(key)
                 if name is None:
                     continue
-                old = len(self.content(key[0], name))
-                try:
-                    await self.sync.fetch(channel, key[0], key[1],
-                                          name=None if name.startswith("~") else name)
-                except KacheryError as exc:
-                    log.warning("fetching feed %s… subfeed %s: %s", key[0][:12], name, exc)
+                old = self._known.get(key, len(self.content(key[0], name)))
+                if not self.owned(key[0]):
+                    try:
+                        await self.sync.fetch(channel, key[0], key[1],
+                                              name=None if name.startswith("~") else name)
+                    except KacheryError as exc:
+                        log.warning("fetching feed %s… subfeed %s: %s", key[0][:12], name, exc)
                 new = self.content(key[0], name)
                 if len(new) > old and self.on_grow is not None:
+                    self._known[key] = len(new)
                     await self.on_grow(channel, key[0], name, old, new[old:])
 
     async def _poll(self, hub, channel: str, subs: list, changed: trio.Event) -> dict | None:
@@ -181,7 +192,37 @@ class FeedFiles:
         if not values:
             return
         await trio.to_thread.run_sync(self.store.append, feed_id, name, values)
-        self._publish_soon(channel, feed_id, subfeed_hash(name))
+        h = subfeed_hash(name)
+        self._known[(feed_id, h)] = len(self.content(feed_id, name))  # the kernel saw them
+        self._publish_soon(channel, feed_id, h)
+
+    def _singles_later(self, key: tuple[str, str, str], start: int, end: int) -> None:
+        """Queue the single-message objects ``start..end-1``: they go up after the batches,
+        one range at a time per subfeed, so that new messages are never held behind them."""
+        queue = self._singles_queue.setdefault(key, [])
+        queue.append((start, end))
+        if len(queue) == 1:
+            self.nursery.start_soon(self._singles_worker, key)
+
+    async def _singles_worker(self, key: tuple[str, str, str]) -> None:
+        channel, feed_id, h = key
+        queue = self._singles_queue[key]
+        backoff = Backoff(initial=1.0, maximum=60.0)
+        while queue:
+            start, end = queue[0]
+            try:
+                await self.sync.upload_singles(channel, feed_id, h, start, end)
+            except (Unavailable, ProtocolError) as exc:
+                delay = backoff.next_delay(getattr(exc, "retry_after", None))
+                log.warning("uploading single messages of feed %s… to %s: %s; retrying in"
+                            " %.0f s", feed_id[:12], channel, exc, delay)
+                await trio.sleep(delay)
+                continue
+            except KacheryError as exc:
+                log.error("uploading single messages of feed %s… to %s refused: %s",
+                          feed_id[:12], channel, exc)
+            backoff.reset()
+            queue.pop(0)
 
     def _publish_soon(self, channel: str, feed_id: str, h: str) -> None:
         key = (channel, feed_id, h)
@@ -199,7 +240,10 @@ class FeedFiles:
             while True:
                 self._publish_pending[key] = again = trio.Event()
                 try:
-                    await self.sync.publish(channel, feed_id, h)
+                    before, after = await self.sync.publish(channel, feed_id, h,
+                                                            singles=False)
+                    if after > before:
+                        self._singles_later(key, before, after)
                 except (Unavailable, ProtocolError) as exc:  # the hub or bucket is away
                     delay = backoff.next_delay(getattr(exc, "retry_after", None))
                     log.warning("publishing feed %s… to %s: %s; retrying in %.0f s",
