@@ -16,7 +16,14 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from .._http import Backoff
-from ..errors import InvalidInput, KacheryError, NotFound, ProtocolError, Unavailable
+from ..errors import (
+    InvalidInput,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+    ProtocolError,
+    Unavailable,
+)
 from ..feeds import message_line, parse_line, subfeed_hash
 from ..feedsync import FeedSync, feed_store
 from ..node import Node
@@ -168,6 +175,9 @@ class FeedFiles:
                     with trio.fail_after(WATCH_WAIT_S + 30):
                         answer = await hub.call("watchFeeds", wait_s=WATCH_WAIT_S,
                                                 channel=channel, subscriptions=subs)
+                except PermissionDenied as exc:  # until the owner grants requestFeeds
+                    log.warning("watching feeds on %s: %s; trying again in 30 s", channel, exc)
+                    await trio.sleep(30)
                 except (KacheryError, trio.TooSlowError) as exc:
                     log.info("watching feeds on %s: %s; retrying in 2 s", channel, exc)
                     await trio.sleep(2)
