@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from collections.abc import Callable
 from functools import partial
 
 import httpx
@@ -91,12 +92,15 @@ class FeedSync:
     # -- the owner ---------------------------------------------------------------------------
 
     async def publish(self, channel: str, feed_id: str, subfeed_hash: str, *,
-                      singles: bool = True) -> tuple[int, int]:
+                      singles: bool = True,
+                      on_announced: Callable[[int, int], None] | None = None
+                      ) -> tuple[int, int]:
         """Publish what the bucket lacks, a batch of up to 500 messages at a time: the batch
         object and the index, then tell the hub (watching nodes fetch at once). Then, with
         ``singles``, the single-message objects that kachery's own readers use (else the
         caller runs :meth:`upload_singles` itself, when it suits). Returns the message
-        counts in the bucket before and after."""
+        counts in the bucket before and after. ``on_announced(start, end)`` is called as
+        each batch is announced (so that a caller can remember the single objects due)."""
         ch = self.node.channel(channel)
         hub = self.node.hub(ch.hub_url)
         key = self.store.key(feed_id)
@@ -123,6 +127,8 @@ class FeedSync:
             await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
             await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
+            if on_announced is not None:
+                on_announced(start, end)
         log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
                   subfeed_hash[:12], local, channel)
         if singles:

@@ -58,6 +58,14 @@ CREATE TABLE IF NOT EXISTS entries (
     mtime_ns INTEGER NOT NULL,
     UNIQUE (channel, parent, name)
 );
+CREATE TABLE IF NOT EXISTS feed_singles (
+    channel TEXT NOT NULL,
+    feed_id TEXT NOT NULL,
+    subfeed_hash TEXT NOT NULL,
+    done INTEGER NOT NULL,        -- single-message objects uploaded: [0, done)
+    target INTEGER NOT NULL,      -- announced: [0, target)
+    PRIMARY KEY (channel, feed_id, subfeed_hash)
+);
 """
 
 
@@ -197,6 +205,28 @@ class NodeDB:
             "SELECT DISTINCT e.channel, e.sha1, e.size FROM entries e WHERE e.sha1 IS NOT NULL"
             " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.channel = e.channel"
             " AND u.sha1 = e.sha1)")
+        return rows.fetchall()
+
+    # -- feed single-message objects still to upload --------------------------------------
+
+    def feed_singles_due(self, channel: str, feed_id: str, subfeed_hash: str,
+                         start: int, end: int) -> None:
+        """Messages ``start..end-1`` were announced; their single objects are due."""
+        self._db.execute(
+            "INSERT INTO feed_singles (channel, feed_id, subfeed_hash, done, target)"
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(channel, feed_id, subfeed_hash) DO UPDATE"
+            " SET target = MAX(target, excluded.target)",
+            (channel, feed_id, subfeed_hash, start, end))
+
+    def feed_singles_done(self, channel: str, feed_id: str, subfeed_hash: str,
+                          end: int) -> None:
+        self._db.execute(
+            "UPDATE feed_singles SET done = MAX(done, ?) WHERE channel = ? AND feed_id = ?"
+            " AND subfeed_hash = ?", (end, channel, feed_id, subfeed_hash))
+
+    def feed_singles_pending(self) -> list[tuple[str, str, str, int, int]]:
+        rows = self._db.execute("SELECT channel, feed_id, subfeed_hash, done, target FROM"
+                                " feed_singles WHERE done < target")
         return rows.fetchall()
 
     def requeue_failed(self) -> int:

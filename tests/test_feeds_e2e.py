@@ -172,3 +172,23 @@ def test_the_owners_mount_shows_lines_appended_by_the_cli(cluster):
         wait_for(lambda: os.stat(f).st_size == 16, timeout=20,
                  what="the owner's mount to show the appended line")
         assert f.read_bytes() == b'{"n":1}\n{"n":2}\n'
+
+
+def test_single_objects_left_by_a_stopped_mount_are_uploaded_at_the_next(cluster):
+    base, hub, a, b, _, feed = cluster
+    ma = base / "mnt-a"
+    h = __import__("hashlib").sha1(b"many").hexdigest()
+    prefix = hub.bucket_dir() / feed_prefix(CH, feed, h)
+    with mounted(a, ma):
+        with open(ma / CH / "feeds" / feed / "many", "ab") as f:
+            f.write(b"".join(b'{"n": %d}\n' % i for i in range(3000)))
+        # stop as soon as everything is announced (the batches are up)
+        wait_for(lambda: (prefix / "batch" / "2500-3000").exists(), timeout=60,
+                 what="the batches to be announced")
+    singles = [p for p in prefix.iterdir() if p.name.isdigit()]
+    assert len(singles) < 3000  # the stopped mount had not finished them
+    with mounted(a, ma):
+        wait_for(lambda: sum(p.name.isdigit() for p in prefix.iterdir()) == 3000,
+                 timeout=120, interval=0.5, what="the single objects to be uploaded")
+    got = [json.loads((prefix / str(i)).read_text())["body"]["message"] for i in (0, 2999)]
+    assert got == [{"n": 0}, {"n": 2999}]

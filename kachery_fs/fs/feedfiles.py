@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from functools import partial
 
 import trio
 
@@ -209,6 +210,7 @@ class FeedFiles:
     def _singles_later(self, key: tuple[str, str, str], start: int, end: int) -> None:
         """Queue the single-message objects ``start..end-1``: they go up after the batches,
         one range at a time per subfeed, so that new messages are never held behind them."""
+        self.node.db.feed_singles_due(*key, start, end)
         queue = self._singles_queue.setdefault(key, [])
         queue.append((start, end))
         if len(queue) == 1:
@@ -231,8 +233,18 @@ class FeedFiles:
             except KacheryError as exc:
                 log.error("uploading single messages of feed %s… to %s refused: %s",
                           feed_id[:12], channel, exc)
+            else:
+                self.node.db.feed_singles_done(*key, end)
             backoff.reset()
             queue.pop(0)
+
+    def resume_singles(self) -> None:
+        """At mount: the single objects a stopped mount had not uploaded yet."""
+        for channel, feed_id, h, done, target in self.node.db.feed_singles_pending():
+            if self.owned(feed_id):
+                log.info("feed %s…: uploading the single objects of messages %d..%d",
+                         feed_id[:12], done, target - 1)
+                self._singles_later((channel, feed_id, h), done, target)
 
     def _publish_soon(self, channel: str, feed_id: str, h: str) -> None:
         key = (channel, feed_id, h)
@@ -250,8 +262,9 @@ class FeedFiles:
             while True:
                 self._publish_pending[key] = again = trio.Event()
                 try:
-                    before, after = await self.sync.publish(channel, feed_id, h,
-                                                            singles=False)
+                    before, after = await self.sync.publish(
+                        channel, feed_id, h, singles=False,
+                        on_announced=partial(self.node.db.feed_singles_due, *key))
                     if after > before:
                         self._singles_later(key, before, after)
                 except (Unavailable, ProtocolError) as exc:  # the hub or bucket is away
