@@ -224,9 +224,10 @@ class NodeDB:
             "UPDATE feed_singles SET done = MAX(done, ?) WHERE channel = ? AND feed_id = ?"
             " AND subfeed_hash = ?", (end, channel, feed_id, subfeed_hash))
 
-    def feed_singles_pending(self) -> list[tuple[str, str, str, int, int]]:
+    def feed_singles(self) -> list[tuple[str, str, str, int, int]]:
+        """(channel, feed id, subfeed hash, done, target) of every subfeed published here."""
         rows = self._db.execute("SELECT channel, feed_id, subfeed_hash, done, target FROM"
-                                " feed_singles WHERE done < target")
+                                " feed_singles")
         return rows.fetchall()
 
     def requeue_failed(self) -> int:

@@ -238,13 +238,17 @@ class FeedFiles:
             backoff.reset()
             queue.pop(0)
 
-    def resume_singles(self) -> None:
-        """At mount: the single objects a stopped mount had not uploaded yet."""
-        for channel, feed_id, h, done, target in self.node.db.feed_singles_pending():
-            if self.owned(feed_id):
+    def resume_publishing(self) -> None:
+        """At mount: finish what a stopped mount left of publishing its owned subfeeds (a
+        batch not yet announced, single objects not yet uploaded)."""
+        for channel, feed_id, h, done, target in self.node.db.feed_singles():
+            if not self.owned(feed_id):
+                continue
+            if done < target:
                 log.info("feed %s…: uploading the single objects of messages %d..%d",
                          feed_id[:12], done, target - 1)
                 self._singles_later((channel, feed_id, h), done, target)
+            self._publish_soon(channel, feed_id, h)  # one hub call when nothing is left
 
     def _publish_soon(self, channel: str, feed_id: str, h: str) -> None:
         key = (channel, feed_id, h)

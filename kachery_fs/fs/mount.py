@@ -66,7 +66,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider,
                          feeds=feeds)
         feeds.on_grow = ops.feed_grew
-        feeds.resume_singles()
+        feeds.resume_publishing()
         options = set(pyfuse3.default_options)
         options.add("fsname=kachery-fs")
         options.add("subtype=kachery")
