@@ -39,6 +39,7 @@ from .errors import (
     NotFound,
     ProtocolError,
     Unavailable,
+    leaves,
 )
 from .protocol import object_key
 from .store import Store
@@ -104,15 +105,6 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
     return b"".join(parts)
 
 
-def _leaves(exc: BaseException):
-    """The exceptions inside (nested) exception groups, in order; ``exc`` if not a group."""
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaves(inner)
-    else:
-        yield exc
-
-
 class Download:
     """One object being fetched into the local store; shared by every reader of that hash."""
 
@@ -160,15 +152,15 @@ class Download:
         except Exception as exc:
             # Errors of the fetch workers arrive wrapped in (nested) exception groups:
             # the download's error is the project error inside, as if raised directly.
-            leaves = list(_leaves(exc))
-            error = next((e for e in leaves if isinstance(e, KacheryError)), None)
-            if not all(isinstance(e, KacheryError) for e in leaves):
+            found = list(leaves(exc))
+            error = next((e for e in found if isinstance(e, KacheryError)), None)
+            if not all(isinstance(e, KacheryError) for e in found):
                 # A bug: show it, and keep readers from hanging.
                 log.exception("download of sha1://%s from %s failed unexpectedly", self.sha1,
                               self.url)
             if error is None:
                 error = Unavailable(f"download of sha1://{self.sha1} failed: internal error"
-                                    f" ({type(leaves[0]).__name__}: {leaves[0]})")
+                                    f" ({type(found[0]).__name__}: {found[0]})")
             else:
                 log.warning("download of sha1://%s from %s failed: %s", self.sha1, self.url,
                             error)

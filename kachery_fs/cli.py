@@ -21,7 +21,7 @@ import trio
 
 from . import __version__
 from .config import DEFAULT_HUB_PORT, node_dir
-from .errors import InvalidInput, KacheryError, NotFound
+from .errors import InvalidInput, KacheryError, NotFound, leaves
 from .protocol import PERMISSIONS
 from .requester import DEFAULT_STALL_TIMEOUT_S
 from .uris import format_uri, parse_uri
@@ -794,18 +794,11 @@ def main(argv: list[str] | None = None) -> int:
         # wrapped in a group: show it like the same error raised directly. Tasks
         # cancelled because of it add only trio.Cancelled leaves. Anything else is a
         # bug, and keeps its traceback.
-        def leaves_of(exc: BaseException):
-            if isinstance(exc, BaseExceptionGroup):
-                for inner in exc.exceptions:
-                    yield from leaves_of(inner)
-            else:
-                yield exc
-
-        leaves = list(leaves_of(group))
+        found = list(leaves(group))
         expected = (KacheryError, OSError, KeyboardInterrupt)
-        if not all(isinstance(e, (*expected, trio.Cancelled)) for e in leaves):
+        if not all(isinstance(e, (*expected, trio.Cancelled)) for e in found):
             raise
-        first = next((e for e in leaves if isinstance(e, expected)), None)
+        first = next((e for e in found if isinstance(e, expected)), None)
         if first is None:
             raise
         if isinstance(first, KeyboardInterrupt):

@@ -67,3 +67,16 @@ class ReadOnly(KacheryError):
 
 class NotMounted(KacheryError):
     """A mount point is not mounted (or not by kachery-fs)."""
+
+
+def leaves(exc: BaseException):
+    """The exceptions inside (nested) exception groups, in order; ``exc`` if not a group.
+
+    trio raises a nursery's errors wrapped in groups; callers that show or map an error
+    look at what is inside.
+    """
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from leaves(inner)
+    else:
+        yield exc
