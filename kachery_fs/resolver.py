@@ -122,6 +122,10 @@ class Resolver:
         self._sizes[key] = size
         return size
 
+    def requests(self) -> list[FileRequest]:
+        """The file requests this node is waiting on now."""
+        return list(self._requests.values())
+
     def _request(self, channel: str, sha1: str) -> FileRequest:
         """The one request for (channel, sha1), started if there is none (single-flight)."""
         key = (channel, sha1)

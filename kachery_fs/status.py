@@ -32,9 +32,9 @@ def collect(node, *, provider=None, resolver=None, mountpoint: str | None = None
             hubs[url] = {"state": conn.state, "since": conn.since, "error": conn.error}
     requests = []
     if resolver is not None:
-        for (channel, sha1), req in list(resolver._requests.items()):
+        for req in resolver.requests():
             st = req.state
-            requests.append({"channel": channel, "sha1": sha1,
+            requests.append({"channel": req.channel, "sha1": req.sha1,
                              "state": st.get("state", "starting"),
                              "bytes": st.get("bytes", 0), "size": st.get("size"),
                              "provider": st.get("provider")})
