@@ -447,7 +447,13 @@ async def _hub_serve(args) -> int:
 
         owner = init_node(node_dir()).node_id
     directory = Path(args.dir) if args.dir else node_dir() / "hub"
-    server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket)
+    gcs = None
+    if args.gcs_credentials:
+        from .hub.gcs import GoogleCloudStorage
+
+        gcs = GoogleCloudStorage.from_environment(key_file=args.gcs_credentials)
+    server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket,
+                       gcs=gcs)
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(lambda task_status: server.run(
@@ -745,6 +751,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--public-url", help="URL nodes use to reach this hub"
                    " (default http://HOST:PORT)")
     t.add_argument("--no-local-bucket", action="store_true", help="serve no local bucket")
+    t.add_argument("--gcs-credentials", metavar="KEY_FILE",
+                   help="service-account JSON key that signs upload URLs for gs:// channels"
+                        " (default: $GOOGLE_APPLICATION_CREDENTIALS); with"
+                        " $STORAGE_EMULATOR_HOST set, gs:// buckets are that emulator's")
     t.add_argument("--url-file", help="write the hub's URL to this file once listening")
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
 
@@ -753,7 +763,8 @@ def build_parser() -> argparse.ArgumentParser:
     hub_help = f"hub URL (default $KACHERY_FS_HUB or {DEFAULT_HUB_URL})"
     c = _sub(cs, "create", "create a channel")
     c.add_argument("name", metavar="NAME", help="channel name: 3-40 characters from A-Z a-z 0-9 _ -, in segments joined by '.'")
-    c.add_argument("--bucket", help="bucket URI (default: the hub's local bucket, local://kachery)")
+    c.add_argument("--bucket", help="bucket URI: local://NAME (a bucket of the hub's local"
+                   " bucket) or gs://NAME (Google Cloud Storage); default local://kachery")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_create, is_async=True)
     c = _sub(cs, "authorize", "set a node's permissions on a channel",

@@ -11,6 +11,13 @@
 Works the same against Google Cloud Storage and the hub's local bucket; knows nothing
 of the hub. Errors are the project's (``kachery_fs.errors``), mapped in
 ``kachery_fs._http``.
+
+Uploads to a GCS emulator (fake-gcs-server), which the hub marks with
+:data:`EMULATOR_MARK`, go differently, and only they: that emulator commits a partial
+upload as the whole object when asked for the session's status (step 3), and appends a
+re-sent chunk a second time. So a marked session is never queried and no chunk of it is
+ever sent twice: after any failure the session is dropped (``NotFound``, "start a new
+session"), and the caller's next attempt starts a new one from the first byte.
 """
 
 from __future__ import annotations
@@ -52,6 +59,20 @@ _SEND_SLICE = 256 * 1024
 #: Session statuses that mean "this session is gone: start a new one".
 _SESSION_GONE = (404, 410)
 
+#: The URL fragment by which the hub marks an upload start as meant for a GCS emulator,
+#: and which is kept on the session URI it yields (so that a session saved and resumed
+#: later is still known for one). A fragment is never sent to the server.
+EMULATOR_MARK = "kachery-fs-emulator"
+
+
+def mark_emulator(url: str) -> str:
+    """``url`` marked as a GCS emulator's (see the module's docstring)."""
+    return f"{url.partition('#')[0]}#{EMULATOR_MARK}"
+
+
+def is_emulator(url: str) -> bool:
+    return url.partition("#")[2] == EMULATOR_MARK
+
 
 async def start_session(client: httpx.AsyncClient, signed: SignedRequest) -> str:
     """Start a resumable upload with the signed request; return the session URI.
@@ -71,7 +92,7 @@ async def start_session(client: httpx.AsyncClient, signed: SignedRequest) -> str
     location = response.headers.get("location")
     if not location:
         raise ProtocolError(f"{what}: HTTP {response.status_code} without a Location")
-    return location
+    return mark_emulator(location) if is_emulator(signed.url) else location
 
 
 async def query_offset(client: httpx.AsyncClient, session_uri: str, size: int) -> int | None:
@@ -80,8 +101,13 @@ async def query_offset(client: httpx.AsyncClient, session_uri: str, size: int) -
     ``None`` means the upload is complete (the object exists). Raises NotFound if the
     session is gone (expired or unknown: start a new one), Unavailable on transient
     failures, ProtocolError on an answer the protocol does not allow.
+
+    An emulator's session is not asked (the question would commit it): NotFound.
     """
     what = "querying an upload session"
+    if is_emulator(session_uri):
+        raise NotFound(f"{what}: a GCS emulator's session cannot be asked how far it got"
+                       " without ending it; start a new session")
     try:
         response = await client.put(session_uri, headers={"content-range": f"bytes */{size}"})
     except httpx.HTTPError as exc:
@@ -151,6 +177,9 @@ class _Upload:
                 with self.watch.scope():
                     await self._send_chunks()
             except (Unavailable, httpx.HTTPError) as exc:
+                if is_emulator(self.session_uri):
+                    raise NotFound(f"{_transient(exc)}; a GCS emulator's session is not"
+                                   " resumed: start a new session") from None
                 await self._recover(_transient(exc))
 
     async def _send_chunks(self) -> None:

@@ -5,6 +5,9 @@ Layout of a hub directory::
     hub.db                    channels, authorizations, nonces, objects
     local-bucket/             the local bucket's objects and upload sessions
     local-bucket-key.json     the RSA key the hub signs local-bucket URLs with (0600)
+
+``gs://`` channels use Google Cloud Storage (``hub.gcs``), with a service-account key
+given to the hub (``--gcs-credentials``) or found in its environment.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import trio
 
 from .._serve import serve_asgi
 from .app import compose, create_api
+from .gcs import GoogleCloudStorage
 from .localbucket import LocalBucket, create_app
 from .service import Buckets, Hub
 from .signing import UrlSigner
@@ -30,12 +34,15 @@ DEFAULT_LOCAL_BUCKET = "local://kachery"
 class HubServer:
     """One hub, ready to serve. The public URL is known only once the port is bound."""
 
-    def __init__(self, directory: Path, *, owner_id: str, local_bucket: bool = True):
+    def __init__(self, directory: Path, *, owner_id: str, local_bucket: bool = True,
+                 gcs: GoogleCloudStorage | None = None):
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.db = HubDB(self.directory / "hub.db")
         self.local = LocalBucket(self.directory / "local-bucket", {}) if local_bucket else None
-        self.buckets = Buckets(local=self.local)
+        self.buckets = Buckets(local=self.local, gcs=gcs)
+        if gcs is not None:
+            log.info("gs:// channels: %r", gcs)
         self.hub = Hub(self.db, owner_id=owner_id.lower(), buckets=self.buckets,
                        default_bucket_uri=DEFAULT_LOCAL_BUCKET if local_bucket else None)
         api = create_api(self.hub)

@@ -15,6 +15,7 @@ Handlers raise the project's exceptions; ``hub.app`` maps them to HTTP statuses.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
 from ..uris import is_sha1
 from .feeds import FeedIndex
+from .gcs import GoogleCloudStorage
+from .gcs import check_bucket_name as check_gcs_bucket_name
 from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
@@ -416,6 +419,21 @@ class LocalBucketBackend:
     async def delete(self, key: str) -> None:
         self.local.delete(self.bucket, key)
 
+    async def list(self, prefix: str) -> list[tuple[str, int]]:
+        """``(key, size)`` of every object whose key starts with ``prefix``."""
+        return await trio.to_thread.run_sync(self._list, prefix)
+
+    def _list(self, prefix: str) -> list[tuple[str, int]]:
+        root = self.local.root / self.bucket
+        found = []
+        # Walk only the directory the prefix names (a key prefix need not end at a '/').
+        for directory, _, files in os.walk(root / prefix.rpartition("/")[0]):
+            for name in files:
+                key = os.path.relpath(os.path.join(directory, name), root)
+                if key.startswith(prefix):
+                    found.append((key, os.stat(os.path.join(directory, name)).st_size))
+        return sorted(found)
+
     def resumable_upload(self, key: str, *, size: int, expires_s: int):
         return self.signer.resumable_upload(self.bucket, key, size=size, expires_s=expires_s)
 
@@ -425,12 +443,18 @@ class LocalBucketBackend:
 
 
 class Buckets:
-    """Resolves a channel's bucket URI (``local://NAME`` or ``gs://NAME``) to a backend."""
+    """Resolves a channel's bucket URI (``local://NAME`` or ``gs://NAME``) to a backend.
 
-    def __init__(self, *, local=None, signer=None, public_url: str | None = None):
+    ``gcs`` is the hub's Google Cloud Storage access
+    (:class:`~kachery_fs.hub.gcs.GoogleCloudStorage`); without one, the first ``gs://``
+    bucket looks for credentials in the environment, and says what is missing.
+    """
+
+    def __init__(self, *, local=None, signer=None, public_url: str | None = None, gcs=None):
         self.local = local
         self.signer = signer
         self.public_url = public_url
+        self.gcs = gcs
 
     def for_uri(self, uri: str):
         if not isinstance(uri, str):
@@ -443,6 +467,9 @@ class Buckets:
                 raise InvalidInput("this hub serves no local bucket (started with --no-local-bucket)")
             return LocalBucketBackend(self.local, self.signer, self.public_url, name)
         if uri.startswith("gs://"):
-            raise InvalidInput("gs:// buckets are not supported by this version of the hub yet")
+            name = check_gcs_bucket_name(uri[len("gs://"):])
+            if self.gcs is None:
+                self.gcs = GoogleCloudStorage.from_environment()
+            return self.gcs.bucket(name)
         raise InvalidInput(f"unknown bucket URI {uri!r}: expected local://NAME or gs://NAME")
 

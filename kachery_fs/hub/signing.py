@@ -11,7 +11,9 @@ send exactly :attr:`SignedRequest.headers`, and changing any of them voids the s
 
 For the local bucket, the hub keeps an RSA key in a service-account-style JSON file
 (:meth:`UrlSigner.for_local_bucket`); its public half is handed to the local bucket's
-verifier through :meth:`UrlSigner.public_keys`.
+verifier through :meth:`UrlSigner.public_keys`. For ``gs://`` channels,
+:mod:`kachery_fs.hub.gcs` makes a signer from a service-account key file, for
+``https://storage.googleapis.com`` or an emulator.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import json
 import logging
 import os
 import secrets
+from dataclasses import replace
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
@@ -30,6 +33,7 @@ from google.oauth2 import service_account
 
 from ..errors import InvalidInput
 from ..protocol import SignedRequest
+from ..resumable import mark_emulator
 
 log = logging.getLogger(__name__)
 
@@ -54,13 +58,17 @@ class UrlSigner:
 
     ``public_key`` is the credentials' RSA public key, if the caller has it: only the
     local bucket needs it (GCS checks its own signatures).
+
+    ``emulator`` says that the endpoint is a GCS emulator (fake-gcs-server), whose gaps
+    resumable uploads must work around (see :meth:`resumable_upload`).
     """
 
     def __init__(self, credentials: service_account.Credentials, *, api_access_endpoint: str,
-                 public_key: rsa.RSAPublicKey | None = None):
+                 public_key: rsa.RSAPublicKey | None = None, emulator: bool = False):
         self.credentials = credentials
         self.api_access_endpoint = api_access_endpoint.rstrip("/")
         self._public_key = public_key
+        self.emulator = emulator
         # Blob.generate_signed_url wants a client only to read its universe domain; an
         # anonymous one makes no request and needs no project.
         self._client = storage.Client.create_anonymous_client()
@@ -96,9 +104,19 @@ class UrlSigner:
 
         The answer is ``201`` with the session URI in ``Location`` (GCS answers ``201``
         too), or ``412`` if the object already exists.
+
+        For an emulator, and only there: fake-gcs-server takes the object's name from a
+        ``name`` query parameter (the path is not enough; without it the object has an
+        empty name), so the URL carries one, signed like the rest; and the URL is marked
+        with :data:`~kachery_fs.resumable.EMULATOR_MARK` so that nodes avoid the
+        emulator's other gaps (see there).
         """
         headers = {"x-goog-resumable": "start", **_upload_headers(size)}
-        return self._sign(bucket, key, method="POST", headers=headers, expires_s=expires_s)
+        if not self.emulator:
+            return self._sign(bucket, key, method="POST", headers=headers, expires_s=expires_s)
+        signed = self._sign(bucket, key, method="POST", headers=headers, expires_s=expires_s,
+                            query_parameters={"name": key})
+        return replace(signed, url=mark_emulator(signed.url))
 
     def put(self, bucket: str, key: str, *, size: int, expires_s: int = 900,
             overwrite: bool = False) -> SignedRequest:
@@ -110,7 +128,8 @@ class UrlSigner:
         return self._sign(bucket, key, method="PUT", headers=headers, expires_s=expires_s)
 
     def _sign(self, bucket: str, key: str, *, method: str, headers: dict[str, str],
-              expires_s: int) -> SignedRequest:
+              expires_s: int, query_parameters: dict[str, str] | None = None
+              ) -> SignedRequest:
         if not bucket or not key:
             raise InvalidInput("a signed URL needs a bucket and an object key")
         if not 1 <= expires_s <= MAX_EXPIRY_S:
@@ -124,6 +143,7 @@ class UrlSigner:
             headers=dict(headers),
             credentials=self.credentials,
             api_access_endpoint=self.api_access_endpoint,
+            query_parameters=query_parameters,
         )
         return SignedRequest(method=method, url=url, headers=dict(headers))
 
