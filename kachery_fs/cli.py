@@ -24,6 +24,7 @@ from .config import DEFAULT_HUB_PORT, node_dir
 from .errors import InvalidInput, KacheryError, NotFound, leaves
 from .protocol import PERMISSIONS
 from .requester import DEFAULT_STALL_TIMEOUT_S
+from .units import format_size, parse_size
 from .uris import format_uri, parse_uri
 
 log = logging.getLogger("kachery_fs")
@@ -206,6 +207,8 @@ async def _cat(args) -> int:
                                            stall_timeout=args.request_timeout)
                         await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
                                              node.store)
+                    node.downloads.add(ch.name, uri.sha1, node.store.size(uri.sha1) or 0)
+                    await node.downloads.final_flush()
                     break
                 except KacheryError as exc:
                     errors.append(f"{ch.name}: {exc}")
@@ -492,10 +495,98 @@ async def _hub_call(args, fn) -> int:
 
 
 async def _channel_create(args) -> int:
+    allocation = parse_size(args.allocation) if args.allocation else None
+
     async def go(hub):
-        r = await hub.create_channel(args.name, args.bucket)
-        return f"created channel {r['channel']} (bucket {r['bucket']})"
+        r = await hub.create_channel(args.name, args.bucket, allocation=allocation)
+        extra = f", allocation {format_size(allocation)}" if allocation else ""
+        return f"created channel {r['channel']} (bucket {r['bucket']}{extra})"
     return await _hub_call(args, go)
+
+
+async def _channel_set(args) -> int:
+    fields = {}
+    if args.allocation is not None:
+        fields["allocation"] = (None if args.allocation.lower() in ("none", "off")
+                                else parse_size(args.allocation))
+    if args.low_watermark is not None:
+        fields["lowWatermark"] = _percent(args.low_watermark)
+    if not fields:
+        raise InvalidInput("nothing to change: give --allocation and/or --low-watermark")
+
+    async def go(hub):
+        r = await hub.call("setChannel", channel=args.name, **fields)
+        allocation = format_size(r["allocation"]) if r["allocation"] else "none (no eviction)"
+        return (f"channel {r['channel']}: allocation {allocation},"
+                f" low watermark {r['lowWatermark']:.0%}")
+    return await _hub_call(args, go)
+
+
+def _percent(text: str) -> float:
+    try:
+        value = float(text.strip().rstrip("%"))
+    except ValueError:
+        raise InvalidInput(f"not a percentage: {text!r} (example: 90%)") from None
+    return value / 100 if value > 1 else value
+
+
+async def _channel_stats(args) -> int:
+    from .hub.cache import DEFAULT_PRICES, monthly_cost
+
+    prices = {**DEFAULT_PRICES, **{k: v for k, v in (
+        ("storage_gib_month", args.storage_price), ("egress_gib", args.egress_price),
+        ("class_a_per_1000", args.class_a_price), ("class_b_per_1000", args.class_b_price))
+        if v is not None}}
+
+    async def go(hub):
+        stats = await hub.call("channelStats", channel=args.name)
+        cost = monthly_cost(stats, prices)
+        if args.json:
+            return json.dumps({**stats, "prices": prices, "monthlyCost": cost}, indent=2)
+        return render_channel_stats(stats, cost, prices)
+    return await _hub_call(args, go)
+
+
+def render_channel_stats(stats: dict, cost: dict, prices: dict) -> str:
+    def line(label, counter):
+        c = stats[counter]
+        return f"  {label:<13}{c['count']:>10,}  {format_size(c['bytes']):>10}"
+
+    allocation = stats["allocation"]
+    used = stats["storedBytes"]
+    if allocation:
+        alloc_text = (f"{format_size(allocation)}, {used / allocation:.0%} used,"
+                      f" evicts down to {stats['lowWatermark']:.0%}")
+    else:
+        alloc_text = "none (nothing is evicted; set one with `hub channel set --allocation`)"
+    days = (stats["now"] - stats["since"]) / 86400
+    out = [
+        f"channel {stats['channel']}  ({stats['bucket']})",
+        f"  allocation   {alloc_text}",
+        f"  stored       {stats['storedObjects']:>10,}  {format_size(used):>10}"
+        + (f"   ({stats['inFlight']} upload(s) in flight)" if stats["inFlight"] else ""),
+        f"  since {time.strftime('%Y-%m-%d %H:%M', time.localtime(stats['since']))}"
+        f" ({days:.1f} days):   count        bytes",
+        line("uploads", "uploads"),
+        line("re-uploads", "reuploads"),
+        line("evictions", "evictions"),
+        line("downloads", "downloads"),
+        f"  {'requests':<13}{stats['requests']['count']:>10,}",
+    ]
+    reuploads, uploads = stats["reuploads"]["count"], stats["uploads"]["count"]
+    if uploads and reuploads / uploads > 0.1:
+        out.append(f"  note: {reuploads / uploads:.0%} of uploads were of files evicted before:"
+                   " a larger allocation would save those transfers")
+    out += [
+        "estimated monthly cost on Google Cloud Storage (USD; egress and operations at the"
+        " rate seen so far):",
+        f"  storage  ${cost['storage']:9.2f}   ({format_size(used)} at"
+        f" ${prices['storage_gib_month']}/GiB-month)",
+        f"  egress   ${cost['egress']:9.2f}   (at ${prices['egress_gib']}/GiB)",
+        f"  class A  ${cost['class_a']:9.2f}   class B  ${cost['class_b']:.2f}",
+        f"  total    ${cost['total']:9.2f}",
+    ]
+    return "\n".join(out)
 
 
 async def _channel_authorize(args) -> int:
@@ -512,7 +603,9 @@ async def _channel_list(args) -> int:
     async def go(hub):
         lines = []
         for c in await hub.list_channels():
-            lines.append(f"{c['channel']}  {c['bucket']}")
+            alloc = c.get("allocation")
+            lines.append(f"{c['channel']}  {c['bucket']}"
+                         + (f"  allocation {format_size(alloc)}" if alloc else ""))
             for node_id, perms in c["authorizedNodes"].items():
                 lines.append(f"  {node_id}  {','.join(perms)}")
         return "\n".join(lines) or "no channels"
@@ -765,8 +858,41 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("name", metavar="NAME", help="channel name: 3-40 characters from A-Z a-z 0-9 _ -, in segments joined by '.'")
     c.add_argument("--bucket", help="bucket URI: local://NAME (a bucket of the hub's local"
                    " bucket) or gs://NAME (Google Cloud Storage); default local://kachery")
+    c.add_argument("--allocation", metavar="SIZE",
+                   help="the most the channel's content may take in the bucket (e.g. 50G);"
+                        " past it, the least recently used files are evicted (default: none)")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_create, is_async=True)
+    c = _sub(cs, "set", "change a channel's bucket allocation",
+             "Change how much of the bucket channel NAME may use. When the content stored"
+             " passes the allocation, the hub deletes the files least recently downloaded,"
+             " requested or uploaded until the low watermark is reached. An evicted file stays"
+             " readable: the next read asks a node that holds it to upload it again."
+             " `hub channel stats` shows whether the allocation suits the demand.")
+    c.add_argument("name", metavar="NAME", help="channel name")
+    c.add_argument("--allocation", metavar="SIZE",
+                   help="bytes, with K, M, G, T suffixes (powers of 1024), or 'none'")
+    c.add_argument("--low-watermark", metavar="PERCENT",
+                   help="eviction stops at this share of the allocation (default 90%%)")
+    c.add_argument("--hub", help=hub_help)
+    c.set_defaults(run=_channel_set, is_async=True)
+    c = _sub(cs, "stats", "show a channel's bucket usage, demand and cost",
+             "Show what channel NAME keeps in its bucket against its allocation; the uploads,"
+             " re-uploads of evicted files, evictions and downloads counted since the channel"
+             " was created; and an estimate of what a month of it costs on Google Cloud Storage"
+             " at list prices (change them with the price flags).")
+    c.add_argument("name", metavar="NAME", help="channel name")
+    c.add_argument("--json", action="store_true", help="print the figures as JSON")
+    c.add_argument("--storage-price", type=float, metavar="USD",
+                   help="per GiB-month stored (default 0.020, Standard, us-central1)")
+    c.add_argument("--egress-price", type=float, metavar="USD",
+                   help="per GiB downloaded (default 0.12, internet egress)")
+    c.add_argument("--class-a-price", type=float, metavar="USD",
+                   help="per 1,000 upload requests (default 0.005)")
+    c.add_argument("--class-b-price", type=float, metavar="USD",
+                   help="per 1,000 download requests (default 0.0004)")
+    c.add_argument("--hub", help=hub_help)
+    c.set_defaults(run=_channel_stats, is_async=True)
     c = _sub(cs, "authorize", "set a node's permissions on a channel",
              "Set NODE_ID's permissions on channel NAME, replacing the ones it had. Takes effect"
              " at once on the hub and within seconds on running mounts.")

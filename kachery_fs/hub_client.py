@@ -77,10 +77,13 @@ class HubClient:
     async def get_channel(self, channel: str) -> dict:
         return await self.call("getChannel", channel=channel)
 
-    async def create_channel(self, channel: str, bucket: str | None = None) -> dict:
+    async def create_channel(self, channel: str, bucket: str | None = None, *,
+                             allocation: int | None = None) -> dict:
         fields = {"channel": channel}
         if bucket:
             fields["bucket"] = bucket
+        if allocation:
+            fields["allocation"] = allocation
         return await self.call("createChannel", **fields)
 
     async def authorize_node(self, channel: str, node_id: str, permissions: list[str],

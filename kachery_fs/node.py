@@ -1,7 +1,8 @@
 """One node: identity, local store, state database and the HTTP client they share.
 
 A node directory (``$KACHERY_FS_DIR``) holds ``private.pem``/``public.pem`` (kachery's
-PEM format), ``node.db`` (SQLite), ``sha1/`` and ``tmp/`` (the store).
+PEM format), ``node.db`` (SQLite), ``sha1/``, ``tmp/`` and ``store.db`` (the store and
+its cache index), and ``config.toml`` (settings, if any).
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import _http
+from . import _http, settings
+from .demand import DownloadReports
 from .errors import DeadlineExceeded, NotFound, PermissionDenied
 from .hub_client import HubClient
 from .identity import NodeKey
@@ -52,11 +54,13 @@ class Node:
             if not (self.dir / "private.pem").exists():
                 raise NotFound(f"no node in {self.dir}: run `kachery-fs init` first")
             self.key = NodeKey.load(self.dir)
-        self.store = Store(self.dir)
         self.db = NodeDB(self.dir / "node.db")
+        self.store = Store(self.dir, limit=settings.load(self.dir).cache_size,
+                           pinned=self.db.pinned_sha1s)
         self.client = client or _http.create_client()
         self._hubs: dict[str, HubClient] = {}
         self._refresh_failed_at: dict[str, float] = {}  # channel -> time.monotonic()
+        self.downloads = DownloadReports(self)
 
     @property
     def node_id(self) -> str:
@@ -120,4 +124,5 @@ class Node:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        self.store.close()
         self.db.close()

@@ -179,3 +179,5 @@ class Resolver:
             del self._downloads[download.sha1]
         if isinstance(download.error, IntegrityError):
             self._bad[(channel, download.sha1)] = str(download.error)
+        elif download.hashed:  # bytes came from the bucket, even if cut short: demand
+            self.node.downloads.add(channel, download.sha1, download.hashed)

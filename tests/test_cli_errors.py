@@ -164,7 +164,7 @@ async def test_put_when_the_object_appears_before_the_session_starts(hub_node, t
     monkeypatch.setattr(resumable, "start_session", racing)
     assert await cli._put(put_args(src)) == 0
     assert capsys.readouterr().out.strip() == f"sha1://{sha1(data)}?label=file.bin"
-    assert server.db.object_size("chan", sha1(data)) == len(data)
+    assert server.hub.cache.size_of("chan", sha1(data)) == len(data)
     assert upload_state(node_dir, sha1(data)).state == "done"
 
 
@@ -185,7 +185,7 @@ async def test_put_when_the_object_appears_before_the_final_chunk(hub_node, tmp_
     monkeypatch.setattr(resumable, "start_session", racing)
     assert await cli._put(put_args(src)) == 0
     assert sha1(data) in capsys.readouterr().out
-    assert server.db.object_size("chan", sha1(data)) == len(data)
+    assert server.hub.cache.size_of("chan", sha1(data)) == len(data)
     assert upload_state(node_dir, sha1(data)).state == "done"
 
 

@@ -101,7 +101,7 @@ async def test_upload_flow_and_permissions_apply_at_once(env):
     path.write_bytes(data)
     await resumable.upload(client, session, path, len(data))
     await other.finalize_upload("chan", sha1, len(data))
-    assert server.db.object_size("chan", sha1) == len(data)
+    assert server.hub.cache.size_of("chan", sha1) == len(data)
     assert await other.initiate_upload("chan", sha1, len(data)) is None  # already present
     await owner.authorize_node("chan", other.key.node_id, [])
     with pytest.raises(PermissionDenied):
@@ -123,7 +123,7 @@ async def test_bad_upload_is_deleted_at_finalize(env):
     with pytest.raises(IntegrityError, match="hashes to"):
         await owner.finalize_upload("chan", claimed, len(wrong))
     assert server.local.stat("kachery", object_key("chan", claimed)) is None
-    assert server.db.object_size("chan", claimed) is None
+    assert server.hub.cache.size_of("chan", claimed) is None
 
 
 async def test_info_is_public(env):

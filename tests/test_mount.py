@@ -13,7 +13,6 @@ import shutil
 import subprocess
 import threading
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -22,48 +21,17 @@ import pytest
 from kachery_fs.protocol import object_key
 from kachery_fs.state import NodeDB
 
-from .util import PERMS_ALL, HubProcess, kfs, mounted, require_fuse, wait_for, xattr
+from .util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
 pytestmark = pytest.mark.mount
 
 CHANNEL = "ch1"
 
 
-@dataclass
-class Cluster:
-    base: Path
-    hub: HubProcess
-    a: Path
-    b: Path
-    a_id: str
-    b_id: str
-    mnt_a: Path
-    mnt_b: Path
-
-
-def make_cluster(base: Path, *, b_permissions: str = "requestFiles") -> Cluster:
-    a, b = base / "node-a", base / "node-b"
-    a_id = kfs(a, "init").stdout.decode().strip()
-    b_id = kfs(b, "init").stdout.decode().strip()
-    hub = HubProcess(a, base / "hub").start()
-    try:
-        kfs(a, "hub", "channel", "create", CHANNEL, "--hub", hub.url)
-        kfs(a, "hub", "channel", "authorize", CHANNEL, a_id, "--permissions", PERMS_ALL,
-            "--hub", hub.url)
-        kfs(a, "hub", "channel", "authorize", CHANNEL, b_id, "--permissions", b_permissions,
-            "--hub", hub.url)
-        kfs(a, "join", hub.url, CHANNEL)
-        kfs(b, "join", hub.url, CHANNEL)
-    except BaseException:
-        hub.stop()
-        raise
-    return Cluster(base, hub, a, b, a_id, b_id, base / "mnt-a", base / "mnt-b")
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     require_fuse()
-    c = make_cluster(tmp_path_factory.mktemp("cluster"))
+    c = make_cluster(tmp_path_factory.mktemp("cluster"), channel=CHANNEL)
     with ExitStack() as stack:
         stack.callback(c.hub.stop)
         stack.enter_context(mounted(c.a, c.mnt_a))
@@ -239,7 +207,7 @@ def test_server_answering_200_to_range_gives_eio(tmp_path):
 def test_remount_resumes_pending_upload(tmp_path):
     """Hub down while a file is written; the mount is stopped; both come back; it uploads."""
     require_fuse()
-    c = make_cluster(tmp_path)
+    c = make_cluster(tmp_path, channel=CHANNEL)
     try:
         data = os.urandom(2 * 1024 * 1024)
         sha1 = hashlib.sha1(data).hexdigest()
@@ -299,7 +267,7 @@ def test_tampered_or_expired_signed_url_is_refused(cluster):
 
 def test_names_persist_across_remount(tmp_path):
     require_fuse()
-    c = make_cluster(tmp_path)
+    c = make_cluster(tmp_path, channel=CHANNEL)
     try:
         with mounted(c.a, c.mnt_a):
             (c.mnt_a / CHANNEL / "keep").mkdir()

@@ -310,6 +310,12 @@ class FileRequests:
             req = self._requests.get(key) or req
         return req.public()
 
+    def held(self, channel: str) -> set[str]:
+        """Hashes on ``channel`` whose object must stay in the bucket: requests that are
+        live, or finished recently enough that their requesters may still be fetching."""
+        return {sha1 for (c, sha1), req in self._requests.items()
+                if c == channel and req.state != "failed"}
+
     def requests_of(self, node_id: str) -> list[dict]:
         return [r.public() for r in self._requests.values()
                 if node_id in r.requesters or r.provider == node_id]

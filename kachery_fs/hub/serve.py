@@ -63,6 +63,7 @@ class HubServer:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(partial(serve_asgi, self.app, host=host, port=port))
             nursery.start_soon(self.hub.requests.run)
+            nursery.start_soon(self.hub.cache.run)
             self._set_public_url(public_url or f"http://{host}:{bound}")
             log.info("hub listening on %s (owner %s…)", self.url, self.hub.owner_id[:12])
             task_status.started(self.url)

@@ -27,6 +27,7 @@ from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, Permi
 from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
 from ..uris import is_sha1
+from .cache import BucketCache, parse_allocation
 from .feeds import FeedIndex
 from .gcs import GoogleCloudStorage
 from .gcs import check_bucket_name as check_gcs_bucket_name
@@ -86,6 +87,8 @@ class Hub:
         self.requests = FileRequests(db.connection, providers_of=db.providers,
                                      object_size=self._object_in_bucket)
         self.feeds = FeedIndex(db.connection)
+        self.cache = BucketCache(db.connection, backend_of=self._backend,
+                                 held=self.requests.held)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -143,6 +146,9 @@ class Hub:
                 f" {channel!r}; the channel owner can grant it with `kachery-fs hub channel"
                 f" authorize {channel} {caller.node_id} --permissions {permission}`")
 
+    def _backend(self, channel: str):
+        return self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+
     @staticmethod
     def _sha1_and_size(body: dict) -> tuple[str, int]:
         sha1, size = body.get("sha1"), body.get("size")
@@ -172,9 +178,45 @@ class Hub:
         if not bucket_uri:
             raise InvalidInput("this hub serves no local bucket: give the channel a --bucket")
         self.buckets.for_uri(bucket_uri)  # validates the URI and that we can serve it
+        allocation = parse_allocation(body.get("allocation"))
         record = self.db.create_channel(name, bucket_uri)
+        self.cache.configure(name, allocation=allocation)
         log.info("channel %s created on %s", name, bucket_uri)
-        return {"channel": record.name, "bucket": record.bucket_uri}
+        return {"channel": record.name, "bucket": record.bucket_uri, "allocation": allocation}
+
+    async def _on_setChannel(self, caller: Caller, body: dict) -> dict:
+        """Change a channel's bucket allocation (bytes, or null for none) or low watermark."""
+        self._require_owner(caller)
+        name = check_channel_name(body.get("channel"))
+        self.db.channel(name)
+        changes = {k: body[v] for k, v in (("allocation", "allocation"),
+                                            ("low_watermark", "lowWatermark")) if v in body}
+        self.cache.configure(name, **changes)
+        allocation, low = self.cache.settings(name)
+        log.info("channel %s: allocation %s, low watermark %g", name, allocation, low)
+        return {"channel": name, "allocation": allocation, "lowWatermark": low}
+
+    async def _on_channelStats(self, caller: Caller, body: dict) -> dict:
+        self._require_owner(caller)
+        name = check_channel_name(body.get("channel"))
+        return {**self.cache.stats(name), "bucket": self.db.channel(name).bucket_uri}
+
+    async def _on_reportDownloads(self, caller: Caller, body: dict) -> dict:
+        """A node reports what it downloaded from the bucket: the demand that decides which
+        objects stay cached, and the egress figure in the stats."""
+        name = check_channel_name(body.get("channel"))
+        self.db.channel(name)
+        if not self.db.permissions(name, caller.node_id):
+            raise PermissionDenied(f"node {caller.node_id[:12]}… is not a member of channel"
+                                   f" {name!r}")
+        downloads = body.get("downloads")
+        if not isinstance(downloads, list) or len(downloads) > 10_000 or not all(
+                isinstance(d, list) and len(d) == 2 and isinstance(d[0], str)
+                and is_sha1(d[0]) and isinstance(d[1], int) and 0 <= d[1] <= MAX_OBJECT_SIZE
+                for d in downloads):
+            raise InvalidInput("downloads must be a list of up to 10,000 [sha1, bytes] pairs")
+        self.cache.downloaded(name, [(s.lower(), n) for s, n in downloads])
+        return {}
 
     async def _on_authorizeNode(self, caller: Caller, body: dict) -> dict:
         self._require_owner(caller)
@@ -193,6 +235,7 @@ class Hub:
         self._require_owner(caller)
         return {"channels": [
             {"channel": c.name, "bucket": c.bucket_uri,
+             "allocation": self.cache.settings(c.name)[0],
              "authorizedNodes": self.db.authorizations(c.name)}
             for c in self.db.channels()]}
 
@@ -205,7 +248,7 @@ class Hub:
         present = await backend.stat(key)
         if present is not None:
             if present == size:
-                if self.db.object_size(channel, sha1) is None:
+                if self.cache.size_of(channel, sha1) is None:
                     # In the bucket but not on record (e.g. finalize was lost): check it now.
                     await self._verify_and_record(backend, caller, channel, sha1, size)
                 self.requests.object_finalized(channel, sha1, size)
@@ -213,8 +256,9 @@ class Hub:
             log.warning("channel %s: object %s has size %d, expected %d; deleting it",
                         channel, sha1, present, size)
             await backend.delete(key)
-            self.db.forget_object(channel, sha1)
+            self.cache.forget(channel, sha1)
         signed = backend.resumable_upload(key, size=size, expires_s=UPLOAD_URL_EXPIRY_S)
+        self.cache.upload_signed(channel, sha1)
         return {"status": "upload", "upload": signed.to_json()}
 
     async def _on_finalizeUpload(self, caller: Caller, body: dict) -> dict:
@@ -222,11 +266,11 @@ class Hub:
         self._require(caller, channel, "provideFiles")
         sha1, size = self._sha1_and_size(body)
         backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
-        await self._verify_and_record(backend, caller, channel, sha1, size)
+        await self._verify_and_record(backend, caller, channel, sha1, size, uploaded=True)
         return {"status": "finalized"}
 
     async def _verify_and_record(self, backend, caller: Caller, channel: str, sha1: str,
-                                 size: int) -> None:
+                                 size: int, *, uploaded: bool = False) -> None:
         key = object_key(channel, sha1)
         actual = await backend.stat(key)
         if actual is None:
@@ -242,21 +286,21 @@ class Hub:
             log.warning("channel %s: upload of %s from %s… is bad (%s); deleting it",
                         channel, sha1, caller.node_id[:12], problem)
             await backend.delete(key)
-            self.db.forget_object(channel, sha1)
+            self.cache.forget(channel, sha1)
             raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem}); deleted")
-        self.db.record_object(channel, sha1, size, caller.node_id)
+        self.cache.record(channel, sha1, size, caller.node_id, uploaded=uploaded)
         self.requests.object_finalized(channel, sha1, size)
 
     async def _object_in_bucket(self, channel: str, sha1: str) -> int | None:
         """The size of a verified object in the channel's bucket, or None."""
-        size = self.db.object_size(channel, sha1)
+        size = self.cache.size_of(channel, sha1)
         backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
         actual = await backend.stat(object_key(channel, sha1))
         if actual is None:
             if size is not None:
                 log.warning("channel %s: sha1://%s is on record but not in the bucket;"
                             " forgetting it", channel, sha1)
-                self.db.forget_object(channel, sha1)
+                self.cache.forget(channel, sha1)
             return None
         if size is None:
             try:  # in the bucket but never finalized: check it before trusting it
@@ -277,6 +321,8 @@ class Hub:
         version = body.get("version")
         if version is not None and not isinstance(version, int):
             raise InvalidInput("version must be an integer")
+        if version is None:
+            self.cache.requested(channel, sha1.lower())
         return await self.requests.request(caller.node_id, channel, sha1.lower(),
                                            version=version, wait_s=check_wait(body))
 

@@ -1,5 +1,7 @@
 """The hub's state in SQLite: channels, authorizations, seen nonces, finalized objects.
 
+The objects table is kept by ``hub.cache`` (which adds its own columns to it).
+
 Short synchronous transactions, called from the hub's trio thread. Every change is
 committed at once, so a permission change is in force for the very next request.
 """
@@ -137,18 +139,3 @@ class HubDB:
         except sqlite3.IntegrityError:
             return False
         return True
-
-    # -- objects ---------------------------------------------------------------------------
-
-    def record_object(self, channel: str, sha1: str, size: int, node_id: str) -> None:
-        self._db.execute(
-            "INSERT OR REPLACE INTO objects (channel, sha1, size, finalized_at, finalized_by)"
-            " VALUES (?, ?, ?, ?, ?)", (channel, sha1, size, time.time(), node_id))
-
-    def object_size(self, channel: str, sha1: str) -> int | None:
-        row = self._db.execute("SELECT size FROM objects WHERE channel = ? AND sha1 = ?",
-                               (channel, sha1)).fetchone()
-        return row[0] if row else None
-
-    def forget_object(self, channel: str, sha1: str) -> None:
-        self._db.execute("DELETE FROM objects WHERE channel = ? AND sha1 = ?", (channel, sha1))

@@ -1,0 +1,330 @@
+"""The channel bucket as a managed cache: accounting, least-recently-demanded eviction, stats.
+
+kachery's design asks for a bucket "large enough to store several of the largest files
+expected … without needing to evict the highest-demand files … significantly smaller than
+the total amount of data"; no kachery generation ever evicted anything. Here each channel
+may have an *allocation* in bytes. The hub accounts:
+
+* **usage**: the sizes of the content objects (``<channel>/sha1/...``) it has finalized and
+  not deleted since. Feed objects are small, signed history and are never evicted, so they
+  are not counted;
+* **demand**: every object's last use, from finalized uploads, file requests, and the
+  bucket downloads that nodes report in batches (``reportDownloads``). Reads by programs
+  other than kachery-fs nodes straight from the public URL are not seen.
+
+When usage passes the allocation, the least recently demanded objects are deleted from
+the bucket until usage is at the low watermark. Never deleted: an object with an upload in
+flight (signed and not yet finalized) or a file request that is live or finished in the last
+minutes (its requesters are about to download it). An evicted file stays reachable: the
+next read misses the bucket and goes through the request flow, and its upload is counted as
+a re-upload, the figure that tells an owner the allocation is too small.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Iterable
+
+import trio
+
+from ..errors import InvalidInput, NotFound
+from ..protocol import object_key
+
+log = logging.getLogger(__name__)
+
+#: Eviction brings usage down to this fraction of the allocation, so that every upload
+#: past the allocation does not trigger a deletion of its own.
+DEFAULT_LOW_WATERMARK = 0.9
+
+#: An upload signed this long ago and never finalized no longer protects its object.
+UPLOAD_IN_FLIGHT_S = 24 * 3600
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS cache_settings (
+    channel TEXT PRIMARY KEY,
+    allocation INTEGER,
+    low_watermark REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache_counters (
+    channel TEXT NOT NULL,
+    name TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (channel, name)
+);
+CREATE TABLE IF NOT EXISTS cache_since (
+    channel TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
+"""
+
+#: Columns added to ``objects`` (hub.storage) for the cache; added to older hub databases.
+OBJECT_COLUMNS = {
+    "stored": "INTEGER NOT NULL DEFAULT 1",
+    "last_demand": "REAL NOT NULL DEFAULT 0",
+    "downloads": "INTEGER NOT NULL DEFAULT 0",
+    "evicted_at": "REAL",
+}
+
+COUNTERS = ("uploads", "reuploads", "evictions", "downloads", "requests")
+
+
+def parse_allocation(value) -> int | None:
+    """An allocation from the API: a positive byte count, or None for no limit."""
+    if value is None:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidInput("allocation must be a positive number of bytes, or none")
+    return value
+
+
+class BucketCache:
+    """Accounting and eviction for every channel of one hub.
+
+    ``backend_of(channel)`` gives the channel's bucket backend (for deletions);
+    ``held(channel)`` the hashes that file requests hold. ``run`` must be running for
+    evictions to happen; accounting works without it.
+    """
+
+    def __init__(self, db: sqlite3.Connection, *, backend_of: Callable,
+                 held: Callable[[str], set[str]], clock=time.time):
+        self._db = db
+        self._backend_of = backend_of
+        self._held = held
+        self._clock = clock
+        db.executescript(SCHEMA)
+        have = {row[1] for row in db.execute("PRAGMA table_info(objects)")}
+        for name, decl in OBJECT_COLUMNS.items():
+            if name not in have:
+                db.execute(f"ALTER TABLE objects ADD COLUMN {name} {decl}")
+        db.execute("CREATE INDEX IF NOT EXISTS objects_lru"
+                   " ON objects (channel, stored, last_demand)")
+        self._in_flight: dict[tuple[str, str], float] = {}
+        self._due: set[str] = set()
+        self._wake = trio.Event()
+
+    # -- settings -------------------------------------------------------------------------
+
+    def settings(self, channel: str) -> tuple[int | None, float]:
+        row = self._db.execute("SELECT allocation, low_watermark FROM cache_settings"
+                               " WHERE channel = ?", (channel,)).fetchone()
+        return (row[0], row[1]) if row else (None, DEFAULT_LOW_WATERMARK)
+
+    def configure(self, channel: str, *, allocation=..., low_watermark=...) -> None:
+        """Change a channel's allocation (bytes or None) and/or low watermark (0.1-1)."""
+        old_allocation, old_low = self.settings(channel)
+        allocation = old_allocation if allocation is ... else parse_allocation(allocation)
+        if low_watermark is ...:
+            low_watermark = old_low
+        elif not isinstance(low_watermark, int | float) or not 0.1 <= low_watermark <= 1:
+            raise InvalidInput("the low watermark is a fraction of the allocation, 0.1 to 1")
+        self._db.execute(
+            "INSERT INTO cache_settings (channel, allocation, low_watermark) VALUES (?, ?, ?)"
+            " ON CONFLICT(channel) DO UPDATE SET allocation = excluded.allocation,"
+            " low_watermark = excluded.low_watermark", (channel, allocation, low_watermark))
+        self._db.execute("INSERT OR IGNORE INTO cache_since (channel, since) VALUES (?, ?)",
+                         (channel, self._clock()))
+        self._schedule(channel)
+
+    # -- objects ----------------------------------------------------------------------------
+
+    def size_of(self, channel: str, sha1: str) -> int | None:
+        """The size of a verified object the bucket holds, or None."""
+        row = self._db.execute("SELECT size FROM objects WHERE channel = ? AND sha1 = ?"
+                               " AND stored = 1", (channel, sha1)).fetchone()
+        return row[0] if row else None
+
+    def record(self, channel: str, sha1: str, size: int, node_id: str, *,
+               uploaded: bool) -> None:
+        """A verified object is in the bucket. ``uploaded``: a node just finalized its upload
+        (counted, and a re-upload if the object had been evicted before)."""
+        now = self._clock()
+        prior = self._db.execute("SELECT stored, evicted_at FROM objects"
+                                 " WHERE channel = ? AND sha1 = ?", (channel, sha1)).fetchone()
+        self._db.execute(
+            "INSERT INTO objects (channel, sha1, size, finalized_at, finalized_by, stored,"
+            " last_demand) VALUES (?, ?, ?, ?, ?, 1, ?)"
+            " ON CONFLICT(channel, sha1) DO UPDATE SET size = excluded.size,"
+            " finalized_at = excluded.finalized_at, finalized_by = excluded.finalized_by,"
+            " stored = 1, last_demand = excluded.last_demand",
+            (channel, sha1, size, now, node_id, now))
+        self._in_flight.pop((channel, sha1), None)
+        if uploaded:
+            self._count(channel, "uploads", size)
+            if prior is not None and prior[1] is not None and not prior[0]:
+                self._count(channel, "reuploads", size)
+                log.info("channel %s: sha1://%s uploaded again after its eviction",
+                         channel, sha1)
+        self._schedule(channel)
+
+    def forget(self, channel: str, sha1: str) -> None:
+        """The object is gone from the bucket, or was bad and deleted (not an eviction)."""
+        self._db.execute("UPDATE objects SET stored = 0 WHERE channel = ? AND sha1 = ?",
+                         (channel, sha1))
+
+    def upload_signed(self, channel: str, sha1: str) -> None:
+        """An upload URL was signed: the object is in flight until finalized."""
+        self._in_flight[(channel, sha1)] = self._clock()
+        self._demand(channel, [sha1])
+
+    def requested(self, channel: str, sha1: str) -> None:
+        self._count(channel, "requests", 0)
+        self._demand(channel, [sha1])
+
+    def downloaded(self, channel: str, downloads: Iterable[tuple[str, int]]) -> None:
+        """Nodes report whole or partial downloads of objects from the bucket."""
+        downloads = list(downloads)
+        now = self._clock()
+        self._db.executemany(
+            "UPDATE objects SET downloads = downloads + 1, last_demand = ?"
+            " WHERE channel = ? AND sha1 = ?", [(now, channel, s) for s, _ in downloads])
+        for _, nbytes in downloads:
+            self._count(channel, "downloads", nbytes)
+
+    def _demand(self, channel: str, sha1s: Iterable[str]) -> None:
+        now = self._clock()
+        self._db.executemany("UPDATE objects SET last_demand = ? WHERE channel = ? AND sha1 = ?",
+                             [(now, channel, s) for s in sha1s])
+
+    def _count(self, channel: str, name: str, nbytes: int) -> None:
+        self._db.execute(
+            "INSERT INTO cache_counters (channel, name, count, bytes) VALUES (?, ?, 1, ?)"
+            " ON CONFLICT(channel, name) DO UPDATE SET count = count + 1,"
+            " bytes = bytes + excluded.bytes", (channel, name, nbytes))
+        self._db.execute("INSERT OR IGNORE INTO cache_since (channel, since) VALUES (?, ?)",
+                         (channel, self._clock()))
+
+    # -- statistics --------------------------------------------------------------------------
+
+    def usage(self, channel: str) -> tuple[int, int]:
+        """(bytes, objects) of the content the bucket holds."""
+        row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM objects"
+                               " WHERE channel = ? AND stored = 1", (channel,)).fetchone()
+        return row[0], row[1]
+
+    def stats(self, channel: str) -> dict:
+        allocation, low = self.settings(channel)
+        stored_bytes, stored_objects = self.usage(channel)
+        counters = {name: {"count": 0, "bytes": 0} for name in COUNTERS}
+        for name, count, nbytes in self._db.execute(
+                "SELECT name, count, bytes FROM cache_counters WHERE channel = ?", (channel,)):
+            counters[name] = {"count": count, "bytes": nbytes}
+        row = self._db.execute("SELECT since FROM cache_since WHERE channel = ?",
+                               (channel,)).fetchone()
+        return {"channel": channel, "allocation": allocation, "lowWatermark": low,
+                "storedBytes": stored_bytes, "storedObjects": stored_objects,
+                "inFlight": sum(1 for (c, _) in self._in_flight if c == channel),
+                "since": row[0] if row else self._clock(), "now": self._clock(),
+                **counters}
+
+    # -- eviction ------------------------------------------------------------------------------
+
+    def _schedule(self, channel: str) -> None:
+        allocation, _ = self.settings(channel)
+        if allocation is not None:
+            self._due.add(channel)
+            self._wake.set()
+
+    def _protected(self, channel: str) -> set[str]:
+        now = self._clock()
+        for key, at in list(self._in_flight.items()):
+            if now - at > UPLOAD_IN_FLIGHT_S:
+                del self._in_flight[key]
+        return {sha1 for (c, sha1) in self._in_flight if c == channel} | self._held(channel)
+
+    async def evict(self, channel: str) -> int:
+        """Evict least-recently-demanded objects until usage is at the low watermark, if
+        it is over the allocation. Returns the number of objects evicted."""
+        allocation, low = self.settings(channel)
+        usage, _ = self.usage(channel)
+        if allocation is None or usage <= allocation:
+            return 0
+        target = int(allocation * low)
+        protected = self._protected(channel)
+        backend = self._backend_of(channel)
+        candidates = self._db.execute(
+            "SELECT sha1, size FROM objects WHERE channel = ? AND stored = 1"
+            " ORDER BY last_demand, finalized_at", (channel,)).fetchall()
+        evicted = 0
+        for sha1, size in candidates:
+            if usage <= target:
+                break
+            if sha1 in protected:
+                continue
+            try:
+                await backend.delete(object_key(channel, sha1))
+            except NotFound:
+                pass  # already gone: account it all the same
+            except Exception as exc:
+                log.warning("channel %s: could not evict sha1://%s (%s); will retry at the"
+                            " next upload", channel, sha1, exc)
+                continue
+            self._db.execute("UPDATE objects SET stored = 0, evicted_at = ?"
+                             " WHERE channel = ? AND sha1 = ?", (self._clock(), channel, sha1))
+            self._count(channel, "evictions", size)
+            usage -= size
+            evicted += 1
+            log.info("channel %s: evicted sha1://%s (%d bytes) from the bucket", channel,
+                     sha1, size)
+        if usage > allocation:
+            log.warning("channel %s: %d bytes stored after eviction, over the allocation of"
+                        " %d: the rest is in flight or requested right now (raise the"
+                        " allocation with `kachery-fs hub channel set %s --allocation`)",
+                        channel, usage, allocation, channel)
+        return evicted
+
+    async def run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            while self._due:
+                channel = self._due.pop()
+                try:
+                    await self.evict(channel)
+                except Exception:
+                    log.exception("channel %s: eviction failed", channel)
+
+
+# -- cost ------------------------------------------------------------------------------------
+
+#: Google Cloud Storage list prices in US dollars (Standard class, region us-central1,
+#: internet egress on the premium tier for the first TiB, as published in 2025). Google
+#: bills storage and egress per GiB. Change them with the flags of `hub channel stats`.
+DEFAULT_PRICES = {
+    "storage_gib_month": 0.020,
+    "egress_gib": 0.12,
+    "class_a_per_1000": 0.005,
+    "class_b_per_1000": 0.0004,
+}
+
+#: The request sizes kachery-fs uses, from which the operation counts are estimated:
+#: uploads send 16 MiB chunks, downloads fetch 8 MiB ranges.
+_UPLOAD_CHUNK = 16 << 20
+_DOWNLOAD_RANGE = 8 << 20
+_MONTH_S = 30 * 24 * 3600
+_GIB = 1024**3
+
+
+def monthly_cost(stats: dict, prices: dict = DEFAULT_PRICES) -> dict:
+    """Estimate a month of a channel's bucket at ``prices``, from its stats.
+
+    Storage is what is stored now, for a month. Egress and operations are the rates seen
+    since the counters started, scaled to 30 days (a young channel gives a rough figure).
+    Egress counts downloads by kachery-fs nodes only, at internet prices: downloads inside
+    the bucket's own region cost nothing.
+    """
+    elapsed = max(stats["now"] - stats["since"], 3600.0)  # at least an hour, to damp noise
+    scale = _MONTH_S / elapsed
+    up, down = stats["uploads"], stats["downloads"]
+    class_a = (up["count"] + up["bytes"] / _UPLOAD_CHUNK) * scale
+    class_b = (down["count"] + down["bytes"] / _DOWNLOAD_RANGE) * scale
+    cost = {
+        "storage": stats["storedBytes"] / _GIB * prices["storage_gib_month"],
+        "egress": down["bytes"] / _GIB * scale * prices["egress_gib"],
+        "class_a": class_a / 1000 * prices["class_a_per_1000"],
+        "class_b": class_b / 1000 * prices["class_b_per_1000"],
+    }
+    cost["total"] = sum(cost.values())
+    return cost
