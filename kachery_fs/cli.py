@@ -556,7 +556,7 @@ def render_channel_stats(stats: dict, cost: dict, prices: dict) -> str:
     used = stats["storedBytes"]
     if allocation:
         alloc_text = (f"{format_size(allocation)}, {used / allocation:.0%} used,"
-                      f" evicts down to {stats['lowWatermark']:.0%}")
+                      f" evicts down to {stats['lowWatermark']:.0%} of it")
     else:
         alloc_text = "none (nothing is evicted; set one with `hub channel set --allocation`)"
     days = (stats["now"] - stats["since"]) / 86400
