@@ -1,6 +1,6 @@
 """gs:// channels against fake-gcs-server: the hub's GCS backend (signed URLs, stat, list,
 delete through google-cloud-storage), nodes' uploads and ranged reads, and the whole cycle
-through real mounts. The emulator is a real Go server on loopback, set with the standard
+through real mounts, eviction from the bucket included. The emulator is a real Go server on loopback, set with the standard
 ``STORAGE_EMULATOR_HOST`` in the hub's environment only: nodes learn everything from the
 hub. The hub signs with a service-account key made here (signing is local).
 
@@ -53,6 +53,7 @@ BUCKET = "kfs-test"
 CH = "gcs.test"
 HUB_URL = "http://hub.test"
 K = resumable.CHUNK_GRANULARITY
+MiB = 1 << 20
 
 
 @pytest.fixture
@@ -390,9 +391,8 @@ def gcs_cluster(tmp_path, fake_gcs):
         hub.stop()
 
 
-def written_on_a_read_on_b(c: GcsCluster, size: int) -> tuple[str, bytes]:
-    """Write a file through A's mount; wait until it is in the bucket; read it by hash
-    through B's mount. Returns its hash and bytes."""
+def written_on_a(c: GcsCluster, size: int) -> tuple[str, bytes]:
+    """Write a file through A's mount and wait until it is in the bucket."""
     src = c.base / "written.bin"
     data, sha1 = random_file(src, size)
     target = c.mnt_a / CH / f"file-{sha1[:8]}.bin"
@@ -401,6 +401,12 @@ def written_on_a_read_on_b(c: GcsCluster, size: int) -> tuple[str, bytes]:
     wait_for(lambda: xattr(target, "user.kachery.status") == "in bucket", timeout=60,
              what="A's upload to the emulator")
     assert c.in_bucket(sha1) == data
+    return sha1, data
+
+
+def written_on_a_read_on_b(c: GcsCluster, size: int) -> tuple[str, bytes]:
+    """Write a file through A's mount; read it by hash through B's mount (verified, cached)."""
+    sha1, data = written_on_a(c, size)
     assert (c.mnt_b / CH / "sha1" / sha1).read_bytes() == data
     wait_for(c.in_store(c.b, sha1).exists, timeout=30, what="B to cache the file")
     assert c.in_store(c.b, sha1).read_bytes() == data  # cached, verified
@@ -420,7 +426,7 @@ def requested_through_b(c: GcsCluster, size: int) -> tuple[str, bytes]:
 def test_written_through_a_mount_read_through_b_mount(gcs_cluster):
     c = gcs_cluster
     # 20 MiB: two upload chunks (16 MiB), three parallel 8 MiB ranged GETs.
-    sha1, data = written_on_a_read_on_b(c, 20 * 1024 * 1024 + 5)
+    sha1, data = written_on_a_read_on_b(c, 20 * MiB + 5)
     assert kfs(c.b, "cat", f"sha1://{sha1}").stdout == data
     # Feeds: signed single PUTs to the emulator, read back by B.
     feed = kfs(c.a, "feed", "create").stdout.decode().strip()
@@ -432,7 +438,7 @@ def test_written_through_a_mount_read_through_b_mount(gcs_cluster):
 
 def test_files_only_in_a_store_are_requested_through_b(gcs_cluster):
     c = gcs_cluster
-    requested_through_b(c, 3 * 1024 * 1024 + 7)
+    requested_through_b(c, 3 * MiB + 7)
     sha1, data = c.stored_on_a(70_000)
     assert kfs(c.b, "cat", f"sha1://{sha1}?label=x.bin").stdout == data
     assert c.in_bucket(sha1) == data
@@ -458,3 +464,23 @@ def test_bad_and_missing_objects(gcs_cluster):
     r = kfs(c.b, "cat", missing, check=False, timeout=60)
     err = r.stderr.decode()
     assert r.returncode == 1 and "no node could provide" in err and "Traceback" not in err, err
+
+
+def test_eviction_from_the_emulator_and_the_evicted_file_read_again(gcs_cluster):
+    c = gcs_cluster
+    hub = ("--hub", c.hub.url)
+    kfs(c.a, "hub", "channel", "set", CH, "--allocation", "3M", *hub)
+    files = [written_on_a(c, MiB) for _ in range(4)]  # 4 MiB stored: 1 MiB too many
+
+    def stats() -> dict:
+        return json.loads(kfs(c.a, "hub", "channel", "stats", CH, "--json", *hub).stdout)
+
+    # Down to the low watermark (90 % of 3 MiB): the two least recently demanded go.
+    wait_for(lambda: stats()["evictions"]["count"] == 2, timeout=30, what="two evictions")
+    assert c.fake.objects(BUCKET, f"{CH}/sha1/") == {
+        object_key(CH, sha1): MiB for sha1, _ in files[2:]}
+    # The oldest is gone from the bucket, not from the channel: B's read asks A for it.
+    sha1, data = files[0]
+    assert (c.mnt_b / CH / "sha1" / sha1).read_bytes() == data
+    assert c.in_bucket(sha1) == data
+    assert stats()["reuploads"] == {"count": 1, "bytes": MiB}
