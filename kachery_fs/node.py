@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from . import _http, settings
+from . import _http
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, NotFound, PermissionDenied
 from .hub_client import HubClient
@@ -55,8 +55,7 @@ class Node:
                 raise NotFound(f"no node in {self.dir}: run `kachery-fs init` first")
             self.key = NodeKey.load(self.dir)
         self.db = NodeDB(self.dir / "node.db")
-        self.store = Store(self.dir, limit=settings.load(self.dir).cache_size,
-                           pinned=self.db.pinned_sha1s)
+        self.store = Store.for_node(self.dir, self.db)
         self.client = client or _http.create_client()
         self._hubs: dict[str, HubClient] = {}
         self._refresh_failed_at: dict[str, float] = {}  # channel -> time.monotonic()

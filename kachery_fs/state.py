@@ -326,9 +326,12 @@ class NodeDB:
             raise Conflict("directory not empty")
         self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
 
-    def entry_sha1s(self) -> set[str]:
-        """Every hash that backs a named entry (these must stay in the local store)."""
-        rows = self._db.execute("SELECT DISTINCT sha1 FROM entries WHERE sha1 IS NOT NULL")
+    def pinned_sha1s(self) -> set[str]:
+        """Hashes the local store may not evict: the content of named entries, and of
+        uploads in any state but done."""
+        rows = self._db.execute(
+            "SELECT sha1 FROM entries WHERE sha1 IS NOT NULL"
+            " UNION SELECT sha1 FROM uploads WHERE state != 'done'")
         return {r[0] for r in rows}
 
 

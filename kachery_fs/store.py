@@ -19,6 +19,12 @@ the lock when that descriptor is closed, or when its process dies however it die
 The PID in a name is only a hint for a human; it decides nothing (in a container, a
 new run often gets the PID the crashed one had).
 
+The store is also a cache with an optional size limit: ``store.db`` beside ``sha1/``
+indexes every object with its size, last read and origin (fetched, written, added), and
+fetched content is evicted least recently read first (:mod:`kachery_fs.cache`). Every
+way in records the object there; :meth:`Store.open` notes the read and holds a shared
+``flock`` on the file while it is open, which keeps eviction away from it.
+
 All methods here block (file I/O, hashing); async callers run the big ones in
 ``trio.to_thread.run_sync``. Several processes may use one store at once: renames are
 atomic and content-addressed, so two writers of the same hash cannot conflict.
@@ -32,8 +38,11 @@ import hashlib
 import logging
 import os
 import secrets
+from collections.abc import Callable
 from pathlib import Path
 
+from . import settings
+from .cache import ADDED, FETCHED, WRITTEN, StoreCache
 from .errors import IntegrityError, InvalidInput, NotFound
 from .uris import is_sha1
 
@@ -102,13 +111,20 @@ class StagingFile:
             offset += len(chunk)
         return hasher.hexdigest()
 
-    def commit(self) -> str:
-        """fsync, hash and move into the store; returns the SHA-1. Closes the staging file."""
+    def commit(self, *, origin: str = WRITTEN, expected: str | None = None) -> str:
+        """fsync, hash and move into the store; returns the SHA-1. Closes the staging file.
+
+        ``origin`` is recorded in the store's index (see :mod:`kachery_fs.cache`). With
+        ``expected``, content that hashes to anything else is discarded: IntegrityError.
+        """
         try:
             os.fsync(self.fd)
             sha1 = self._digest()
+            if expected is not None and sha1 != expected.lower():
+                raise IntegrityError(f"content for sha1://{expected} hashed to {sha1};"
+                                     " not stored")
             # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
-            self._store._install(self.path, sha1)
+            self._store._install(self.path, sha1, origin)
         except BaseException:
             self.discard()
             raise
@@ -127,14 +143,31 @@ class StagingFile:
 
 
 class Store:
-    """A content-addressed store rooted at a node directory. See the module docstring."""
+    """A content-addressed store rooted at a node directory. See the module docstring.
 
-    def __init__(self, root: Path):
+    ``limit`` (bytes, None for none) and ``pinned`` (the hashes the node's state needs
+    kept) make it a cache; without ``pinned`` nothing is ever evicted.
+    """
+
+    def __init__(self, root: Path, *, limit: int | None = None,
+                 pinned: Callable[[], set[str]] | None = None):
         self.root = Path(root)
         self.sha1_dir = self.root / "sha1"
         self.tmp_dir = self.root / "tmp"
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.cache = StoreCache(self, limit=limit, pinned=pinned)
+
+    @classmethod
+    def for_node(cls, directory: Path, db) -> Store:
+        """The store of the node in ``directory``: limited as the node's settings say,
+        and keeping what its database ``db`` (a :class:`~kachery_fs.state.NodeDB`) pins."""
+        return cls(directory, limit=settings.load(directory).cache_size,
+                   pinned=db.pinned_sha1s)
+
+    def close(self) -> None:
+        """Write out what the cache noted in memory (access times) and close its index."""
+        self.cache.close()
 
     # -- paths and lookups ----------------------------------------------------------
 
@@ -155,11 +188,23 @@ class Store:
         return self.size(sha1) is not None
 
     def open(self, sha1: str) -> int:
-        """An O_RDONLY file descriptor on stored content; raises NotFound."""
+        """An O_RDONLY file descriptor on stored content; raises NotFound.
+
+        Counts as a read for the cache, and holds a shared ``flock`` until the descriptor
+        is closed, so that no eviction deletes the file meanwhile.
+        """
         try:
-            return os.open(self.path(sha1), os.O_RDONLY | os.O_CLOEXEC)
+            fd = os.open(self.path(sha1), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             raise NotFound(f"sha1://{sha1} is not in the local store") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # Held exclusively: by its download (which keeps eviction away itself), or
+            # by an eviction deleting it this instant (this fd still reads it whole).
+            pass
+        self.cache.touch(sha1.lower())
+        return fd
 
     def iter_hashes(self):
         """Every hash stored here (walks the fan-out directories)."""
@@ -198,23 +243,37 @@ class Store:
         path, fd = self.new_temp_file()
         return StagingFile(self, path, fd)
 
-    def _install(self, temp: Path, sha1: str) -> None:
-        """Rename a complete, fsynced, verified temp file into place (or drop it if present)."""
+    def _install(self, temp: Path, sha1: str, origin: str) -> None:
+        """Rename a complete, fsynced, verified temp file into place (or drop it if present),
+        and record it in the index as ``origin``.
+
+        Content the node must keep is recorded before it is put in place, fetched content
+        after (see :mod:`kachery_fs.cache` for why this order is safe with eviction).
+        """
         dest = self.path(sha1)
+        size = os.stat(temp).st_size
+        pin_first = origin != FETCHED
+        if pin_first:
+            self.cache.record(sha1, size, origin)
         try:
             if dest.exists():
                 os.unlink(temp)
-                return
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(temp, 0o444)
-            os.replace(temp, dest)
-            _fsync_dir(dest.parent)
+            else:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.chmod(temp, 0o444)
+                os.replace(temp, dest)
+                _fsync_dir(dest.parent)
         except BaseException:
             try:
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
+            if pin_first and not dest.exists():
+                self.cache.forget(sha1)
             raise
+        if not pin_first:
+            self.cache.record(sha1, size, origin)
+        self.cache.inserted(sha1)
 
     def install_verified(self, temp: Path, expected_sha1: str, *, actual_sha1: str) -> None:
         """Install a downloaded temp file whose hash the caller computed as ``actual_sha1``.
@@ -230,10 +289,16 @@ class Store:
                 f"content for sha1://{expected_sha1} hashed to {actual_sha1}; not stored")
         with open(temp, "rb+") as f:
             os.fsync(f.fileno())
-        self._install(temp, expected_sha1.lower())
+        self._install(temp, expected_sha1.lower(), FETCHED)
 
-    def add_file(self, src: Path, *, progress=None) -> tuple[str, int]:
-        """Copy a file into the store, hashing as it is read; returns ``(sha1, size)``."""
+    def add_file(self, src: Path, *, progress=None, origin: str = ADDED,
+                 expected: str | None = None) -> tuple[str, int]:
+        """Copy a file into the store, hashing as it is read; returns ``(sha1, size)``.
+
+        ``origin`` is recorded in the index: by default the user added it, and it is
+        kept. With ``expected``, a file whose content hashes to anything else is not
+        stored: IntegrityError.
+        """
         staging = self.new_staging()
         try:
             with open(src, "rb") as f:
@@ -245,16 +310,16 @@ class Store:
             staging.discard()
             raise
         size = staging.size
-        return staging.commit(), size
+        return staging.commit(origin=origin, expected=expected), size
 
-    def add_bytes(self, data: bytes) -> str:
+    def add_bytes(self, data: bytes, *, origin: str = ADDED) -> str:
         staging = self.new_staging()
         try:
             staging.write(0, data)
         except BaseException:
             staging.discard()
             raise
-        return staging.commit()
+        return staging.commit(origin=origin)
 
     def verify(self, sha1: str) -> bool:
         """Re-hash stored content; a corrupt object is deleted and False returned."""
@@ -275,6 +340,7 @@ class Store:
             os.unlink(self.path(sha1))
         except FileNotFoundError:
             pass
+        self.cache.forget(sha1.lower())
 
     def sweep_temp(self) -> int:
         """Remove the temp files nobody holds (their ``flock`` is free); returns how many.
