@@ -61,6 +61,9 @@ EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 #: node's request waits on it.
 CALL_TIMEOUT_S = 20
 
+#: Retry transient failures (429, 5xx, connection errors) within that time.
+_RETRY = DEFAULT_RETRY.with_timeout(CALL_TIMEOUT_S)
+
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,220}[a-z0-9]")
 
 _KEY_ADVICE = (
@@ -227,10 +230,6 @@ class GcsBucketBackend:
         except (api_exceptions.GoogleAPIError, auth_exceptions.TransportError,
                 requests.RequestException) as exc:
             raise Unavailable(f"{what}: {type(exc).__name__}: {exc}") from None
-
-
-#: Retry transient failures (429, 5xx, connection errors) within the call's time.
-_RETRY = DEFAULT_RETRY.with_timeout(CALL_TIMEOUT_S)
 
 
 def _gcloud_adc_file(environ: Mapping[str, str]) -> Path:
