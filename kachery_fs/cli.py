@@ -58,9 +58,16 @@ def _open_node(*, create: bool = False):
 
 
 def cmd_init(args) -> int:
+    from . import settings
     from .node import init_node
 
-    key = init_node(node_dir())
+    directory = node_dir()
+    key = init_node(directory)
+    if args.cache_size is not None:
+        limit = settings.parse_limit(args.cache_size)
+        settings.update(directory, cache_size=limit)
+        print(f"local store limit: {format_size(limit) if limit else 'none'}"
+              f" (in {settings.path(directory)})", file=sys.stderr)
     print(key.node_id)
     return 0
 
@@ -170,27 +177,85 @@ async def _put(args) -> int:
 
 
 def cmd_store_add(args) -> int:
+    from .state import NodeDB
     from .store import Store
 
     d = node_dir()
-    store = Store(d)
-    for name in args.files:
-        path = Path(name)
-        if not path.is_file():
-            raise NotFound(f"{name}: no such file")
-        sha1, _size = store.add_file(path)
-        print(format_uri(sha1, path.name))
+    d.mkdir(parents=True, exist_ok=True)
+    db = NodeDB(d / "node.db")
+    store = Store.for_node(d, db)
+    try:
+        for name in args.files:
+            path = Path(name)
+            if not path.is_file():
+                raise NotFound(f"{name}: no such file")
+            sha1, _size = store.add_file(path)
+            print(format_uri(sha1, path.name))
+    finally:
+        store.close()
+        db.close()
+    return 0
+
+
+def cmd_store_add_source(args) -> int:
+    from . import settings
+    from .sources import check_source
+
+    d = node_dir()
+    path = check_source(Path(args.path), d)
+    configured = settings.load(d).sources
+    if str(path) not in configured:
+        d.mkdir(parents=True, exist_ok=True)
+        settings.update(d, sources=[*configured, str(path)])
+    print(f"content missing from this node's store is looked for in {path}"
+          " (verified before use; nothing there is ever written)")
+    return 0
+
+
+def cmd_store_remove_source(args) -> int:
+    from . import settings
+    from .sources import standard_locations
+
+    d = node_dir()
+    path = Path(args.path).expanduser().resolve()
+    configured = settings.load(d).sources
+    if str(path) in configured:
+        settings.update(d, sources=[s for s in configured if s != str(path)])
+        print(f"{path} is no longer read")
+    elif path in standard_locations():
+        raise InvalidInput(f"{path} is a standard kachery location, read when it exists: put"
+                           f" `auto-sources = false` in {settings.path(d)} to read only the"
+                           " configured sources")
+    else:
+        raise NotFound(f"{path} is not a source (see `kachery-fs store sources`)")
+    return 0
+
+
+def cmd_store_sources(args) -> int:
+    from .sources import Sources
+
+    sources = Sources.load(node_dir())
+    if not sources:
+        print("no kachery store is read (add one with `kachery-fs store add-source PATH`)")
+    for source in sources:
+        how = "found automatically" if source.automatic else "configured"
+        missing = "" if source.path.is_dir() else ", missing"
+        print(f"{source.path}  ({how}{missing})")
     return 0
 
 
 async def _cat(args) -> int:
     from .bucket import fetch_to_store
     from .requester import request_file
+    from .sources import Sources
 
     uri = parse_uri(args.uri)
     node = _open_node(create=True)
     try:
-        if not node.store.has(uri.sha1):
+        _apply_cache_size(node, args)
+        sources = Sources.load(node.dir)
+        if not node.store.has(uri.sha1) and await trio.to_thread.run_sync(
+                sources.copy_into, node.store, uri.sha1) is None:
             channels = [node.db.channel(args.channel)] if args.channel else node.db.channels()
             if not channels:
                 raise NotFound(f"sha1://{uri.sha1} is not in the local store and this node has"
@@ -234,10 +299,12 @@ async def _serve(args) -> int:
 
     node = _open_node()
     try:
+        _apply_cache_size(node, args)
         if not node.db.channels():
             raise InvalidInput("this node has joined no channel: `kachery-fs join HUB_URL"
                                " CHANNEL` first")
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(node.store.cache.run)
             uploader = await Uploader.create(
                 node, nursery=nursery, rate_limit=RateLimit(args.bwlimit) if args.bwlimit else None)
             provider = Provider(node, uploader)
@@ -390,6 +457,7 @@ async def _mount_foreground(args) -> int:
 
     node = _open_node()
     try:
+        _apply_cache_size(node, args)
         await run_mount(node, Path(args.mountpoint), allow_other=args.allow_other,
                         debug=args.debug_fuse, request_timeout=args.request_timeout,
                         bwlimit=args.bwlimit)
@@ -415,6 +483,8 @@ def cmd_mount(args) -> int:
     cmd += ["--request-timeout", str(args.request_timeout)]
     if args.bwlimit:
         cmd += ["--bwlimit", str(args.bwlimit)]
+    if args.cache_size:
+        cmd += ["--cache-size", args.cache_size]
     with open(os.devnull, "rb") as devnull:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL, start_new_session=True)
@@ -624,6 +694,7 @@ async def _up(args) -> int:
     mountpoint.mkdir(parents=True, exist_ok=True)
     check_mountpoint(mountpoint)
     node = Node(node_dir(), create=True)
+    _apply_cache_size(node, args)
     server = HubServer(node.dir / "hub", owner_id=node.node_id)
     try:
         async with trio.open_nursery() as nursery:
@@ -689,6 +760,33 @@ def _sub(parent, name: str, help: str, description: str | None = None, **kw):
                              formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
 
 
+def _cache_size(text: str) -> str:
+    from .settings import parse_limit
+
+    try:
+        parse_limit(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def _apply_cache_size(node, args) -> None:
+    """``--cache-size``, if given, overrides the node's setting for this run."""
+    from .settings import parse_limit
+
+    if args.cache_size is not None:
+        node.store.cache.limit = parse_limit(args.cache_size)
+
+
+def _add_cache_size(parser, what: str = "for this run") -> None:
+    parser.add_argument("--cache-size", type=_cache_size, metavar="SIZE",
+                        help=f"limit the local store to SIZE {what} (e.g. 10G, 500MiB: powers"
+                        " of 1024; 'unlimited' for none): past it, the content read least"
+                        " recently is evicted, never files written here, unfinished uploads"
+                        " or content added with put or store add (default: the node's"
+                        " setting, `kachery-fs init --cache-size`, else unlimited)")
+
+
 def _rate(text: str) -> float:
     from .resumable import parse_rate
 
@@ -718,12 +816,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--channel", default="default", help="channel name (default: default)")
     s.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
                    help=f"hub port on 127.0.0.1 (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
+    _add_cache_size(s)
     s.set_defaults(run=_up, is_async=True)
 
     s = _sub(sub, "init", "create this node's identity and store; print its node id",
              "Create $KACHERY_FS_DIR with a new Ed25519 identity (private.pem, mode 0600, in"
              " kachery's PEM format) unless one exists, and print the node id (the 64-hex public"
-             " key) that a channel owner authorizes.")
+             " key) that a channel owner authorizes. With --cache-size, also set the node's"
+             " default limit of its local store (in $KACHERY_FS_DIR/config.toml), for a new"
+             " node or an existing one.")
+    s.add_argument("--cache-size", type=_cache_size, metavar="SIZE",
+                   help="the most the local store may hold, e.g. 10G or 500MiB (powers of"
+                   " 1024), or 'unlimited' (the default); past it, the content read least"
+                   " recently is evicted")
     s.set_defaults(run=cmd_init)
     s = _sub(sub, "node-id", "print this node's id")
     s.set_defaults(run=cmd_node_id)
@@ -753,6 +858,7 @@ def build_parser() -> argparse.ArgumentParser:
                    f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
     s.add_argument("--bwlimit", type=_rate, metavar="RATE",
                    help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
+    _add_cache_size(s)
     s.set_defaults(run=cmd_mount)
 
     s = _sub(sub, "umount", "unmount a kachery-fs mount point",
@@ -773,13 +879,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = _sub(sub, "store", "the local store")
     ss = s.add_subparsers(dest="store_command", metavar="SUBCOMMAND", required=True)
-    t = _sub(ss, "add", "add files to the local store only; print their URIs")
+    t = _sub(ss, "add", "add files to the local store only; print their URIs",
+             "Hash each FILE into the local store and print its sha1:// URI. Content added"
+             " this way (or with put) is kept whatever the store's limit: this node holds it"
+             " to provide it.")
     t.add_argument("files", nargs="+", metavar="FILE", help="files to add")
     t.set_defaults(run=cmd_store_add)
+    t = _sub(ss, "add-source", "read content from another kachery store on this machine",
+             "Look for content missing from this node's store in the kachery store at PATH"
+             " (~/kachery-storage, ~/.kachery-cloud, ~/.kachery or a copy of one), before the"
+             " bucket. Content found there is verified against its SHA-1 and copied into this"
+             " node's store as cached content; PATH is never written to. The standard"
+             " locations are read without this when they exist.")
+    t.add_argument("path", metavar="PATH", help="a kachery store directory")
+    t.set_defaults(run=cmd_store_add_source)
+    t = _sub(ss, "remove-source", "stop reading a kachery store added with add-source")
+    t.add_argument("path", metavar="PATH", help="the directory, as listed by `store sources`")
+    t.set_defaults(run=cmd_store_remove_source)
+    t = _sub(ss, "sources", "list the kachery stores this node reads content from")
+    t.set_defaults(run=cmd_store_sources)
 
     s = _sub(sub, "cat", "write the content of a sha1:// URI to stdout (verified)",
              "Write the content of URI (sha1://<hash>[...] or a bare hash) to stdout: from the"
-             " local store, else from the bucket of a joined channel, else by asking the"
+             " local store, else from a kachery store on this machine (`store sources`), else"
+             " from the bucket of a joined channel, else by asking the"
              " channel's other nodes through the hub; verified against its SHA-1 before any"
              " byte is written.")
     s.add_argument("uri", metavar="URI", help="sha1://<hash>, with or without ?label=...")
@@ -787,6 +910,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                    metavar="SECONDS", help="give up on a file requested from other nodes when"
                    f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
+    _add_cache_size(s, "when adding the content to it")
     s.set_defaults(run=_cat, is_async=True)
 
     s = _sub(sub, "serve", "provide this node's files to its channels, without a mount",
@@ -796,6 +920,7 @@ def build_parser() -> argparse.ArgumentParser:
              " finishes this node's pending uploads. Runs until Ctrl-C.")
     s.add_argument("--bwlimit", type=_rate, metavar="RATE",
                    help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
+    _add_cache_size(s)
     s.set_defaults(run=_serve, is_async=True, log_default=1)
 
     s = _sub(sub, "status", "show hub connections, pending requests and uploads",

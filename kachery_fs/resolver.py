@@ -1,5 +1,6 @@
-"""Where content comes from: the local store, else the channel bucket, else a request
-through the hub that a provider node answers by uploading to the bucket.
+"""Where content comes from: the local store, else a kachery store on this machine
+(copied into ours, verified: :mod:`kachery_fs.sources`), else the channel bucket, else a
+request through the hub that a provider node answers by uploading to the bucket.
 
 ``Resolver.size`` answers lookups; ``Resolver.open`` returns a :class:`Content` that
 reads verified bytes. However many readers want one missing hash, there is one request
@@ -20,6 +21,7 @@ from .bucket import Download, head_size, object_url
 from .errors import DeadlineExceeded, IntegrityError, NotFound
 from .node import Node
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
+from .sources import Sources
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,8 @@ class Resolver:
         # Hashes whose bucket object just failed verification: opens fail at once for a
         # while instead of downloading the same bad bytes again for every reader.
         self._bad: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
+        self.sources = Sources.load(node.dir)
+        self._copies: dict[str, trio.Event] = {}  # sha1 -> done, while copied from a source
 
     def local_size(self, sha1: str) -> int | None:
         return self.node.store.size(sha1)
@@ -99,6 +103,9 @@ class Resolver:
             return local
         if sha1 in self._downloads:
             return self._downloads[sha1].size
+        copied = await self._copy_from_sources(sha1)
+        if copied is not None:
+            return copied
         key = (channel, sha1)
         if key in self._sizes:
             return self._sizes[key]
@@ -121,6 +128,24 @@ class Resolver:
         size = await request.wait_size()
         self._sizes[key] = size
         return size
+
+    async def _copy_from_sources(self, sha1: str) -> int | None:
+        """Copy ``sha1`` from a kachery store on this machine into ours, verified (one copy
+        however many ask); its size, or None when no source has a good copy."""
+        copying = self._copies.get(sha1)
+        if copying is not None:
+            await copying.wait()
+            return self.node.store.size(sha1)
+        paths = self.sources.find(sha1)
+        if not paths:
+            return None
+        self._copies[sha1] = copying = trio.Event()
+        try:
+            return await trio.to_thread.run_sync(self.sources.copy_into, self.node.store,
+                                                 sha1, paths)
+        finally:
+            del self._copies[sha1]
+            copying.set()
 
     def requests(self) -> list[FileRequest]:
         """The file requests this node is waiting on now."""
@@ -151,15 +176,15 @@ class Resolver:
         bad = self._bad.get((channel, sha1))
         if bad is not None and not self.node.store.has(sha1):
             raise IntegrityError(f"{bad} (retried after {BAD_OBJECT_TTL_S:.0f} s)")
-        try:
-            fd = self.node.store.open(sha1)
-        except NotFound:
-            pass
-        else:
-            return LocalContent(fd, os.fstat(fd).st_size)
+        local = self._open_local(sha1)
+        if local is not None:
+            return local
         download = self._downloads.get(sha1)
         if download is None:
             size = await self.size(channel, sha1)
+            local = self._open_local(sha1)  # copied from a source by size(), or just installed
+            if local is not None:
+                return local
             request = self._requests.get((channel, sha1))
             if request is not None:
                 await request.wait_done()  # a provider is uploading it to the bucket
@@ -173,6 +198,13 @@ class Resolver:
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)
         return DownloadContent(download)
+
+    def _open_local(self, sha1: str) -> LocalContent | None:
+        try:
+            fd = self.node.store.open(sha1)
+        except NotFound:
+            return None
+        return LocalContent(fd, os.fstat(fd).st_size)
 
     def _finished(self, channel: str, download: Download) -> None:
         if self._downloads.get(download.sha1) is download:

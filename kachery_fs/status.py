@@ -1,4 +1,5 @@
-"""What a node is doing: its hub connections, pending requests, files it provides, uploads.
+"""What a node is doing: its hub connections, pending requests, files it provides, uploads,
+and its local store (usage against its limit, pinned bytes, evictions, kachery stores read).
 
 The mount keeps ``$KACHERY_FS_DIR/status.json`` current (rewritten atomically about once a
 second), which ``kachery-fs status`` reads; the same text is the ``user.kachery.status``
@@ -14,6 +15,9 @@ import time
 from pathlib import Path
 
 import trio
+
+from .sources import Sources
+from .units import format_size
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +52,13 @@ def collect(node, *, provider=None, resolver=None, mountpoint: str | None = None
                "failed": counts.get("failed", 0),
                "failures": [{"channel": up.channel, "sha1": up.sha1, "error": up.error}
                             for up in node.db.failed_uploads()]}
+    sources = resolver.sources if resolver is not None else Sources.load(node.dir)
+    store = {**node.store.cache.stats(),
+             "sources": [{"path": str(s.path), "automatic": s.automatic} for s in sources]}
     return {"nodeId": node.node_id, "pid": os.getpid(), "mountpoint": mountpoint,
             "updated": time.time(), "channels": channels, "hubs": hubs,
-            "requests": requests, "providing": providing, "uploads": uploads}
+            "requests": requests, "providing": providing, "uploads": uploads,
+            "store": store}
 
 
 def _pct(nbytes: int, size: int | None) -> str:
@@ -95,7 +103,26 @@ def render(status: dict, *, channel: str | None = None) -> str:
     for f in up.get("failures", []):
         if channel in (None, f["channel"]):
             lines.append(f"  {f['channel']}/sha1/{f['sha1']}: {f['error']}")
+    lines += _render_store(status["store"])
     return "\n".join(lines) + "\n"
+
+
+def _render_store(store: dict) -> list[str]:
+    used = f"{format_size(store['bytes'])} in {store['objects']:,} object(s)"
+    if store["limit"] is None:
+        limit = "no limit (`kachery-fs init --cache-size SIZE` sets one)"
+    else:
+        limit = (f"limit {format_size(store['limit'])}"
+                 f" ({100 * store['bytes'] / store['limit']:.0f}% used)")
+    lines = [f"local store: {used}, {limit}",
+             f"  pinned: {format_size(store['pinnedBytes'])} (written here, uploading, or"
+             " added with put/store add)",
+             f"  evicted so far: {store['evictions']:,} object(s),"
+             f" {format_size(store['evictedBytes'])}"]
+    for source in store["sources"]:
+        how = "found automatically" if source["automatic"] else "configured"
+        lines.append(f"  reads kachery store {source['path']} ({how})")
+    return lines
 
 
 def write(directory: Path, status: dict) -> None:

@@ -61,6 +61,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         provider = Provider(node, uploader)
         nursery.start_soon(provider.run)
         nursery.start_soon(node.downloads.run)
+        nursery.start_soon(node.store.cache.run)
         nursery.start_soon(partial(status.keep_written, node, provider=provider,
                                    resolver=resolver, mountpoint=str(mountpoint)))
         feeds = FeedFiles(node, nursery)
