@@ -68,7 +68,7 @@ WRITTEN_GRACE_S = 600.0
 #: How often a running mount writes the access times it noted.
 FLUSH_INTERVAL_S = 30.0
 #: How long the pinned-bytes figure of :meth:`StoreCache.stats` is reused.
-PINNED_BYTES_TTL_S = 30.0
+PINNED_BYTES_TTL_S = 5.0
 
 INDEX_FILE = "store.db"
 
