@@ -53,14 +53,13 @@ class DownloadReports:
                     self.add(channel, sha1, n)
 
     async def run(self) -> None:
-        """Report every :data:`REPORT_INTERVAL_S` until cancelled, then once more."""
-        try:
-            while True:
-                await trio.sleep(REPORT_INTERVAL_S)
-                await self.flush()
-        finally:
-            await self.final_flush()
+        """Report every :data:`REPORT_INTERVAL_S` until cancelled. The owner calls
+        :meth:`final_flush` once the downloads have ended."""
+        while True:
+            await trio.sleep(REPORT_INTERVAL_S)
+            await self.flush()
 
     async def final_flush(self) -> None:
+        """Report what is left, waiting at most :data:`FINAL_REPORT_TIMEOUT_S`."""
         with trio.CancelScope(shield=True), trio.move_on_after(FINAL_REPORT_TIMEOUT_S):
             await self.flush()

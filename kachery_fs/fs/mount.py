@@ -91,6 +91,8 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
             nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
+    # Downloads cut short by the unmount are reported too.
+    await node.downloads.final_flush()
 
 
 #: Kernel read-ahead for the mount. The default, 128 KiB, makes every sequential read a
