@@ -6,6 +6,7 @@ Only the shape of the results is checked: the bench measures, it never judges a 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +21,17 @@ BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
 
 EXPECTED = {
     "meta": {"mode", "file_mib", "stream_mib", "request_mib", "request_repeats",
-             "feed_append_messages", "feed_read_messages", "pids", "git",
-             "page_cache_dropped", "mount_pids_verified_dev_fuse"},
+             "feed_append_messages", "feed_read_messages", "names", "small_files", "rounds",
+             "pids", "git", "page_cache_dropped", "mount_pids_verified_dev_fuse", "peers",
+             "phases"},
     "cp": {"cp_MiB_per_s", "sha1sum_MiB_per_s", "ratio_cp_to_sha1sum",
-           "in_bucket_seconds_from_cp_start", "committed_in_store_when_cp_returned"},
-    "local_read": {"mount", "direct_store_file", "ratio_cold", "ratio_warm_median"},
+           "in_bucket_seconds_from_cp_start", "committed_in_store_when_cp_returned",
+           "signed_put_reference", "ratio_in_bucket_to_sha1sum_plus_put"},
+    "local_read": {"cold_MiB_per_s", "warm_MiB_per_s", "ratio_cold", "ratio_warm_median",
+                   "ratio_cold_to_rclone", "rclone_bytes_verified"},
+    "fio": set(),  # either measured or skipped: see below
     "bucket_read": {"mount_MiB_per_s", "curl_cold_MiB_per_s", "ratio_to_curl_cold",
-                    "mount_ttfb_s", "in_store_b_after_read"},
+                    "mount_ttfb_s", "in_store_b_after_read", "rounds"},
     "memory": {"pid", "VmHWM_after_MiB", "VmRSS_sampled_peak_MiB", "stream_MiB_per_s"},
     "request_latency": {"request_seconds", "request_median_s", "request_max_s",
                         "bucket_seconds", "bucket_median_s", "ratio_median_to_bucket",
@@ -34,12 +39,31 @@ EXPECTED = {
     "request_throughput": {"MiB_per_s", "seconds", "ttfb_s", "split_s", "upload_MiB_per_s",
                            "download_MiB_per_s", "bucket_read_MiB_per_s",
                            "ratio_to_bucket_read", "in_store_b_after_read"},
+    "names": {"names", "create_seconds", "ls_l_median_s", "ratio_to_local", "ratio_to_rclone",
+              "find_seconds"},
+    "small_files": {"files", "bytes", "median_s", "ratio_to_local", "ratio_to_rclone"},
     "feed_append": {"feed_id", "messages", "seconds", "split_s", "lines_on_b", "content_on_b_ok",
                     "content_on_a_ok", "cpu_during_append"},
     "feed_cold_read": {"feed_id", "messages", "seconds", "lines_on_b", "content_on_b_ok",
                        "warm_cat_seconds", "node_c_feed_read_seconds",
                        "a_published_seconds_from_write_start", "cpu_during_cold_cat"},
 }
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of running processes that mention ``text`` (read from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(
+                errors="replace")
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{entry.name}: {cmdline}")
+    return found
 
 
 @pytest.mark.timeout(120)
@@ -81,16 +105,55 @@ def test_bench_smoke(tmp_path):
     assert cold["messages"] == data["meta"]["feed_read_messages"] == 200
     assert cold["lines_on_b"] == 200 and cold["content_on_b_ok"] is True
     assert cold["feed_id"] == appended["feed_id"]
-    for figure in (data["cp"]["cp_MiB_per_s"], data["local_read"]["mount"]["cold_MiB_per_s"],
+    for figure in (data["cp"]["cp_MiB_per_s"], data["local_read"]["cold_MiB_per_s"]["mount"],
+                   data["names"]["ls_l_median_s"]["mount"],
+                   data["small_files"]["median_s"]["mount"],
                    data["bucket_read"]["mount_MiB_per_s"], data["memory"]["VmHWM_after_MiB"],
                    latency["request_median_s"], latency["bucket_median_s"],
                    flow["MiB_per_s"], flow["bucket_read_MiB_per_s"], appended["seconds"],
                    cold["seconds"], cold["warm_cat_seconds"], cold["node_c_feed_read_seconds"]):
         assert isinstance(figure, (int, float)) and figure > 0
     assert data["table"], "no table rows"
+    assert all(len(row) == 5 for row in data["table"])
     assert "measurement" in result.stdout.decode()
+
+    # Every target is judged beside its ratio (the feed targets apply to full sizes only).
+    targets = ["into mount A, until committed", "sequential read", "the same again",
+               "from the bucket via mount B", "ls -l of"]
+    if shutil.which("rclone"):
+        targets.append("peer: rclone mount of :http:")
+    whats = [t["what"] for t in data["targets"]]
+    assert len(whats) == len(targets), whats
+    assert all(any(target in what for what in whats) for target in targets), whats
+    assert all(isinstance(t["met"], bool) for t in data["targets"])
+
+    # The peers ran where they are installed, and are skipped with a note where not.
+    notes = " ".join(data["notes"])
+    if shutil.which("rclone"):
+        assert data["local_read"]["rclone_bytes_verified"] is True
+        assert data["bucket_read"]["rclone_bytes_verified"] is True
+        for figure in (data["local_read"]["ratio_cold_to_rclone"],
+                       data["bucket_read"]["ratio_to_rclone"],
+                       data["names"]["ratio_to_rclone"], data["small_files"]["ratio_to_rclone"]):
+            assert isinstance(figure, (int, float)) and figure > 0
+        mounts = data["peers"]["rclone_mounts"]
+        assert all("--read-only --vfs-cache-mode off" in m for m in mounts.values()), mounts
+        assert "--http-url http://127.0.0.1:" in mounts["bucket"]
+    else:
+        assert "rclone is not installed" in notes
+        assert data["names"]["ratio_to_rclone"] is None
+    if shutil.which("fio"):
+        assert data["fio"]["mount_iops"] > 0 and data["fio"]["store_iops"] > 0
+        assert data["fio"]["mount_o_direct_iops"] > 0
+    else:
+        assert data["fio"] == {"skipped": "fio is not installed"}
+        assert "fio is not installed" in notes
+    assert data["names"]["names"] == data["meta"]["names"] == 100
+    assert data["small_files"]["files"] == data["meta"]["small_files"] == 50
 
     # Everything was cleaned up: no temp dir left, nothing of ours still mounted.
     assert not list(tmp_path.glob("kachery-fs-bench-*"))
     with open("/proc/self/mounts") as f:
         assert str(tmp_path) not in f.read()
+    # ... and no process of ours (mounts, hub, rclone, the listing server) still runs.
+    assert not _processes_mentioning(str(tmp_path)), _processes_mentioning(str(tmp_path))
