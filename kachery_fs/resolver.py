@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 import trio
@@ -60,22 +61,45 @@ class LocalContent(Content):
 
 
 class DownloadContent(Content):
-    def __init__(self, download: Download):
-        self.download = download
+    """A download's bytes. If the object leaves the bucket before it is fetched (the hub
+    evicted it), ``reopen`` resolves the hash again, through a request, once."""
+
+    def __init__(self, download: Download,
+                 reopen: Callable[[], Awaitable[Content]] | None = None):
+        self.download: Download | None = download
         self.size = download.size
+        self._reopen = reopen
+        self._instead: Content | None = None
         download.readers += 1
 
     async def read(self, offset: int, size: int) -> bytes:
+        if self._instead is not None:
+            return await self._instead.read(offset, size)
         end = min(offset + size, self.size)
         if offset >= self.size:
             return b""
-        await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
+        try:
+            await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
+        except NotFound:
+            if self._reopen is None:
+                raise
+            reopen, self._reopen = self._reopen, None
+            self._instead = await reopen()
+            self._release()
+            return await self._instead.read(offset, size)
         return os.pread(self.download.fd, end - offset, offset)
 
+    def _release(self) -> None:
+        download, self.download = self.download, None
+        download.readers -= 1
+        if download.readers == 0 and download.done.is_set():
+            download.close_fd()
+
     def close(self) -> None:
-        self.download.readers -= 1
-        if self.download.readers == 0 and self.download.done.is_set():
-            self.download.close_fd()
+        if self._instead is not None:
+            self._instead.close()
+        if self.download is not None:
+            self._release()
 
 
 class Resolver:
@@ -197,7 +221,7 @@ class Resolver:
                                     on_finish=partial(self._finished, channel))
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)
-        return DownloadContent(download)
+        return DownloadContent(download, reopen=partial(self.open, channel, sha1))
 
     def _open_local(self, sha1: str) -> LocalContent | None:
         try:
@@ -211,5 +235,11 @@ class Resolver:
             del self._downloads[download.sha1]
         if isinstance(download.error, IntegrityError):
             self._bad[(channel, download.sha1)] = str(download.error)
+        elif isinstance(download.error, NotFound):
+            # Gone from the bucket since its size was learnt (evicted by the hub): the next
+            # open looks again, and asks the channel's nodes.
+            self._sizes.pop((channel, download.sha1), None)
+            log.info("sha1://%s left the bucket of %s while it was being fetched; asking"
+                     " the channel's nodes for it", download.sha1, channel)
         elif download.hashed:  # bytes came from the bucket, even if cut short: demand
             self.node.downloads.add(channel, download.sha1, download.hashed)

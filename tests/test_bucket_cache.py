@@ -198,3 +198,32 @@ def test_eviction_through_mounts_and_the_evicted_file_read_again(tmp_path):
         assert s["reuploads"] == {"count": 1, "bytes": MiB}
         text = kfs(c.a, "hub", "channel", "stats", c.channel, *hub).stdout.decode()
         assert "re-uploads" in text and "allocation   3 MiB" in text and "total" in text
+
+
+@pytest.mark.mount
+def test_a_file_evicted_after_its_lookup_is_read_through_a_request(tmp_path):
+    """B learns a file's size (a lookup), then the hub evicts it: B's read finds the bucket
+    object gone and asks A for it, instead of failing."""
+    require_fuse()
+    c = make_cluster(tmp_path, channel="evict.test", create_args=("--allocation", "2M"))
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        stack.enter_context(mounted(c.a, c.mnt_a))
+        stack.enter_context(mounted(c.b, c.mnt_b))
+        data = [os.urandom(MiB) for _ in range(3)]
+        hashes = [hashlib.sha1(d).hexdigest() for d in data]
+        objects = c.hub.bucket_dir() / c.channel / "sha1"
+
+        def in_bucket():
+            return {p.name for p in objects.rglob("*") if p.is_file()}
+
+        for i in range(2):
+            path = c.mnt_a / c.channel / f"f{i}"
+            path.write_bytes(data[i])
+            wait_for(lambda p=path: xattr(p, "user.kachery.status") == "in bucket",
+                     timeout=30, what=f"{path.name} in the bucket")
+        assert (c.mnt_b / c.channel / "sha1" / hashes[0]).stat().st_size == MiB
+        (c.mnt_a / c.channel / "f2").write_bytes(data[2])
+        wait_for(lambda: in_bucket() == {hashes[2]}, timeout=30, what="f0 and f1 evicted")
+        assert (c.mnt_b / c.channel / "sha1" / hashes[0]).read_bytes() == data[0]
+        assert hashes[0] in in_bucket()  # uploaded again by A, on B's request
