@@ -221,7 +221,8 @@ class GcsBucketBackend:
         except (api_exceptions.Unauthorized, api_exceptions.Forbidden) as exc:
             raise PermissionDenied(
                 f"{what}: refused ({exc.code}): the hub's service account {self.gcs.client_email}"
-                f" needs roles/storage.objectAdmin on gs://{self.bucket}") from None
+                f" needs storage.objects.create, .get, .list and .delete on gs://{self.bucket}"
+                " (README, Google Cloud Storage: the kacheryFsHub role)") from None
         except auth_exceptions.RefreshError as exc:
             raise PermissionDenied(f"{what}: Google refused the key of"
                                    f" {self.gcs.client_email}: {exc}") from None
