@@ -618,6 +618,13 @@ class Operations(pyfuse3.Operations):
             return []
 
     async def getxattr(self, inode, name, ctx):
+        # We keep no security labels and no POSIX ACLs: ENOTSUP for names outside user.*,
+        # as a file system without them answers, not ENODATA. `ls -l` asks for
+        # security.selinux and system.posix_acl_access of every name, and the kernel never
+        # caches extended attributes: after ENOTSUP, ls stops asking for the rest of its
+        # run (10,000 names: 2 requests instead of 20,000).
+        if not name.startswith(b"user."):
+            raise pyfuse3.FUSEError(errno.ENOTSUP)
         with fuse_errors("getxattr"):
             vnode = self.ns.vnode(inode)
             if vnode.kind == "channel" and name == XATTR_STATUS:
