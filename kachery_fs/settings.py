@@ -9,7 +9,7 @@ of the node should use unless a flag says otherwise::
 
 Commands write it (``kachery-fs init --cache-size``, ``kachery-fs store add-source``), and
 it may be edited by hand: a mistake in it is reported with the file's name, never
-ignored.
+ignored. A command that rewrites it keeps every setting but not comments.
 """
 
 from __future__ import annotations

@@ -103,7 +103,8 @@ def render(status: dict, *, channel: str | None = None) -> str:
     for f in up.get("failures", []):
         if channel in (None, f["channel"]):
             lines.append(f"  {f['channel']}/sha1/{f['sha1']}: {f['error']}")
-    lines += _render_store(status["store"])
+    if "store" in status:  # a mount started by an earlier version does not report it
+        lines += _render_store(status["store"])
     return "\n".join(lines) + "\n"
 
 
