@@ -372,18 +372,19 @@ class StoreCache:
     # -- indexing a store made by an earlier version -------------------------------------------
 
     def _index_existing(self) -> None:
+        # The walk takes a while on a big store: it is done before taking the write lock,
+        # which other processes' inserts would otherwise wait for.
         pins = self._pinned() if self._pinned is not None else set()
-        rows = []
+        rows = [(sha1, st.st_size, WRITTEN if sha1 in pins else FETCHED,
+                 max(st.st_atime, st.st_mtime)) for sha1, st in _walk(self.store.sha1_dir)]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                # Another process may have indexed it while we waited for the lock.
+                # Another process may have indexed it meanwhile; objects stored since the
+                # walk recorded themselves, hence OR IGNORE.
                 done = self._db.execute("SELECT value FROM totals WHERE name = 'indexed'"
                                         ).fetchone()[0]
                 if not done:
-                    rows = [(sha1, st.st_size, WRITTEN if sha1 in pins else FETCHED,
-                             max(st.st_atime, st.st_mtime))
-                            for sha1, st in _walk(self.store.sha1_dir)]
                     self._db.executemany(
                         "INSERT OR IGNORE INTO objects (sha1, size, origin, last_access)"
                         " VALUES (?, ?, ?, ?)", rows)
@@ -392,7 +393,7 @@ class StoreCache:
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        if rows:
+        if rows and not done:
             log.info("indexed the %d object(s), %s, that the local store held",
                      len(rows), format_size(sum(r[1] for r in rows)))
 
