@@ -258,8 +258,9 @@ async def _cat(args) -> int:
                 sources.copy_into, node.store, uri.sha1) is None:
             channels = [node.db.channel(args.channel)] if args.channel else node.db.channels()
             if not channels:
-                raise NotFound(f"sha1://{uri.sha1} is not in the local store and this node has"
-                               " joined no channel to look in")
+                raise NotFound(f"sha1://{uri.sha1} is neither in the local store nor in a"
+                               " kachery store on this machine, and this node has joined no"
+                               " channel to look in")
             errors = []
             for ch in channels:
                 try:

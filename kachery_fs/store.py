@@ -120,9 +120,8 @@ class StagingFile:
         try:
             os.fsync(self.fd)
             sha1 = self._digest()
-            if expected is not None and sha1 != expected.lower():
-                raise IntegrityError(f"content for sha1://{expected} hashed to {sha1};"
-                                     " not stored")
+            if expected is not None:
+                _check_hash(expected, sha1)
             # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
             self._store._install(self.path, sha1, origin)
         except BaseException:
@@ -280,13 +279,14 @@ class Store:
 
         Raises IntegrityError (and removes the temp file) when it is not ``expected_sha1``.
         """
-        if actual_sha1 != expected_sha1.lower():
+        try:
+            _check_hash(expected_sha1, actual_sha1)
+        except IntegrityError:
             try:
                 os.unlink(temp)
             except FileNotFoundError:
                 pass
-            raise IntegrityError(
-                f"content for sha1://{expected_sha1} hashed to {actual_sha1}; not stored")
+            raise
         with open(temp, "rb+") as f:
             os.fsync(f.fileno())
         self._install(temp, expected_sha1.lower(), FETCHED)
@@ -371,6 +371,11 @@ class Store:
         if removed:
             log.info("removed %d temp file(s) that no process holds", removed)
         return removed
+
+
+def _check_hash(expected: str, actual: str) -> None:
+    if actual != expected.lower():
+        raise IntegrityError(f"content for sha1://{expected} hashed to {actual}; not stored")
 
 
 def _fsync_dir(path: Path) -> None:
