@@ -233,13 +233,13 @@ class StoreCache:
             return 0, 0
         if pins is None:
             pins = self._pinned()
-        with self._lock:
-            self._evicting = True
-            try:
+        self._evicting = True  # before waiting for the lock: stats() must not wait either
+        try:
+            with self._lock:
                 self._flush_locked()
                 usage, victims, freed = self._evict_locked(pins)
-            finally:
-                self._evicting = False
+        finally:
+            self._evicting = False
         if victims:
             log.info("evicted %d object(s), %s, from the local store: it held %s, over its"
                      " limit of %s", len(victims), format_size(freed), format_size(usage),
