@@ -14,14 +14,16 @@ its state is in :attr:`Provider.connections` for ``status``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 
 import trio
 
 from ._http import Backoff
-from .errors import KacheryError, NotFound, PermissionDenied
+from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
 from .node import Node
+from .sources import Sources
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -42,9 +44,11 @@ class Connection:
 
 
 class Provider:
-    def __init__(self, node: Node, uploader: Uploader):
+    def __init__(self, node: Node, uploader: Uploader, sources: Sources | None = None):
         self.node = node
         self.uploader = uploader
+        # Kachery stores on this machine: a file only there is copied in (verified) first.
+        self.sources = Sources.load(node.dir) if sources is None else sources
         self.connections: dict[str, Connection] = {}
         #: Offers being served now: (channel, sha1) -> bytes committed so far.
         self.serving: dict[tuple[str, str], int] = {}
@@ -105,6 +109,9 @@ class Provider:
         key = (channel, sha1)
         try:
             size = self.node.store.size(sha1)
+            in_sources = self.sources.find(sha1) if size is None else []
+            if in_sources:  # copied in (and verified) after accepting: the hub waits 5 s
+                size = _size_or_none(in_sources[0])
             if size is None:
                 await hub.answer_request(channel, sha1, accept=False,
                                          reason="not in its local store")
@@ -125,6 +132,12 @@ class Provider:
                     self.serving[key] = committed
 
                 try:
+                    if in_sources:
+                        size = await trio.to_thread.run_sync(
+                            self.sources.copy_into, self.node.store, sha1, in_sources)
+                        if size is None:
+                            raise IntegrityError("its copy in a kachery store on the node"
+                                                 " is bad")
                     await self.uploader.upload_now(channel, sha1, size, on_progress=on_progress)
                 except KacheryError as exc:
                     log.warning("could not provide sha1://%s to %s: %s", sha1, channel, exc)
@@ -154,3 +167,10 @@ class Provider:
                          sha1)
                 upload.cancel_scope.cancel()
                 return
+
+
+def _size_or_none(path) -> int | None:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return None

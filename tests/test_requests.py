@@ -116,6 +116,22 @@ def test_file_only_in_a_store_is_read_through_b_mount_and_cat(nodes):
     assert "providing sha1://" + h1 in (nodes.a / "serve.log").read_text()
 
 
+def test_file_only_in_a_kachery_store_of_the_provider_is_provided(nodes):
+    """A holds the file only in a kachery store on its machine: it copies it in, verified,
+    and provides it."""
+    data = os.urandom(2 * 1024 * 1024 + 3)
+    h = hashlib.sha1(data).hexdigest()
+    legacy = nodes.base / "kachery-cloud"
+    path = legacy / "sha1" / h[:2] / h[2:4] / h[4:6] / h
+    path.parent.mkdir(parents=True)
+    path.write_bytes(data)
+    kfs(nodes.a, "store", "add-source", str(legacy))
+    with serving(nodes.a):
+        assert kfs(nodes.b, "cat", h, timeout=60).stdout == data
+    assert in_store(nodes.a, h).read_bytes() == data
+    assert path.read_bytes() == data  # the source is only read
+
+
 def test_no_provide_permission_fails_fast_then_a_grant_applies_at_once(nodes):
     h, data = stored(nodes.a, 5000)
     _authorize(nodes, nodes.a, "requestFiles")

@@ -58,7 +58,7 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         uploader = await Uploader.create(
             node, nursery=nursery, rate_limit=RateLimit(bwlimit) if bwlimit else None)
         resolver = Resolver(node, nursery=nursery, request_stall_timeout=request_timeout)
-        provider = Provider(node, uploader)
+        provider = Provider(node, uploader, resolver.sources)
         nursery.start_soon(provider.run)
         nursery.start_soon(node.downloads.run)
         nursery.start_soon(node.store.cache.run)
