@@ -112,10 +112,12 @@ class StoreCache:
     """
 
     def __init__(self, store: Store, *, limit: int | None = None,
-                 pinned: Callable[[], set[str]] | None = None):
+                 pinned: Callable[[], set[str]] | None = None,
+                 uploaded: Callable[[], set[str]] | None = None):
         self.store = store
         self.limit = limit
         self._pinned = pinned
+        self._uploaded = uploaded  # only for indexing a store made by an earlier version
         self._lock = threading.Lock()  # one connection, used by one thread at a time
         self._db = sqlite3.connect(store.root / INDEX_FILE, timeout=30,
                                    isolation_level=None, check_same_thread=False)
@@ -374,8 +376,13 @@ class StoreCache:
     def _index_existing(self) -> None:
         # The walk takes a while on a big store: it is done before taking the write lock,
         # which other processes' inserts would otherwise wait for.
+        # Earlier versions kept no origin. Whatever this node ever uploaded may have been
+        # put or written by its user, and other nodes may count on this copy: never
+        # evicted (`added`). The rest was fetched.
         pins = self._pinned() if self._pinned is not None else set()
-        rows = [(sha1, st.st_size, WRITTEN if sha1 in pins else FETCHED,
+        provided = self._uploaded() if self._uploaded is not None else set()
+        rows = [(sha1, st.st_size,
+                 ADDED if sha1 in provided else WRITTEN if sha1 in pins else FETCHED,
                  max(st.st_atime, st.st_mtime)) for sha1, st in _walk(self.store.sha1_dir)]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")

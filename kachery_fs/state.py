@@ -326,6 +326,10 @@ class NodeDB:
             raise Conflict("directory not empty")
         self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
 
+    def uploaded_sha1s(self) -> set[str]:
+        """Hashes this node has uploaded or queued for upload, in any state."""
+        return {r[0] for r in self._db.execute("SELECT DISTINCT sha1 FROM uploads")}
+
     def pinned_sha1s(self) -> set[str]:
         """Hashes the local store may not evict: the content of named entries, and of
         uploads in any state but done."""

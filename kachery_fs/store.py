@@ -149,20 +149,21 @@ class Store:
     """
 
     def __init__(self, root: Path, *, limit: int | None = None,
-                 pinned: Callable[[], set[str]] | None = None):
+                 pinned: Callable[[], set[str]] | None = None,
+                 uploaded: Callable[[], set[str]] | None = None):
         self.root = Path(root)
         self.sha1_dir = self.root / "sha1"
         self.tmp_dir = self.root / "tmp"
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.cache = StoreCache(self, limit=limit, pinned=pinned)
+        self.cache = StoreCache(self, limit=limit, pinned=pinned, uploaded=uploaded)
 
     @classmethod
     def for_node(cls, directory: Path, db) -> Store:
         """The store of the node in ``directory``: limited as the node's settings say,
         and keeping what its database ``db`` (a :class:`~kachery_fs.state.NodeDB`) pins."""
         return cls(directory, limit=settings.load(directory).cache_size,
-                   pinned=db.pinned_sha1s)
+                   pinned=db.pinned_sha1s, uploaded=db.uploaded_sha1s)
 
     def close(self) -> None:
         """Write out what the cache noted in memory (access times) and close its index."""

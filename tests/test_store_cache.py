@@ -182,7 +182,7 @@ def test_restart_keeps_the_index_and_the_limit(tmp_path):
 def test_a_store_without_an_index_is_indexed_once(node):
     directory, db = node
     objects = {}
-    for i, tag in enumerate(("named", "old", "older", "uploading")):
+    for i, tag in enumerate(("put", "named", "old", "older", "uploading")):
         data = content(tag, SIZE + i)
         h = sha1(data)
         path = directory / "sha1" / h[:2] / h[2:4] / h[4:6] / h
@@ -192,21 +192,24 @@ def test_a_store_without_an_index_is_indexed_once(node):
         os.utime(path, (1_000_000 + i, 1_000_000 + i))  # the oldest first
         objects[tag] = h
     db.create_entry("ch", 0, "named", is_dir=False, mode=0o644, sha1=objects["named"],
-                    size=SIZE)
-    db.enqueue_upload("ch", objects["uploading"], SIZE + 3)
+                    size=SIZE + 1)
+    db.enqueue_upload("ch", objects["uploading"], SIZE + 4)
+    # `put` by the earlier version, uploaded since: it must never become evictable cache.
+    db.enqueue_upload("ch", objects["put"], SIZE)
+    db.update_upload("ch", objects["put"], state="done")
     assert not (directory / cache.INDEX_FILE).exists()  # as an earlier version left it
 
-    store = Store(directory, pinned=db.pinned_sha1s)
-    assert store.cache.usage() == 4 * SIZE + 6
-    assert store.cache.stats()["objects"] == 4
+    store = Store(directory, pinned=db.pinned_sha1s, uploaded=db.uploaded_sha1s)
+    assert store.cache.usage() == 5 * SIZE + 10
+    assert store.cache.stats()["objects"] == 5
     store.close()
 
-    store = Store(directory, limit=4 * SIZE, pinned=db.pinned_sha1s)
-    assert store.cache.usage() == 4 * SIZE + 6  # read from the index, not walked again
+    store = Store(directory, limit=5 * SIZE, pinned=db.pinned_sha1s)
+    assert store.cache.usage() == 5 * SIZE + 10  # read from the index, not walked again
     new = fetched(store, content("new"))
     # Over the limit: the unpinned old objects go, oldest first; the pinned ones stay.
-    assert present(store, *objects.values(), new) == {objects["named"], objects["uploading"],
-                                                       new}
+    assert present(store, *objects.values(), new) == {
+        objects["named"], objects["uploading"], objects["put"], new}
     store.close()
 
 
