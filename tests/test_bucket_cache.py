@@ -11,14 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sqlite3
 from contextlib import ExitStack
 
 import httpx
 import pytest
+import trio
 
 from kachery_fs import resumable
 from kachery_fs.errors import InvalidInput, PermissionDenied
-from kachery_fs.hub.cache import DEFAULT_PRICES, monthly_cost
+from kachery_fs.hub.cache import DEFAULT_PRICES, BucketCache, monthly_cost
 from kachery_fs.hub.serve import HubServer
 from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
@@ -227,3 +229,34 @@ def test_a_file_evicted_after_its_lookup_is_read_through_a_request(tmp_path):
         wait_for(lambda: in_bucket() == {hashes[2]}, timeout=30, what="f0 and f1 evicted")
         assert (c.mnt_b / c.channel / "sha1" / hashes[0]).read_bytes() == data[0]
         assert hashes[0] in in_bucket()  # uploaded again by A, on B's request
+
+
+async def test_an_object_requested_during_an_eviction_pass_is_kept():
+    """The pass awaits each deletion; a request that arrives meanwhile must be seen."""
+    db = sqlite3.connect(":memory:", isolation_level=None)
+    db.execute("CREATE TABLE objects (channel TEXT NOT NULL, sha1 TEXT NOT NULL, size INTEGER"
+               " NOT NULL, finalized_at REAL NOT NULL, finalized_by TEXT NOT NULL,"
+               " PRIMARY KEY (channel, sha1))")
+    deleted = []
+    deleting = trio.Event()
+
+    class Backend:
+        async def delete(self, key):
+            deleting.set()
+            await trio.sleep(0.2)
+            deleted.append(key.rsplit("/", 1)[1][0])
+
+    clock = [0.0]
+    cache = BucketCache(db, backend_of=lambda c: Backend(), held=lambda c: set(),
+                        clock=lambda: clock[0])
+    for i, c in enumerate("abcd"):
+        clock[0] = i
+        cache.record("ch", c * 40, 100, "node", uploaded=True)
+    cache.configure("ch", allocation=250, low_watermark=0.5)  # evict down to 125: 3 of 4
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(cache.evict, "ch")
+        await deleting.wait()  # 'a' is being deleted
+        clock[0] = 100
+        cache.requested("ch", "b" * 40)
+    assert deleted == ["a", "c", "d"]
+    assert cache.size_of("ch", "b" * 40) == 100

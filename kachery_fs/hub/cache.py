@@ -40,6 +40,9 @@ DEFAULT_LOW_WATERMARK = 0.9
 
 #: An upload signed this long ago and never finalized no longer protects its object.
 UPLOAD_IN_FLIGHT_S = 24 * 3600
+#: A requested object is kept this long, for its requesters to download it (as long as the
+#: hub keeps a finished request's record for them).
+REQUEST_HOLD_S = 120.0
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cache_settings (
@@ -102,6 +105,7 @@ class BucketCache:
         db.execute("CREATE INDEX IF NOT EXISTS objects_lru"
                    " ON objects (channel, stored, last_demand)")
         self._in_flight: dict[tuple[str, str], float] = {}
+        self._holds: dict[tuple[str, str], float] = {}  # requested: kept until this time
         self._due: set[str] = set()
         self._wake = trio.Event()
 
@@ -148,7 +152,7 @@ class BucketCache:
             " last_demand) VALUES (?, ?, ?, ?, ?, 1, ?)"
             " ON CONFLICT(channel, sha1) DO UPDATE SET size = excluded.size,"
             " finalized_at = excluded.finalized_at, finalized_by = excluded.finalized_by,"
-            " stored = 1, last_demand = excluded.last_demand",
+            " stored = 1, last_demand = excluded.last_demand, evicted_at = NULL",
             (channel, sha1, size, now, node_id, now))
         self._in_flight.pop((channel, sha1), None)
         if uploaded:
@@ -170,7 +174,10 @@ class BucketCache:
         self._demand(channel, [sha1])
 
     def requested(self, channel: str, sha1: str) -> None:
+        """A node asked for the object: its requesters are about to download it, whether it
+        is in the bucket already or a provider is about to upload it."""
         self._count(channel, "requests", 0)
+        self._holds[(channel, sha1)] = self._clock() + REQUEST_HOLD_S
         self._demand(channel, [sha1])
 
     def downloaded(self, channel: str, downloads: Iterable[tuple[str, int]]) -> None:
@@ -227,12 +234,24 @@ class BucketCache:
             self._due.add(channel)
             self._wake.set()
 
-    def _protected(self, channel: str) -> set[str]:
+    def _protected(self, channel: str, sha1: str, since: float) -> bool:
+        """Whether an eviction pass that started at ``since`` must leave ``sha1`` alone:
+        its upload is in flight, it is requested, or it was in demand since the pass began
+        (the pass awaits each deletion, and requests go on meanwhile)."""
         now = self._clock()
         for key, at in list(self._in_flight.items()):
             if now - at > UPLOAD_IN_FLIGHT_S:
                 del self._in_flight[key]
-        return {sha1 for (c, sha1) in self._in_flight if c == channel} | self._held(channel)
+        for key, until in list(self._holds.items()):
+            if now > until:
+                del self._holds[key]
+        if (channel, sha1) in self._in_flight or (channel, sha1) in self._holds:
+            return True
+        if sha1 in self._held(channel):
+            return True
+        row = self._db.execute("SELECT stored, last_demand FROM objects"
+                               " WHERE channel = ? AND sha1 = ?", (channel, sha1)).fetchone()
+        return row is None or not row[0] or row[1] > since
 
     async def evict(self, channel: str) -> int:
         """Evict least-recently-demanded objects until usage is at the low watermark, if
@@ -242,7 +261,7 @@ class BucketCache:
         if allocation is None or usage <= allocation:
             return 0
         target = int(allocation * low)
-        protected = self._protected(channel)
+        started = self._clock()
         backend = self._backend_of(channel)
         candidates = self._db.execute(
             "SELECT sha1, size FROM objects WHERE channel = ? AND stored = 1"
@@ -251,7 +270,7 @@ class BucketCache:
         for sha1, size in candidates:
             if usage <= target:
                 break
-            if sha1 in protected:
+            if self._protected(channel, sha1, started):
                 continue
             try:
                 await backend.delete(object_key(channel, sha1))
