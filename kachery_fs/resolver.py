@@ -69,6 +69,7 @@ class DownloadContent(Content):
         self.download: Download | None = download
         self.size = download.size
         self._reopen = reopen
+        self._reopening = trio.Lock()  # concurrent reads of one handle reopen once
         self._instead: Content | None = None
         download.readers += 1
 
@@ -81,11 +82,13 @@ class DownloadContent(Content):
         try:
             await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
         except NotFound:
-            if self._reopen is None:
-                raise
-            reopen, self._reopen = self._reopen, None
-            self._instead = await reopen()
-            self._release()
+            async with self._reopening:
+                if self._instead is None:
+                    if self._reopen is None:
+                        raise
+                    reopen, self._reopen = self._reopen, None
+                    self._instead = await reopen()
+                    self._release()
             return await self._instead.read(offset, size)
         return os.pread(self.download.fd, end - offset, offset)
 

@@ -19,12 +19,13 @@ import pytest
 import trio
 
 from kachery_fs import resumable
-from kachery_fs.errors import InvalidInput, PermissionDenied
+from kachery_fs.errors import InvalidInput, NotFound, PermissionDenied
 from kachery_fs.hub.cache import DEFAULT_PRICES, BucketCache, monthly_cost
 from kachery_fs.hub.serve import HubServer
 from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import object_key
+from kachery_fs.resolver import DownloadContent
 from kachery_fs.units import format_size, parse_size
 
 from .util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
@@ -260,3 +261,41 @@ async def test_an_object_requested_during_an_eviction_pass_is_kept():
         cache.requested("ch", "b" * 40)
     assert deleted == ["a", "c", "d"]
     assert cache.size_of("ch", "b" * 40) == 100
+
+
+async def test_concurrent_reads_of_a_download_that_lost_its_object_reopen_once():
+    class Gone:  # a download whose bucket object was evicted
+        size, readers, done = 10, 0, trio.Event()
+
+        async def wait_readable(self, end, stall_timeout):
+            raise NotFound("gone from the bucket")
+
+        def close_fd(self):
+            pass
+
+    class Refetched:
+        async def read(self, offset, size):
+            return b"x" * size
+
+        def close(self):
+            pass
+
+    reopened = []
+
+    async def reopen():
+        reopened.append(1)
+        await trio.sleep(0.2)  # a request through the hub takes a while
+        return Refetched()
+
+    content = DownloadContent(Gone(), reopen=reopen)
+    results = []
+
+    async def read():
+        results.append(await content.read(0, 4))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await trio.sleep(0.05)
+        nursery.start_soon(read)
+    assert results == [b"xxxx", b"xxxx"] and reopened == [1]
+    content.close()
