@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 LISTEN_WAIT_S = 20.0
 #: How often a running upload reports its progress to the hub.
 PROGRESS_INTERVAL_S = 0.5
+#: With no new bytes (a file being copied in from a kachery store and verified first), the
+#: same count is reported this often, so that the hub does not take the request for stalled
+#: (it moves on after 15 s without a report).
+KEEPALIVE_S = 5.0
 #: How often the set of hubs (from joined channels) is re-read.
 HUBS_RESCAN_S = 5.0
 
@@ -110,7 +114,7 @@ class Provider:
         try:
             size = self.node.store.size(sha1)
             in_sources = self.sources.find(sha1) if size is None else []
-            if in_sources:  # copied in (and verified) after accepting: the hub waits 5 s
+            if in_sources:  # copied in (and verified) after accepting, which is due in 5 s
                 size = _size_or_none(in_sources[0])
             if size is None:
                 await hub.answer_request(channel, sha1, accept=False,
@@ -150,13 +154,13 @@ class Provider:
 
     async def _report_progress(self, hub, channel: str, sha1: str,
                                upload: trio.Nursery) -> None:
-        last = -1
+        last, last_sent = -1, 0.0
         while True:
             await trio.sleep(PROGRESS_INTERVAL_S)
             nbytes = self.serving.get((channel, sha1), 0)
-            if nbytes == last:
+            if nbytes == last and trio.current_time() - last_sent < KEEPALIVE_S:
                 continue
-            last = nbytes
+            last, last_sent = nbytes, trio.current_time()
             try:
                 go_on = await hub.report_progress(channel, sha1, nbytes)
             except KacheryError as exc:
