@@ -130,9 +130,13 @@ class Resolver:
             return local
         if sha1 in self._downloads:
             return self._downloads[sha1].size
-        copied = await self._copy_from_sources(sha1)
-        if copied is not None:
-            return copied
+        # A kachery store on this machine says what it holds; the copy (and its check)
+        # waits for an open: a lookup (`ls -l`) must not hash gigabytes.
+        for path in self.sources.find(sha1):
+            try:
+                return os.stat(path).st_size
+            except OSError:
+                continue
         key = (channel, sha1)
         if key in self._sizes:
             return self._sizes[key]
@@ -207,9 +211,13 @@ class Resolver:
         if local is not None:
             return local
         download = self._downloads.get(sha1)
+        if download is None and await self._copy_from_sources(sha1) is not None:
+            local = self._open_local(sha1)
+            if local is not None:
+                return local
         if download is None:
             size = await self.size(channel, sha1)
-            local = self._open_local(sha1)  # copied from a source by size(), or just installed
+            local = self._open_local(sha1)  # installed by another opener meanwhile
             if local is not None:
                 return local
             request = self._requests.get((channel, sha1))
