@@ -352,8 +352,9 @@ class StoreCache:
         try:
             while True:
                 if self.over_limit():
-                    # The pins are read here, on the trio thread, which owns the node
-                    # database's connection.
+                    # The pins are read here, on the trio thread, where the mount uses the
+                    # node database's connection. (A one-shot command reads them in
+                    # `inserted`, on whatever thread installs: it runs nothing else then.)
                     pins = self._pinned()
                     await trio.to_thread.run_sync(self.evict, pins)
                 with trio.move_on_at(next_flush):

@@ -24,7 +24,7 @@ from .config import DEFAULT_HUB_PORT, node_dir
 from .errors import InvalidInput, KacheryError, NotFound, leaves
 from .protocol import PERMISSIONS
 from .requester import DEFAULT_STALL_TIMEOUT_S
-from .units import format_size, parse_size
+from .units import format_size
 from .uris import format_uri, parse_uri
 
 log = logging.getLogger("kachery_fs")
@@ -566,7 +566,9 @@ async def _hub_call(args, fn) -> int:
 
 
 async def _channel_create(args) -> int:
-    allocation = parse_size(args.allocation) if args.allocation else None
+    from .settings import parse_limit
+
+    allocation = parse_limit(args.allocation) if args.allocation else None
 
     async def go(hub):
         r = await hub.create_channel(args.name, args.bucket, allocation=allocation)
@@ -576,10 +578,11 @@ async def _channel_create(args) -> int:
 
 
 async def _channel_set(args) -> int:
+    from .settings import parse_limit
+
     fields = {}
     if args.allocation is not None:
-        fields["allocation"] = (None if args.allocation.lower() in ("none", "off")
-                                else parse_size(args.allocation))
+        fields["allocation"] = parse_limit(args.allocation)
     if args.low_watermark is not None:
         fields["lowWatermark"] = _percent(args.low_watermark)
     if not fields:
@@ -594,11 +597,13 @@ async def _channel_set(args) -> int:
 
 
 def _percent(text: str) -> float:
+    """``"90%"`` or ``"90"`` → 0.9; a fraction (``"0.9"``) is taken as it is."""
+    text = text.strip()
     try:
-        value = float(text.strip().rstrip("%"))
+        value = float(text.rstrip("%"))
     except ValueError:
         raise InvalidInput(f"not a percentage: {text!r} (example: 90%)") from None
-    return value / 100 if value > 1 else value
+    return value / 100 if text.endswith("%") or value > 1 else value
 
 
 async def _channel_stats(args) -> int:
@@ -997,7 +1002,7 @@ def build_parser() -> argparse.ArgumentParser:
              " `hub channel stats` shows whether the allocation suits the demand.")
     c.add_argument("name", metavar="NAME", help="channel name")
     c.add_argument("--allocation", metavar="SIZE",
-                   help="bytes, with K, M, G, T suffixes (powers of 1024), or 'none'")
+                   help="bytes, with K, M, G, T suffixes (powers of 1024), or 'none' (no eviction)")
     c.add_argument("--low-watermark", metavar="PERCENT",
                    help="eviction stops at this share of the allocation (default 90%%)")
     c.add_argument("--hub", help=hub_help)

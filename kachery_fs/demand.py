@@ -17,7 +17,7 @@ import trio
 
 log = logging.getLogger(__name__)
 
-#: How often a running node (a mount, ``serve``) reports its downloads.
+#: How often a mount reports its downloads (``cat`` reports its one download at once).
 REPORT_INTERVAL_S = 10.0
 #: How long a final report at exit may take.
 FINAL_REPORT_TIMEOUT_S = 2.0

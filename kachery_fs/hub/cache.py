@@ -29,8 +29,10 @@ from collections.abc import Callable, Iterable
 
 import trio
 
+from ..bucket import CHUNK_SIZE as DOWNLOAD_RANGE
 from ..errors import InvalidInput, NotFound
 from ..protocol import object_key
+from ..resumable import DEFAULT_CHUNK_SIZE as UPLOAD_CHUNK
 
 log = logging.getLogger(__name__)
 
@@ -309,7 +311,7 @@ class BucketCache:
 # -- cost ------------------------------------------------------------------------------------
 
 #: Google Cloud Storage list prices in US dollars (Standard class, region us-central1,
-#: internet egress on the premium tier for the first TiB, as published in 2025). Google
+#: internet egress on the premium tier for the first TiB, as published in September 2026). Google
 #: bills storage and egress per GiB. Change them with the flags of `hub channel stats`.
 DEFAULT_PRICES = {
     "storage_gib_month": 0.020,
@@ -318,10 +320,6 @@ DEFAULT_PRICES = {
     "class_b_per_1000": 0.0004,
 }
 
-#: The request sizes kachery-fs uses, from which the operation counts are estimated:
-#: uploads send 16 MiB chunks, downloads fetch 8 MiB ranges.
-_UPLOAD_CHUNK = 16 << 20
-_DOWNLOAD_RANGE = 8 << 20
 _MONTH_S = 30 * 24 * 3600
 _GIB = 1024**3
 
@@ -337,8 +335,9 @@ def monthly_cost(stats: dict, prices: dict = DEFAULT_PRICES) -> dict:
     elapsed = max(stats["now"] - stats["since"], 3600.0)  # at least an hour, to damp noise
     scale = _MONTH_S / elapsed
     up, down = stats["uploads"], stats["downloads"]
-    class_a = (up["count"] + up["bytes"] / _UPLOAD_CHUNK) * scale
-    class_b = (down["count"] + down["bytes"] / _DOWNLOAD_RANGE) * scale
+    # One request per upload chunk and per download range, plus one to start each.
+    class_a = (up["count"] + up["bytes"] / UPLOAD_CHUNK) * scale
+    class_b = (down["count"] + down["bytes"] / DOWNLOAD_RANGE) * scale
     cost = {
         "storage": stats["storedBytes"] / _GIB * prices["storage_gib_month"],
         "egress": down["bytes"] / _GIB * scale * prices["egress_gib"],
