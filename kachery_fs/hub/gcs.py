@@ -4,7 +4,7 @@ The hub never carries file bytes. For a ``gs://`` channel it
 
 * signs V4 URLs (resumable upload starts, single PUTs) with a service account's private
   key, through the same :class:`~kachery_fs.hub.signing.UrlSigner` as the local bucket;
-* stats, lists and deletes objects with google-cloud-storage's client, which blocks: it
+* stats and deletes objects with google-cloud-storage's client, which blocks: it
   runs on worker threads (``trio.to_thread``), with one client per thread;
 * tells nodes the bucket's public base URL ``https://storage.googleapis.com/BUCKET``,
   where they read objects (the bucket must let ``allUsers`` view objects).
@@ -14,7 +14,7 @@ The hub never carries file bytes. For a ``gs://`` channel it
 gcloud's Application Default Credentials file if it holds a service-account key. Other
 Application Default Credentials (a user's ``gcloud auth application-default login``, a
 VM's metadata server) cannot sign without the IAM signBlob API, which the hub does not
-use: they get an error that says what to do. The same service account stats, lists and
+use: they get an error that says what to do. The same service account stats and
 deletes objects, so one account holds every right the hub needs.
 
 **Emulator.** With ``STORAGE_EMULATOR_HOST`` (``http://HOST:PORT``) in the hub's
@@ -57,7 +57,7 @@ GCS_ENDPOINT = "https://storage.googleapis.com"
 #: The environment variable that points google-cloud-storage (and this hub) at an emulator.
 EMULATOR_ENV = "STORAGE_EMULATOR_HOST"
 
-#: How long one metadata call (stat, list page, delete) may take, retries included: a
+#: How long one metadata call (stat, delete) may take, retries included: a
 #: node's request waits on it.
 CALL_TIMEOUT_S = 20
 
@@ -195,15 +195,6 @@ class GcsBucketBackend:
             except api_exceptions.NotFound:
                 pass  # already gone
         await self._call(delete, f"deleting gs://{self.bucket}/{key}")
-
-    async def list(self, prefix: str) -> list[tuple[str, int]]:
-        """``(key, size)`` of every object whose key starts with ``prefix``."""
-        def list_() -> list[tuple[str, int]]:
-            blobs = self.gcs.client().list_blobs(
-                self.bucket, prefix=prefix, fields="items(name,size),nextPageToken",
-                timeout=CALL_TIMEOUT_S, retry=_RETRY)
-            return [(blob.name, int(blob.size)) for blob in blobs]
-        return await self._call(list_, f"listing gs://{self.bucket}/{prefix}")
 
     def resumable_upload(self, key: str, *, size: int, expires_s: int) -> SignedRequest:
         return self.gcs.signer.resumable_upload(self.bucket, key, size=size,

@@ -15,7 +15,6 @@ Handlers raise the project's exceptions; ``hub.app`` maps them to HTTP statuses.
 from __future__ import annotations
 
 import logging
-import os
 import re
 import time
 from dataclasses import dataclass
@@ -464,21 +463,6 @@ class LocalBucketBackend:
 
     async def delete(self, key: str) -> None:
         self.local.delete(self.bucket, key)
-
-    async def list(self, prefix: str) -> list[tuple[str, int]]:
-        """``(key, size)`` of every object whose key starts with ``prefix``."""
-        return await trio.to_thread.run_sync(self._list, prefix)
-
-    def _list(self, prefix: str) -> list[tuple[str, int]]:
-        root = self.local.root / self.bucket
-        found = []
-        # Walk only the directory the prefix names (a key prefix need not end at a '/').
-        for directory, _, files in os.walk(root / prefix.rpartition("/")[0]):
-            for name in files:
-                key = os.path.relpath(os.path.join(directory, name), root)
-                if key.startswith(prefix):
-                    found.append((key, os.stat(os.path.join(directory, name)).st_size))
-        return sorted(found)
 
     def resumable_upload(self, key: str, *, size: int, expires_s: int):
         return self.signer.resumable_upload(self.bucket, key, size=size, expires_s=expires_s)
