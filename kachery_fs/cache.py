@@ -65,6 +65,9 @@ FETCHED, WRITTEN, ADDED = "fetched", "written", "added"
 LOW_WATERMARK = 0.9
 #: How long a committed file is kept before the entry naming it must pin it.
 WRITTEN_GRACE_S = 600.0
+#: The most objects one eviction transaction deletes (about 0.5 s of work): a long pass is
+#: cut into transactions, so that another process's insert never waits long for the index.
+EVICT_BATCH = 1000
 #: How often a running mount writes the access times it noted.
 FLUSH_INTERVAL_S = 30.0
 #: How long the pinned-bytes figure of :meth:`StoreCache.stats` is reused.
@@ -236,10 +239,17 @@ class StoreCache:
         if pins is None:
             pins = self._pinned()
         self._evicting = True  # before waiting for the lock: stats() must not wait either
+        victims, freed, usage = [], 0, None
         try:
-            with self._lock:
-                self._flush_locked()
-                usage, victims, freed = self._evict_locked(pins)
+            while True:
+                with self._lock:
+                    self._flush_locked()
+                    before, batch, batch_freed = self._evict_locked(pins)
+                usage = before if usage is None else usage
+                victims += batch
+                freed += batch_freed
+                if len(batch) < EVICT_BATCH:
+                    break
         finally:
             self._evicting = False
         if victims:
@@ -284,7 +294,7 @@ class StoreCache:
                                 " WHERE origin != 'added' ORDER BY last_access")
         try:
             for sha1, size, origin, last_access in rows:
-                if usage - freed <= target:
+                if usage - freed <= target or len(victims) >= EVICT_BATCH:
                     break
                 if sha1 in pins or sha1 == self._newest:
                     continue

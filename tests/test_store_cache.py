@@ -149,6 +149,18 @@ def test_pinned_content_over_the_limit_warns_and_never_fails_a_write(node, caplo
     store.close()
 
 
+def test_a_long_eviction_pass_is_cut_into_short_transactions(node, monkeypatch):
+    directory, db = node
+    monkeypatch.setattr(cache, "EVICT_BATCH", 3)
+    store = Store(directory, pinned=db.pinned_sha1s)
+    hashes = [fetched(store, content(f"object {i}")) for i in range(20)]
+    store.cache.limit = 10 * SIZE  # lowered: 20 objects, down to 9 in batches of 3
+    assert store.cache.evict() == (11, 11 * SIZE)
+    assert present(store, *hashes) == set(hashes[11:])
+    assert store.cache.usage() == 9 * SIZE
+    store.close()
+
+
 def test_restart_keeps_the_index_and_the_limit(tmp_path):
     directory = tmp_path / "node"
     out = kfs(directory, "init", "--cache-size", "3500")
