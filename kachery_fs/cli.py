@@ -1009,8 +1009,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(run=_channel_set, is_async=True)
     c = _sub(cs, "stats", "show a channel's bucket usage, demand and cost",
              "Show what channel NAME keeps in its bucket against its allocation; the uploads,"
-             " re-uploads of evicted files, evictions and downloads counted since the channel"
-             " was created; and an estimate of what a month of it costs on Google Cloud Storage"
+             " re-uploads of evicted files, evictions and downloads counted since the counts began"
+             " (when the channel was created, or when its hub was upgraded to keep them); and"
+             " an estimate of what a month of it costs on Google Cloud Storage"
              " at list prices (change them with the price flags).")
     c.add_argument("name", metavar="NAME", help="channel name")
     c.add_argument("--json", action="store_true", help="print the figures as JSON")
