@@ -732,9 +732,11 @@ Press Ctrl-C to unmount and stop.""", flush=True)
             await run_mount(node, mountpoint, also=announce)
             nursery.cancel_scope.cancel()
     finally:
+        pending = sum(n for state, n in node.db.upload_counts().items() if state != "done")
         server.close()
         await node.aclose()
-    print("unmounted; pending uploads resume at the next start", flush=True)
+    print("unmounted" + (f"; {pending} unfinished upload(s) resume at the next start"
+                         if pending else ""), flush=True)
     return 0
 
 
