@@ -145,6 +145,14 @@ class StoreCache:
         with self._lock:
             self._db.execute(_RECORD, (sha1, size, origin, time.time()))
 
+    def unpin(self, sha1: str) -> bool:
+        """Make content added with ``put``/``store add`` ordinary cache (still kept while
+        a name or an unfinished upload needs it); False if it was not pinned that way."""
+        with self._lock:
+            cursor = self._db.execute("UPDATE objects SET origin = ? WHERE sha1 = ? AND"
+                                      " origin = ?", (FETCHED, sha1, ADDED))
+            return cursor.rowcount > 0
+
     def forget(self, sha1: str) -> None:
         """Drop the row of an object that was removed from the store."""
         with self._lock:

@@ -197,6 +197,28 @@ def cmd_store_add(args) -> int:
     return 0
 
 
+def cmd_store_unpin(args) -> int:
+    from .state import NodeDB
+    from .store import Store
+
+    hashes = [parse_uri(text).sha1 for text in args.uris]  # all checked before any change
+    d = node_dir()
+    db = NodeDB(d / "node.db")
+    store = Store.for_node(d, db)
+    try:
+        for sha1 in hashes:
+            if store.cache.unpin(sha1):
+                print(f"sha1://{sha1} may now be evicted when the store is over its limit")
+            elif store.has(sha1):
+                print(f"sha1://{sha1} was not pinned by put or store add")
+            else:
+                raise NotFound(f"sha1://{sha1} is not in the local store")
+    finally:
+        store.close()
+        db.close()
+    return 0
+
+
 def cmd_store_add_source(args) -> int:
     from . import settings
     from .sources import check_source
@@ -893,6 +915,13 @@ def build_parser() -> argparse.ArgumentParser:
              " to provide it.")
     t.add_argument("files", nargs="+", metavar="FILE", help="files to add")
     t.set_defaults(run=cmd_store_add)
+    t = _sub(ss, "unpin", "let content added with put or store add be evicted",
+             "Content added with put or store add is kept whatever the store's limit. After"
+             " unpin it is ordinary cache: evicted, least recently read first, when the store"
+             " is over its limit, unless a name in the mount or an unfinished upload still"
+             " needs it. Other nodes can then get it from this node only while it is here.")
+    t.add_argument("uris", nargs="+", metavar="URI", help="sha1:// URIs or hashes")
+    t.set_defaults(run=cmd_store_unpin)
     t = _sub(ss, "add-source", "read content from another kachery store on this machine",
              "Look for content missing from this node's store in the kachery store at PATH"
              " (~/kachery-storage, ~/.kachery-cloud, ~/.kachery or a copy of one), before the"

@@ -377,3 +377,29 @@ def test_a_mount_evicts_what_was_read_least_recently(tmp_path):
         assert report["bytes"] == 3 * FILE
         assert "local store: 768 KiB in 3 object(s), limit 896 KiB" in \
             kfs(c.b, "status").stdout.decode()
+
+
+def test_unpin_makes_put_content_evictable(tmp_path):
+    directory = tmp_path / "node"
+    kfs(directory, "init", "--cache-size", str(3 * SIZE))
+    src = tmp_path / "kept.bin"
+    src.write_bytes(content("kept"))
+    h = sha1(src.read_bytes())
+    kfs(directory, "store", "add", str(src))
+    db = NodeDB(directory / "node.db")
+    store = Store.for_node(directory, db)
+    others = [fetched(store, content(f"fetched {i}")) for i in range(3)]
+    # Over the limit at the third: the fetched ones went, oldest first; the added one stays.
+    assert store.has(h) and present(store, *others) == {others[2]}
+    store.close()
+    out = kfs(directory, "store", "unpin", f"sha1://{h}?label=kept.bin").stdout.decode()
+    assert "may now be evicted" in out
+    assert "was not pinned" in kfs(directory, "store", "unpin", h).stdout.decode()
+    missing = kfs(directory, "store", "unpin", "0" * 40, check=False)
+    assert missing.returncode == 1 and b"not in the local store" in missing.stderr
+    store = Store.for_node(directory, db)
+    newer = [fetched(store, content(f"newer {i}")) for i in range(2)]
+    assert not store.has(h)  # now cache, and the least recently used
+    assert present(store, others[2], *newer) == set(newer)
+    store.close()
+    db.close()
