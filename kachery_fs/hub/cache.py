@@ -108,6 +108,7 @@ class BucketCache:
                    " ON objects (channel, stored, last_demand)")
         self._in_flight: dict[tuple[str, str], float] = {}
         self._holds: dict[tuple[str, str], float] = {}  # requested: kept until this time
+        self._pruned_at = 0.0
         self._due: set[str] = set()
         self._wake = trio.Event()
 
@@ -172,6 +173,7 @@ class BucketCache:
 
     def upload_signed(self, channel: str, sha1: str) -> None:
         """An upload URL was signed: the object is in flight until finalized."""
+        self._prune()
         self._in_flight[(channel, sha1)] = self._clock()
         self._demand(channel, [sha1])
 
@@ -179,6 +181,7 @@ class BucketCache:
         """A node asked for the object: its requesters are about to download it, whether it
         is in the bucket already or a provider is about to upload it."""
         self._count(channel, "requests", 0)
+        self._prune()
         self._holds[(channel, sha1)] = self._clock() + REQUEST_HOLD_S
         self._demand(channel, [sha1])
 
@@ -241,19 +244,30 @@ class BucketCache:
         its upload is in flight, it is requested, or it was in demand since the pass began
         (the pass awaits each deletion, and requests go on meanwhile)."""
         now = self._clock()
-        for key, at in list(self._in_flight.items()):
-            if now - at > UPLOAD_IN_FLIGHT_S:
-                del self._in_flight[key]
-        for key, until in list(self._holds.items()):
-            if now > until:
-                del self._holds[key]
-        if (channel, sha1) in self._in_flight or (channel, sha1) in self._holds:
+        signed_at = self._in_flight.get((channel, sha1))
+        if signed_at is not None and now - signed_at <= UPLOAD_IN_FLIGHT_S:
+            return True
+        if self._holds.get((channel, sha1), 0.0) >= now:
             return True
         if sha1 in self._held(channel):
             return True
         row = self._db.execute("SELECT stored, last_demand FROM objects"
                                " WHERE channel = ? AND sha1 = ?", (channel, sha1)).fetchone()
         return row is None or not row[0] or row[1] > since
+
+    def _prune(self, *, force: bool = False) -> None:
+        """Drop expired holds and abandoned uploads (at most once a minute unless forced),
+        so that a hub without allocations does not collect them forever."""
+        now = self._clock()
+        if not force and now - self._pruned_at < 60:
+            return
+        self._pruned_at = now
+        for key, at in list(self._in_flight.items()):
+            if now - at > UPLOAD_IN_FLIGHT_S:
+                del self._in_flight[key]
+        for key, until in list(self._holds.items()):
+            if now > until:
+                del self._holds[key]
 
     async def evict(self, channel: str) -> int:
         """Evict least-recently-demanded objects until usage is at the low watermark, if
@@ -263,6 +277,7 @@ class BucketCache:
         if allocation is None or usage <= allocation:
             return 0
         target = int(allocation * low)
+        self._prune(force=True)
         started = self._clock()
         backend = self._backend_of(channel)
         candidates = self._db.execute(
