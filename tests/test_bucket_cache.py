@@ -19,6 +19,7 @@ import pytest
 import trio
 
 from kachery_fs import resumable
+from kachery_fs.cli import _percent
 from kachery_fs.errors import InvalidInput, NotFound, PermissionDenied
 from kachery_fs.hub.cache import DEFAULT_PRICES, BucketCache, monthly_cost
 from kachery_fs.hub.serve import HubServer
@@ -158,6 +159,11 @@ def test_sizes_parse_and_print():
             parse_size(bad)
     assert format_size(1536) == "1.5 KiB" and format_size(3 * MiB) == "3 MiB"
     assert format_size(12) == "12 B" and format_size(250 * 1024**3) == "250 GiB"
+    # Low watermarks as typed for `hub channel set`.
+    assert _percent("90%") == _percent("90") == _percent("0.9") == 0.9
+    assert _percent("1%") == 0.01 and _percent(" 50% ") == 0.5
+    with pytest.raises(InvalidInput):
+        _percent("most")
 
 
 # -- end to end ---------------------------------------------------------------------------------
