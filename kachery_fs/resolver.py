@@ -130,13 +130,12 @@ class Resolver:
             return local
         if sha1 in self._downloads:
             return self._downloads[sha1].size
-        # A kachery store on this machine says what it holds; the copy (and its check)
-        # waits for an open: a lookup (`ls -l`) must not hash gigabytes.
-        for path in self.sources.find(sha1):
-            try:
-                return os.stat(path).st_size
-            except OSError:
-                continue
+        # A file in a kachery store on this machine is copied in, verified, before its
+        # size is told: a linked file may have changed since kachery linked it, and with
+        # the writeback cache the kernel keeps the first size it hears of a file.
+        copied = await self._copy_from_sources(sha1)
+        if copied is not None:
+            return copied
         key = (channel, sha1)
         if key in self._sizes:
             return self._sizes[key]

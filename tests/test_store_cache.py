@@ -24,7 +24,7 @@ from kachery_fs import cache, settings
 from kachery_fs.state import NodeDB
 from kachery_fs.store import Store
 
-from .util import HubProcess, kfs, make_cluster, mounted, require_fuse, wait_for
+from .util import HubProcess, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
 SIZE = 1000
 
@@ -403,3 +403,28 @@ def test_unpin_makes_put_content_evictable(tmp_path):
     assert present(store, others[2], *newer) == set(newer)
     store.close()
     db.close()
+
+
+def test_a_bad_kachery_store_file_of_another_size_never_shows_its_size(tmp_path):
+    """B's kachery store has a file of the wrong size for a hash (a linked file changed
+    since): a lookup checks it before telling a size, refuses it, and the file comes from
+    the bucket, whole and verified."""
+    require_fuse()
+    c = make_cluster(tmp_path, channel="cache.src")
+    true = os.urandom(300_000)
+    h = sha1(true)
+    legacy = tmp_path / "kachery-cloud"
+    _, path = _put_in_store_dir(legacy, true)
+    path.write_bytes(true[:1000])  # shorter, and not the content
+    kfs(c.b, "store", "add-source", str(legacy))
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        stack.enter_context(mounted(c.a, c.mnt_a))
+        (c.mnt_a / c.channel / "f").write_bytes(true)
+        wait_for(lambda: xattr(c.mnt_a / c.channel / "f", "user.kachery.status") == "in bucket",
+                 timeout=30, what="f in the bucket")
+        stack.enter_context(mounted(c.b, c.mnt_b))
+        target = c.mnt_b / c.channel / "sha1" / h
+        assert target.stat().st_size == len(true)
+        assert target.read_bytes() == true
+    assert path.read_bytes() == true[:1000]  # the source is never written
