@@ -210,13 +210,10 @@ class Resolver:
         if local is not None:
             return local
         download = self._downloads.get(sha1)
-        if download is None and await self._copy_from_sources(sha1) is not None:
-            local = self._open_local(sha1)
-            if local is not None:
-                return local
         if download is None:
             size = await self.size(channel, sha1)
-            local = self._open_local(sha1)  # installed by another opener meanwhile
+            # Copied from a kachery store by size(), or installed by another opener.
+            local = self._open_local(sha1)
             if local is not None:
                 return local
             request = self._requests.get((channel, sha1))
