@@ -131,8 +131,7 @@ class BucketCache:
             "INSERT INTO cache_settings (channel, allocation, low_watermark) VALUES (?, ?, ?)"
             " ON CONFLICT(channel) DO UPDATE SET allocation = excluded.allocation,"
             " low_watermark = excluded.low_watermark", (channel, allocation, low_watermark))
-        self._db.execute("INSERT OR IGNORE INTO cache_since (channel, since) VALUES (?, ?)",
-                         (channel, self._clock()))
+        self._start_counting(channel)
         self._schedule(channel)
 
     # -- objects ----------------------------------------------------------------------------
@@ -205,6 +204,10 @@ class BucketCache:
             "INSERT INTO cache_counters (channel, name, count, bytes) VALUES (?, ?, 1, ?)"
             " ON CONFLICT(channel, name) DO UPDATE SET count = count + 1,"
             " bytes = bytes + excluded.bytes", (channel, name, nbytes))
+        self._start_counting(channel)
+
+    def _start_counting(self, channel: str) -> None:
+        """The counters of ``channel`` start now, unless they already have."""
         self._db.execute("INSERT OR IGNORE INTO cache_since (channel, since) VALUES (?, ?)",
                          (channel, self._clock()))
 
