@@ -14,7 +14,6 @@ import os
 import sqlite3
 from contextlib import ExitStack
 
-import httpx
 import pytest
 import trio
 
@@ -22,33 +21,22 @@ from kachery_fs import resumable
 from kachery_fs.cli import _percent
 from kachery_fs.errors import InvalidInput, NotFound, PermissionDenied
 from kachery_fs.hub.cache import DEFAULT_PRICES, BucketCache, monthly_cost
-from kachery_fs.hub.serve import HubServer
 from kachery_fs.hub_client import HubClient
-from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import object_key
 from kachery_fs.resolver import DownloadContent
 from kachery_fs.units import format_size, parse_size
 
-from .util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
+from .util import hub_in_process, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
-URL = "http://hub.test"
 MiB = 1 << 20
 
 
 @pytest.fixture
 async def env(tmp_path):
-    owner, other = NodeKey.generate(), NodeKey.generate()
-    server = HubServer(tmp_path / "hub", owner_id=owner.node_id)
-    server._set_public_url(URL)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app), base_url=URL)
-    hub = HubClient(URL, owner, client)
-    await hub.create_channel("chan", allocation=3 * MiB)
-    await hub.authorize_node("chan", owner.node_id, ["provideFiles", "requestFiles"])
-    try:
-        yield server, hub, HubClient(URL, other, client), client
-    finally:
-        await client.aclose()
-        server.close()
+    async with hub_in_process(tmp_path / "hub") as (server, hub, other, client):
+        await hub.create_channel("chan", allocation=3 * MiB)
+        await hub.authorize_node("chan", hub.key.node_id, ["provideFiles", "requestFiles"])
+        yield server, hub, other, client
 
 
 async def upload(server, hub: HubClient, client, data: bytes) -> str:

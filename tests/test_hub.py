@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import time
 
-import httpx
 import pytest
 
 from kachery_fs import resumable
@@ -15,25 +14,16 @@ from kachery_fs.errors import (
     NotFound,
     PermissionDenied,
 )
-from kachery_fs.hub.serve import HubServer
-from kachery_fs.hub_client import HubClient
-from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import object_key
 
-URL = "http://hub.test"
+from .util import IN_PROCESS_HUB_URL as URL
+from .util import hub_in_process
 
 
 @pytest.fixture
 async def env(tmp_path):
-    owner, other = NodeKey.generate(), NodeKey.generate()
-    server = HubServer(tmp_path / "hub", owner_id=owner.node_id)
-    server._set_public_url(URL)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app), base_url=URL)
-    try:
-        yield server, HubClient(URL, owner, client), HubClient(URL, other, client), client
-    finally:
-        await client.aclose()
-        server.close()
+    async with hub_in_process(tmp_path / "hub") as env:
+        yield env
 
 
 async def test_channel_administration_is_for_the_owner(env):

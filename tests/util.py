@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -291,3 +291,31 @@ def make_cluster(base: Path, *, channel: str, b_permissions: str = "requestFiles
         hub.stop()
         raise
     return Cluster(base, hub, channel, a, b, a_id, b_id, base / "mnt-a", base / "mnt-b")
+
+
+#: The address an in-process hub (:func:`hub_in_process`) answers on.
+IN_PROCESS_HUB_URL = "http://hub.test"
+
+
+@asynccontextmanager
+async def hub_in_process(directory: Path):
+    """A hub's real ASGI app (API and local bucket) in this process, over
+    httpx.ASGITransport: yields the server, HubClients of its owner and of another node,
+    and the httpx client they share."""
+    import httpx
+
+    from kachery_fs.hub.serve import HubServer
+    from kachery_fs.hub_client import HubClient
+    from kachery_fs.identity import NodeKey
+
+    owner, other = NodeKey.generate(), NodeKey.generate()
+    server = HubServer(directory, owner_id=owner.node_id)
+    server._set_public_url(IN_PROCESS_HUB_URL)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                               base_url=IN_PROCESS_HUB_URL)
+    try:
+        yield (server, HubClient(IN_PROCESS_HUB_URL, owner, client),
+               HubClient(IN_PROCESS_HUB_URL, other, client), client)
+    finally:
+        await client.aclose()
+        server.close()
