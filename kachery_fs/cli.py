@@ -97,7 +97,7 @@ async def _join(args) -> int:
     else:
         print("this node has no permissions on it yet; ask the channel owner to run:\n"
               f"  kachery-fs hub channel authorize {args.channel} {node.node_id}"
-              " --permissions requestFiles,provideFiles")
+              " --add requestFiles,provideFiles")
     return 0
 
 
@@ -688,9 +688,26 @@ def render_channel_stats(stats: dict, cost: dict, prices: dict) -> str:
 
 
 async def _channel_authorize(args) -> int:
-    perms = _permissions(args.permissions)
+    if args.permissions is not None and (args.add or args.remove):
+        raise InvalidInput("--permissions sets the whole list: give it alone, or change the"
+                           " current list with --add and --remove")
+    if args.permissions is None and not (args.add or args.remove):
+        raise InvalidInput("give --add PERMS, --remove PERMS or --permissions LIST")
+    add = _permissions(args.add) if args.add else []
+    remove = _permissions(args.remove) if args.remove else []
 
     async def go(hub):
+        if args.permissions is not None:
+            perms = _permissions(args.permissions)
+        else:
+            # --add and --remove change the node's current list, as the hub reports it.
+            current = next((c for c in await hub.list_channels()
+                            if c["channel"] == args.name), None)
+            if current is None:
+                raise NotFound(f"the hub has no channel {args.name!r}"
+                               " (see `kachery-fs hub channel list`)")
+            held = set(current["authorizedNodes"].get(args.node_id.lower(), []))
+            perms = [p for p in PERMISSIONS if (p in held or p in add) and p not in remove]
         r = await hub.authorize_node(args.name, args.node_id, perms, args.label)
         return (f"channel {r['channel']}: node {r['nodeId']} has "
                 f"{', '.join(r['permissions']) or 'no permissions'}")
@@ -774,7 +791,7 @@ getting started (one machine, everything embedded):
 
 a second node:
   KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs init            prints its node id
-  kachery-fs hub channel authorize default NODE_ID --permissions requestFiles,provideFiles
+  kachery-fs hub channel authorize default NODE_ID --add requestFiles,provideFiles
   KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs join http://127.0.0.1:7420 default
   KACHERY_FS_DIR=~/.kachery-fs-2 kachery-fs mount ~/kachery2
 
@@ -1057,12 +1074,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_stats, is_async=True)
     c = _sub(cs, "authorize", "set a node's permissions on a channel",
-             "Set NODE_ID's permissions on channel NAME, replacing the ones it had. Takes effect"
-             " at once on the hub and within seconds on running mounts.")
+             "Change NODE_ID's permissions on channel NAME: --add and --remove change the ones"
+             " it has; --permissions replaces them all. Takes effect at once on the hub and"
+             " within seconds on running mounts.")
     c.add_argument("name", metavar="NAME", help="channel name")
     c.add_argument("node_id", metavar="NODE_ID", help="the node's id (`kachery-fs node-id`)")
-    c.add_argument("--permissions", required=True,
-                   help=f"comma-separated from {', '.join(PERMISSIONS)}; 'all' or 'none'")
+    c.add_argument("--add", metavar="PERMS",
+                   help="grant these (comma-separated, or 'all'), keeping the others")
+    c.add_argument("--remove", metavar="PERMS",
+                   help="withdraw these (comma-separated, or 'all'), keeping the others")
+    c.add_argument("--permissions", metavar="LIST",
+                   help=f"replace all: comma-separated from {', '.join(PERMISSIONS)};"
+                   " 'all' or 'none'")
     c.add_argument("--label", help="a note about the node")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_authorize, is_async=True)

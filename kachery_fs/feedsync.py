@@ -167,7 +167,7 @@ class FeedSync:
             raise PermissionDenied(
                 f"this node lacks the requestFeeds permission on channel {channel!r}; the"
                 f" channel owner can grant it with `kachery-fs hub channel authorize {channel}"
-                f" {self.node.node_id} --permissions requestFeeds`")
+                f" {self.node.node_id} --add requestFeeds`")
         ch = self.node.channel(channel)
         base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
         index = await _get(self.node.client, f"{base}/subfeed.json", bust=True)

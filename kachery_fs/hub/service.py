@@ -143,7 +143,7 @@ class Hub:
             raise PermissionDenied(
                 f"node {caller.node_id[:12]}… lacks the {permission} permission on channel"
                 f" {channel!r}; the channel owner can grant it with `kachery-fs hub channel"
-                f" authorize {channel} {caller.node_id} --permissions {permission}`")
+                f" authorize {channel} {caller.node_id} --add {permission}`")
 
     def _backend(self, channel: str):
         return self.buckets.for_uri(self.db.channel(channel).bucket_uri)
