@@ -11,6 +11,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -524,10 +525,47 @@ def cmd_mount(args) -> int:
     raise KacheryError(f"{mountpoint} was not mounted within 30 s; see {log_file}")
 
 
+def _mount_entry(path: Path) -> tuple[str, str] | None:
+    """(file system type, source) of the newest mount at ``path``, from
+    ``/proc/self/mountinfo`` (a ``stat`` could hang on a FUSE mount); ``None`` if none."""
+    def unescape(field: str) -> str:  # mountinfo writes space, tab, newline, \\ as \ooo
+        return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+    found = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if "-" not in fields:
+                    continue
+                dash = fields.index("-")
+                if len(fields) > dash + 2 and unescape(fields[4]) == str(path):
+                    found = (fields[dash + 1], unescape(fields[dash + 2]))
+    except OSError:
+        return None
+    return found
+
+
+def _is_kachery_mount(entry: tuple[str, str]) -> bool:
+    """Whether a mountinfo entry is ours: fs/mount.py mounts with ``fsname=kachery-fs``
+    and ``subtype=kachery``, which the kernel shows as type ``fuse.kachery``."""
+    fstype, source = entry
+    return fstype == "fuse.kachery" or (fstype.startswith("fuse") and source == "kachery-fs")
+
+
 def cmd_umount(args) -> int:
+    from .errors import NotMounted
     from .fs.mount import unmount
 
-    unmount(Path(args.mountpoint), lazy=args.lazy)
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    entry = _mount_entry(mountpoint)
+    if entry is None:
+        raise NotMounted(f"{mountpoint} is not mounted")
+    if not _is_kachery_mount(entry):
+        # A mistyped path must not take down another file system (as root, it could).
+        raise InvalidInput(f"{mountpoint} is a {entry[0]} file system ({entry[1]}), not a"
+                           " kachery-fs mount: left mounted (use umount(8) for it)")
+    unmount(mountpoint, lazy=args.lazy)
     return 0
 
 

@@ -4,6 +4,11 @@ that leaves nothing half-done behind it."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import httpx
 import pytest
 
@@ -13,6 +18,7 @@ from kachery_fs.hub.serve import HubServer
 from kachery_fs.node import Node
 
 from .util import IN_PROCESS_HUB_URL as URL
+from .util import KFS, free_port, mounted, node_env, require_fuse
 
 # -- hub channel authorize --add / --remove ---------------------------------------------------
 
@@ -103,3 +109,66 @@ async def test_permission_advice_adds_rather_than_replaces(owner_hub, tmp_path):
         assert f"authorize chan {node.node_id} --add requestFeeds`" in str(info.value)
     finally:
         await node.aclose()
+
+
+# -- umount refuses what is not a kachery-fs mount ------------------------------------------
+
+
+def run_cli(node_dir, *args, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([*KFS, *args], env=node_env(node_dir), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    err = result.stderr
+    assert result.returncode == 1, (result.returncode, err)
+    assert "Traceback" not in err and "ExceptionGroup" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
+def offline_node(node_dir: Path) -> Path:
+    """A node joined to channel 'chan' of a hub that is not running (enough to mount)."""
+    node = Node(node_dir, create=True)
+    gone = f"http://127.0.0.1:{free_port()}"
+    node.db.add_channel("chan", gone, f"{gone}/kachery", {"requestFiles", "provideFiles"})
+    node.db.close()
+    return node_dir
+
+
+def test_umount_refuses_a_file_system_that_is_not_kachery_fs(tmp_path):
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a tmpfs needs root")
+    target = tmp_path / "tmpfs"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "kfs-test", str(target)],
+                   check=True)
+    try:
+        (target / "precious").write_text("still here")
+        result = run_cli(tmp_path / "node", "umount", str(target))
+        assert_one_line_error(result, f"{target} is a tmpfs file system",
+                              "not a kachery-fs mount")
+        assert os.path.ismount(target)
+        assert (target / "precious").read_text() == "still here"
+        result = run_cli(tmp_path / "node", "umount", "--lazy", str(target))
+        assert_one_line_error(result, "not a kachery-fs mount")
+        assert os.path.ismount(target)
+    finally:
+        if os.path.ismount(target):
+            subprocess.run(["umount", "-l", str(target)], check=True)
+    result = run_cli(tmp_path / "node", "umount", str(target))
+    assert_one_line_error(result, f"{target} is not mounted")
+
+
+@pytest.mark.mount
+def test_umount_of_a_kachery_fs_mount(tmp_path):
+    require_fuse()
+    node_dir = offline_node(tmp_path / "node")
+    mnt = tmp_path / "mnt"
+    with mounted(node_dir, mnt) as proc:
+        result = run_cli(node_dir, "umount", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert not os.path.ismount(mnt)
+        proc.wait(timeout=30)
