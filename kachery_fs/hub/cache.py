@@ -176,6 +176,13 @@ class BucketCache:
         self._in_flight[(channel, sha1)] = self._clock()
         self._demand(channel, [sha1])
 
+    def upload_in_flight(self, channel: str, sha1: str) -> bool:
+        """Whether this hub signed an upload of the object that was not finalized (in the
+        last :data:`UPLOAD_IN_FLIGHT_S`, since it started): an object found in the bucket
+        then is that unfinished upload, not one this hub has checked."""
+        signed_at = self._in_flight.get((channel, sha1))
+        return signed_at is not None and self._clock() - signed_at <= UPLOAD_IN_FLIGHT_S
+
     def requested(self, channel: str, sha1: str) -> None:
         """A node asked for the object: its requesters are about to download it, whether it
         is in the bucket already or a provider is about to upload it."""
@@ -247,8 +254,7 @@ class BucketCache:
         its upload is in flight, it is requested, or it was in demand since the pass began
         (the pass awaits each deletion, and requests go on meanwhile)."""
         now = self._clock()
-        signed_at = self._in_flight.get((channel, sha1))
-        if signed_at is not None and now - signed_at <= UPLOAD_IN_FLIGHT_S:
+        if self.upload_in_flight(channel, sha1):
             return True
         if self._holds.get((channel, sha1), 0.0) >= now:
             return True

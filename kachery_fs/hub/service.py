@@ -22,7 +22,14 @@ from typing import Any
 
 import trio
 
-from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, PermissionDenied
+from ..errors import (
+    Conflict,
+    IntegrityError,
+    InvalidInput,
+    KacheryError,
+    NotFound,
+    PermissionDenied,
+)
 from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
 from ..uris import is_sha1
@@ -242,21 +249,13 @@ class Hub:
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFiles")
         sha1, size = self._sha1_and_size(body)
-        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
-        key = object_key(channel, sha1)
-        present = await backend.stat(key)
-        if present is not None:
-            if present == size:
-                if self.cache.size_of(channel, sha1) is None:
-                    # In the bucket but not on record (e.g. finalize was lost): check it now.
-                    await self._verify_and_record(backend, caller, channel, sha1, size)
-                self.requests.object_finalized(channel, sha1, size)
-                return {"status": "present"}
-            log.warning("channel %s: object %s has size %d, expected %d; deleting it",
-                        channel, sha1, present, size)
-            await backend.delete(key)
-            self.cache.forget(channel, sha1)
-        signed = backend.resumable_upload(key, size=size, expires_s=UPLOAD_URL_EXPIRY_S)
+        backend = self._backend(channel)
+        present = await backend.stat(object_key(channel, sha1))
+        if present is not None and await self._settle(backend, caller, channel, sha1,
+                                                      size, present):
+            return {"status": "present"}
+        signed = backend.resumable_upload(object_key(channel, sha1), size=size,
+                                          expires_s=UPLOAD_URL_EXPIRY_S)
         self.cache.upload_signed(channel, sha1)
         return {"status": "upload", "upload": signed.to_json()}
 
@@ -264,36 +263,67 @@ class Hub:
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFiles")
         sha1, size = self._sha1_and_size(body)
-        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
-        await self._verify_and_record(backend, caller, channel, sha1, size, uploaded=True)
-        return {"status": "finalized"}
-
-    async def _verify_and_record(self, backend, caller: Caller, channel: str, sha1: str,
-                                 size: int, *, uploaded: bool = False) -> None:
-        key = object_key(channel, sha1)
-        actual = await backend.stat(key)
+        backend = self._backend(channel)
+        actual = await backend.stat(object_key(channel, sha1))
         if actual is None:
             raise NotFound(f"sha1://{sha1} is not in the bucket of channel {channel!r}")
+        await self._settle(backend, caller, channel, sha1, size, actual, uploaded=True)
+        return {"status": "finalized"}
+
+    async def _settle(self, backend, caller: Caller, channel: str, sha1: str, size: int,
+                      actual: int, *, uploaded: bool = False) -> bool:
+        """Decide about the object of ``actual`` bytes in the bucket under ``sha1``, which
+        ``caller`` says has ``size`` bytes. True: it is checked and on record, with that
+        size. False: it was a bad or unfinished upload, and is deleted (``IntegrityError``
+        instead, for the upload's own finalize).
+
+        A caller's claim alone never deletes anything: an object on record, or one whose
+        content checks, stays, and a claim of another size is refused (``Conflict``). Where
+        the hub cannot hash (GCS), an object of another size is deleted only if it is an
+        upload this hub signed and nobody finalized; one this hub did not put there (an
+        earlier kachery's, say) is left alone, since readers verify every byte anyway.
+        """
+        key = object_key(channel, sha1)
+        recorded = self.cache.size_of(channel, sha1)
+        if recorded is not None and recorded == actual and not (uploaded and size == actual):
+            if size != actual:
+                raise self._size_conflict(channel, sha1, size, actual)
+            return True
         problem = None
-        if actual != size:
-            problem = f"size {actual} instead of {size}"
-        elif backend.can_hash:
+        if backend.can_hash:
             digest = await backend.sha1(key)
             if digest != sha1:
                 problem = f"content hashes to {digest}"
+        elif actual != size:
+            if recorded is not None or not self.cache.upload_in_flight(channel, sha1):
+                raise self._size_conflict(channel, sha1, size, actual)
+            problem = f"size {actual} instead of {size}"
         if problem:
-            log.warning("channel %s: upload of %s from %s… is bad (%s); deleting it",
-                        channel, sha1, caller.node_id[:12], problem)
+            log.warning("channel %s: object %s in the bucket is bad (%s; %s… claimed %d"
+                        " bytes); deleting it", channel, sha1, problem, caller.node_id[:12],
+                        size)
             await backend.delete(key)
             self.cache.forget(channel, sha1)
-            raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem}); deleted")
-        self.cache.record(channel, sha1, size, caller.node_id, uploaded=uploaded)
-        self.requests.object_finalized(channel, sha1, size)
+            if uploaded:
+                raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem});"
+                                     " deleted")
+            return False
+        self.cache.record(channel, sha1, actual, caller.node_id,
+                          uploaded=uploaded and size == actual)
+        self.requests.object_finalized(channel, sha1, actual)
+        if size != actual:
+            raise self._size_conflict(channel, sha1, size, actual)
+        return True
+
+    @staticmethod
+    def _size_conflict(channel: str, sha1: str, size: int, actual: int) -> Conflict:
+        return Conflict(f"sha1://{sha1} is in the bucket of channel {channel!r} with"
+                        f" {actual} bytes, not {size}; it stays as it is")
 
     async def _object_in_bucket(self, channel: str, sha1: str) -> int | None:
         """The size of a verified object in the channel's bucket, or None."""
         size = self.cache.size_of(channel, sha1)
-        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        backend = self._backend(channel)
         actual = await backend.stat(object_key(channel, sha1))
         if actual is None:
             if size is not None:
@@ -301,12 +331,9 @@ class Hub:
                             " forgetting it", channel, sha1)
                 self.cache.forget(channel, sha1)
             return None
-        if size is None:
-            try:  # in the bucket but never finalized: check it before trusting it
-                await self._verify_and_record(backend, Caller(self.owner_id, True), channel,
-                                              sha1, actual)
-            except IntegrityError:
-                return None
+        if size is None and not await self._settle(backend, Caller(self.owner_id, True),
+                                                   channel, sha1, actual, actual):
+            return None
         return actual
 
     # -- file requests (see hub.requests) -------------------------------------------------
