@@ -401,6 +401,7 @@ def cmd_feed_create(args) -> int:
 
 
 async def _feed_append(args) -> int:
+    from .errors import PermissionDenied
     from .feeds import parse_line, subfeed_hash
     from .feedsync import FeedSync, feed_store
 
@@ -408,15 +409,45 @@ async def _feed_append(args) -> int:
     if not ref:
         raise InvalidInput("usage: kachery-fs feed append FEED SUBFEED JSON")
     feed_id, subfeed = _feed_ref(ref)
+    h = subfeed_hash(subfeed)
     value = parse_line(text.encode())
     node = _open_node()
     try:
+        # Everything that would refuse the publication is checked before the append: an
+        # appended message stays (the log is append-only), so a retry after a refusal
+        # would append it a second time.
+        channel = _pick_channel(node, args.channel)
+        as_of = ""
+        try:  # a one-shot command: this node's permissions as of now
+            perms = (await node.refresh_channel(channel)).permissions
+        except PermissionDenied:
+            raise
+        except KacheryError as exc:
+            log.info("could not refresh permissions on %s: %s", channel, exc)
+            perms = node.channel(channel).permissions
+            as_of = f" (as last known: the hub did not answer: {exc})"
+        if "provideFeeds" not in perms:
+            raise PermissionDenied(
+                f"nothing appended: this node lacks the provideFeeds permission on channel"
+                f" {channel!r}{as_of}; the channel owner can grant it with `kachery-fs hub"
+                f" channel authorize {channel} {node.node_id} --add provideFeeds`")
         with feed_store(node) as store:
             signed = await trio.to_thread.run_sync(store.append, feed_id, subfeed, [value])
             number = signed[0]["body"]["messageNumber"]
-            channel = _pick_channel(node, args.channel)
-            _, count = await FeedSync(node, store).publish(channel, feed_id,
-                                                           subfeed_hash(subfeed))
+            try:
+                _, count = await FeedSync(node, store).publish(channel, feed_id, h)
+            except KacheryError as exc:
+                # The message is appended and signed; only its publication failed. A mount
+                # publishes, when it starts, the subfeeds listed in feed_singles, and
+                # uploads the single objects from `done` (an earlier failed append's row
+                # keeps its own, lower `done`; objects already there cost a 412 each).
+                node.db.feed_singles_due(channel, feed_id, h, number, number + 1)
+                print(f"appended message {number}")
+                print(f"kachery-fs: message {number} is not yet in the bucket of {channel}"
+                      f" ({exc}); it stays queued: the next `kachery-fs mount` or `kachery-fs"
+                      " feed append` to this subfeed publishes it (do not append it again)",
+                      file=sys.stderr)
+                return 0
         print(f"appended message {number}; {count} in the bucket of {channel}")
     finally:
         await node.aclose()

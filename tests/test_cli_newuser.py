@@ -18,7 +18,7 @@ from kachery_fs.hub.serve import HubServer
 from kachery_fs.node import Node
 
 from .util import IN_PROCESS_HUB_URL as URL
-from .util import KFS, free_port, mounted, node_env, require_fuse
+from .util import KFS, HubProcess, free_port, kfs, mounted, node_env, require_fuse, wait_for
 
 # -- hub channel authorize --add / --remove ---------------------------------------------------
 
@@ -172,3 +172,91 @@ def test_umount_of_a_kachery_fs_mount(tmp_path):
         assert result.returncode == 0, result.stderr
         assert not os.path.ismount(mnt)
         proc.wait(timeout=30)
+
+
+# -- feed append: a refusal appends nothing; a failed publication stays queued ---------------
+
+
+async def test_feed_append_refused_appends_nothing(owner_hub, tmp_path, capsys):
+    from kachery_fs.feeds import subfeed_hash
+    from kachery_fs.feedsync import feed_store
+
+    server, owner_id = owner_hub
+    node = cli._open_node()
+    try:
+        info = await node.hub(URL).get_channel("chan")
+        node.db.add_channel("chan", URL, info["bucketBaseUrl"], set())
+    finally:
+        await node.aclose()
+    args = cli.build_parser().parse_args(["feed", "create"])
+    assert args.run(args) == 0
+    feed_id = capsys.readouterr().out.strip()
+    append = ("feed", "append", feed_id, "log", '{"x": 1}')
+    with pytest.raises(PermissionDenied, match="nothing appended") as refused:
+        await run_async(*append)
+    assert f"authorize chan {owner_id} --add provideFeeds`" in str(refused.value)
+
+    node = cli._open_node()
+    try:
+        with feed_store(node) as store:
+            assert store.count(feed_id, subfeed_hash("log")) == 0
+    finally:
+        await node.aclose()
+    # Granted: the retry appends the message once.
+    server.hub.db.set_permissions("chan", owner_id, {"provideFeeds"})
+    assert await run_async(*append) == 0
+    assert capsys.readouterr().out.strip() == "appended message 0; 1 in the bucket of chan"
+
+
+def test_feed_append_whose_publication_fails_stays_queued(tmp_path):
+    from kachery_fs.state import NodeDB
+
+    node_dir = tmp_path / "node"
+    node = Node(node_dir, create=True)
+    gone = f"http://127.0.0.1:{free_port()}"
+    node.db.add_channel("chan", gone, f"{gone}/kachery", {"provideFeeds"})
+    node.db.close()
+    feed_id = run_cli(node_dir, "feed", "create").stdout.strip()
+    result = run_cli(node_dir, "feed", "append", f"feed://{feed_id}/log", '{"x": 1}')
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "appended message 0\n"
+    assert "Traceback" not in result.stderr and "stays queued" in result.stderr
+    assert "`kachery-fs mount`" in result.stderr
+    db = NodeDB(node_dir / "node.db")
+    try:  # the mount publishes it when it starts
+        assert [row[:2] for row in db.feed_singles()] == [("chan", feed_id)]
+    finally:
+        db.close()
+    result = run_cli(node_dir, "feed", "read", f"feed://{feed_id}/log")
+    assert result.stdout.count('"x"') == 1
+
+
+@pytest.mark.mount
+def test_a_queued_feed_message_is_published_by_the_next_mount(tmp_path):
+    from kachery_fs.feeds import subfeed_hash
+    from kachery_fs.protocol import feed_prefix
+
+    require_fuse()
+    node_dir = tmp_path / "node"
+    node_id = kfs(node_dir, "init").stdout.decode().strip()
+    hub = HubProcess(node_dir, tmp_path / "hub").start()
+    try:
+        kfs(node_dir, "hub", "channel", "create", "chan", "--hub", hub.url)
+        kfs(node_dir, "hub", "channel", "authorize", "chan", node_id, "--permissions", "all",
+            "--hub", hub.url)
+        kfs(node_dir, "join", hub.url, "chan")
+        feed_id = kfs(node_dir, "feed", "create").stdout.decode().strip()
+        hub.stop()
+        result = run_cli(node_dir, "feed", "append", feed_id, "log", '{"x": 1}')
+        assert result.returncode == 0 and "stays queued" in result.stderr, result.stderr
+        hub.start()
+        index = (hub.bucket_dir() / feed_prefix("chan", feed_id, subfeed_hash("log"))
+                 / "subfeed.json")
+        assert not index.exists()
+        with mounted(node_dir, tmp_path / "mnt"):
+            wait_for(lambda: index.exists() and b'"messageCount":1' in index.read_bytes(),
+                     timeout=30, what="the mount to publish the queued message")
+            single = index.parent / "0"
+            wait_for(single.exists, timeout=30, what="its single-message object")
+    finally:
+        hub.stop()
