@@ -5,6 +5,11 @@ kachery signs ``sha1(canonicalJSON(payload))`` where canonical JSON is what
 compact separators, keys sorted in UTF-16 code-unit order at every level, raw UTF-8 (no
 ``\\uXXXX`` escapes for non-ASCII), and JavaScript number formatting (``1.0`` is ``1``,
 ``1e-7`` not ``1e-07``). Python's ``json.dumps(sort_keys=True)`` differs on all four.
+
+JavaScript numbers are doubles, and Python reads a JSON integer of any size as an exact
+``int``: an integer beyond 2**53 is written as JavaScript would print it after reading it
+(:func:`_js_int`), so a message a kachery daemon signed with ``1e17`` in it, which it wrote
+as ``100000000000000000``, verifies here, and our signatures verify there.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from decimal import Decimal
 
 from .errors import InvalidInput
 
-#: JavaScript numbers are doubles: integers beyond this lose precision in a JS peer.
+#: JavaScript numbers are doubles: integers beyond this are rounded by a JS reader.
 MAX_SAFE_INTEGER = 2**53 - 1
 
 _encode_str = json.JSONEncoder(ensure_ascii=False).encode
@@ -50,6 +55,23 @@ def _js_float(x: float) -> str:
     return sign + out
 
 
+def _js_int(n: int) -> str:
+    """What JavaScript prints for the integer ``n`` read from JSON text.
+
+    A JS reader holds every number as a double: ``JSON.parse`` rounds ``n`` to the nearest
+    one (ties to even, as ``float(n)`` does), and ``JSON.stringify`` prints that double:
+    plain digits below 1e21 (``10**17`` is ``100000000000000000``, ``2**60`` is
+    ``1152921504606847000``), exponent form from 1e21 on (``10**21`` is ``1e+21``). That
+    text is what a kachery daemon signed, so it is what we verify and sign.
+    """
+    try:
+        x = float(n)
+    except OverflowError:  # JS reads it as Infinity, which JSON.stringify prints as null
+        raise InvalidInput("an integer beyond the range of JSON numbers (doubles, at most"
+                           " about 1.8e308) has no JavaScript value") from None
+    return _js_float(x)
+
+
 def _utf16_key(s: str) -> bytes:
     return s.encode("utf-16-be", "surrogatepass")
 
@@ -64,9 +86,10 @@ def _write(obj, out: list[str]) -> None:
     elif isinstance(obj, str):
         out.append(_encode_str(obj))
     elif isinstance(obj, int):
-        if abs(obj) > MAX_SAFE_INTEGER:
-            raise InvalidInput(f"integer {obj} is too large for canonical JSON (JS numbers)")
-        out.append(str(obj))
+        if -MAX_SAFE_INTEGER <= obj <= MAX_SAFE_INTEGER:
+            out.append(str(obj))
+        else:
+            out.append(_js_int(obj))
     elif isinstance(obj, float):
         if not math.isfinite(obj):
             raise InvalidInput(f"{obj!r} has no JSON representation")

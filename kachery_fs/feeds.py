@@ -227,7 +227,10 @@ def sign_message(key: NodeKey, message, *, message_number: int,
     ``previous_signature`` is the signature of message ``message_number - 1`` (None for
     message 0). ``timestamp`` is in milliseconds (now by default). The message value is
     copied through its canonical JSON, so later changes to ``message`` do not touch the
-    signed copy. Raises InvalidInput for values with no JSON form or over the size limit.
+    signed copy, and the copy holds what a kachery daemon would have signed: an integer
+    beyond 2**53 becomes the double a JavaScript reader makes of it (``2**53 + 1`` is
+    ``2**53``; ``10**21`` is ``1e21``). Raises InvalidInput for values with no JSON form or
+    over the size limit.
     """
     if not isinstance(message_number, int) or isinstance(message_number, bool) \
             or message_number < 0:
@@ -392,6 +395,15 @@ def message_line(signed: dict) -> bytes:
     return canonical_json(value).encode("utf-8") + b"\n"
 
 
+def _parse_int(text: str) -> int:
+    # Beyond 309 digits an integer is beyond the largest double, which a JS reader would
+    # take for Infinity; refused here before int() refuses with its digit limit (4300).
+    if len(text.lstrip("-")) > 309:
+        raise InvalidInput(f"an integer of {len(text.lstrip('-'))} digits is beyond the range"
+                           " of JSON numbers (doubles)")
+    return int(text)
+
+
 def parse_line(line: bytes) -> object:
     """The JSON value of one line written to a subfeed file; InvalidInput unless the line
     is exactly one JSON document (a final ``\\n`` is allowed) that can be a feed message."""
@@ -416,7 +428,7 @@ def parse_line(line: bytes) -> object:
         raise InvalidInput(f"{name} is not JSON")
 
     try:
-        value = json.loads(text, parse_constant=no_constant)
+        value = json.loads(text, parse_constant=no_constant, parse_int=_parse_int)
     except json.JSONDecodeError as exc:
         raise InvalidInput(f"not one JSON document: {exc.msg} at column {exc.colno}") from None
     except RecursionError:

@@ -281,7 +281,8 @@ def test_message_line_and_parse_line():
     assert parse_line(b"null\r\n") is None
     assert parse_line(b'"s"') == "s"
     for bad in (b"", b"\n", b"   \n", b"{", b'{"a":1}{"b":2}', b"1 2", b"1\n2\n", b'{"a":\n1}',
-                b"NaN", b"[Infinity]", b"\xff\xfe", b"abc", b"9007199254740993",
+                b"NaN", b"[Infinity]", b"\xff\xfe", b"abc", b"[1" + b"0" * 309 + b"]",
+                b"[" + b"1" * 5000 + b"]",
                 b'"\\ud800"', b"[" * 100_000 + b"]" * 100_000,
                 b'"' + b"x" * MAX_MESSAGE_CHARS + b'"'):
         with pytest.raises(InvalidInput):

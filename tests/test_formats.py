@@ -43,7 +43,22 @@ def test_canonical_keys_sort_in_utf16_order():
     assert canonical_json({"\uff5e": 1, "\U0001f600": 2}) == '{"😀":2,"～":1}'
 
 
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1: 2}, object(), 2**60])
+# Python reads a JSON integer exactly; JavaScript reads it as the nearest double (ties to
+# even) and prints that (vectors from node: JSON.stringify(JSON.parse(text))).
+@pytest.mark.parametrize("value, js", [
+    (2**53 - 1, "9007199254740991"), (2**53, "9007199254740992"),
+    (2**53 + 1, "9007199254740992"), (-(2**53) - 1, "-9007199254740992"),
+    (10**17, "100000000000000000"), (2**60, "1152921504606847000"),
+    (2**64 - 1, "18446744073709552000"), (-(10**20), "-100000000000000000000"),
+    (10**21 - 1, "1e+21"), (10**21, "1e+21"), (123456789012345678901234, "1.2345678901234569e+23"),
+    pytest.param(2**1024 - 2**971, "1.7976931348623157e+308", id="largest-double"),
+])
+def test_canonical_integers_beyond_2_53_format_as_javascript_reads_them(value, js):
+    assert canonical_json(value) == js
+    assert canonical_json({"n": [value]}) == '{"n":[' + js + ']}'
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1: 2}, object(), 2**1024])
 def test_canonical_rejects_what_json_cannot_carry(bad):
     with pytest.raises(InvalidInput):
         canonical_json(bad)
