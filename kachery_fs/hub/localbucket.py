@@ -26,6 +26,17 @@ the step that makes a file an object (precondition check, then ``os.replace``) a
 :meth:`LocalBucket.delete` run under one ``threading.Lock``, so two uploads of one key
 can never both pass a no-clobber check. Readers keep the file they opened: an object
 replaced under a download is never seen half-written.
+
+A new request on an upload session wins, as in GCS: it cancels any earlier request on
+that session that is still waiting for the lock or still receiving its chunk's body
+(:meth:`LocalBucket.session_turn`). A sender that vanished mid-chunk without closing its
+connection (a frozen machine, a connection held by a proxy) therefore blocks its session
+only until the next request on it, which is how a restarted uploader resumes. A chunk
+cut off this way, or by its client going away, or by a body that stops arriving for
+:data:`BODY_STALL_TIMEOUT_S`, commits nothing: the committed offset is persisted only
+after a whole chunk is written and fsync'd, and the bytes past it are cut off by the
+next chunk (or at the next start). A request whose body is all here is no longer
+cancelled: it finishes (fsync, persist, answer) while newer requests wait for the lock.
 """
 
 from __future__ import annotations
@@ -39,7 +50,8 @@ import secrets
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
 from email.utils import formatdate
@@ -77,6 +89,11 @@ MAX_FUTURE_SKEW_S = 300
 
 #: How often expired sessions are looked for while running (they are also swept at start).
 SESSION_SWEEP_INTERVAL_S = 3600
+
+#: A request body that delivers nothing for this long is given up (``408``): its sender is
+#: gone or stuck. Twice the uploader's own stall timeout, so that a slow but live sender
+#: gives up first, on its side, and resumes.
+BODY_STALL_TIMEOUT_S = 120.0
 
 ALGORITHM = "GOOG4-RSA-SHA256"
 CONTENT_TYPE = "application/octet-stream"
@@ -227,6 +244,8 @@ class LocalBucket:
             directory.mkdir(parents=True, exist_ok=True)
         self._install_lock = threading.Lock()
         self._session_locks: dict[str, trio.Lock] = {}
+        # The requests on each session that are waiting for its lock or hold it.
+        self._session_turns: dict[str, list[_SessionTurn]] = {}
         # Running SHA-1 of each resumable session's committed bytes, so that the hub's check
         # of a finished upload need not read the object again: upload id -> (offset, hasher).
         # In memory only: after a restart the check falls back on reading the object.
@@ -360,6 +379,28 @@ class LocalBucket:
         """The lock that every change to session ``upload_id`` happens under."""
         return self._session_locks.setdefault(upload_id, trio.Lock())
 
+    @contextmanager
+    def session_turn(self, upload_id: str) -> Iterator[_SessionTurn]:
+        """A request's turn on session ``upload_id``: the newest request wins.
+
+        Entering cancels every earlier turn on the session that has not settled (is still
+        waiting for the lock, or still receiving its body). The body runs in the turn's
+        cancel scope; the caller checks ``turn.scope.cancelled_caught`` after it. Call
+        :meth:`_SessionTurn.settle` once the request no longer waits for its client.
+        """
+        turn = _SessionTurn()
+        turns = self._session_turns.setdefault(upload_id, [])
+        for earlier in turns:
+            earlier.supersede()
+        turns.append(turn)
+        try:
+            with turn.scope:
+                yield turn
+        finally:
+            turns.remove(turn)
+            if not turns and self._session_turns.get(upload_id) is turns:
+                del self._session_turns[upload_id]
+
     def part_path(self, upload_id: str) -> Path:
         return self._sessions_dir / f"{upload_id}.part"
 
@@ -437,6 +478,23 @@ class LocalBucket:
         for upload_id, session in list(self._sessions.items()):
             if session.expires_at <= now:
                 self.drop_session(upload_id)
+
+
+class _SessionTurn:
+    """One request on an upload session, cancellable by a newer one until it settles."""
+
+    def __init__(self):
+        self.scope = trio.CancelScope()
+        self.settled = False
+
+    def supersede(self) -> None:
+        if not self.settled:
+            self.scope.cancel()
+
+    def settle(self) -> None:
+        """From now on the request only finishes (fsync, persist, answer): a newer one
+        waits for it instead of cancelling it."""
+        self.settled = True
 
 
 def _read_session(path: Path) -> UploadSession | None:
@@ -859,13 +917,19 @@ async def _receive_body(receive: Callable, write: Callable[[bytes], object], *,
     """Feed the request body, minus its first ``skip`` bytes, to the blocking ``write``
     (in a worker thread, in batches of :data:`WRITE_BATCH`); return the body's length.
 
-    Raises ``400 EntityTooLarge`` as soon as the body exceeds ``limit``, and
+    Raises ``400 EntityTooLarge`` as soon as the body exceeds ``limit``, ``408
+    RequestTimeout`` when nothing arrives for :data:`BODY_STALL_TIMEOUT_S`, and
     :class:`_ClientGone` if the client disconnects.
     """
     received = 0
     batch = bytearray()
     while True:
-        message = await receive()
+        message = None
+        with trio.move_on_after(BODY_STALL_TIMEOUT_S):
+            message = await receive()
+        if message is None:
+            raise GcsError(408, "RequestTimeout", f"No part of the request body arrived "
+                           f"for {BODY_STALL_TIMEOUT_S:g} s.")
         if message["type"] == "http.disconnect":
             raise _ClientGone()
         data = message.get("body", b"")
@@ -1033,18 +1097,33 @@ class _BucketApp:
         session = self.bucket.session(upload_id) if _UPLOAD_ID.fullmatch(upload_id) else None
         if session is None or (session.bucket, session.key) != (bucket, key):
             raise _no_such_upload()
+        with self.bucket.session_turn(upload_id) as turn:
+            await self._take_turn(request, send, upload_id, turn)
+        if turn.scope.cancelled_caught:
+            # Cancelled by a newer request: nothing was answered yet, and nothing of this
+            # request's chunk was committed (both come after a checkpoint that raised).
+            log.info("PUT %s: superseded by a newer request on upload session %s…",
+                     request.path, upload_id[:8])
+            raise GcsError(503, "ServiceUnavailable", "A newer request on this upload "
+                           "session replaced this one; ask the session where to resume.")
+
+    async def _take_turn(self, request: _Request, send, upload_id: str,
+                         turn: _SessionTurn) -> None:
         async with self.bucket.session_lock(upload_id):
             # Re-read: while we waited, another request may have moved or ended the session.
             session = self.bucket.session(upload_id)
             if session is None:
+                turn.settle()
                 raise _no_such_upload()
+            chunk = None if session.done else _parse_content_range(request)
+            if chunk is None or chunk.is_query:
+                turn.settle()
             if session.done:
                 await self._answer_completed(session, send)
                 return
-            chunk = _parse_content_range(request)
             total = _check_chunk(session, chunk)
             if not chunk.is_query:
-                session = await self._receive_chunk(request, session, chunk, total)
+                session = await self._receive_chunk(request, session, chunk, total, turn)
             if total is not None and session.committed == total and chunk.total is not None:
                 # GCS finalizes once a request declares the total and all of it is here,
                 # status queries ("bytes */N") included: that is how an empty object, or
@@ -1055,8 +1134,14 @@ class _BucketApp:
                 await _respond(send, 308, _range_header(session.committed))
 
     async def _receive_chunk(self, request: _Request, session: UploadSession,
-                             chunk: _ChunkRange, total: int | None) -> UploadSession:
-        """Append the new part of ``chunk`` to the session's data, fsync, and persist."""
+                             chunk: _ChunkRange, total: int | None,
+                             turn: _SessionTurn) -> UploadSession:
+        """Append the new part of ``chunk`` to the session's data, fsync, and persist.
+
+        Until the whole body is here a newer request may cancel this one (``turn``): then
+        nothing is persisted, and the bytes written past ``committed`` are cut off by the
+        next chunk.
+        """
         skip = session.committed - chunk.first
         f = await trio.to_thread.run_sync(_open_for_append,
                                           self.bucket.part_path(session.upload_id),
@@ -1074,6 +1159,8 @@ class _BucketApp:
         try:
             received = await _receive_body(request.receive, write, limit=chunk.length,
                                            skip=skip)
+            # The body is all here: from now on we only fsync, persist and answer.
+            turn.settle()
             if received != chunk.length:
                 raise _invalid(f"the chunk has {received} bytes, Content-Range said "
                                f"{chunk.length}")
