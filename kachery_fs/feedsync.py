@@ -108,6 +108,17 @@ class FeedSync:
         remote = (await hub.call("feedUpdated", cosign=key, messageCount=0, **ids))[
             "messageCount"]
         local = self.store.count(feed_id, subfeed_hash)
+        if remote > local:
+            # Only this key's holder publishes this feed, and it holds every message it
+            # signed: a larger count at the hub is wrong (set by an earlier version that
+            # took a count from anyone who replayed a co-signature). Repair it: back to 0,
+            # which needs no proof, and announce again what is in the bucket (the objects
+            # already there are not sent again).
+            log.warning("feed %s… subfeed %s…: the hub of %s counts %d message(s), this"
+                        " owner has %d; repairing the hub's count", feed_id[:12],
+                        subfeed_hash[:12], channel, remote, local)
+            remote = (await hub.call("feedUpdated", cosign=key, messageCount=0,
+                                     repair=True, **ids))["messageCount"]
         if local <= remote:
             return remote, remote
         old_index = await _get(self.node.client, f"{ch.bucket_base_url}/"
@@ -126,7 +137,8 @@ class FeedSync:
                                   **ids)
             await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
-            await hub.call("feedUpdated", cosign=key, messageCount=end, **ids)
+            await hub.call("feedUpdated", cosign=key, messageCount=end, batchStart=start,
+                           **ids)
             if on_announced is not None:
                 on_announced(start, end)
         log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
@@ -153,16 +165,45 @@ class FeedSync:
                  subfeed_hash[:12], end, channel)
 
     async def _singles(self, base: str, start: int, end: int) -> list:
-        """Messages ``start..end-1`` from their single objects (up to the first missing)."""
-        return _parse_all(await _gather([partial(_get, self.node.client, f"{base}/{i}")
-                                         for i in range(start, end)]))
+        """Messages ``start..end-1`` from their single objects, up to the first missing one.
+
+        They are fetched in windows that grow from :data:`PARALLEL` to :data:`BATCH`, and
+        the first window with a gap is the last: a count that claims more than the bucket
+        holds costs one small window of GETs, not one GET per claimed message."""
+        out: list = []
+        window = PARALLEL
+        while start < end:
+            stop = min(start + window, end)
+            bodies = await _gather([partial(_get, self.node.client, f"{base}/{i}")
+                                    for i in range(start, stop)])
+            got = _parse_all(bodies)
+            out += got
+            if len(got) < stop - start:
+                break
+            start, window = stop, min(2 * window, BATCH)
+        return out
+
+    async def hub_count(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
+        """The subfeed's message count at the hub (0 if the hub has heard of none)."""
+        hub = self.node.hub(self.node.channel(channel).hub_url)
+        answer = await hub.call("watchFeeds", channel=channel, subscriptions=[
+            {"feedId": feed_id, "subfeedHash": subfeed_hash, "position": 0}])
+        return max([u.get("messageCount", 0) for u in answer.get("updates", [])
+                    if isinstance(u, dict) and isinstance(u.get("messageCount"), int)],
+                   default=0)
 
     # -- readers -----------------------------------------------------------------------------
 
     async def fetch(self, channel: str, feed_id: str, subfeed_hash: str, *,
-                    name: str | None = None) -> tuple[int, str | None]:
+                    name: str | None = None,
+                    hub_count: int | None = None) -> tuple[int, str | None]:
         """Fetch the messages this node lacks from the bucket and store the valid prefix.
-        Returns ``(added, problem)``; a problem (tampering, a fork) is logged."""
+        Returns ``(added, problem)``; a problem (tampering, a fork) is logged.
+
+        Never beyond the hub's count (``hub_count``, asked for when not given), which only
+        the feed's owner can raise, and only once the bucket holds the messages; the index
+        in the bucket counts only where the hub has heard of the subfeed at all (one that an
+        earlier kachery published), and then singles are read up to the first gap."""
         if "requestFeeds" not in await self.node.permissions(channel):
             raise PermissionDenied(
                 f"this node lacks the requestFeeds permission on channel {channel!r}; the"
@@ -170,12 +211,16 @@ class FeedSync:
                 f" {self.node.node_id} --add requestFeeds`")
         ch = self.node.channel(channel)
         base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
+        if hub_count is None:
+            hub_count = await self.hub_count(channel, feed_id, subfeed_hash)
+        local = self.store.count(feed_id, subfeed_hash)
+        if 0 < hub_count <= local:
+            return 0, None
         index = await _get(self.node.client, f"{base}/subfeed.json", bust=True)
-        if index is None:
+        if index is None and hub_count == 0:
             raise NotFound(f"feed {feed_id} has no subfeed {subfeed_hash} in channel"
                            f" {channel!r}")
-        count = _count_of(index)
-        local = self.store.count(feed_id, subfeed_hash)
+        count = hub_count or _count_of(index)
         if count <= local:
             return 0, None
         # The batches that cover what we lack, fetched together; single messages after.

@@ -27,8 +27,12 @@ class HubClient:
     def envelope(self, kind: str, fields: dict, cosign: NodeKey | None = None) -> dict:
         body = {**fields, "type": kind, "timestamp": int(time.time() * 1000),
                 "nonce": secrets.token_hex(16)}
-        if cosign is not None:  # a second key vouches for this very request (a feed's owner)
-            body["feedSignature"] = cosign.sign({"nonce": body["nonce"]})
+        if cosign is not None:
+            # A second key (a feed's owner) vouches for this very request: its signature
+            # covers the whole body, the caller's node id included, so no other node can
+            # reuse it and nothing in it can be changed.
+            body["nodeId"] = self.key.node_id
+            body["feedSignature"] = cosign.sign(body)
         return {"body": body, "nodeId": self.key.node_id, "signature": self.key.sign(body)}
 
     async def call(self, kind: str, *, wait_s: float = 0.0, cosign: NodeKey | None = None,

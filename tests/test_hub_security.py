@@ -101,3 +101,147 @@ async def test_an_unrecorded_bad_object_is_replaced(env):
     with pytest.raises(IntegrityError, match="hashes to"):
         await other.finalize_upload(CH, claimed, len(b"more garbage"))
     assert not in_bucket(server, claimed)
+
+
+# -- feeds ------------------------------------------------------------------------------------
+
+@pytest.fixture
+async def feed_env(tmp_path):
+    """A hub in process; node A owns a feed and publishes it, node M is another member with
+    every feed permission, both Nodes talking to the hub through the same ASGI client."""
+    from kachery_fs.feeds import FeedStore
+    from kachery_fs.feedsync import FeedSync
+    from kachery_fs.node import Node
+
+    from .util import IN_PROCESS_HUB_URL as URL
+
+    async with hub_in_process(tmp_path / "hub") as (server, owner, other, client):
+        await owner.create_channel(CH)
+        nodes = []
+        for name, hc in (("a", owner), ("m", other)):
+            await owner.authorize_node(CH, hc.key.node_id, list(PERMS))
+            hc.key.save(tmp_path / name)
+            node = Node(tmp_path / name, client=client)
+            node.db.add_channel(CH, URL, f"{URL}/kachery", set(PERMS))
+            nodes.append(node)
+        a, m = nodes
+        store_a = FeedStore(a.dir / "feeds.db")
+        store_m = FeedStore(m.dir / "feeds.db")
+        feed = store_a.create_feed("results")
+        try:
+            yield server, client, FeedSync(a, store_a), FeedSync(m, store_m), feed
+        finally:
+            store_a.close()
+            store_m.close()
+            for node in nodes:
+                node.db.close()
+
+
+PERMS = ("requestFiles", "provideFiles", "requestFeeds", "provideFeeds")
+
+
+def recording(client, seen: list):
+    """Wrap the client's post so that every envelope sent is recorded (a wire tap)."""
+    post = client.post
+
+    async def tapped(url, *args, **kwargs):
+        if "json" in kwargs:
+            seen.append(kwargs["json"])
+        return await post(url, *args, **kwargs)
+    client.post = tapped
+
+
+async def test_a_feed_cosignature_seen_on_the_wire_authorizes_nothing_else(feed_env):
+    from kachery_fs.errors import PermissionDenied
+    from kachery_fs.feeds import subfeed_hash
+
+    server, client, sync_a, sync_m, feed = feed_env
+    seen: list = []
+    recording(client, seen)
+    sync_a.store.append(feed, "log", [{"step": 1}])
+    await sync_a.publish(CH, feed, subfeed_hash("log"))
+    captured = [e["body"] for e in seen if "feedSignature" in e["body"]]
+    assert captured
+    hub_m = sync_m.node.hub(sync_m.node.channel(CH).hub_url)
+    h = subfeed_hash("log")
+    for body in captured:
+        for kind, fields in (("feedUploadUrls", {"start": 0, "sizes": [10], "indexSize": 20}),
+                             ("feedUpdated", {"messageCount": 2**53 - 1})):
+            envelope = hub_m.envelope(kind, {"channel": CH, "feedId": feed,
+                                             "subfeedHash": h, **fields})
+            # the owner's nonce too: nonces are remembered per calling node
+            envelope["body"]["nonce"] = body["nonce"]
+            envelope["body"]["feedSignature"] = body["feedSignature"]
+            envelope["signature"] = hub_m.key.sign(envelope["body"])
+            r = await client.post("/api/node", json=envelope)
+            # refused for the feed signature; the second time, for the nonce M used once
+            assert r.status_code == (403 if kind == "feedUploadUrls" else 401), r.text
+        # the owner's whole body, re-signed by M: its nodeId is A's, which M cannot sign for
+        stolen = {k: v for k, v in body.items() if k not in ("nonce", "timestamp")}
+        envelope = hub_m.envelope(stolen.pop("type"), stolen)
+        r = await client.post("/api/node", json=envelope)
+        assert r.status_code in (401, 403), r.text
+    assert server.hub.feeds.count(CH, feed, h) == 1
+    with pytest.raises(PermissionDenied):
+        await hub_m.call("feedUpdated", cosign=hub_m.key, channel=CH, feedId=feed,
+                         subfeedHash=h, messageCount=2)
+
+
+async def test_a_count_is_taken_only_for_published_messages_and_an_owner_repairs_one(feed_env):
+    from kachery_fs.errors import InvalidInput
+    from kachery_fs.feeds import subfeed_hash
+
+    server, client, sync_a, _, feed = feed_env
+    h = subfeed_hash("log")
+    hub_a = sync_a.node.hub(sync_a.node.channel(CH).hub_url)
+    key = sync_a.store.key(feed)
+    ids = {"channel": CH, "feedId": feed, "subfeedHash": h}
+    with pytest.raises(InvalidInput, match="not in the bucket"):
+        await hub_a.call("feedUpdated", cosign=key, messageCount=3, **ids)
+    with pytest.raises(InvalidInput, match="messageCount"):
+        await hub_a.call("feedUpdated", cosign=key, messageCount=2**53 - 1, **ids)
+    assert server.hub.feeds.count(CH, feed, h) == 0
+
+    sync_a.store.append(feed, "log", [{"step": i} for i in range(3)])
+    assert await sync_a.publish(CH, feed, h) == (0, 3)
+    # a count pushed up by an earlier hub that believed anyone: the owner's next publish
+    # puts it right, and the new message goes up
+    server.hub.feeds.set_count(CH, feed, h, 2**53 - 1)
+    sync_a.store.append(feed, "log", [{"step": 3}])
+    assert await sync_a.publish(CH, feed, h) == (0, 4)  # announced again from 0
+    assert server.hub.feeds.count(CH, feed, h) == 4
+
+
+async def test_a_reader_never_fetches_beyond_the_hubs_count(feed_env):
+    from kachery_fs.feeds import subfeed_hash
+    from kachery_fs.protocol import feed_prefix
+
+    server, client, sync_a, sync_m, feed = feed_env
+    h = subfeed_hash("log")
+    sync_a.store.append(feed, "log", [{"step": i} for i in range(3)])
+    await sync_a.publish(CH, feed, h)
+    sync_m.store.add_feed(feed)
+    # the index in the bucket claims 50,000 messages (as one with the bucket's keys could)
+    src = server.local.temp_path()
+    src.write_bytes(b'{"messageCount":50000}')
+    server.local.install(src, "kachery", f"{feed_prefix(CH, feed, h)}/subfeed.json",
+                         generation_match=None)
+    gets: list = []
+    get = client.get
+
+    async def counting(url, *args, **kwargs):
+        gets.append(url)
+        return await get(url, *args, **kwargs)
+    client.get = counting
+    added, problem = await sync_m.fetch(CH, feed, h)
+    assert (added, problem) == (3, None)
+    assert len(gets) <= 5, gets
+    # where the hub knows no count (a subfeed an earlier kachery published), the singles
+    # are read up to the first gap, in a small window
+    server.hub.feeds.set_count(CH, feed, h, 0, lower=True)
+    sync_m.store.close()
+    sync_m.store = type(sync_m.store)(sync_m.node.dir / "feeds2.db")
+    sync_m.store.add_feed(feed)
+    gets.clear()
+    added, _ = await sync_m.fetch(CH, feed, h)
+    assert added == 3 and len(gets) <= 40, len(gets)

@@ -7,7 +7,8 @@ the hub wakes every node long-polling that subfeed (``watchFeeds``), and they fe
 messages from the bucket and verify them. No polling loops anywhere.
 
 Only the holder of the feed's private key gets upload URLs for it: the request carries a
-signature by the feed key over the request's nonce, besides the node's own signature.
+signature by the feed key over the whole request and the caller's node id, besides the
+node's own signature. A count is taken only once the bucket holds its last message.
 """
 
 from __future__ import annotations
@@ -43,10 +44,12 @@ class FeedIndex:
             " AND subfeed_hash = ?", (channel, feed_id, subfeed_hash)).fetchone()
         return row[0] if row else 0
 
-    def set_count(self, channel: str, feed_id: str, subfeed_hash: str, count: int) -> int:
-        """Record a new message count (counts only grow); wake the watchers. Returns it."""
+    def set_count(self, channel: str, feed_id: str, subfeed_hash: str, count: int, *,
+                  lower: bool = False) -> int:
+        """Record a new message count (counts only grow, unless ``lower``: an owner's
+        repair); wake the watchers. Returns the count."""
         current = self.count(channel, feed_id, subfeed_hash)
-        if count <= current:
+        if count == current or (count < current and not lower):
             return current
         self._db.execute(
             "INSERT INTO subfeeds (channel, feed_id, subfeed_hash, message_count, updated_at)"

@@ -50,6 +50,8 @@ UPLOAD_URL_EXPIRY_S = 600
 #: is at most 40,000 bytes of UTF-8) and the most messages signed in one batch.
 MAX_FEED_MESSAGE_BYTES = 40_000
 MAX_FEED_BATCH = 500
+#: The most messages one subfeed may have.
+MAX_FEED_MESSAGES = 10**9
 
 #: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
 MAX_OBJECT_SIZE = 5 * 1024**4
@@ -393,10 +395,13 @@ class Hub:
             raise InvalidInput(f"invalid subfeed hash {subfeed_hash!r}")
         return feed_id, subfeed_hash.lower()
 
-    def _require_feed_owner(self, body: dict, feed_id: str) -> None:
-        """The request must also be signed by the feed's own key (over its nonce)."""
-        if not verify_signature({"nonce": body.get("nonce")}, body.get("feedSignature"),
-                                feed_id):
+    def _require_feed_owner(self, caller: Caller, body: dict, feed_id: str) -> None:
+        """The request must also be signed by the feed's own key, over the whole body
+        (request type, channel, subfeed, positions, sizes, count, timestamp, nonce) and the
+        caller's node id: a co-signature seen on the wire authorizes nothing else."""
+        signed = {k: v for k, v in body.items() if k != "feedSignature"}
+        if signed.get("nodeId") != caller.node_id or not verify_signature(
+                signed, body.get("feedSignature"), feed_id):
             raise PermissionDenied(f"only the owner of feed {feed_id[:12]}… (the holder of its"
                                    " private key) may upload its messages")
 
@@ -406,7 +411,7 @@ class Hub:
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFeeds")
         feed_id, subfeed_hash = self._subfeed(body)
-        self._require_feed_owner(body, feed_id)
+        self._require_feed_owner(caller, body, feed_id)
         start, sizes = body.get("start"), body.get("sizes")
         if not isinstance(start, int) or start < 0 or not isinstance(sizes, list) or not all(
                 isinstance(n, int) and 0 < n <= MAX_FEED_MESSAGE_BYTES for n in sizes):
@@ -440,11 +445,41 @@ class Hub:
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFeeds")
         feed_id, subfeed_hash = self._subfeed(body)
-        self._require_feed_owner(body, feed_id)
+        self._require_feed_owner(caller, body, feed_id)
         count = body.get("messageCount")
-        if not isinstance(count, int) or count < 0:
-            raise InvalidInput("messageCount must be a non-negative integer")
+        if not isinstance(count, int) or not 0 <= count <= MAX_FEED_MESSAGES:
+            raise InvalidInput(f"messageCount must be an integer from 0 to {MAX_FEED_MESSAGES}")
+        current = self.feeds.count(channel, feed_id, subfeed_hash)
+        repair = body.get("repair") is True
+        if count > current or (repair and count < current):
+            batch_start = body.get("batchStart", current)
+            if not isinstance(batch_start, int):
+                raise InvalidInput("batchStart must be an integer")
+            if count > 0 and not await self._published(channel, feed_id, subfeed_hash,
+                                                        batch_start, count):
+                raise InvalidInput(
+                    f"message {count - 1} of subfeed {subfeed_hash[:12]}… is not in the"
+                    f" bucket of channel {channel!r}: upload the messages before announcing"
+                    " them")
+            if repair and count < current:
+                log.warning("channel %s: feed %s… subfeed %s… repaired by its owner: %d"
+                            " message(s), not %d", channel, feed_id[:12], subfeed_hash[:12],
+                            count, current)
+                return {"messageCount": self.feeds.set_count(channel, feed_id,
+                                                             subfeed_hash, count, lower=True)}
         return {"messageCount": self.feeds.set_count(channel, feed_id, subfeed_hash, count)}
+
+    async def _published(self, channel: str, feed_id: str, subfeed_hash: str, start: int,
+                         count: int) -> bool:
+        """Whether the bucket holds message ``count - 1`` of the subfeed: as its single
+        object, or in the batch ``start..count-1`` (an owner uploads a batch from the count
+        the hub knows)."""
+        backend = self._backend(channel)
+        prefix = feed_prefix(channel, feed_id, subfeed_hash)
+        for key in (f"{prefix}/batch/{start}-{count}", f"{prefix}/{count - 1}"):
+            if await backend.stat(key) is not None:
+                return True
+        return False
 
     async def _on_watchFeeds(self, caller: Caller, body: dict) -> dict:
         """Long-poll: the subscribed subfeeds whose count is beyond the position given."""
