@@ -4,7 +4,7 @@ A feed is an Ed25519 key pair; its id is the 64-hex public key (a :class:`NodeKe
 ``node_id``). A feed holds any number of *subfeeds*, each named by a hash
 (:func:`subfeed_hash`), and a subfeed is a chain of signed messages::
 
-    {"body": {"message": <any JSON value>,
+    {"body": {"message": <a JSON object or array>,
               "previousSignature": <signature of message i-1>,   (absent for i = 0)
               "messageNumber": i,
               "timestamp": <milliseconds since the epoch, integer>,
@@ -19,6 +19,11 @@ the first problem; readers keep the valid prefix and report the problem, so a ta
 truncated copy never hides the messages before it and never adds anything after it.
 A message (and its ``metaData``) must have canonical JSON shorter than
 :data:`MAX_MESSAGE_CHARS`, kachery's limit.
+
+A message written here must be a JSON object or array (:func:`check_message`): kachery
+daemons refuse any other value (``isSignedSubfeedMessage``), so a scalar would make a
+daemon reading the subfeed stop at it. Received messages are not held to this, so that
+subfeeds written before the rule stay readable here.
 
 Local storage (:class:`FeedStore`) is one SQLite file (``feeds.db``, mode 0600 since it
 holds private keys)::
@@ -201,6 +206,25 @@ def _js_length(text: str) -> int:
     return len(text.encode("utf-16-le", "surrogatepass")) // 2
 
 
+def check_message(value, what: str = "a feed message") -> None:
+    """InvalidInput unless ``value`` can be a message a kachery daemon accepts: a JSON
+    object or array (a dict, list or tuple), never a number, string, boolean or null."""
+    if isinstance(value, (dict, list, tuple)):
+        return
+    kind = {bool: "a boolean", int: "a number", float: "a number", str: "a string",
+            type(None): "null"}.get(type(value), type(value).__name__)
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    example = text
+    if len(text) > 40:
+        text, example = text[:37] + "...", "..."
+    shown = "" if value is None else f" ({text})"
+    raise InvalidInput(f"{what} must be a JSON object or array, as kachery requires, not"
+                       f" {kind}{shown}: wrap it, e.g. {{\"value\": {example}}}")
+
+
 def _json_value(value, what: str) -> str:
     """Canonical JSON of a value to be signed, checked against the limits (InvalidInput)."""
     try:
@@ -229,8 +253,9 @@ def sign_message(key: NodeKey, message, *, message_number: int,
     copied through its canonical JSON, so later changes to ``message`` do not touch the
     signed copy, and the copy holds what a kachery daemon would have signed: an integer
     beyond 2**53 becomes the double a JavaScript reader makes of it (``2**53 + 1`` is
-    ``2**53``; ``10**21`` is ``1e21``). Raises InvalidInput for values with no JSON form or
-    over the size limit.
+    ``2**53``; ``10**21`` is ``1e21``). Raises InvalidInput for a message that is not a
+    JSON object or array (:func:`check_message`), and for values with no JSON form or over
+    the size limit.
     """
     if not isinstance(message_number, int) or isinstance(message_number, bool) \
             or message_number < 0:
@@ -244,6 +269,7 @@ def sign_message(key: NodeKey, message, *, message_number: int,
         timestamp = int(time.time() * 1000)
     elif not isinstance(timestamp, int) or isinstance(timestamp, bool) or timestamp < 0:
         raise InvalidInput(f"bad timestamp {timestamp!r} (milliseconds, an integer)")
+    check_message(message)
     body = {"message": json.loads(_json_value(message, "a feed message"))}
     if previous_signature is not None:
         body["previousSignature"] = previous_signature
@@ -406,7 +432,8 @@ def _parse_int(text: str) -> int:
 
 def parse_line(line: bytes) -> object:
     """The JSON value of one line written to a subfeed file; InvalidInput unless the line
-    is exactly one JSON document (a final ``\\n`` is allowed) that can be a feed message."""
+    is exactly one JSON document (a final ``\\n`` is allowed) that can be a feed message: a
+    JSON object or array (:func:`check_message`) within the size limit."""
     if isinstance(line, (bytearray, memoryview)):
         line = bytes(line)
     if not isinstance(line, bytes):
@@ -433,6 +460,7 @@ def parse_line(line: bytes) -> object:
         raise InvalidInput(f"not one JSON document: {exc.msg} at column {exc.colno}") from None
     except RecursionError:
         raise InvalidInput("the JSON document is nested too deeply") from None
+    check_message(value)
     _json_value(value, "the message")
     return value
 
@@ -596,12 +624,13 @@ class FeedStore:
 
     def append(self, feed_id: str, subfeed_name: str, messages: Sequence, *,
                metaData: dict | None = None) -> list[dict]:
-        """Sign ``messages`` (JSON values) onto the end of a subfeed of an owned feed.
+        """Sign ``messages`` (JSON objects or arrays) onto the end of a subfeed of an owned feed.
 
         All or nothing, in one transaction that chains from the last stored message, so
         concurrent appenders (threads or processes) interleave whole batches. Returns the
-        signed messages. InvalidInput for a value with no JSON form or over the size
-        limit; NotFound for an unknown feed; PermissionDenied if another node owns it.
+        signed messages. InvalidInput for a message that is not a JSON object or array,
+        or with no JSON form or over the size limit; NotFound for an unknown feed;
+        PermissionDenied if another node owns it.
         """
         feed_id = normalize_feed_id(feed_id)
         h = subfeed_hash(subfeed_name)
@@ -611,7 +640,9 @@ class FeedStore:
         if metaData is not None and not isinstance(metaData, dict):
             raise InvalidInput("metaData must be a JSON object")
         for i, m in enumerate(messages):  # fail before taking the write lock
-            _json_value(m, f"message {i} of the batch")
+            what = "the message" if len(messages) == 1 else f"message {i} of the batch"
+            check_message(m, what)
+            _json_value(m, what)
         if not messages:
             return []
         signed: list[dict] = []

@@ -69,13 +69,14 @@ def test_reference_vector():
 
 def test_sign_message_arguments():
     with pytest.raises(InvalidInput):
-        sign_message(TEST_KEY, 1, message_number=1, previous_signature=None)
+        sign_message(TEST_KEY, {"n": 1}, message_number=1, previous_signature=None)
     with pytest.raises(InvalidInput):
-        sign_message(TEST_KEY, 1, message_number=0, previous_signature="ab" * 64)
+        sign_message(TEST_KEY, {"n": 1}, message_number=0, previous_signature="ab" * 64)
     with pytest.raises(InvalidInput):
-        sign_message(TEST_KEY, object(), message_number=0, previous_signature=None)
+        sign_message(TEST_KEY, [object()], message_number=0, previous_signature=None)
     with pytest.raises(InvalidInput):
-        sign_message(TEST_KEY, 1, message_number=0, previous_signature=None, metaData=[1])
+        sign_message(TEST_KEY, {"n": 1}, message_number=0, previous_signature=None,
+                     metaData=[1])
     value = {"a": [1.0, "é"]}
     m = sign_message(TEST_KEY, value, message_number=0, previous_signature=None,
                      metaData={"k": "v"})
@@ -83,8 +84,8 @@ def test_sign_message_arguments():
     assert m["body"]["message"] == {"a": [1, "é"]} and m["body"]["metaData"] == {"k": "v"}
     assert isinstance(m["body"]["timestamp"], int)
     assert verify_messages(TEST_ID, [m]).ok
-    # any JSON value is a message
-    assert verify_messages(TEST_ID, chain(TEST_KEY, [None, "s", 3, [1], True])).ok
+    # a message is a JSON object or array, any one
+    assert verify_messages(TEST_ID, chain(TEST_KEY, [{}, [], [1], {"a": None}, [[]]])).ok
 
 
 # -- verification -----------------------------------------------------------------------
@@ -118,7 +119,7 @@ def test_long_runs_are_checked_on_threads_with_the_same_outcome():
 
 
 def test_wrong_numbering():
-    msgs = chain(TEST_KEY, ["a", "b", "c"])
+    msgs = chain(TEST_KEY, [{"m": "a"}, {"m": "b"}, {"m": "c"}])
     body = dict(msgs[1]["body"], messageNumber=5)
     check = verify_messages(TEST_ID, [msgs[0], resign(TEST_KEY, body), msgs[2]])
     assert check.valid == msgs[:1] and "messageNumber" in check.problem
@@ -133,7 +134,7 @@ def test_wrong_numbering():
 
 
 def test_chain_links():
-    msgs = chain(TEST_KEY, ["a", "b", "c"])
+    msgs = chain(TEST_KEY, [{"m": "a"}, {"m": "b"}, {"m": "c"}])
     body = dict(msgs[1]["body"])
     del body["previousSignature"]
     check = verify_messages(TEST_ID, [msgs[0], resign(TEST_KEY, body)])
@@ -155,13 +156,13 @@ def test_chain_links():
 
 def test_signature_by_another_key():
     other = NodeKey.generate()
-    forged = chain(other, ["a", "b"])
+    forged = chain(other, [{"m": "a"}, {"m": "b"}])
     check = verify_messages(TEST_ID, forged)
     assert check.valid == [] and "signature" in check.problem
     assert verify_messages(other.node_id, forged).ok
     # one forged message in a good chain
-    good = chain(TEST_KEY, ["a", "b", "c"])
-    body = dict(good[1]["body"], message="B")
+    good = chain(TEST_KEY, [{"m": "a"}, {"m": "b"}, {"m": "c"}])
+    body = dict(good[1]["body"], message={"m": "B"})
     check = verify_messages(TEST_ID, [good[0], resign(other, body), good[2]])
     assert check.valid == good[:1] and "signature" in check.problem
 
@@ -173,7 +174,7 @@ def _deep(n: int):
     return v
 
 
-GOOD = chain(TEST_KEY, ["x"])[0]
+GOOD = chain(TEST_KEY, [{"m": "x"}])[0]
 GARBAGE = [
     None, 5, "x", [], [GOOD], True,
     {}, {"body": GOOD["body"]}, {"signature": GOOD["signature"]},
@@ -207,7 +208,7 @@ def test_garbage_shapes_never_raise(garbage):
     check = verify_messages(TEST_ID, [garbage, GOOD])
     assert check.valid == [] and check.problem.startswith("message 0:")
     # after a valid message too
-    msgs = chain(TEST_KEY, ["a"])
+    msgs = chain(TEST_KEY, [{"m": "a"}])
     check = verify_messages(TEST_ID, [msgs[0], garbage])
     assert check.valid == msgs and check.problem.startswith("message 1:")
 
@@ -219,7 +220,7 @@ def test_garbage_sequences_never_raise(messages):
 
 
 def test_bad_feed_id_or_start():
-    msgs = chain(TEST_KEY, ["a"])
+    msgs = chain(TEST_KEY, [{"m": "a"}])
     for feed_id in (None, "", "xyz", TEST_ID.upper(), TEST_ID[:-1], 5):
         check = verify_messages(feed_id, msgs)
         assert check.valid == [] and "feed id" in check.problem
@@ -278,13 +279,13 @@ def test_message_line_and_parse_line():
     assert parse_line(line) == {"a": "é\n", "b": 1, "c": 1}
     assert parse_line(b'{"x": 1}\n') == {"x": 1}
     assert parse_line(b'  [1, 2]  ') == [1, 2]
-    assert parse_line(b"null\r\n") is None
-    assert parse_line(b'"s"') == "s"
+    assert parse_line(b"{}\r\n") == {}
     for bad in (b"", b"\n", b"   \n", b"{", b'{"a":1}{"b":2}', b"1 2", b"1\n2\n", b'{"a":\n1}',
                 b"NaN", b"[Infinity]", b"\xff\xfe", b"abc", b"[1" + b"0" * 309 + b"]",
                 b"[" + b"1" * 5000 + b"]",
-                b'"\\ud800"', b"[" * 100_000 + b"]" * 100_000,
-                b'"' + b"x" * MAX_MESSAGE_CHARS + b'"'):
+                b'["\\ud800"]', b"[" * 100_000 + b"]" * 100_000,
+                b'["' + b"x" * MAX_MESSAGE_CHARS + b'"]',
+                b"null", b'"s"', b"42", b"true", b"1.5\n"):
         with pytest.raises(InvalidInput):
             parse_line(bad)
     with pytest.raises(InvalidInput):
@@ -304,7 +305,7 @@ def test_store_file_mode_and_feeds(tmp_path):
         os.umask(old)
     with store:
         fid = store.create_feed(label="lab")
-        store.append(fid, "s", [1])
+        store.append(fid, "s", [{"n": 1}])
         assert stat.S_IMODE((tmp_path / "state" / "feeds.db").stat().st_mode) == 0o600
         wal = tmp_path / "state" / "feeds.db-wal"
         if wal.exists():
@@ -329,7 +330,7 @@ def test_store_file_mode_and_feeds(tmp_path):
     with FeedStore(tmp_path / "state" / "feeds.db") as store:
         assert stat.S_IMODE((tmp_path / "state" / "feeds.db").stat().st_mode) == 0o600
         assert store.owned(fid)
-        signed = store.append(fid, "s", [2])
+        signed = store.append(fid, "s", [{"n": 2}])
         assert signed[0]["body"]["messageNumber"] == 1
         assert verify_messages(fid, store.messages(fid, subfeed_hash("s"))).ok
 
@@ -340,10 +341,10 @@ def test_append_read_and_subfeeds(tmp_path):
         h = subfeed_hash("main")
         assert store.count(fid, h) == 0 and store.messages(fid, h) == []
         assert store.append(fid, "main", []) == []
-        signed = store.append(fid, "main", [{"a": 1}, "two", [3]], metaData={"by": "test"})
-        assert [s["body"]["message"] for s in signed] == [{"a": 1}, "two", [3]]
+        signed = store.append(fid, "main", [{"a": 1}, ["two"], [3]], metaData={"by": "test"})
+        assert [s["body"]["message"] for s in signed] == [{"a": 1}, ["two"], [3]]
         assert all(s["body"]["metaData"] == {"by": "test"} for s in signed)
-        more = store.append(fid, "main", [4])
+        more = store.append(fid, "main", [[4]])
         assert more[0]["body"]["previousSignature"] == signed[-1]["signature"]
         stored = store.messages(fid, h)
         assert stored == signed + more and store.count(fid, h) == 4
@@ -352,24 +353,24 @@ def test_append_read_and_subfeeds(tmp_path):
         assert store.messages(fid, h, 3) == more and store.messages(fid, h, 9) == []
         # by hash first (name unknown), then by name: the name is remembered
         other = subfeed_hash("other")
-        store.append(fid, "~" + other, ["x"])
+        store.append(fid, "~" + other, [{"m": "x"}])
         assert [(s.name, s.subfeed_hash, s.count) for s in store.subfeeds(fid)] == [
             ("main", h, 4), (None, other, 1)]
-        store.append(fid, "other", ["y"])
+        store.append(fid, "other", [{"m": "y"}])
         assert [(s.name, s.count) for s in store.subfeeds(fid)] == [("main", 4), ("other", 2)]
         assert store.subfeeds(TEST_ID) == []
         # only the owner appends
         store.add_feed(TEST_ID)
         with pytest.raises(PermissionDenied):
-            store.append(TEST_ID, "main", [1])
+            store.append(TEST_ID, "main", [[1]])
         with pytest.raises(NotFound):
-            store.append("ab" * 32, "main", [1])
-        for bad in (("zz", "main", [1]), (fid, "~zz", [1]), (fid, "main", "not a list"),
-                    (fid, "main", [object()]), (fid, "main", [float("inf")])):
+            store.append("ab" * 32, "main", [[1]])
+        for bad in (("zz", "main", [[1]]), (fid, "~zz", [[1]]), (fid, "main", "not a list"),
+                    (fid, "main", [[object()]]), (fid, "main", [[float("inf")]])):
             with pytest.raises(InvalidInput):
                 store.append(*bad)
         with pytest.raises(InvalidInput):
-            store.append(fid, "main", [1], metaData=[1])
+            store.append(fid, "main", [[1]], metaData=[1])
         with pytest.raises(InvalidInput):
             store.messages(fid, h, -1)
         assert store.count(fid, h) == 4
@@ -379,21 +380,21 @@ def test_message_size_limit(tmp_path):
     with FeedStore(tmp_path / "feeds.db") as store:
         fid = store.create_feed()
         h = subfeed_hash("s")
-        # a string of n characters has n + 2 characters of JSON
-        store.append(fid, "s", ["x" * (MAX_MESSAGE_CHARS - 3)])
+        # a string of n characters in an array has n + 4 characters of JSON
+        store.append(fid, "s", [["x" * (MAX_MESSAGE_CHARS - 5)]])
         with pytest.raises(InvalidInput, match="too large"):
-            store.append(fid, "s", ["x" * (MAX_MESSAGE_CHARS - 2)])
+            store.append(fid, "s", [["x" * (MAX_MESSAGE_CHARS - 4)]])
         # characters are counted as JavaScript counts them (UTF-16 code units)
-        store.append(fid, "s", ["😀" * ((MAX_MESSAGE_CHARS - 3) // 2)])
+        store.append(fid, "s", [["😀" * ((MAX_MESSAGE_CHARS - 5) // 2)]])
         with pytest.raises(InvalidInput, match="too large"):
-            store.append(fid, "s", ["😀" * ((MAX_MESSAGE_CHARS - 1) // 2)])
+            store.append(fid, "s", [["😀" * ((MAX_MESSAGE_CHARS - 3) // 2)]])
         # one oversized message in a batch: nothing of the batch is appended
         with pytest.raises(InvalidInput):
-            store.append(fid, "s", ["ok", {"big": "x" * MAX_MESSAGE_CHARS}])
+            store.append(fid, "s", [["ok"], {"big": "x" * MAX_MESSAGE_CHARS}])
         with pytest.raises(InvalidInput):
-            store.append(fid, "s", ["ok"], metaData={"big": "x" * MAX_MESSAGE_CHARS})
+            store.append(fid, "s", [["ok"]], metaData={"big": "x" * MAX_MESSAGE_CHARS})
         with pytest.raises(InvalidInput, match="surrogate"):
-            store.append(fid, "s", ["\ud800"])
+            store.append(fid, "s", [["\ud800"]])
         assert store.count(fid, h) == 2
         assert verify_messages(fid, store.messages(fid, h)).ok
 
@@ -461,7 +462,7 @@ def test_add_signed_received_messages(tmp_path):
         assert store.messages(fid, h) == msgs
         assert [(s.name, s.count) for s in store.subfeeds(fid)] == [("obs", 10)]
         with pytest.raises(PermissionDenied):
-            store.append(fid, "obs", [1])
+            store.append(fid, "obs", [[1]])
 
     with FeedStore(tmp_path / "other.db") as store:
         # a tampered message: the valid prefix is stored, the problem reported
@@ -480,7 +481,7 @@ def test_add_signed_received_messages(tmp_path):
         assert added == 0 and "gap" in problem
         assert store.count(fid, h) == 0
         # signed by another key
-        forged = chain(NodeKey.generate(), ["x"])
+        forged = chain(NodeKey.generate(), [{"m": "x"}])
         added, problem = store.add_signed(fid, h, forged, 0)
         assert added == 0 and "signature" in problem
         assert store.feeds() == [] and store.subfeeds(fid) == []  # garbage leaves no trace
@@ -488,11 +489,11 @@ def test_add_signed_received_messages(tmp_path):
         assert [(s.name, s.count) for s in store.subfeeds(fid)] == [("obs", 0)]
         # a fork: validly signed by the owner, but different from what is stored
         store.add_signed(fid, h, msgs[:5], 0)
-        fork = chain(key, ["other"], start=3, prev=msgs[2]["signature"])
+        fork = chain(key, [{"m": "other"}], start=3, prev=msgs[2]["signature"])
         added, problem = store.add_signed(fid, h, fork, 3)
         assert added == 0 and "fork" in problem
         # a run that does not chain to the stored message before it
-        stray = chain(key, ["later"], start=5, prev="ab" * 64)
+        stray = chain(key, [{"m": "later"}], start=5, prev="ab" * 64)
         added, problem = store.add_signed(fid, h, stray, 5)
         assert added == 0 and "previousSignature" in problem
         # garbage data never raises

@@ -9,9 +9,14 @@ the daemon writes ``JSON.stringify(signedMessage)`` to the bucket. The tests nee
 
 from __future__ import annotations
 
+import errno
 import json
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
+import trio
 
 from kachery_fs.canonical import canonical_json
 from kachery_fs.errors import InvalidInput
@@ -24,6 +29,8 @@ from kachery_fs.feeds import (
     verify_messages,
 )
 from kachery_fs.identity import NodeKey
+
+from .util import node_env
 
 TEST_KEY = NodeKey.from_seed(bytes(range(32)))
 T0 = 1_700_000_000_000
@@ -141,3 +148,74 @@ def test_whole_numbers_beyond_the_range_of_doubles_are_refused(tmp_path):
         with pytest.raises(InvalidInput, match="range"):
             store.append(fid, "s", [{"n": 2**1024}])
         assert store.count(fid, subfeed_hash("s")) == 0
+
+
+# -- messages are JSON objects or arrays -----------------------------------------------------
+
+SCALARS = [42, 1.5, "text", True, None]
+
+
+def test_scalar_messages_are_refused_wherever_messages_are_written(tmp_path):
+    # daemon kacheryTypes.ts: isSignedSubfeedMessage requires body.message to be an object
+    for value in SCALARS:
+        with pytest.raises(InvalidInput, match="must be a JSON object or array"):
+            sign_message(TEST_KEY, value, message_number=0, previous_signature=None)
+        with pytest.raises(InvalidInput, match="must be a JSON object or array"):
+            parse_line(json.dumps(value).encode() + b"\n")
+    with pytest.raises(InvalidInput) as info:
+        parse_line(b"42\n")
+    assert str(info.value) == ("a feed message must be a JSON object or array, as kachery"
+                               ' requires, not a number (42): wrap it, e.g. {"value": 42}')
+    with FeedStore(tmp_path / "feeds.db") as store:
+        fid = store.create_feed()
+        for value in SCALARS:
+            with pytest.raises(InvalidInput, match="must be a JSON object or array"):
+                store.append(fid, "s", [value])
+        with pytest.raises(InvalidInput, match="message 1 of the batch"):
+            store.append(fid, "s", [{"a": 1}, "two"])
+        assert store.count(fid, subfeed_hash("s")) == 0  # all or nothing
+        assert len(store.append(fid, "s", [{}, [], [1, "two"]])) == 3
+
+
+def test_received_scalar_messages_stay_readable():
+    # written by an earlier kachery-fs, before the rule: kept, not cut short
+    body = {"message": 42, "messageNumber": 0, "timestamp": T0}
+    signed = {"body": body, "signature": TEST_KEY.sign(body)}
+    assert verify_messages(TEST_KEY.node_id, [signed]).ok
+    assert message_line(signed) == b"42\n"
+
+
+def test_the_mount_answers_einval_to_a_scalar_line_and_logs_why(tmp_path, caplog):
+    pyfuse3 = pytest.importorskip("pyfuse3")
+    from kachery_fs.fs.errno_map import fuse_errors
+    from kachery_fs.fs.feedfiles import FeedFiles
+
+    files = FeedFiles(SimpleNamespace(dir=tmp_path), nursery=None)
+    fid = files.store.create_feed()
+
+    async def write():
+        with fuse_errors("write"):
+            await files.append_lines("ch", fid, "s", b'{"a": 1}\n42\n')
+
+    try:
+        with pytest.raises(pyfuse3.FUSEError) as info:
+            trio.run(write)
+        assert info.value.errno == errno.EINVAL
+        assert files.store.count(fid, subfeed_hash("s")) == 0
+    finally:
+        files.close()
+    [record] = [r for r in caplog.records if r.name == "kachery_fs.fs.errno_map"]
+    assert record.getMessage() == (
+        f"write: feed {fid[:12]}… subfeed 's': nothing appended: line 2 of the write: a feed"
+        " message must be a JSON object or array, as kachery requires, not a number (42):"
+        ' wrap it, e.g. {"value": 42}')
+
+
+def test_feed_append_refuses_a_scalar_in_one_line(tmp_path):
+    for args in ([TEST_KEY.node_id, "s", "42"], [f"feed://{TEST_KEY.node_id}/s", '"text"']):
+        r = subprocess.run([sys.executable, "-m", "kachery_fs", "feed", "append", *args],
+                           env=node_env(tmp_path), capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1, r.stderr
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "kachery-fs: a feed message must be a JSON object or array"), r.stderr

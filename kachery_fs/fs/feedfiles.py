@@ -195,11 +195,21 @@ class FeedFiles:
     # -- appending (the owner) ---------------------------------------------------------------
 
     async def append_lines(self, channel: str, feed_id: str, name: str, data: bytes) -> None:
-        """Append each complete line of ``data`` as a message; all or nothing."""
+        """Append each complete line of ``data`` as a message; all or nothing.
+
+        InvalidInput (EINVAL for the writer, and a warning in the log) for a line that is
+        not one JSON object or array, naming the subfeed and the line."""
         lines = data.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
-        values = [parse_line(line) for line in lines]  # InvalidInput before anything is kept
+        values = []
+        for i, line in enumerate(lines):  # InvalidInput before anything is kept
+            try:
+                values.append(parse_line(line))
+            except InvalidInput as exc:
+                where = f"line {i + 1} of the write: " if len(lines) > 1 else ""
+                raise InvalidInput(f"feed {feed_id[:12]}… subfeed {name!r}: nothing appended:"
+                                   f" {where}{exc}") from None
         if not values:
             return
         await trio.to_thread.run_sync(self.store.append, feed_id, name, values)
