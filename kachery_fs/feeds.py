@@ -110,15 +110,18 @@ CREATE TABLE IF NOT EXISTS messages (
 def subfeed_hash(name: str) -> str:
     """The hash that names subfeed ``name`` (kachery's rule).
 
-    A name starting with ``~`` is the hash itself (``~<40 hex>``, returned lower-case);
-    any other string names the subfeed whose hash is ``sha1(name)`` (UTF-8).
+    A name starting with ``~`` is the hash itself (``~<40 hex>``), kept as written: kachery
+    uses the text after ``~`` as the subfeed hash (``kachery_client._feeds._subfeed_hash``)
+    and the daemon keys its database and bucket objects by it unchanged, so
+    ``~<upper-case hex>`` and ``~<lower-case hex>`` are two subfeeds. Any other string names
+    the subfeed whose hash is ``sha1(name)`` (UTF-8, lower-case hex).
     """
     if not isinstance(name, str):
         raise InvalidInput(f"a subfeed name must be a string, not {type(name).__name__}")
     if name.startswith("~"):
         if not is_sha1(name[1:]):
             raise InvalidInput(f"not a subfeed hash (~ and 40 hexadecimal digits): {name!r}")
-        return name[1:].lower()
+        return name[1:]
     try:
         return hashlib.sha1(name.encode("utf-8")).hexdigest()
     except UnicodeEncodeError:
@@ -135,10 +138,11 @@ def normalize_feed_id(value: object) -> str:
     raise InvalidInput(f"not a feed id (64 hexadecimal digits): {value!r}")
 
 
-def _normalize_hash(value: object) -> str:
+def _check_hash(value: object) -> str:
+    """``value`` if it is a subfeed hash, case kept (see :func:`subfeed_hash`)."""
     if not is_sha1(value):
         raise InvalidInput(f"not a subfeed hash (40 hexadecimal digits): {value!r}")
-    return value.lower()
+    return value
 
 
 @dataclass(frozen=True)
@@ -673,7 +677,7 @@ class FeedStore:
         the subfeed's name. InvalidInput only for bad arguments, never for bad messages.
         """
         feed_id = normalize_feed_id(feed_id)
-        h = _normalize_hash(subfeed_hash)
+        h = _check_hash(subfeed_hash)
         if name is not None and _hash_of_name(name) != h:
             raise InvalidInput(f"subfeed name {name!r} does not hash to {h}")
         if name is not None and name.startswith("~"):
@@ -729,7 +733,7 @@ class FeedStore:
         """How many messages of the subfeed are stored here (0 if none or unknown)."""
         rows = self._read("SELECT MAX(position) FROM messages WHERE feed_id = ? AND"
                           " subfeed_hash = ?",
-                          (normalize_feed_id(feed_id), _normalize_hash(subfeed_hash)))
+                          (normalize_feed_id(feed_id), _check_hash(subfeed_hash)))
         return 0 if rows[0][0] is None else rows[0][0] + 1
 
     def messages(self, feed_id: str, subfeed_hash: str, start: int = 0,
@@ -739,7 +743,7 @@ class FeedStore:
         They were verified when stored. IntegrityError if the rows have a gap.
         """
         feed_id = normalize_feed_id(feed_id)
-        h = _normalize_hash(subfeed_hash)
+        h = _check_hash(subfeed_hash)
         for v in (start, end):
             if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
                 raise InvalidInput(f"bad position {v!r}")

@@ -236,7 +236,8 @@ def test_subfeed_hash_rules():
     assert subfeed_hash("primes") == "80d9cc061689dbc521aba6b35235f29de63d8349"
     assert subfeed_hash("é") == hashlib.sha1("é".encode()).hexdigest()
     h = "80D9CC061689DBC521ABA6B35235F29DE63D8349"
-    assert subfeed_hash("~" + h) == h.lower()
+    assert subfeed_hash("~" + h) == h  # as written (kachery's rule)
+    assert subfeed_hash("~" + h.lower()) == h.lower() == subfeed_hash("primes")
     for bad in ("~", "~abc", "~" + h + "0", "~" + "g" * 40, 5, None, {"a": 1}):
         with pytest.raises(InvalidInput):
             subfeed_hash(bad)
@@ -349,7 +350,8 @@ def test_append_read_and_subfeeds(tmp_path):
         stored = store.messages(fid, h)
         assert stored == signed + more and store.count(fid, h) == 4
         assert verify_messages(fid, stored).ok
-        assert store.messages(fid, h.upper(), 1, 3) == signed[1:3]
+        assert store.messages(fid, h, 1, 3) == signed[1:3]
+        assert store.messages(fid, h.upper()) == []  # another subfeed (kachery's rule)
         assert store.messages(fid, h, 3) == more and store.messages(fid, h, 9) == []
         # by hash first (name unknown), then by name: the name is remembered
         other = subfeed_hash("other")

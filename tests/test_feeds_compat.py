@@ -23,12 +23,15 @@ from kachery_fs.errors import InvalidInput
 from kachery_fs.feeds import (
     FeedStore,
     message_line,
+    parse_feed_uri,
     parse_line,
     sign_message,
     subfeed_hash,
     verify_messages,
 )
+from kachery_fs.fs.feedfiles import FeedFiles
 from kachery_fs.identity import NodeKey
+from kachery_fs.protocol import feed_prefix
 
 from .util import node_env
 
@@ -188,7 +191,6 @@ def test_received_scalar_messages_stay_readable():
 def test_the_mount_answers_einval_to_a_scalar_line_and_logs_why(tmp_path, caplog):
     pyfuse3 = pytest.importorskip("pyfuse3")
     from kachery_fs.fs.errno_map import fuse_errors
-    from kachery_fs.fs.feedfiles import FeedFiles
 
     files = FeedFiles(SimpleNamespace(dir=tmp_path), nursery=None)
     fid = files.store.create_feed()
@@ -219,3 +221,46 @@ def test_feed_append_refuses_a_scalar_in_one_line(tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(
             "kachery-fs: a feed message must be a JSON object or array"), r.stderr
+
+
+# -- subfeed names ~<hash> -------------------------------------------------------------------
+
+PRIMES = "80d9cc061689dbc521aba6b35235f29de63d8349"  # sha1("primes")
+UPPER = PRIMES.upper()
+
+
+def test_a_subfeed_named_by_an_upper_case_hash_keeps_it():
+    # kachery_client._feeds._subfeed_hash: subfeed_name[1:]; the daemon's isSubfeedHash takes
+    # either case and keys the database and the bucket by the hash as given
+    assert subfeed_hash("~" + UPPER) == UPPER
+    assert subfeed_hash("~" + PRIMES) == PRIMES == subfeed_hash("primes")
+    uri = parse_feed_uri(f"feed://{TEST_KEY.node_id}/~{UPPER}")
+    assert uri.subfeed == "~" + UPPER and uri.subfeed_hash == UPPER
+    assert str(uri) == f"feed://{TEST_KEY.node_id}/~{UPPER}"
+    # the bucket prefix a daemon reads and writes for it
+    assert feed_prefix("lab", TEST_KEY.node_id, uri.subfeed_hash).endswith(
+        f"/subfeeds/80/D9/CC/{UPPER}")
+
+
+def test_the_store_and_the_mount_keep_an_upper_case_subfeed_hash(tmp_path):
+    with FeedStore(tmp_path / "feeds.db") as store:
+        fid = store.create_feed()
+        store.append(fid, "~" + UPPER, [{"n": 1}])
+        store.append(fid, "primes", [{"n": 2}, {"n": 3}])
+        assert store.count(fid, UPPER) == 1 and store.count(fid, PRIMES) == 2
+        assert sorted((s.subfeed_hash, s.name, s.count) for s in store.subfeeds(fid)) == [
+            (UPPER, None, 1), (PRIMES, "primes", 2)]
+        # received under the upper-case hash: stored there
+        other = NodeKey.generate()
+        signed = [sign_message(other, {"n": 1}, message_number=0, previous_signature=None)]
+        assert store.add_signed(other.node_id, UPPER, signed, 0) == (1, None)
+        assert store.messages(other.node_id, UPPER) == signed
+        assert store.count(other.node_id, PRIMES) == 0
+    files = FeedFiles(SimpleNamespace(dir=tmp_path), nursery=None)
+    try:
+        assert files.subfeed_names(fid) == ["primes", "~" + UPPER]
+        assert files.subfeed_names(other.node_id) == ["~" + UPPER]
+        assert files.content(fid, "~" + UPPER) == b'{"n":1}\n'
+        assert files.content(fid, "~" + PRIMES) == b'{"n":2}\n{"n":3}\n'
+    finally:
+        files.close()
