@@ -245,3 +245,68 @@ async def test_a_reader_never_fetches_beyond_the_hubs_count(feed_env):
     gets.clear()
     added, _ = await sync_m.fetch(CH, feed, h)
     assert added == 3 and len(gets) <= 40, len(gets)
+
+
+# -- requests that cost the hub ------------------------------------------------------------
+
+async def test_an_oversized_body_is_refused_before_it_is_read(env):
+    server, owner, _, client = env
+    r = await client.post("/api/node", content=b"x",
+                          headers={"content-length": str(256 << 20)})
+    assert r.status_code == 413 and "too_large" in r.text
+    sent = 0
+
+    async def endless():  # no Content-Length: refused as the running total passes 1 MiB
+        nonlocal sent
+        while sent < 64 << 20:
+            sent += 64 << 10
+            yield b" " * (64 << 10)
+    r = await client.post("/api/node", content=endless())
+    assert r.status_code == 413
+    assert sent <= 2 << 20  # the hub stopped reading
+
+
+async def test_json_nested_thousands_deep_is_a_clear_400(env):
+    _, _, _, client = env
+    r = await client.post("/api/node", content=b"[" * 5000 + b"]" * 5000)
+    assert r.status_code == 400 and "not JSON" in r.text
+
+
+async def test_feed_watches_are_bounded_per_node_and_wake_at_the_cost_of_what_changed(env):
+    import trio
+
+    from kachery_fs.errors import Unavailable
+    from kachery_fs.hub.service import MAX_WATCHES
+
+    server, owner, other, _ = env
+    await owner.authorize_node(CH, other.key.node_id, ["requestFeeds"])
+    await owner.authorize_node(CH, owner.key.node_id, ["requestFeeds"])
+    feed = "ab" * 32
+    subs = [{"feedId": feed, "subfeedHash": f"{i:040x}", "position": 0} for i in range(1000)]
+    results = []
+    feeds = server.hub.feeds
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            results.append(await other.call("watchFeeds", wait_s=20, channel=CH,
+                                            subscriptions=subs))
+        for _ in range(MAX_WATCHES):
+            nursery.start_soon(watch)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        with pytest.raises(Unavailable, match="long-polls"):
+            await other.call("watchFeeds", wait_s=20, channel=CH, subscriptions=subs)
+        # another node is not held back by that one
+        assert (await owner.call("watchFeeds", channel=CH, subscriptions=subs[:1])
+                )["updates"] == []
+        statements = []
+        server.db.connection.set_trace_callback(statements.append)
+        feeds.set_count(CH, feed, f"{7:040x}", 3)
+        await trio.testing.wait_all_tasks_blocked(0.05)
+        server.db.connection.set_trace_callback(None)
+    assert len(results) == MAX_WATCHES
+    for answer in results:
+        assert answer["updates"] == [{"feedId": feed, "subfeedHash": f"{7:040x}",
+                                      "messageCount": 3}]
+    # the count's read and write, then per woken watch its count and its channel's
+    # bucket: not one query per subscription
+    assert len(statements) <= 2 + 2 * MAX_WATCHES, statements
+    assert feeds._watches == {} and server.hub._polls == {}

@@ -30,6 +30,7 @@ from .service import AuthError, Hub
 
 log = logging.getLogger(__name__)
 
+#: The largest request body the API reads (a request is JSON of a few KiB).
 MAX_BODY = 1 << 20
 
 _STATUS = [
@@ -46,18 +47,37 @@ _STATUS = [
 def _error_response(exc: KacheryError) -> JSONResponse:
     for cls, status, code in _STATUS:
         if isinstance(exc, cls):
-            return JSONResponse({"error": {"code": code, "message": str(exc)}}, status_code=status)
+            retry_after = getattr(exc, "retry_after", None)
+            return JSONResponse({"error": {"code": code, "message": str(exc)}}, status_code=status,
+                                headers={"Retry-After": f"{retry_after:.0f}"}
+                                if retry_after is not None else None)
     return JSONResponse({"error": {"code": "error", "message": str(exc)}}, status_code=500)
+
+
+async def _read_body(request: Request) -> bytes | None:
+    """The request's body, or None once it is known to pass :data:`MAX_BODY`: from its
+    ``Content-Length`` before any of it is read, else as the running total passes it."""
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        return None
+    parts, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > MAX_BODY:
+            return None
+        parts.append(chunk)
+    return b"".join(parts)
 
 
 def create_api(hub: Hub) -> Starlette:
     async def node_request(request: Request) -> JSONResponse:
-        raw = await request.body()
-        if len(raw) > MAX_BODY:
-            return _error_response(InvalidInput("request too large"))
+        raw = await _read_body(request)
+        if raw is None:
+            return JSONResponse({"error": {"code": "too_large", "message":
+                                 f"request body over {MAX_BODY} bytes"}}, status_code=413)
         try:
             envelope = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return _error_response(InvalidInput("request body is not JSON"))
         # A long-poll (a provider listening, a requester waiting) must end when its client
         # goes away, so that the hub knows at once that a provider has disconnected.

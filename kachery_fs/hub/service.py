@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 import re
 import time
+from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +31,7 @@ from ..errors import (
     KacheryError,
     NotFound,
     PermissionDenied,
+    Unavailable,
 )
 from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
@@ -52,6 +55,12 @@ MAX_FEED_MESSAGE_BYTES = 40_000
 MAX_FEED_BATCH = 500
 #: The most messages one subfeed may have.
 MAX_FEED_MESSAGES = 10**9
+
+#: Long-polls one node may hold at once (file requests waiting, a provider listening,
+#: feed watches), and feed watches among them (each up to 1,000 subfeeds; a mount holds
+#: one per channel).
+MAX_LONG_POLLS = 64
+MAX_WATCHES = 8
 
 #: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
 MAX_OBJECT_SIZE = 5 * 1024**4
@@ -97,6 +106,7 @@ class Hub:
         self.feeds = FeedIndex(db.connection)
         self.cache = BucketCache(db.connection, backend_of=self._backend,
                                  held=self.requests.held)
+        self._polls: Counter[tuple[str, str | None]] = Counter()
 
     # -- authentication ---------------------------------------------------------------
 
@@ -133,10 +143,36 @@ class Hub:
         if handler is None:
             raise InvalidInput(f"unknown request type {kind!r}")
         try:
-            return await handler(caller, body)
+            with self._long_poll(caller, kind, body):
+                return await handler(caller, body)
         except KacheryError as exc:
-            log.info("%s from %s… refused: %s", kind, caller.node_id[:8], exc)
+            log.info("%s from %s… refused: %s", kind, caller.node_id[:12], exc)
             raise
+
+    @contextmanager
+    def _long_poll(self, caller: Caller, kind: str, body: dict):
+        """Count a node's long-polls while they are held; refuse one past the node's limits
+        (:data:`MAX_LONG_POLLS`, :data:`MAX_WATCHES`), so that one node cannot hold the
+        hub's memory or tasks. A request that does not wait is not counted."""
+        if not (isinstance(body.get("waitMs"), int) and body["waitMs"] > 0):
+            yield
+            return
+        keys = [(caller.node_id, None)] + ([(caller.node_id, kind)]
+                                           if kind == "watchFeeds" else [])
+        for key, limit in zip(keys, (MAX_LONG_POLLS, MAX_WATCHES), strict=False):
+            if self._polls[key] >= limit:
+                raise Unavailable(f"node {caller.node_id[:12]}… already holds {limit}"
+                                  f" {'watchFeeds ' if key[1] else ''}long-polls on this hub;"
+                                  " try again when one ends", retry_after=5)
+        for key in keys:
+            self._polls[key] += 1
+        try:
+            yield
+        finally:
+            for key in keys:
+                self._polls[key] -= 1
+                if not self._polls[key]:
+                    del self._polls[key]
 
     # -- helpers ------------------------------------------------------------------------
 
