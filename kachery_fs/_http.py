@@ -152,7 +152,7 @@ def check_response(response: httpx.Response, what: str, *, ok: tuple[int, ...] =
         raise error_for_response(response, what)
 
 
-def error_for_exception(exc: httpx.HTTPError, what: str) -> KacheryError:
+def error_for_exception(exc: httpx.HTTPError, what: str) -> Unavailable:
     """Translate a transport-level httpx exception (no response) into our tree."""
     if isinstance(exc, httpx.TimeoutException):
         return DeadlineExceeded(f"{what}: timed out ({type(exc).__name__})")
@@ -182,21 +182,27 @@ class Backoff:
 
 async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, attempts: int = 5,
                    backoff: Backoff | None = None) -> T:
-    """Run ``operation`` and retry it on :class:`Unavailable` with backoff.
+    """Run ``operation`` and retry it on :class:`Unavailable` (a 5xx, 408 or 429 answer, a
+    refused or dropped connection, a timeout) with backoff; return its result.
 
-    Other errors (not found, permission, integrity) are not transient and propagate at once.
-    The caller bounds the total time with a trio cancel scope.
+    Other errors (not found, permission, integrity) are not transient and propagate at once,
+    as does the last transient error after ``attempts`` tries. The caller bounds the total
+    time with a trio cancel scope; a retry that could not begin before that scope's
+    deadline is not waited for: the last error is raised at once, so the caller learns why
+    rather than only that time ran out.
     """
     backoff = backoff or Backoff()
     while True:
         try:
             return await operation()
         except httpx.HTTPError as exc:
-            err: KacheryError = error_for_exception(exc, what)
+            err: Unavailable = error_for_exception(exc, what)
         except Unavailable as exc:
             err = exc
         if backoff.attempt + 1 >= attempts:
-            raise err
-        delay = backoff.next_delay(getattr(err, "retry_after", None))
+            raise err from None
+        delay = backoff.next_delay(err.retry_after)
+        if trio.current_time() + delay >= trio.current_effective_deadline():
+            raise err from None
         log.info("%s; retrying in %.1f s", err, delay)
         await trio.sleep(delay)

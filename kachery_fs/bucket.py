@@ -31,7 +31,13 @@ from collections.abc import Callable
 import httpx
 import trio
 
-from ._http import Backoff, check_response, error_for_exception, error_for_response
+from ._http import (
+    Backoff,
+    check_response,
+    error_for_exception,
+    error_for_response,
+    retrying,
+)
 from .errors import (
     DeadlineExceeded,
     IntegrityError,
@@ -58,18 +64,24 @@ def object_url(base_url: str, channel: str, sha1: str) -> str:
 
 
 async def head_size(client: httpx.AsyncClient, url: str) -> int:
-    """The size of a public object; ``NotFound`` if absent."""
+    """The size of a public object; ``NotFound`` if absent.
+
+    A transient failure (a 503, a dropped connection, a timeout) is retried with backoff,
+    within the caller's deadline (:func:`kachery_fs._http.retrying`): one bad answer does
+    not fail a lookup.
+    """
     what = f"HEAD {url}"
-    try:
+
+    async def once() -> int:
         response = await client.head(url)
-    except httpx.HTTPError as exc:
-        raise error_for_exception(exc, what) from None
-    check_response(response, what)
-    length = response.headers.get("x-goog-stored-content-length") or response.headers.get(
-        "content-length")
-    if length is None or not length.isdigit():
-        raise ProtocolError(f"{what}: no content length in the answer")
-    return int(length)
+        check_response(response, what)
+        length = response.headers.get("x-goog-stored-content-length") or response.headers.get(
+            "content-length")
+        if length is None or not length.isdigit():
+            raise ProtocolError(f"{what}: no content length in the answer")
+        return int(length)
+
+    return await retrying(once, what=what)
 
 
 async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,

@@ -8,18 +8,20 @@ online, every provider declined or failed) or this node may not ask. While it ru
 ``size`` becomes known as soon as a provider accepts, so a ``stat`` need not wait for the
 whole upload.
 
-If the hub is unreachable when the request starts, it fails at once with a clear error;
-if the hub goes away during a request, the request keeps retrying until the stall timeout,
-so a hub restart does not break a transfer in progress.
+If the hub is unreachable when the request starts, the request is retried a few times with
+backoff (one transient failure is not an error) and then fails with a clear error; if the
+hub goes away during a request, the request keeps retrying until the stall timeout, so a
+hub restart does not break a transfer in progress.
 """
 
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import trio
 
-from ._http import Backoff
+from ._http import Backoff, retrying
 from .errors import (
     DeadlineExceeded,
     KacheryError,
@@ -108,10 +110,18 @@ class FileRequest:
                 " other nodes for it")
         hub = self.node.hub(ch.hub_url)
         try:
-            self._update(await hub.request_file(self.channel, self.sha1))
+            # One bad answer (a 503, a dropped connection) is retried, within the stall
+            # timeout; only a hub that stays unreachable fails the request.
+            with trio.move_on_after(self.stall_timeout) as scope:
+                self._update(await retrying(partial(hub.request_file, self.channel, self.sha1),
+                                            what=f"requesting sha1://{self.sha1}"))
+            if scope.cancelled_caught:
+                raise DeadlineExceeded(f"hub {ch.hub_url} did not answer within"
+                                       f" {self.stall_timeout:g} s")
         except Unavailable as exc:
-            raise Unavailable(f"cannot request sha1://{self.sha1} from other nodes: hub"
-                              f" unreachable ({exc})") from None
+            kind = DeadlineExceeded if isinstance(exc, DeadlineExceeded) else Unavailable
+            raise kind(f"cannot request sha1://{self.sha1} from other nodes: hub"
+                       f" unreachable ({exc})") from None
         log.info("requested sha1://%s on channel %s through the hub", self.sha1, self.channel)
         last_progress = trio.current_time()
         backoff = Backoff(initial=0.25, maximum=5.0)

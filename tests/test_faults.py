@@ -1,0 +1,261 @@
+"""Fault injection on the read path: transient errors and stalls of the bucket and the hub,
+seen through the FUSE operations called directly (no mount).
+
+A real hub (API and local bucket) serves on 127.0.0.1 through hypercorn, behind
+:class:`Faults`, an ASGI layer that answers chosen requests with an error or never answers
+them. Nodes run in this process with their real HTTP clients, so HTTP timeouts, retries
+and deadlines all happen as in a mount.
+
+The clock is trio's MockClock running at real speed; a test that waits out a stall turns
+on autojump for that part, so a 60 s deadline passes in a moment and is measured exactly.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyfuse3
+import pytest
+import trio
+import trio.testing
+
+from kachery_fs import _http, resumable
+from kachery_fs.fs.namespace import ROOT_INODE
+from kachery_fs.fs.operations import Operations
+from kachery_fs.hub.serve import HubServer
+from kachery_fs.hub_client import HubClient
+from kachery_fs.identity import NodeKey
+from kachery_fs.node import Node
+from kachery_fs.provider import Provider
+from kachery_fs.resolver import Resolver
+from kachery_fs.uploader import Uploader
+
+CH = "chan"
+PERMS = ["requestFiles", "provideFiles"]
+CTX = SimpleNamespace(uid=0, gid=0, pid=0, umask=0o022)
+#: Slack on a deadline contract ("returned by the deadline"), in (virtual) seconds.
+SLACK_S = 1.0
+
+
+# -- fault injection --------------------------------------------------------------------------
+
+
+@dataclass
+class Rule:
+    """Requests that ``match`` get ``status`` (or, with ``status=None``, no answer ever);
+    ``times`` of them, or all while the rule stands."""
+
+    match: Callable[[str, str, str | None], bool]  # (method, path, hub request type)
+    status: int | None
+    times: float = math.inf
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    hits: int = 0
+
+
+class Faults:
+    """ASGI middleware in front of the hub's app; see the module docstring."""
+
+    def __init__(self, app):
+        self.app = app
+        self.rules: list[Rule] = []
+
+    def add(self, match, status: int | None, *, times: float = math.inf,
+            retry_after: str | None = None) -> Rule:
+        headers = [(b"retry-after", retry_after.encode())] if retry_after else []
+        rule = Rule(match, status, times, headers)
+        self.rules.append(rule)
+        return rule
+
+    def clear(self) -> None:
+        self.rules.clear()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        kind = None
+        if scope["path"] == "/api/node":  # read the body to know the request's type
+            parts = []
+            while True:
+                message = await receive()
+                parts.append(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+            raw = b"".join(parts)
+            try:
+                kind = json.loads(raw)["body"]["type"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            receive = _replaying(raw, receive)
+        for rule in self.rules:
+            if rule.hits < rule.times and rule.match(scope["method"], scope["path"], kind):
+                rule.hits += 1
+                if rule.status is None:
+                    await trio.sleep_forever()  # a stalled server: connection open, no answer
+                await send({"type": "http.response.start", "status": rule.status,
+                            "headers": [(b"content-length", b"0"), *rule.headers]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await self.app(scope, receive, send)
+
+
+def _replaying(raw: bytes, receive):
+    replayed = False
+
+    async def replay():
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": raw, "more_body": False}
+        return await receive()
+    return replay
+
+
+def object_head(method, path, kind):
+    return method == "HEAD" and "/sha1/" in path
+
+
+def object_get(method, path, kind):
+    return method == "GET" and "/sha1/" in path
+
+
+def request_file(method, path, kind):
+    return kind == "requestFile"
+
+
+# -- a hub, nodes, and their file systems -------------------------------------------------------
+
+
+@pytest.fixture
+def clock():
+    # Real speed (hypercorn, SQLite and worker threads need it) until a test turns on autojump.
+    return trio.testing.MockClock(rate=1.0)
+
+
+@dataclass
+class Hub:
+    server: HubServer
+    faults: Faults
+    url: str
+    owner: HubClient
+    base: Path
+
+
+@pytest.fixture
+async def hub(tmp_path, nursery):
+    owner = NodeKey.generate()
+    server = HubServer(tmp_path / "hub", owner_id=owner.node_id)
+    faults = Faults(server.app)
+    server.app = faults
+    url = await nursery.start(partial(server.run, host="127.0.0.1", port=0))
+    client = _http.create_client()
+    owner_client = HubClient(url, owner, client)
+    await owner_client.create_channel(CH)
+    await owner_client.authorize_node(CH, owner.node_id, PERMS)
+    try:
+        yield Hub(server, faults, url, owner_client, tmp_path)
+    finally:
+        await client.aclose()
+        server.close()
+
+
+async def make_node(hub: Hub, name: str) -> Node:
+    node = Node(hub.base / name, create=True)
+    await hub.owner.authorize_node(CH, node.node_id, PERMS)
+    info = await node.hub(hub.url).get_channel(CH)
+    node.db.add_channel(CH, hub.url, info["bucketBaseUrl"], set(info["permissions"]))
+    return node
+
+
+@dataclass
+class FS:
+    node: Node
+    ops: Operations
+
+    async def sha1_inode(self) -> int:
+        channel = await self.ops.lookup(ROOT_INODE, CH.encode(), CTX)
+        return (await self.ops.lookup(channel.st_ino, b"sha1", CTX)).st_ino
+
+    async def lookup(self, sha1: str) -> pyfuse3.EntryAttributes:
+        return await self.ops.lookup(await self.sha1_inode(), sha1.encode(), CTX)
+
+
+async def mount_in_process(node: Node, nursery: trio.Nursery, **resolver_args) -> FS:
+    """The node's file system operations, as a mount builds them (without the kernel)."""
+    uploader = await Uploader.create(node, nursery=nursery)
+    resolver = Resolver(node, nursery=nursery, **resolver_args)
+    return FS(node, Operations(node, resolver, uploader, nursery=nursery))
+
+
+async def in_bucket(hub: Hub, data: bytes) -> str:
+    """Upload ``data`` to the channel's bucket (as the hub's owner); its hash."""
+    sha1 = hashlib.sha1(data).hexdigest()
+    signed = await hub.owner.initiate_upload(CH, sha1, len(data))
+    session = await resumable.start_session(hub.owner.client, signed)
+    path = hub.base / f"payload-{sha1}"
+    path.write_bytes(data)
+    await resumable.upload(hub.owner.client, session, path, len(data))
+    await hub.owner.finalize_upload(CH, sha1, len(data))
+    return sha1
+
+
+async def fuse_errno(call) -> int:
+    with pytest.raises(pyfuse3.FUSEError) as caught:
+        await call
+    return caught.value.errno
+
+
+# -- 11. one transient error is retried ---------------------------------------------------------
+
+
+async def test_one_503_on_the_lookup_head_is_retried(hub, nursery):
+    data = os.urandom(100_000)
+    sha1 = await in_bucket(hub, data)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    rule = hub.faults.add(object_head, 503, times=1)
+    attrs = await fs.lookup(sha1)
+    assert attrs.st_size == len(data)
+    assert rule.hits == 1  # the fault was met, and retried
+
+
+async def test_a_lookup_honours_retry_after_within_its_deadline(hub, nursery, clock):
+    data = os.urandom(1000)
+    sha1 = await in_bucket(hub, data)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    clock.autojump_threshold = 0.1
+    hub.faults.add(object_head, 503, times=1, retry_after="7")
+    start = trio.current_time()
+    assert (await fs.lookup(sha1)).st_size == len(data)
+    assert trio.current_time() - start >= 7  # the server's Retry-After, not our 0.2 s
+    # A Retry-After past the lookup's deadline is not waited for: the 503 is the answer.
+    other = await in_bucket(hub, os.urandom(1000))
+    hub.faults.add(object_head, 503, times=1, retry_after="3600")
+    start = trio.current_time()
+    assert await fuse_errno(fs.lookup(other)) == errno.EIO
+    assert trio.current_time() - start < 1
+
+
+async def test_one_503_on_the_first_request_file_is_retried(hub, nursery):
+    provider_node = await make_node(hub, "provider")
+    data = os.urandom(300_000)
+    sha1 = provider_node.store.add_bytes(data)  # in its store only, in no bucket
+    provider = Provider(provider_node, await Uploader.create(provider_node, nursery=nursery))
+    nursery.start_soon(provider.run)
+    with trio.fail_after(30):
+        # A state no trio event announces: polled.
+        while getattr(provider.connections.get(hub.url), "state", None) != "connected":  # noqa: ASYNC110
+            await trio.sleep(0.05)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    rule = hub.faults.add(request_file, 503, times=1)
+    with trio.fail_after(60):
+        attrs = await fs.lookup(sha1)
+    assert attrs.st_size == len(data) and rule.hits == 1
