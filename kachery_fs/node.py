@@ -15,6 +15,7 @@ import httpx
 import trio
 
 from . import _http
+from .config import private_directory, private_files
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, NotFound, PermissionDenied
 from .hub_client import HubClient
@@ -33,8 +34,8 @@ REFRESH_TIMEOUT_S = 2.0
 
 
 def init_node(directory: Path) -> NodeKey:
-    """Create the node directory and identity if missing; return the identity."""
-    directory.mkdir(parents=True, exist_ok=True)
+    """Create the node directory (private) and identity if missing; return the identity."""
+    private_directory(directory)
     try:
         return NodeKey.load(directory)
     except NotFound:
@@ -54,7 +55,9 @@ class Node:
             if not (self.dir / "private.pem").exists():
                 raise NotFound(f"no node in {self.dir}: run `kachery-fs init` first")
             self.key = NodeKey.load(self.dir)
+        private_directory(self.dir)
         self.db = NodeDB(self.dir / "node.db")
+        private_files(self.db.path)
         self.store = Store.for_node(self.dir, self.db)
         self.client = client or _http.create_client()
         self._hubs: dict[str, HubClient] = {}

@@ -310,3 +310,40 @@ async def test_feed_watches_are_bounded_per_node_and_wake_at_the_cost_of_what_ch
     # bucket: not one query per subscription
     assert len(statements) <= 2 + 2 * MAX_WATCHES, statements
     assert feeds._watches == {} and server.hub._polls == {}
+
+
+# -- local users ----------------------------------------------------------------------------
+
+def test_node_and_hub_directories_are_private_and_old_ones_are_fixed(tmp_path, caplog):
+    import os
+    import stat
+
+    from kachery_fs.hub.serve import HubServer
+    from kachery_fs.identity import NodeKey
+    from kachery_fs.node import Node, init_node
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    old = os.umask(0o022)
+    try:
+        node_dir, hub_dir = tmp_path / "node", tmp_path / "hub"
+        init_node(node_dir)
+        node = Node(node_dir)
+        node.db.close()
+        server = HubServer(hub_dir, owner_id=NodeKey.generate().node_id)
+        server.close()
+        assert mode(node_dir) == 0o700 and mode(hub_dir) == 0o700
+        assert mode(node_dir / "node.db") == 0o600 and mode(hub_dir / "hub.db") == 0o600
+        # as an earlier version left them: fixed at the next start, and said so
+        for d, db in ((node_dir, "node.db"), (hub_dir, "hub.db")):
+            os.chmod(d, 0o755)
+            os.chmod(d / db, 0o644)
+        caplog.set_level("WARNING")
+        Node(node_dir).db.close()
+        HubServer(hub_dir, owner_id=NodeKey.generate().node_id).close()
+        assert mode(node_dir) == 0o700 and mode(hub_dir) == 0o700
+        assert mode(node_dir / "node.db") == 0o600 and mode(hub_dir / "hub.db") == 0o600
+        assert sum("made" in r.message and "private" in r.message for r in caplog.records) == 2
+    finally:
+        os.umask(old)

@@ -19,6 +19,7 @@ from pathlib import Path
 import trio
 
 from .._serve import serve_asgi
+from ..config import private_directory, private_files
 from .app import compose, create_api
 from .gcs import GoogleCloudStorage
 from .localbucket import LocalBucket, create_app
@@ -37,8 +38,9 @@ class HubServer:
     def __init__(self, directory: Path, *, owner_id: str, local_bucket: bool = True,
                  gcs: GoogleCloudStorage | None = None):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        private_directory(self.directory)
         self.db = HubDB(self.directory / "hub.db")
+        private_files(self.directory / "hub.db")
         self.local = LocalBucket(self.directory / "local-bucket", {}) if local_bucket else None
         self.buckets = Buckets(local=self.local, gcs=gcs)
         if gcs is not None:
