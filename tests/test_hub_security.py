@@ -347,3 +347,20 @@ def test_node_and_hub_directories_are_private_and_old_ones_are_fixed(tmp_path, c
         assert sum("made" in r.message and "private" in r.message for r in caplog.records) == 2
     finally:
         os.umask(old)
+
+
+async def test_a_body_that_trickles_in_is_given_up(env, monkeypatch):
+    import trio
+
+    from kachery_fs.hub import app
+
+    monkeypatch.setattr(app, "BODY_TIMEOUT_S", 0.5)
+    _, _, _, client = env
+
+    async def trickle():
+        for _ in range(100):
+            yield b" "
+            await trio.sleep(0.1)
+    with trio.fail_after(5):
+        r = await client.post("/api/node", content=trickle())
+    assert r.status_code == 408 and "not received within" in r.text

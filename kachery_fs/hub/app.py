@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 #: The largest request body the API reads (a request is JSON of a few KiB).
 MAX_BODY = 1 << 20
+#: The longest the API waits for a request's body (hypercorn times out only idle
+#: connections and incomplete headers, not a body that trickles in).
+BODY_TIMEOUT_S = 30.0
 
 _STATUS = [
     (AuthError, 401, "unauthenticated"),
@@ -71,7 +74,12 @@ async def _read_body(request: Request) -> bytes | None:
 
 def create_api(hub: Hub) -> Starlette:
     async def node_request(request: Request) -> JSONResponse:
-        raw = await _read_body(request)
+        with trio.move_on_after(BODY_TIMEOUT_S) as reading:
+            raw = await _read_body(request)
+        if reading.cancelled_caught:  # it trickles in: let go of the connection and task
+            return JSONResponse({"error": {"code": "timeout", "message":
+                                 f"request body not received within {BODY_TIMEOUT_S:g} s"}},
+                                status_code=408, headers={"connection": "close"})
         if raw is None:
             return JSONResponse({"error": {"code": "too_large", "message":
                                  f"request body over {MAX_BODY} bytes"}}, status_code=413)
