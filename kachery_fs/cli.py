@@ -8,6 +8,7 @@ into messages here and only here.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -87,7 +88,9 @@ def cmd_node_id(args) -> int:
 async def _join(args) -> int:
     node = _open_node(create=True)
     try:
-        info = await node.hub(args.hub_url).get_channel(args.channel)
+        hub = node.hub(args.hub_url)
+        await _check_is_hub(hub)
+        info = await hub.get_channel(args.channel)
         perms = set(info.get("permissions", []))
         node.db.add_channel(args.channel, args.hub_url.rstrip("/"), info["bucketBaseUrl"], perms)
     finally:
@@ -100,6 +103,39 @@ async def _join(args) -> int:
               f"  kachery-fs hub channel authorize {args.channel} {node.node_id}"
               " --add requestFiles,provideFiles")
     return 0
+
+
+async def _check_is_hub(hub) -> None:
+    """InvalidInput unless ``hub.url`` answers as a kachery-fs hub. A hub serves its local
+    bucket at the same address, so a wrong path would otherwise get a bucket's answer."""
+    from .errors import Unavailable
+
+    try:
+        about = await hub.info()
+    except Unavailable:
+        raise  # not reachable: the message says so
+    except (KacheryError, ValueError) as exc:
+        about = exc
+    if not (isinstance(about, dict) and about.get("service") == "kachery-fs hub"):
+        why = f" ({about})" if isinstance(about, Exception) else ""
+        raise InvalidInput(f"{hub.url} is not a kachery-fs hub{why}: give the address that"
+                           " `kachery-fs hub serve` prints, e.g."
+                           f" http://HOST:{DEFAULT_HUB_PORT}, with no path")
+
+
+def _input_files(names: list[str], command: str) -> list[Path]:
+    """The paths of ``names``, all checked before any is used."""
+    paths = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            raise InvalidInput(f"{name} is a directory: {command} takes files (for the files"
+                               f" in it: kachery-fs {command} {name.rstrip('/')}/*)")
+        if not path.is_file():
+            raise NotFound(f"{name}: no such file" if not path.exists()
+                           else f"{name} is not a regular file")
+        paths.append(path)
+    return paths
 
 
 def _pick_channel(node, name: str | None) -> str:
@@ -121,6 +157,7 @@ async def _put(args) -> int:
     from . import resumable
     from .errors import Conflict, CorruptLocalFile, PermissionDenied
 
+    paths = _input_files(args.files, "put")
     node = _open_node()
     try:
         channel_name = _pick_channel(node, args.channel)
@@ -148,10 +185,8 @@ async def _put(args) -> int:
                     pass
             await hub.finalize_upload(channel_name, sha1, size)
 
-        for name in args.files:
-            path = Path(name)
-            if not path.is_file():
-                raise NotFound(f"{name}: no such file")
+        for path in paths:
+            name = str(path)
             size = path.stat().st_size
             with tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}",
                       disable=args.quiet or None, file=sys.stderr) as bar:
@@ -181,15 +216,13 @@ def cmd_store_add(args) -> int:
     from .state import NodeDB
     from .store import Store
 
+    paths = _input_files(args.files, "store add")
     d = node_dir()
     d.mkdir(parents=True, exist_ok=True)
     db = NodeDB(d / "node.db")
     store = Store.for_node(d, db)
     try:
-        for name in args.files:
-            path = Path(name)
-            if not path.is_file():
-                raise NotFound(f"{name}: no such file")
+        for path in paths:
             sha1, _size = store.add_file(path)
             print(format_uri(sha1, path.name))
     finally:
@@ -507,17 +540,50 @@ async def _feed_read(args) -> int:
 # -- mount -------------------------------------------------------------------------------
 
 
+def _check_mount_target(mountpoint: Path, nonempty: bool) -> None:
+    """What a mount needs of its mount point, beyond ``check_mountpoint``."""
+    if not nonempty and mountpoint.is_dir() and not os.path.ismount(mountpoint):
+        with os.scandir(mountpoint) as entries:
+            if next(entries, None) is not None:
+                raise InvalidInput(f"mount point {mountpoint} is not empty: its files would be"
+                                   " hidden while mounted; choose an empty directory, or"
+                                   " pass --nonempty")
+
+
+def _check_joined(node) -> None:
+    if not node.db.channels():
+        raise InvalidInput("this node has joined no channel; run kachery-fs join HUB_URL"
+                           " CHANNEL first")
+
+
+def _check_unmounted(mountpoint: Path) -> None:
+    """KacheryError if a kachery-fs mount is still at ``mountpoint`` after its end."""
+    entries = _mount_entries(mountpoint)
+    if not any(_is_kachery_mount(e) for e in entries):
+        return
+    if not _is_kachery_mount(entries[-1]):
+        raise KacheryError(f"{mountpoint} is still mounted: a {entries[-1][0]} file system"
+                           " mounted over it was unmounted instead; unmount what is left"
+                           f" with `kachery-fs umount --lazy {mountpoint}`")
+    raise KacheryError(f"could not unmount {mountpoint}; unmount it with `kachery-fs umount"
+                       f" --lazy {mountpoint}`")
+
+
 async def _mount_foreground(args) -> int:
     from .fs.mount import run_mount
 
+    mountpoint = Path(os.path.realpath(args.mountpoint))
+    _check_mount_target(mountpoint, args.nonempty)
     node = _open_node()
     try:
+        _check_joined(node)
         _apply_cache_size(node, args)
-        await run_mount(node, Path(args.mountpoint), allow_other=args.allow_other,
+        await run_mount(node, mountpoint, allow_other=args.allow_other,
                         debug=args.debug_fuse, request_timeout=args.request_timeout,
                         bwlimit=args.bwlimit)
     finally:
         await node.aclose()
+    _check_unmounted(mountpoint)
     return 0
 
 
@@ -529,12 +595,19 @@ def cmd_mount(args) -> int:
         return trio.run(_mount_foreground, args)
     mountpoint = Path(args.mountpoint).resolve()
     check_mountpoint(mountpoint)
-    _open_node().db.close()  # fail here, in the foreground, if there is no node
+    _check_mount_target(mountpoint, args.nonempty)
+    node = _open_node()  # fail here, in the foreground, if there is no node or channel
+    try:
+        _check_joined(node)
+    finally:
+        node.db.close()
     log_file = Path(args.log_file or node_dir() / "mount.log").resolve()
     cmd = [sys.executable, "-m", "kachery_fs", "-" + "v" * max(args.verbose, 1), "mount",
            "--foreground", "--log-file", str(log_file), str(mountpoint)]
     if args.allow_other:
         cmd.append("--allow-other")
+    if args.nonempty:
+        cmd.append("--nonempty")
     cmd += ["--request-timeout", str(args.request_timeout)]
     if args.bwlimit:
         cmd += ["--bwlimit", str(args.bwlimit)]
@@ -556,13 +629,14 @@ def cmd_mount(args) -> int:
     raise KacheryError(f"{mountpoint} was not mounted within 30 s; see {log_file}")
 
 
-def _mount_entry(path: Path) -> tuple[str, str] | None:
-    """(file system type, source) of the newest mount at ``path``, from
-    ``/proc/self/mountinfo`` (a ``stat`` could hang on a FUSE mount); ``None`` if none."""
+def _mount_entries(path: Path) -> list[tuple[str, str]]:
+    """(file system type, source) of each mount at ``path``, oldest first (the last is the
+    one a path lookup sees), from ``/proc/self/mountinfo``: a ``stat`` could hang on a FUSE
+    mount, and fails on one whose process has died."""
     def unescape(field: str) -> str:  # mountinfo writes space, tab, newline, \\ as \ooo
         return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
-    found = None
+    found = []
     try:
         with open("/proc/self/mountinfo") as f:
             for line in f:
@@ -571,9 +645,9 @@ def _mount_entry(path: Path) -> tuple[str, str] | None:
                     continue
                 dash = fields.index("-")
                 if len(fields) > dash + 2 and unescape(fields[4]) == str(path):
-                    found = (fields[dash + 1], unescape(fields[dash + 2]))
+                    found.append((fields[dash + 1], unescape(fields[dash + 2])))
     except OSError:
-        return None
+        pass
     return found
 
 
@@ -589,15 +663,32 @@ def cmd_umount(args) -> int:
     from .fs.mount import unmount
 
     mountpoint = Path(os.path.realpath(args.mountpoint))
-    entry = _mount_entry(mountpoint)
-    if entry is None:
+    entries = _mount_entries(mountpoint)
+    if not entries:
         raise NotMounted(f"{mountpoint} is not mounted")
-    if not _is_kachery_mount(entry):
+    fstype, source = entries[-1]
+    if not _is_kachery_mount(entries[-1]):
         # A mistyped path must not take down another file system (as root, it could).
-        raise InvalidInput(f"{mountpoint} is a {entry[0]} file system ({entry[1]}), not a"
+        raise InvalidInput(f"{mountpoint} is a {fstype} file system ({source}), not a"
                            " kachery-fs mount: left mounted (use umount(8) for it)")
-    unmount(mountpoint, lazy=args.lazy)
+    if os.path.ismount(mountpoint):
+        unmount(mountpoint, lazy=args.lazy)
+    else:
+        # Listed but not reachable: the mount's process has died ("Transport endpoint is
+        # not connected"), which ismount, and so unmount(), take for "not mounted".
+        _detach_dead_mount(mountpoint)
     return 0
+
+
+def _detach_dead_mount(mountpoint: Path) -> None:
+    """Detach a kachery-fs mount whose process has died: lazily, since nothing serves it."""
+    import shutil
+
+    tool = shutil.which("fusermount3") or shutil.which("fusermount")
+    cmd = [tool, "-u", "-z", str(mountpoint)] if tool else ["umount", "-l", str(mountpoint)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KacheryError(f"could not unmount {mountpoint}: {result.stderr.strip()}")
 
 
 # -- hub ----------------------------------------------------------------------------------
@@ -664,7 +755,11 @@ async def _channel_create(args) -> int:
     async def go(hub):
         r = await hub.create_channel(args.name, args.bucket, allocation=allocation)
         extra = f", allocation {format_size(allocation)}" if allocation else ""
-        return f"created channel {r['channel']} (bucket {r['bucket']}{extra})"
+        # Only the hub's owner may create a channel, and it expects to use it: it gets
+        # every permission, as with `up` (`authorize --remove` takes them away).
+        await hub.authorize_node(r["channel"], hub.key.node_id, list(PERMISSIONS), "owner")
+        return (f"created channel {r['channel']} (bucket {r['bucket']}{extra}); this node, the"
+                f" hub's owner, has every permission on it")
     return await _hub_call(args, go)
 
 
@@ -807,6 +902,7 @@ async def _up(args) -> int:
     mountpoint = Path(args.mountpoint).resolve()
     mountpoint.mkdir(parents=True, exist_ok=True)
     check_mountpoint(mountpoint)
+    _check_mount_target(mountpoint, args.nonempty)
     node = Node(node_dir(), create=True)
     _apply_cache_size(node, args)
     server = HubServer(node.dir / "hub", owner_id=node.node_id)
@@ -843,8 +939,12 @@ Press Ctrl-C to unmount and stop.""", flush=True)
         pending = sum(n for state, n in node.db.upload_counts().items() if state != "done")
         server.close()
         await node.aclose()
-    print("unmounted" + (f"; {pending} unfinished upload(s) resume at the next start"
-                         if pending else ""), flush=True)
+    note = f"; {pending} unfinished upload(s) resume at the next start" if pending else ""
+    try:
+        _check_unmounted(mountpoint)
+    except KacheryError as exc:
+        raise KacheryError(f"{exc}{note}") from None
+    print(f"unmounted{note}", flush=True)
     return 0
 
 
@@ -872,8 +972,13 @@ environment:
 
 def _sub(parent, name: str, help: str, description: str | None = None, **kw):
     description = description or help[:1].upper() + help[1:] + "."
-    return parent.add_parser(name, help=help, description=textwrap.fill(description, 88),
-                             formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    parser = parent.add_parser(name, help=help, description=textwrap.fill(description, 88),
+                               formatter_class=argparse.RawDescriptionHelpFormatter, **kw)
+    # -v also after the command. Its own dest: a subcommand's default would otherwise
+    # replace the count given before the command.
+    parser.add_argument("-v", "--verbose", action="count", dest="verbose_after",
+                        default=argparse.SUPPRESS, help="more log output (-vv for debug)")
+    return parser
 
 
 def _cache_size(text: str) -> str:
@@ -903,6 +1008,17 @@ def _add_cache_size(parser, what: str = "for this run") -> None:
                         " setting, `kachery-fs init --cache-size`, else unlimited)")
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is out of range: choose one from 0 to"
+                                         " 65535 (0 picks a free one)")
+    return port
+
+
 def _rate(text: str) -> float:
     from .resumable import parse_rate
 
@@ -930,8 +1046,10 @@ def build_parser() -> argparse.ArgumentParser:
              " mount, all in one process until Ctrl-C. Hub state lives in $KACHERY_FS_DIR/hub.")
     s.add_argument("mountpoint", help="directory to mount on (created if missing)")
     s.add_argument("--channel", default="default", help="channel name (default: default)")
-    s.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
+    s.add_argument("--port", type=_port, default=DEFAULT_HUB_PORT,
                    help=f"hub port on 127.0.0.1 (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount even on a directory that is not empty (hiding its files)")
     _add_cache_size(s)
     s.set_defaults(run=_up, is_async=True)
 
@@ -962,6 +1080,8 @@ def build_parser() -> argparse.ArgumentParser:
              " reads any content by hash (verified), files written under <channel>/ are stored"
              " and uploaded. Runs in the background unless -f; stop it with `kachery-fs umount`.")
     s.add_argument("mountpoint", help="an existing empty directory")
+    s.add_argument("--nonempty", action="store_true",
+                   help="mount even on a directory that is not empty (hiding its files)")
     s.add_argument("-f", "--foreground", action="store_true",
                    help="stay in the foreground and log to stderr (for services and tests)")
     s.add_argument("--log-file", help="log here (default in the background:"
@@ -978,8 +1098,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(run=cmd_mount)
 
     s = _sub(sub, "umount", "unmount a kachery-fs mount point",
-             "Unmount MOUNTPOINT (fusermount3 -u). Files already closed are safe in the local"
-             " store; their uploads resume at the next mount.")
+             "Unmount MOUNTPOINT (fusermount3 -u) if it is a kachery-fs mount; any other file"
+             " system there is refused and left mounted. Files already closed are safe in the"
+             " local store; their uploads resume at the next mount.")
     s.add_argument("mountpoint", help="the mount point")
     s.add_argument("-z", "--lazy", action="store_true", help="detach now, clean up when unused")
     s.set_defaults(run=cmd_umount)
@@ -1085,7 +1206,7 @@ def build_parser() -> argparse.ArgumentParser:
              " carries file bytes), and the local bucket, a directory served with Google Cloud"
              " Storage semantics at the same address.")
     t.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    t.add_argument("--port", type=int, default=DEFAULT_HUB_PORT,
+    t.add_argument("--port", type=_port, default=DEFAULT_HUB_PORT,
                    help=f"port (default {DEFAULT_HUB_PORT}; 0 picks a free one)")
     t.add_argument("--dir", help="hub state directory (default $KACHERY_FS_DIR/hub)")
     t.add_argument("--owner", help="node id of the hub's owner (default: this node)")
@@ -1102,7 +1223,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = _sub(hs, "channel", "channel administration (signed by the hub owner's node)")
     cs = t.add_subparsers(dest="channel_command", metavar="SUBCOMMAND", required=True)
     hub_help = f"hub URL (default $KACHERY_FS_HUB or {DEFAULT_HUB_URL})"
-    c = _sub(cs, "create", "create a channel")
+    c = _sub(cs, "create", "create a channel",
+             "Create channel NAME on the hub (only its owner may). The owner's node, which runs"
+             " this, gets every permission on it, as with `up`; `hub channel authorize NAME"
+             " NODE_ID --remove PERMS` takes them away.")
     c.add_argument("name", metavar="NAME", help="channel name: 3-40 characters from A-Z a-z 0-9 _ -, in segments joined by '.'")
     c.add_argument("--bucket", help="bucket URI: local://NAME (a bucket of the hub's local"
                    " bucket) or gs://NAME (Google Cloud Storage); default local://kachery")
@@ -1167,6 +1291,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.verbose += getattr(args, "verbose_after", 0)
     if not (args.command == "mount" and args.foreground):
         setup_logging(max(args.verbose, getattr(args, "log_default", 0)))
     try:
@@ -1179,7 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except OSError as exc:
-        print(f"kachery-fs: {exc}", file=sys.stderr)
+        print(f"kachery-fs: {_os_error_message(exc, args)}", file=sys.stderr)
         return 1
     except BaseExceptionGroup as group:
         # An error raised inside a nursery (the hub's listener, the mount...) arrives
@@ -1195,8 +1320,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         if isinstance(first, KeyboardInterrupt):
             return 130
-        print(f"kachery-fs: {first}", file=sys.stderr)
+        message = _os_error_message(first, args) if isinstance(first, OSError) else first
+        print(f"kachery-fs: {message}", file=sys.stderr)
         return 1
+
+
+def _os_error_message(exc: OSError, args) -> str:
+    port = getattr(args, "port", None)
+    if exc.errno == errno.EADDRINUSE and port is not None:
+        return (f"port {port} is in use; choose another with --port, or --port 0 for any"
+                " free port")
+    return str(exc)
 
 
 if __name__ == "__main__":

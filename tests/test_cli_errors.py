@@ -60,13 +60,15 @@ def busy_port():
 def test_hub_serve_on_a_busy_port(tmp_path, busy_port):
     assert run_cli(tmp_path / "node", "init").returncode == 0  # no "created node" log line
     result = run_cli(tmp_path / "node", "hub", "serve", "--port", str(busy_port))
-    assert_one_line_error(result, "Address already in use")
+    assert_one_line_error(result, f"port {busy_port} is in use; choose another with --port,"
+                          " or --port 0 for any free port")
 
 
 def test_up_on_a_busy_port(tmp_path, busy_port):
     (tmp_path / "m").mkdir()
     result = run_cli(tmp_path / "node", "up", str(tmp_path / "m"), "--port", str(busy_port))
-    assert_one_line_error(result, "Address already in use")
+    assert_one_line_error(result, f"port {busy_port} is in use; choose another with --port,"
+                          " or --port 0 for any free port")
 
 
 def test_up_with_a_bad_channel_name(tmp_path):

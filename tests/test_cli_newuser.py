@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -18,7 +19,18 @@ from kachery_fs.hub.serve import HubServer
 from kachery_fs.node import Node
 
 from .util import IN_PROCESS_HUB_URL as URL
-from .util import KFS, HubProcess, free_port, kfs, mounted, node_env, require_fuse, wait_for
+from .util import (
+    KFS,
+    HubProcess,
+    free_port,
+    kfs,
+    lazy_unmount,
+    mounted,
+    node_env,
+    require_fuse,
+    stop_process,
+    wait_for,
+)
 
 # -- hub channel authorize --add / --remove ---------------------------------------------------
 
@@ -260,3 +272,180 @@ def test_a_queued_feed_message_is_published_by_the_next_mount(tmp_path):
             wait_for(single.exists, timeout=30, what="its single-message object")
     finally:
         hub.stop()
+
+
+# -- small things a new user meets first -----------------------------------------------------
+
+
+def test_ports_out_of_range_get_a_usage_error(tmp_path):
+    for argv in (("up", str(tmp_path / "m"), "--port", "99999"),
+                 ("hub", "serve", "--port", "-5"), ("hub", "serve", "--port", "x")):
+        result = run_cli(tmp_path / "node", *argv)
+        assert result.returncode == 2, result.stderr
+        assert "Traceback" not in result.stderr and "ExceptionGroup" not in result.stderr
+        assert "argument --port:" in result.stderr.splitlines()[-1], result.stderr
+    assert "out of range: choose one from 0 to 65535" in result.stderr or "not a port" in \
+        result.stderr
+
+
+def test_verbose_flag_after_the_command(monkeypatch):
+    levels = []
+    monkeypatch.setattr(cli, "setup_logging", lambda verbose, log_file=None: levels.append(
+        verbose))
+
+    async def status(args):
+        return 0
+    monkeypatch.setattr(cli, "_status", status)
+    assert cli.main(["status", "-v"]) == 0
+    assert cli.main(["-v", "status", "-vv"]) == 0
+    assert cli.main(["status"]) == 0
+    assert cli.main(["-v", "status"]) == 0
+    assert levels == [1, 3, 0, 1]
+
+
+def test_put_and_store_add_of_a_directory(tmp_path):
+    node_dir = offline_node(tmp_path / "node")
+    directory = tmp_path / "results"
+    directory.mkdir()
+    (directory / "a.csv").write_text("1,2\n")
+    result = run_cli(node_dir, "put", str(directory))
+    assert_one_line_error(result, f"{directory} is a directory: put takes files",
+                          f"kachery-fs put {directory}/*")
+    result = run_cli(node_dir, "store", "add", str(directory))
+    assert_one_line_error(result, f"{directory} is a directory: store add takes files")
+    result = run_cli(node_dir, "put", str(tmp_path / "missing.csv"))
+    assert_one_line_error(result, "missing.csv: no such file")
+
+
+async def test_join_a_url_that_is_not_a_hub(owner_hub):
+    with pytest.raises(InvalidInput, match=f"{URL}/wrong is not a kachery-fs hub"):
+        await run_async("join", f"{URL}/wrong", "chan")
+    assert await run_async("join", URL, "chan") == 0
+
+
+async def test_channel_create_gives_the_owner_every_permission(owner_hub, capsys):
+    from kachery_fs.protocol import PERMISSIONS
+
+    server, owner_id = owner_hub
+    assert await run_async("hub", "channel", "create", "lab.data") == 0
+    assert server.hub.db.permissions("lab.data", owner_id) == set(PERMISSIONS)
+    assert "the hub's owner, has every permission on it" in capsys.readouterr().out
+
+
+def test_mount_refuses_a_node_without_channels_and_a_nonempty_directory(tmp_path):
+    require_fuse()
+    lonely = tmp_path / "lonely"
+    run_cli(lonely, "init")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        for flags in ((), ("--foreground",)):
+            result = run_cli(lonely, "mount", *flags, str(mnt))
+            assert_one_line_error(result, "this node has joined no channel; run kachery-fs"
+                                  " join HUB_URL CHANNEL first")
+            assert not os.path.ismount(mnt)
+
+        node_dir = offline_node(tmp_path / "node")
+        (mnt / "notes.txt").write_text("mine")
+        for flags in ((), ("--foreground",)):
+            result = run_cli(node_dir, "mount", *flags, str(mnt))
+            assert_one_line_error(result, f"mount point {mnt} is not empty", "--nonempty")
+            assert not os.path.ismount(mnt)
+        result = run_cli(tmp_path / "up-node", "up", str(mnt), "--port", "0")
+        assert_one_line_error(result, f"mount point {mnt} is not empty", "--nonempty")
+    finally:
+        lazy_unmount(mnt)
+
+
+@pytest.mark.mount
+def test_mount_nonempty_when_asked(tmp_path):
+    require_fuse()
+    node_dir = offline_node(tmp_path / "node")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    (mnt / "notes.txt").write_text("mine")
+    try:
+        result = run_cli(node_dir, "mount", "--nonempty", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert os.path.ismount(mnt) and (mnt / "chan").is_dir()
+        assert run_cli(node_dir, "umount", str(mnt)).returncode == 0
+    finally:
+        lazy_unmount(mnt)
+    wait_for(lambda: not os.path.ismount(mnt), timeout=10, what="the unmount")
+    assert (mnt / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.mount
+def test_up_reports_an_unmount_that_failed(tmp_path):
+    """Ctrl-C on `up` with a tmpfs mounted over the mount point: the unmount detaches the
+    tmpfs, the kachery-fs mount stays, and `up` says so (exit 1), then `umount` detaches
+    the dead mount."""
+    require_fuse()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    node_dir, mnt = tmp_path / "node", tmp_path / "mnt"
+    proc = subprocess.Popen([*KFS, "up", str(mnt), "--port", "0"], env=node_env(node_dir),
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: proc.poll() is not None or os.path.ismount(mnt), timeout=30,
+                 what="up to mount")
+        assert proc.poll() is None, proc.stderr.read()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1M", "kfs-test", str(mnt)],
+                       check=True)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+        assert proc.returncode == 1, (out, err)
+        assert "unmounted" not in out
+        assert_one_line_error(subprocess.CompletedProcess([], 1, out, err),
+                              f"could not unmount {mnt}", "kachery-fs umount --lazy")
+        result = run_cli(node_dir, "umount", "--lazy", str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert not _mounted_at(mnt)
+    finally:
+        stop_process(proc)
+        for _ in range(5):  # the tmpfs and the kachery-fs mount, whichever are left
+            if not _mounted_at(mnt):
+                break
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+    assert not _mounted_at(mnt)
+
+
+def _mounted_at(path: Path) -> bool:
+    """Whether anything is mounted at ``path``, dead FUSE mounts included (which
+    os.path.ismount takes for directories)."""
+    target = os.path.realpath(path).replace(" ", "\\040")
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == target for line in f)
+
+
+def test_readme_tells_the_exit_statuses_and_the_vm_path(tmp_path):
+    import re
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    assert "exit status 1" in readme and "exit status 2" in readme
+    assert run_cli(tmp_path / "node", "up").returncode == 2  # usage
+    assert run_cli(tmp_path / "node", "node-id").returncode == 1  # a mistake
+    synced = re.search(r'synced_folder "\.", "([^"]+)"', (root / "Vagrantfile").read_text())
+    assert synced and f"`{synced.group(1)}`" in readme
+    assert "`/vagrant`" not in readme
+
+
+def test_setup_hides_only_the_editable_install_warning():
+    import re
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    setup = (root / "scripts" / "setup").read_text()
+    found = re.search(r'PYTHONWARNINGS="\$\{PYTHONWARNINGS:\+\$PYTHONWARNINGS,\}([^"]+)"',
+                      setup)
+    assert found, "scripts/setup installs without filtering setuptools' warning"
+    code = ("import warnings\n"
+            "class InformationOnly(UserWarning): pass\n"
+            "warnings.warn('Editable installation.\\n!!\\n  Please be careful', InformationOnly)\n"
+            "warnings.warn('something else', UserWarning)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env={**os.environ, "PYTHONWARNINGS": found.group(1)})
+    assert "Editable installation" not in result.stderr
+    assert "something else" in result.stderr
