@@ -364,3 +364,19 @@ async def test_a_body_that_trickles_in_is_given_up(env, monkeypatch):
     with trio.fail_after(5):
         r = await client.post("/api/node", content=trickle())
     assert r.status_code == 408 and "not received within" in r.text
+
+
+async def test_a_subfeed_named_by_an_upper_case_hash_goes_through_the_hub_as_written(feed_env):
+    from kachery_fs.feeds import subfeed_hash
+    from kachery_fs.protocol import feed_prefix
+
+    server, _, sync_a, sync_m, feed = feed_env
+    name = "~" + "AB12" * 10
+    h = subfeed_hash(name)
+    assert h == "AB12" * 10
+    sync_a.store.append(feed, name, [{"step": 1}, {"step": 2}])
+    assert await sync_a.publish(CH, feed, h) == (0, 2)
+    assert server.local.stat("kachery", f"{feed_prefix(CH, feed, h)}/1") is not None
+    sync_m.store.add_feed(feed)
+    assert await sync_m.fetch(CH, feed, h) == (2, None)
+    assert server.hub.feeds.count(CH, feed, h) == 2

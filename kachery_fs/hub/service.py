@@ -429,7 +429,7 @@ class Hub:
             raise InvalidInput(f"invalid feed id {feed_id!r}: expected 64 hex characters")
         if not isinstance(subfeed_hash, str) or not is_sha1(subfeed_hash):
             raise InvalidInput(f"invalid subfeed hash {subfeed_hash!r}")
-        return feed_id, subfeed_hash.lower()
+        return feed_id, subfeed_hash  # as written: kachery keys a subfeed by it as given
 
     def _require_feed_owner(self, caller: Caller, body: dict, feed_id: str) -> None:
         """The request must also be signed by the feed's own key, over the whole body
