@@ -13,7 +13,11 @@ byte served is verified against its SHA-1:
   error, ``EIO`` through the mount) and nothing is cached into the store.
 
 While readers wait, bytes arriving count as progress: a reader gives up only when the
-download stalls, not because a big file takes long.
+download stalls, not because a big file takes long. The download itself gives up too, with
+``DeadlineExceeded``, once no bytes have arrived for ``stall_timeout`` (retries and HTTP
+timeouts included): a reader that comes to a stalled download later, or reads again after
+a timeout, gets that error at once instead of waiting a deadline of its own on bytes that
+are not coming.
 
 The temp file is held under an exclusive ``flock`` for as long as the download uses it,
 so :meth:`Store.sweep_temp` of another process never removes it.
@@ -54,6 +58,8 @@ log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 8 << 20
 PARALLEL = 4
+#: A download that receives no bytes for this long fails (``DeadlineExceeded``).
+STALL_TIMEOUT_S = 60.0
 #: While bytes arrive, waiting readers are woken (told of progress) at most this often.
 _DATA_BUMP_INTERVAL_S = 0.5
 EMPTY_SHA1 = hashlib.sha1(b"").hexdigest()
@@ -122,7 +128,8 @@ class Download:
 
     def __init__(self, client: httpx.AsyncClient, url: str, sha1: str, size: int, store: Store,
                  *, chunk_size: int = CHUNK_SIZE, parallel: int = PARALLEL,
-                 attempts: int = 4, on_finish: Callable[[Download], None] | None = None):
+                 attempts: int = 4, stall_timeout: float = STALL_TIMEOUT_S,
+                 on_finish: Callable[[Download], None] | None = None):
         self.client = client
         self.url = url
         self.sha1 = sha1
@@ -131,6 +138,7 @@ class Download:
         self.chunk_size = chunk_size
         self.parallel = parallel
         self.attempts = attempts
+        self.stall_timeout = stall_timeout
         self.on_finish = on_finish
         # Readers may read [0, available): nothing until the whole file is verified and
         # installed, then all of it.
@@ -141,6 +149,8 @@ class Download:
         self.done = trio.Event()
         self._progress = trio.Event()
         self._last_bump = 0.0
+        # Cancels the fetch once no bytes have arrived for stall_timeout (see _fetch_all).
+        self._stall_scope: trio.CancelScope | None = None
         self._installed = False
         # Created and flock'ed by the store; the lock lasts as long as the fd is open.
         self.temp_path, self.fd = store.new_temp_file()
@@ -152,8 +162,14 @@ class Download:
         self._progress = trio.Event()
         self._last_bump = trio.current_time()
 
+    def _progressed(self) -> None:
+        """Bytes arrived or were hashed: push the download's own deadline back."""
+        if self._stall_scope is not None:
+            self._stall_scope.deadline = trio.current_time() + self.stall_timeout
+
     def _on_data(self, _n: int) -> None:
         # Bytes arriving are progress; wake waiting readers at most a few times a second.
+        self._progressed()
         if trio.current_time() - self._last_bump >= _DATA_BUMP_INTERVAL_S:
             self._bump()
 
@@ -199,6 +215,28 @@ class Download:
             self.fd = -1
 
     async def _fetch_all(self) -> None:
+        with trio.CancelScope(deadline=trio.current_time() + self.stall_timeout) as scope:
+            self._stall_scope = scope
+            try:
+                digest = await self._fetch_and_hash()
+            finally:
+                self._stall_scope = None
+        if scope.cancelled_caught:
+            raise DeadlineExceeded(f"download of sha1://{self.sha1} from {self.url} made no"
+                                   f" progress for {self.stall_timeout:g} s")
+        if digest != self.sha1:
+            raise IntegrityError(
+                f"bucket object {self.url} hashes to {digest}, not {self.sha1}; not cached")
+        # Verified: readers may have it now, from the temp file's descriptor, while it is
+        # made durable (fsync) and renamed into the store, which can take a while on a
+        # slow disk (no deadline: that is local work, and it is not waited for).
+        self.available = self.size
+        self._bump()
+        await trio.to_thread.run_sync(self._install, digest)
+        self._installed = True
+
+    async def _fetch_and_hash(self) -> str:
+        """Fetch every chunk (in parallel) and hash them in order; the hex digest."""
         ranges = [(s, min(s + self.chunk_size, self.size))
                   for s in range(0, self.size, self.chunk_size)]
         hasher = hashlib.sha1()
@@ -236,18 +274,9 @@ class Download:
                 await trio.to_thread.run_sync(hasher.update, data)
                 self.hashed += len(data)
                 window.release()
+                self._progressed()
                 self._bump()  # progress, though nothing is readable before the end
-        digest = hasher.hexdigest()
-        if digest != self.sha1:
-            raise IntegrityError(
-                f"bucket object {self.url} hashes to {digest}, not {self.sha1}; not cached")
-        # Verified: readers may have it now, from the temp file's descriptor, while it is
-        # made durable (fsync) and renamed into the store, which can take a while on a
-        # slow disk.
-        self.available = self.size
-        self._bump()
-        await trio.to_thread.run_sync(self._install, digest)
-        self._installed = True
+        return hasher.hexdigest()
 
     def _install(self, digest: str) -> None:
         self.store.install_verified(self.temp_path, self.sha1, actual_sha1=digest)  # fsyncs

@@ -6,7 +6,10 @@ follows it by long-polling its state. It gives up only when nothing has moved fo
 keeps it alive by making progress), or when the hub says the request failed (no provider
 online, every provider declined or failed) or this node may not ask. While it runs,
 ``size`` becomes known as soon as a provider accepts, so a ``stat`` need not wait for the
-whole upload.
+whole upload. Every wait of a request (the first answer, long-polls, retries) is under one
+deadline, ``stall_timeout`` after the last progress, so a request never outlives it by an
+HTTP timeout: a hub that stops answering fails it with ``DeadlineExceeded`` (``ETIMEDOUT``
+through the mount) at that deadline.
 
 If the hub is unreachable when the request starts, the request is retried a few times with
 backoff (one transient failure is not an error) and then fails with a clear error; if the
@@ -102,28 +105,42 @@ class FileRequest:
 
     async def _follow(self) -> int:
         ch = self.node.channel(self.channel)
-        perms = await self.node.permissions(self.channel)
+        perms = await self.node.permissions(self.channel)  # waits 2 s at most
         if "requestFiles" not in perms:
             raise PermissionDenied(
                 f"sha1://{self.sha1} is in neither the local store nor the bucket of channel"
                 f" {self.channel!r}, and this node lacks the requestFiles permission to ask"
                 " other nodes for it")
         hub = self.node.hub(ch.hub_url)
+        # Every wait from here on is under one deadline that moves with progress, so the
+        # request ends stall_timeout after its last progress whatever it is waiting for: a
+        # retry, a long-poll (whose HTTP timeout is later), a hub that never answers.
+        watch = trio.CancelScope(deadline=trio.current_time() + self.stall_timeout)
+        with watch:
+            return await self._poll(hub, watch)
+        if not self.state:
+            raise DeadlineExceeded(f"cannot request sha1://{self.sha1} from other nodes: hub"
+                                   f" {ch.hub_url} did not answer within"
+                                   f" {self.stall_timeout:g} s")
+        raise DeadlineExceeded(
+            f"request for sha1://{self.sha1} made no progress for {self.stall_timeout:g} s"
+            f" (last state: {self.state.get('state')}, {self.state.get('bytes', 0)} bytes"
+            " uploaded)")
+
+    async def _poll(self, hub, watch: trio.CancelScope) -> int:
+        """Start the request and long-poll its state to the end; ``watch`` is the deadline,
+        moved on at every progress."""
         try:
-            # One bad answer (a 503, a dropped connection) is retried, within the stall
-            # timeout; only a hub that stays unreachable fails the request.
-            with trio.move_on_after(self.stall_timeout) as scope:
-                self._update(await retrying(partial(hub.request_file, self.channel, self.sha1),
-                                            what=f"requesting sha1://{self.sha1}"))
-            if scope.cancelled_caught:
-                raise DeadlineExceeded(f"hub {ch.hub_url} did not answer within"
-                                       f" {self.stall_timeout:g} s")
+            # One bad answer (a 503, a dropped connection) is retried; only a hub that
+            # stays unreachable fails the request.
+            self._update(await retrying(partial(hub.request_file, self.channel, self.sha1),
+                                        what=f"requesting sha1://{self.sha1}"))
         except Unavailable as exc:
             kind = DeadlineExceeded if isinstance(exc, DeadlineExceeded) else Unavailable
             raise kind(f"cannot request sha1://{self.sha1} from other nodes: hub"
                        f" unreachable ({exc})") from None
+        watch.deadline = trio.current_time() + self.stall_timeout
         log.info("requested sha1://%s on channel %s through the hub", self.sha1, self.channel)
-        last_progress = trio.current_time()
         backoff = Backoff(initial=0.25, maximum=5.0)
         while True:
             state = self.state.get("state")
@@ -132,29 +149,25 @@ class FileRequest:
             if state == "failed":
                 raise RequestFailed(f"no node could provide sha1://{self.sha1} on channel"
                                     f" {self.channel!r}: {self.state.get('error', 'failed')}")
-            remaining = last_progress + self.stall_timeout - trio.current_time()
-            if remaining <= 0:
-                raise DeadlineExceeded(
-                    f"request for sha1://{self.sha1} made no progress for"
-                    f" {self.stall_timeout:g} s (last state: {state},"
-                    f" {self.state.get('bytes', 0)} bytes uploaded)")
+            remaining = watch.deadline - trio.current_time()
             try:
-                answer = await hub.request_file(self.channel, self.sha1,
-                                                version=self.state.get("version"),
-                                                wait_s=min(POLL_WAIT_S, max(remaining, 0.5)))
-            except NotFound:
-                # The hub forgot the request (it expired, or its state was lost): ask again.
-                answer = await hub.request_file(self.channel, self.sha1)
-            except (Unavailable, DeadlineExceeded) as exc:
-                delay = min(backoff.next_delay(getattr(exc, "retry_after", None)),
-                            max(remaining, 0))
+                try:
+                    answer = await hub.request_file(self.channel, self.sha1,
+                                                    version=self.state.get("version"),
+                                                    wait_s=min(POLL_WAIT_S, max(remaining, 0.5)))
+                except NotFound:
+                    # The hub forgot the request (it expired, or its state was lost): ask
+                    # again.
+                    answer = await hub.request_file(self.channel, self.sha1)
+            except Unavailable as exc:  # DeadlineExceeded too: an HTTP timeout
+                delay = backoff.next_delay(exc.retry_after)
                 log.info("hub unreachable while waiting for sha1://%s (%s); retrying in %.1f s",
                          self.sha1, exc, delay)
-                await trio.sleep(delay)
+                await trio.sleep(delay)  # no later than the watch's deadline
                 continue
             backoff.reset()
             if self._update(answer):
-                last_progress = trio.current_time()
+                watch.deadline = trio.current_time() + self.stall_timeout
 
 
 async def request_file(node: Node, channel: str, sha1: str, *,

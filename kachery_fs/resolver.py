@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 LOOKUP_DEADLINE_S = 15.0
 #: How long a hash whose bucket object failed verification is refused before a new try.
 BAD_OBJECT_TTL_S = 60.0
-#: How long a read may wait without the download making any progress.
+#: How long a read may wait without the download making any progress; the download itself
+#: fails after as long without progress, so a later read of it does not wait again.
 STALL_TIMEOUT_S = 60.0
 
 
@@ -224,7 +225,7 @@ class Resolver:
             if download is None:
                 ch = self.node.channel(channel)
                 download = Download(self.node.client, object_url(ch.bucket_base_url, channel, sha1),
-                                    sha1, size, self.node.store,
+                                    sha1, size, self.node.store, stall_timeout=STALL_TIMEOUT_S,
                                     on_finish=partial(self._finished, channel))
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)

@@ -36,7 +36,7 @@ from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
 from kachery_fs.node import Node
 from kachery_fs.provider import Provider
-from kachery_fs.resolver import Resolver
+from kachery_fs.resolver import STALL_TIMEOUT_S, Resolver
 from kachery_fs.uploader import Uploader
 
 CH = "chan"
@@ -231,7 +231,7 @@ async def test_a_lookup_honours_retry_after_within_its_deadline(hub, nursery, cl
     data = os.urandom(1000)
     sha1 = await in_bucket(hub, data)
     fs = await mount_in_process(await make_node(hub, "reader"), nursery)
-    clock.autojump_threshold = 0.1
+    clock.autojump_threshold = 0.02
     hub.faults.add(object_head, 503, times=1, retry_after="7")
     start = trio.current_time()
     assert (await fs.lookup(sha1)).st_size == len(data)
@@ -244,18 +244,102 @@ async def test_a_lookup_honours_retry_after_within_its_deadline(hub, nursery, cl
     assert trio.current_time() - start < 1
 
 
-async def test_one_503_on_the_first_request_file_is_retried(hub, nursery):
-    provider_node = await make_node(hub, "provider")
-    data = os.urandom(300_000)
-    sha1 = provider_node.store.add_bytes(data)  # in its store only, in no bucket
-    provider = Provider(provider_node, await Uploader.create(provider_node, nursery=nursery))
+async def connected_provider(hub: Hub, nursery: trio.Nursery) -> Node:
+    """A node that answers file requests, once the hub has its listen."""
+    node = await make_node(hub, "provider")
+    provider = Provider(node, await Uploader.create(node, nursery=nursery))
     nursery.start_soon(provider.run)
     with trio.fail_after(30):
         # A state no trio event announces: polled.
         while getattr(provider.connections.get(hub.url), "state", None) != "connected":  # noqa: ASYNC110
             await trio.sleep(0.05)
+    return node
+
+
+async def test_one_503_on_the_first_request_file_is_retried(hub, nursery):
+    provider_node = await connected_provider(hub, nursery)
+    data = os.urandom(300_000)
+    sha1 = provider_node.store.add_bytes(data)  # in its store only, in no bucket
     fs = await mount_in_process(await make_node(hub, "reader"), nursery)
     rule = hub.faults.add(request_file, 503, times=1)
     with trio.fail_after(60):
         attrs = await fs.lookup(sha1)
     assert attrs.st_size == len(data) and rule.hits == 1
+
+
+# -- 12. a FUSE call returns by its deadline ----------------------------------------------------
+
+
+async def test_a_read_from_a_stalled_bucket_times_out_at_its_deadline(hub, nursery, clock):
+    data = os.urandom(3 * 1024 * 1024)
+    sha1 = await in_bucket(hub, data)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    attrs = await fs.lookup(sha1)
+    hub.faults.add(object_get, None)  # the bucket accepts reads and never answers them
+    fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+    clock.autojump_threshold = 0.02
+    start = trio.current_time()
+    assert await fuse_errno(fs.ops.read(fh, 0, 128 * 1024)) == errno.ETIMEDOUT
+    assert trio.current_time() - start <= STALL_TIMEOUT_S + SLACK_S
+    # The kernel reads the page again after a failed read-ahead: that read must not wait
+    # another deadline of its own on the same stalled download.
+    assert await fuse_errno(fs.ops.read(fh, 0, 128 * 1024)) == errno.ETIMEDOUT
+    assert trio.current_time() - start <= STALL_TIMEOUT_S + SLACK_S
+    await fs.ops.release(fh)
+    # Once the bucket answers again, a new open reads it (nothing stale is kept).
+    hub.faults.clear()
+    clock.autojump_threshold = math.inf
+    fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+    with trio.fail_after(60):
+        assert await fs.ops.read(fh, 0, len(data)) == data
+    await fs.ops.release(fh)
+
+
+async def test_a_stalled_hub_gives_etimedout_at_the_request_timeout(hub, nursery, clock):
+    """A hash in no bucket is requested through the hub; the hub never answers. The lookup
+    ends with ETIMEDOUT at the request timeout, not EIO at the HTTP client's timeout."""
+    request_timeout = 45.0  # past the 30 s HTTP timeout: its expiry must not end the wait
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery,
+                                request_stall_timeout=request_timeout)
+    sha1 = hashlib.sha1(b"in no bucket").hexdigest()
+    hub.faults.add(request_file, None)
+    clock.autojump_threshold = 0.02
+    start = trio.current_time()
+    assert await fuse_errno(fs.lookup(sha1)) == errno.ETIMEDOUT
+    assert trio.current_time() - start <= request_timeout + SLACK_S
+
+
+async def test_a_hub_that_stalls_mid_request_gives_etimedout_at_the_request_timeout(
+        hub, nursery, clock):
+    """The hub answers the request, then every long-poll that follows stalls: the wait
+    ends at the request timeout, not at a long-poll's HTTP timeout after it."""
+    await connected_provider(hub, nursery)  # the request is offered to it, not failed
+    request_timeout = 30.0  # a long-poll's HTTP timeout is its wait + 15 s: up to 35 s
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery,
+                                request_stall_timeout=request_timeout)
+    sha1 = hashlib.sha1(b"also in no bucket").hexdigest()
+    asked = 0
+
+    def after_the_first(method, path, kind):
+        nonlocal asked
+        asked += kind == "requestFile"
+        return kind == "requestFile" and asked > 1
+
+    hub.faults.add(after_the_first, None)
+    clock.autojump_threshold = 0.02
+    start = trio.current_time()
+    assert await fuse_errno(fs.lookup(sha1)) == errno.ETIMEDOUT
+    assert asked > 1  # it got past the first answer
+    assert trio.current_time() - start <= request_timeout + SLACK_S
+
+
+def test_deadline_exceeded_is_etimedout_even_inside_a_group():
+    from kachery_fs.errors import DeadlineExceeded, Unavailable
+    from kachery_fs.fs.errno_map import fuse_errors
+
+    for raised, expected in [(DeadlineExceeded("slow"), errno.ETIMEDOUT),
+                             (Unavailable("down"), errno.EIO),
+                             (ExceptionGroup("g", [DeadlineExceeded("slow")]), errno.ETIMEDOUT)]:
+        with pytest.raises(pyfuse3.FUSEError) as caught, fuse_errors("read"):
+            raise raised
+        assert caught.value.errno == expected

@@ -22,6 +22,7 @@ from ..errors import (
     ProtocolError,
     ReadOnly,
     Unavailable,
+    leaves,
 )
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,12 @@ _ERRNO = [
 
 
 def errno_for(exc: BaseException) -> int | None:
+    """The errno of a project error (``DeadlineExceeded`` is ``ETIMEDOUT``: it comes before
+    ``Unavailable``, its base); None for anything else. In an exception group (trio's
+    nurseries raise them), the first project error inside decides."""
+    if isinstance(exc, BaseExceptionGroup):
+        return next((code for leaf in leaves(exc) if (code := errno_for(leaf)) is not None),
+                    None)
     for cls, code in _ERRNO:
         if isinstance(exc, cls):
             return code
