@@ -92,7 +92,9 @@ async def _join(args) -> int:
         await _check_is_hub(hub)
         info = await hub.get_channel(args.channel)
         perms = set(info.get("permissions", []))
-        node.db.add_channel(args.channel, args.hub_url.rstrip("/"), info["bucketBaseUrl"], perms)
+        # A node not yet authorized is told no bucket; it learns it once it is.
+        node.db.add_channel(args.channel, args.hub_url.rstrip("/"),
+                            info.get("bucketBaseUrl") or "", perms)
     finally:
         await node.aclose()
     print(f"joined channel {args.channel} on {args.hub_url}")

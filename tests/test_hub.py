@@ -38,11 +38,15 @@ async def test_channel_administration_is_for_the_owner(env):
     with pytest.raises(InvalidInput):
         await owner.authorize_node("lab.data", other.key.node_id, ["flyPlanes"])
     info = await other.get_channel("lab.data")
-    assert info["permissions"] == [] and info["bucketBaseUrl"] == f"{URL}/kachery"
+    # a non-member learns nothing of the channel, not even whether it exists
+    assert info == {"channel": "lab.data", "permissions": [], "isOwner": False}
+    assert await other.get_channel("no.such") == {"channel": "no.such", "permissions": [],
+                                                  "isOwner": False}
     await owner.authorize_node("lab.data", other.key.node_id, ["requestFiles"])
-    assert (await other.get_channel("lab.data"))["permissions"] == ["requestFiles"]
+    info = await other.get_channel("lab.data")
+    assert info["permissions"] == ["requestFiles"] and info["bucketBaseUrl"] == f"{URL}/kachery"
     with pytest.raises(NotFound):
-        await other.get_channel("no.such")
+        await owner.get_channel("no.such")
 
 
 async def test_stale_replayed_and_forged_requests_are_refused(env):

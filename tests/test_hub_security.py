@@ -380,3 +380,24 @@ async def test_a_subfeed_named_by_an_upper_case_hash_goes_through_the_hub_as_wri
     sync_m.store.add_feed(feed)
     assert await sync_m.fetch(CH, feed, h) == (2, None)
     assert server.hub.feeds.count(CH, feed, h) == 2
+
+
+async def test_small_holes(env):
+    from kachery_fs.errors import InvalidInput
+    from kachery_fs.hub.service import check_channel_name
+
+    server, owner, other, client = env
+    with pytest.raises(InvalidInput):
+        check_channel_name("lab.data\n")
+    with pytest.raises(InvalidInput, match="label"):
+        await owner.authorize_node(CH, other.key.node_id, ["requestFiles"], label=["x"])
+    r = await client.post("/api/node", json=owner.envelope("authorizeNode", {
+        "channel": CH, "targetNodeId": other.key.node_id, "permissions": [], "label": 5}))
+    assert r.status_code == 400
+    # download claims count only for objects on record, for at most their size
+    data = b"downloaded " * 100
+    sha1 = await upload(server, client, owner, data)
+    await other.call("reportDownloads", channel=CH, downloads=[
+        [sha1, 5 * 1024**4], [sha1, 5 * 1024**4], ["0" * 40, 5 * 1024**4]])
+    stats = server.hub.cache.stats(CH)
+    assert stats["downloads"]["bytes"] == len(data), stats

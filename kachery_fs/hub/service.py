@@ -44,7 +44,7 @@ from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
 
-CHANNEL_NAME_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 #: How long a signed upload URL stays valid. Short: the session URI it yields outlives it.
 UPLOAD_URL_EXPIRY_S = 600
@@ -71,7 +71,8 @@ class AuthError(PermissionDenied):
 
 
 def check_channel_name(name: str) -> str:
-    if not isinstance(name, str) or not (3 <= len(name) <= 40) or not CHANNEL_NAME_RE.match(name):
+    if (not isinstance(name, str) or not (3 <= len(name) <= 40)
+            or not CHANNEL_NAME_RE.fullmatch(name)):
         raise InvalidInput(
             f"invalid channel name {name!r}: use 3-40 characters from A-Z a-z 0-9 _ - "
             "in segments joined by '.'")
@@ -205,13 +206,19 @@ class Hub:
     # -- handlers -------------------------------------------------------------------------
 
     async def _on_getChannel(self, caller: Caller, body: dict) -> dict:
+        """A node's permissions on a channel, and where its bucket is. A node that is not a
+        member gets the same answer whether the channel exists or not (no bucket, no
+        permissions), so that names cannot be probed; the owner is told of a wrong name."""
         name = check_channel_name(body.get("channel"))
+        permissions = self.db.permissions(name, caller.node_id)
+        if not caller.is_owner and not permissions:
+            return {"channel": name, "permissions": [], "isOwner": False}
         record = self.db.channel(name)
         backend = self.buckets.for_uri(record.bucket_uri)
         return {
             "channel": record.name,
             "bucketBaseUrl": backend.base_url(),
-            "permissions": sorted(self.db.permissions(name, caller.node_id)),
+            "permissions": sorted(permissions),
             "isOwner": caller.is_owner,
         }
 
@@ -249,17 +256,21 @@ class Hub:
         """A node reports what it downloaded from the bucket: the demand that decides which
         objects stay cached, and the egress figure in the stats."""
         name = check_channel_name(body.get("channel"))
-        self.db.channel(name)
-        if not self.db.permissions(name, caller.node_id):
-            raise PermissionDenied(f"node {caller.node_id[:12]}… is not a member of channel"
-                                   f" {name!r}")
+        self._require(caller, name, "requestFiles")
         downloads = body.get("downloads")
         if not isinstance(downloads, list) or len(downloads) > 10_000 or not all(
                 isinstance(d, list) and len(d) == 2 and isinstance(d[0], str)
                 and is_sha1(d[0]) and isinstance(d[1], int) and 0 <= d[1] <= MAX_OBJECT_SIZE
                 for d in downloads):
             raise InvalidInput("downloads must be a list of up to 10,000 [sha1, bytes] pairs")
-        self.cache.downloaded(name, [(s.lower(), n) for s, n in downloads])
+        # A claim counts for an object on record, for at most its size: a node keeps what
+        # it downloads, so one report (every few seconds) holds one download of each.
+        claims: dict[str, int] = {}
+        for sha1, n in downloads:
+            claims[sha1.lower()] = claims.get(sha1.lower(), 0) + n
+        bounded = [(sha1, min(n, size)) for sha1, n in claims.items()
+                   if (size := self.cache.size_of(name, sha1)) is not None]
+        self.cache.downloaded(name, bounded)
         return {}
 
     async def _on_authorizeNode(self, caller: Caller, body: dict) -> dict:
@@ -270,7 +281,10 @@ class Hub:
         if not isinstance(node_id, str) or not is_node_id(node_id):
             raise InvalidInput(f"invalid node id {node_id!r}: expected 64 hex characters")
         perms = check_permissions(body.get("permissions", []))
-        self.db.set_permissions(name, node_id.lower(), perms, body.get("label"))
+        label = body.get("label")
+        if label is not None and (not isinstance(label, str) or len(label) > 200):
+            raise InvalidInput("label must be text of at most 200 characters")
+        self.db.set_permissions(name, node_id.lower(), perms, label)
         log.info("channel %s: node %s… now has %s", name, node_id[:12], sorted(perms) or "nothing")
         self.requests.permissions_changed()
         return {"channel": name, "nodeId": node_id.lower(), "permissions": sorted(perms)}
