@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import random
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
 from typing import TypeVar
@@ -60,6 +61,7 @@ def create_client(*, transport: httpx.AsyncBaseTransport | None = None,
                           max_keepalive_connections=max_connections)
     return httpx.AsyncClient(
         transport=transport,
+        verify=_tls_context(),
         timeout=httpx.Timeout(timeout),
         limits=limits,
         headers={"user-agent": USER_AGENT},
@@ -152,8 +154,34 @@ def check_response(response: httpx.Response, what: str, *, ok: tuple[int, ...] =
         raise error_for_response(response, what)
 
 
-def error_for_exception(exc: httpx.HTTPError, what: str) -> Unavailable:
-    """Translate a transport-level httpx exception (no response) into our tree."""
+def _tls_context() -> ssl.SSLContext:
+    """How https servers are checked: against the system's certificate authorities (where
+    ``update-ca-certificates`` puts a private one), or those of the file named by
+    ``SSL_CERT_FILE`` or the directory named by ``SSL_CERT_DIR``, as OpenSSL does."""
+    return ssl.create_default_context()
+
+
+def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+    """The first exception of ``kind`` in the chain of causes of ``exc`` (httpx wraps
+    those of the transport)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, kind):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def error_for_exception(exc: httpx.HTTPError, what: str) -> KacheryError:
+    """Translate a transport-level httpx exception (no response) into our tree: all are
+    transient (:class:`Unavailable`) but an untrusted TLS certificate."""
+    cause = _cause(exc, ssl.SSLCertVerificationError)
+    if cause is not None:  # retrying cannot help
+        return PermissionDenied(
+            f"{what}: the server's TLS certificate is not trusted here"
+            f" ({cause.verify_message or cause}); if a private authority signed it, add that"
+            " to the system's (update-ca-certificates) or point SSL_CERT_FILE at it")
     if isinstance(exc, httpx.TimeoutException):
         return DeadlineExceeded(f"{what}: timed out ({type(exc).__name__})")
     return Unavailable(f"{what}: {type(exc).__name__}: {exc}")
@@ -196,7 +224,9 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, attempts
         try:
             return await operation()
         except httpx.HTTPError as exc:
-            err: Unavailable = error_for_exception(exc, what)
+            err = error_for_exception(exc, what)
+            if not isinstance(err, Unavailable):
+                raise err from None
         except Unavailable as exc:
             err = exc
         if backoff.attempt + 1 >= attempts:

@@ -710,12 +710,19 @@ async def _hub_serve(args) -> int:
         from .hub.gcs import GoogleCloudStorage
 
         gcs = GoogleCloudStorage.from_environment(key_file=args.gcs_credentials)
+    tls = None
+    if args.tls_cert or args.tls_key:
+        if not (args.tls_cert and args.tls_key):
+            raise InvalidInput("https needs both --tls-cert and --tls-key")
+        from ._serve import Tls
+
+        tls = Tls(Path(args.tls_cert), Path(args.tls_key)).check()
     server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket,
                        gcs=gcs)
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(lambda task_status: server.run(
-                host=args.host, port=args.port, public_url=args.public_url,
+                host=args.host, port=args.port, public_url=args.public_url, tls=tls,
                 task_status=task_status))
             print(f"kachery-fs hub listening on {url} (owner {owner})", flush=True)
             if args.url_file:
@@ -1213,12 +1220,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--dir", help="hub state directory (default $KACHERY_FS_DIR/hub)")
     t.add_argument("--owner", help="node id of the hub's owner (default: this node)")
     t.add_argument("--public-url", help="URL nodes use to reach this hub"
-                   " (default http://HOST:PORT)")
+                   " (default http://HOST:PORT, or https:// with --tls-cert)")
     t.add_argument("--no-local-bucket", action="store_true", help="serve no local bucket")
     t.add_argument("--gcs-credentials", metavar="KEY_FILE",
                    help="service-account JSON key that signs upload URLs for gs:// channels"
                         " (default: $GOOGLE_APPLICATION_CREDENTIALS); with"
                         " $STORAGE_EMULATOR_HOST set, gs:// buckets are that emulator's")
+    t.add_argument("--tls-cert", metavar="PEM_FILE",
+                   help="serve https with this certificate (chain); needs --tls-key")
+    t.add_argument("--tls-key", metavar="PEM_FILE", help="the certificate's private key")
     t.add_argument("--url-file", help="write the hub's URL to this file once listening")
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
 

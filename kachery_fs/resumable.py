@@ -261,7 +261,10 @@ class _Verifier:
 def _transient(exc: Exception) -> Unavailable:
     if isinstance(exc, Unavailable):
         return exc
-    return error_for_exception(exc, "upload")  # httpx transport errors are all transient
+    err = error_for_exception(exc, "upload")  # transient, but an untrusted certificate
+    if not isinstance(err, Unavailable):
+        raise err from None
+    return err
 
 
 async def _put_chunk(client: httpx.AsyncClient, session_uri: str, data: bytes, first: int,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import trio
 
-from .._serve import serve_asgi
+from .._serve import Tls, serve_asgi
 from ..config import private_directory, private_files
 from .app import compose, create_api
 from .gcs import GoogleCloudStorage
@@ -60,13 +60,16 @@ class HubServer:
             self.local.public_keys.update(signer.public_keys())
 
     async def run(self, *, host: str = "127.0.0.1", port: int = 0, public_url: str | None = None,
-                  task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until cancelled; ``task_status.started(url)`` once listening."""
+                  tls: Tls | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled (https with ``tls``); ``task_status.started(url)`` once
+        listening."""
         async with trio.open_nursery() as nursery:
-            bound = await nursery.start(partial(serve_asgi, self.app, host=host, port=port))
+            bound = await nursery.start(partial(serve_asgi, self.app, host=host, port=port,
+                                                tls=tls))
             nursery.start_soon(self.hub.requests.run)
             nursery.start_soon(self.hub.cache.run)
-            self._set_public_url(public_url or f"http://{host}:{bound}")
+            scheme = "https" if tls is not None else "http"
+            self._set_public_url(public_url or f"{scheme}://{host}:{bound}")
             log.info("hub listening on %s (owner %s…)", self.url, self.hub.owner_id[:12])
             task_status.started(self.url)
 
