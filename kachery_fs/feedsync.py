@@ -211,7 +211,7 @@ class FeedSync:
                 f" {self.node.node_id} --add requestFeeds`")
         ch = self.node.channel(channel)
         base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
-        if hub_count is None:
+        if not isinstance(hub_count, int) or hub_count < 0:
             hub_count = await self.hub_count(channel, feed_id, subfeed_hash)
         local = self.store.count(feed_id, subfeed_hash)
         if 0 < hub_count <= local:

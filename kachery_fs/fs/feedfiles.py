@@ -158,7 +158,8 @@ class FeedFiles:
                 if not self.owned(key[0]):
                     try:
                         await self.sync.fetch(channel, key[0], key[1],
-                                              name=None if name.startswith("~") else name)
+                                              name=None if name.startswith("~") else name,
+                                              hub_count=update.get("messageCount"))
                     except KacheryError as exc:
                         log.warning("fetching feed %s… subfeed %s: %s", key[0][:12], name, exc)
                 new = self.content(key[0], name)
