@@ -61,6 +61,28 @@ class DeadlineExceeded(Unavailable):
     """A wait ran past the deadline its caller set, or a transfer stopped making progress."""
 
 
+class NoSpace(KacheryError):
+    """The disk (or quota) that holds the node's store or database is full (``ENOSPC``).
+
+    Raised instead of SQLite's "database or disk is full" (see :func:`as_no_space`); the
+    operation changed nothing: a name keeps its previous content.
+    """
+
+
+#: SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
+
+
+def as_no_space(exc: BaseException, what: str) -> NoSpace | None:
+    """``exc`` as :class:`NoSpace` when it is SQLite's ``SQLITE_FULL`` (a write found the
+    disk full), else None. Duck-typed (``sqlite_errorcode``), so this module needs no
+    sqlite3."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int) and code & 0xFF == _SQLITE_FULL:
+        return NoSpace(f"{what}: the disk is full ({exc})")
+    return None
+
+
 class ReadOnly(KacheryError):
     """A write was attempted on something that can only be read."""
 

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import Conflict, InvalidInput, NotFound
+from .errors import Conflict, InvalidInput, NotFound, as_no_space
 
 log = logging.getLogger(__name__)
 
@@ -115,13 +115,33 @@ def _entry(row) -> Entry:
 _ENTRY_COLS = "id, channel, parent, name, is_dir, sha1, size, mode, mtime_ns"
 
 
+class _Connection(sqlite3.Connection):
+    """A connection on which a full disk (``SQLITE_FULL``) raises :class:`NoSpace`, the
+    project's error, so that callers (a FUSE handler answers ``ENOSPC``) need not know
+    SQLite. Every statement either happened or not: in autocommit mode a failed one
+    leaves nothing behind."""
+
+    def execute(self, sql, parameters=(), /):
+        try:
+            return super().execute(sql, parameters)
+        except sqlite3.OperationalError as exc:
+            full = as_no_space(exc, "writing the node database")
+            if full is None:
+                raise
+            raise full from exc
+
+
 class NodeDB:
-    """The node's SQLite state. See the module docstring for the concurrency model."""
+    """The node's SQLite state. See the module docstring for the concurrency model.
+
+    Raises :class:`~kachery_fs.errors.NoSpace` when the disk is full; nothing is then
+    changed.
+    """
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
+                                   check_same_thread=False, factory=_Connection)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -317,7 +337,10 @@ class NodeDB:
                              (new_parent, new_name, entry_id))
             self._db.execute("COMMIT")
         except BaseException:
-            self._db.execute("ROLLBACK")
+            # A full disk may have rolled the transaction back already (SQLite does so
+            # on SQLITE_FULL); a ROLLBACK then would fail and hide the real error.
+            if self._db.in_transaction:
+                self._db.execute("ROLLBACK")
             raise
 
     def delete_entry(self, entry_id: int) -> None:

@@ -43,7 +43,7 @@ from pathlib import Path
 
 from . import settings
 from .cache import ADDED, FETCHED, WRITTEN, StoreCache
-from .errors import IntegrityError, InvalidInput, NotFound
+from .errors import IntegrityError, InvalidInput, NotFound, as_no_space
 from .uris import is_sha1
 
 log = logging.getLogger(__name__)
@@ -124,8 +124,11 @@ class StagingFile:
                 _check_hash(expected, sha1)
             # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
             self._store._install(self.path, sha1, origin)
-        except BaseException:
+        except BaseException as exc:
             self.discard()
+            full = as_no_space(exc, "recording a written file in the store's index")
+            if full is not None:  # SQLITE_FULL from the index: the disk is full
+                raise full from exc
             raise
         os.close(self.fd)
         self.fd = -1

@@ -27,6 +27,7 @@ from .errors import (
     IntegrityError,
     InvalidInput,
     KacheryError,
+    NoSpace,
     NotFound,
     PermissionDenied,
     Unavailable,
@@ -34,6 +35,10 @@ from .errors import (
 from .node import Node
 
 log = logging.getLogger(__name__)
+
+#: How long a worker waits before it tries again an upload whose state the node database
+#: could not record because the disk is full.
+NO_SPACE_PAUSE_S = 60.0
 
 
 class Uploader:
@@ -101,10 +106,20 @@ class Uploader:
             self._active.add(key)
             try:
                 await self._run(job)
+            except NoSpace as exc:
+                # The node database cannot record the upload's state (the disk is full).
+                # The upload stays queued as it was; a worker must not die of it, which
+                # would take the mount down with it.
+                log.warning("upload of sha1://%s to %s paused for %g s: %s", job.sha1,
+                            job.channel, NO_SPACE_PAUSE_S, exc)
+                await trio.sleep(NO_SPACE_PAUSE_S)
             except Exception:
                 log.exception("upload of %s to %s failed unexpectedly", job.sha1, job.channel)
-                self.node.db.update_upload(job.channel, job.sha1, state="failed",
-                                           error="internal error (see the log)")
+                try:
+                    self.node.db.update_upload(job.channel, job.sha1, state="failed",
+                                               error="internal error (see the log)")
+                except NoSpace as exc:
+                    log.warning("could not mark the upload failed: %s", exc)
             finally:
                 self._active.discard(key)
                 self._progress.pop(key, None)

@@ -17,11 +17,13 @@ from ..errors import (
     DeadlineExceeded,
     IntegrityError,
     InvalidInput,
+    NoSpace,
     NotFound,
     PermissionDenied,
     ProtocolError,
     ReadOnly,
     Unavailable,
+    as_no_space,
     leaves,
 )
 
@@ -34,6 +36,7 @@ _ERRNO = [
     (ProtocolError, errno.EIO),
     (DeadlineExceeded, errno.ETIMEDOUT),
     (Unavailable, errno.EIO),
+    (NoSpace, errno.ENOSPC),
     (ReadOnly, errno.EROFS),
     (Conflict, errno.EEXIST),
     (InvalidInput, errno.EINVAL),
@@ -50,6 +53,8 @@ def errno_for(exc: BaseException) -> int | None:
     for cls, code in _ERRNO:
         if isinstance(exc, cls):
             return code
+    if as_no_space(exc, "") is not None:  # SQLite's own error, from a path not translated
+        return errno.ENOSPC
     return None
 
 

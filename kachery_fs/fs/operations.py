@@ -52,7 +52,15 @@ class Writer:
     readers: int = 0  # read-only handles opened while it was being written
     dirty: bool = False
     unqueued: bool = False  # committed, but the upload is queued only at the last close
+    #: Why the version being written could not be saved (a full disk at a write or at
+    #: the commit); it was dropped, and every later write, flush, fsync and close of the
+    #: open handles fails with this (see _commit_writer).
+    lost: BaseException | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def check_lost(self) -> None:
+        if self.lost is not None:
+            raise self.lost.with_traceback(None)
 
 
 @dataclass
@@ -185,6 +193,7 @@ class Operations(pyfuse3.Operations):
                     # truncate(2) on a file nobody writes: a new version of it, committed
                     # and queued now.
                     writer = self._writer(entry.id)
+                    writer.lost = None  # whoever lost a version has closed it
                     try:
                         staging = await self._staging(writer, truncate=attr.st_size == 0)
                         staging.truncate(attr.st_size)
@@ -432,6 +441,8 @@ class Operations(pyfuse3.Operations):
 
     async def _open_write(self, vnode: VNode, *, truncate: bool) -> int:
         writer = self._writer(vnode.entry_id)
+        if writer.handles == 0:
+            writer.lost = None  # whoever lost a version has closed it (and was told)
         writer.handles += 1
         try:
             if truncate:
@@ -446,6 +457,7 @@ class Operations(pyfuse3.Operations):
     async def _staging(self, writer: Writer, *, truncate: bool = False) -> StagingFile:
         """The writer's staging file: made from the committed content when there is none
         (empty when ``truncate``). Waits for a commit in flight."""
+        writer.check_lost()  # never write on top of the old content instead of the lost one
         if writer.staging is not None and not (truncate and writer.staging.size):
             return writer.staging
         async with writer.lock:
@@ -523,9 +535,17 @@ class Operations(pyfuse3.Operations):
                 return len(buf)
             if not handle.writes:
                 raise pyfuse3.FUSEError(errno.EBADF)
-            staging = await self._staging(handle.writer)
-            handle.writer.dirty = True
-            return staging.write(off, buf)
+            writer = handle.writer
+            staging = await self._staging(writer)
+            writer.dirty = True
+            try:
+                return staging.write(off, buf)
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EIO):
+                    # This version of the file cannot be saved whole: the name keeps the
+                    # previous one, and the writer hears of it at every step.
+                    self._lose(writer, exc)
+                raise
 
     async def flush(self, fh):
         with fuse_errors("flush"):
@@ -538,6 +558,7 @@ class Operations(pyfuse3.Operations):
             if handle is None or not handle.writes:
                 return
             writer = handle.writer
+            writer.check_lost()
             # close(2) waits for this: commit now if this is the only open write handle,
             # so a `cp` that has returned has its file in the store. The upload is queued
             # at the last close (release), so a file written by several short-lived
@@ -548,8 +569,10 @@ class Operations(pyfuse3.Operations):
     async def fsync(self, fh, datasync):
         with fuse_errors("fsync"):
             handle = self._handles.get(fh)
-            if handle is not None and handle.writes and handle.writer.dirty:
-                await self._commit_writer(handle.writer)
+            if handle is not None and handle.writes:
+                handle.writer.check_lost()
+                if handle.writer.dirty:
+                    await self._commit_writer(handle.writer)
 
     async def release(self, fh):
         with fuse_errors("release"):
@@ -575,24 +598,50 @@ class Operations(pyfuse3.Operations):
                 self._forget_writer(writer)
 
     async def _commit_writer(self, writer: Writer) -> None:
-        """Commit the staging file into the store and point the entry at it."""
+        """Commit the staging file into the store and point the entry at it.
+
+        If that fails (a full disk: ``NoSpace``/``ENOSPC``, whether the store or the node
+        database found it full), the name keeps its previous content and what was written
+        is dropped. The failure stays with the writer (``lost``): every later write,
+        flush, fsync and close of its open handles fails the same way, so a program that
+        missed the first error (one that ignores fsync's) still learns at close that its
+        file was not saved, and nothing is ever written on top of the old content in
+        place of the lost one.
+        """
         async with writer.lock:
+            writer.check_lost()
             staging, writer.staging = writer.staging, None
             if staging is None or not writer.dirty:
                 return
             writer.dirty = False
             size = staging.size
-            sha1 = await trio.to_thread.run_sync(staging.commit)
             try:
-                entry = self.node.db.entry(writer.entry_id)
-            except NotFound:
-                log.info("file was removed before it was closed; sha1://%s stays in the store",
-                         sha1)
-                return
-            self.node.db.set_content(writer.entry_id, sha1, size)
+                sha1 = await trio.to_thread.run_sync(staging.commit)  # discards it if it fails
+                try:
+                    entry = self.node.db.entry(writer.entry_id)
+                except NotFound:
+                    log.info("file was removed before it was closed; sha1://%s stays in the"
+                             " store", sha1)
+                    return
+                self.node.db.set_content(writer.entry_id, sha1, size)
+            except Exception as exc:
+                self._lose(writer, exc)
+                raise
             writer.unqueued = True
             log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1,
                      size)
+
+    def _lose(self, writer: Writer, error: BaseException) -> None:
+        """Drop what ``writer`` was writing: ``error`` made it impossible to save whole
+        (see :meth:`_commit_writer`)."""
+        writer.lost = error
+        writer.dirty = False
+        if writer.staging is not None:
+            writer.staging.discard()
+            writer.staging = None
+        # With the writeback cache the kernel holds the new pages and size: drop them, so
+        # that reads show the content the name still has.
+        self._invalidate(VNode("entry", entry_id=writer.entry_id))
 
     def _queue_upload(self, writer: Writer) -> None:
         if not writer.unqueued:
