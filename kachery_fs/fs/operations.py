@@ -345,7 +345,7 @@ class Operations(pyfuse3.Operations):
             log.warning(
                 "refused to create a file in channel %s: node %s lacks the provideFiles"
                 " permission; the channel owner can grant it with `kachery-fs hub channel"
-                " authorize %s %s --permissions provideFiles`",
+                " authorize %s %s --add provideFiles`",
                 channel, self.node.node_id, channel, self.node.node_id)
             raise PermissionDenied(f"no provideFiles permission on {channel}")
 
