@@ -116,7 +116,7 @@ async def test_allocation_settings_and_who_may_see_them(env):
         await other.call("setChannel", channel="chan", allocation=MiB)
     with pytest.raises(PermissionDenied):
         await other.call("channelStats", channel="chan")
-    with pytest.raises(PermissionDenied, match="not a member"):
+    with pytest.raises(PermissionDenied, match="lacks the requestFiles"):
         await other.call("reportDownloads", channel="chan", downloads=[])
     with pytest.raises(InvalidInput):
         await hub.call("reportDownloads", channel="chan", downloads=[["nothex", 5]])
