@@ -18,11 +18,10 @@ import trio
 from kachery_fs import cli, resumable
 from kachery_fs import node as node_module
 from kachery_fs.errors import InvalidInput, NotFound
-from kachery_fs.hub.serve import HubServer
 from kachery_fs.node import Node
 from kachery_fs.state import NodeDB
 
-from .util import free_port, node_env
+from .util import cli_on_hub_in_process, free_port, node_env
 
 URL = "http://hub.test"
 
@@ -112,29 +111,16 @@ def test_main_keeps_the_traceback_of_a_bug(monkeypatch):
 async def hub_node(tmp_path, monkeypatch):
     """A node joined to channel 'chan' of an in-process hub; `put` uses it."""
     node_dir = tmp_path / "node"
-    probe = Node(node_dir, create=True)
-    owner_id = probe.node_id
-    probe.db.close()
-    await probe.client.aclose()
-    server = HubServer(tmp_path / "hub", owner_id=owner_id)
-    server._set_public_url(URL)
-
-    def open_node(*, create=False):
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
-        return Node(node_dir, client=client)
-
-    node = open_node()
-    hub = node.hub(URL)
-    await hub.create_channel("chan")
-    await hub.authorize_node("chan", node.node_id, ["provideFiles", "requestFiles"])
-    info = await hub.get_channel("chan")
-    node.db.add_channel("chan", URL, info["bucketBaseUrl"], set(info["permissions"]))
-    await node.aclose()
-    monkeypatch.setattr(cli, "_open_node", open_node)
-    try:
+    async with cli_on_hub_in_process(node_dir, tmp_path / "hub",
+                                     monkeypatch) as (server, open_node):
+        node = open_node()
+        hub = node.hub(URL)
+        await hub.create_channel("chan")
+        await hub.authorize_node("chan", node.node_id, ["provideFiles", "requestFiles"])
+        info = await hub.get_channel("chan")
+        node.db.add_channel("chan", URL, info["bucketBaseUrl"], set(info["permissions"]))
+        await node.aclose()
         yield node_dir, server, open_node
-    finally:
-        server.close()
 
 
 def put_args(*files) -> argparse.Namespace:

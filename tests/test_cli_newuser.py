@@ -15,13 +15,13 @@ import pytest
 
 from kachery_fs import cli
 from kachery_fs.errors import InvalidInput, PermissionDenied
-from kachery_fs.hub.serve import HubServer
 from kachery_fs.node import Node
 
 from .util import IN_PROCESS_HUB_URL as URL
 from .util import (
     KFS,
     HubProcess,
+    cli_on_hub_in_process,
     free_port,
     kfs,
     lazy_unmount,
@@ -39,29 +39,15 @@ from .util import (
 async def owner_hub(tmp_path, monkeypatch):
     """An in-process hub owned by a new node, with channel 'chan'; the CLI's nodes are the
     owner's, talking to that hub."""
-    node_dir = tmp_path / "owner"
-    probe = Node(node_dir, create=True)
-    owner_id = probe.node_id
-    probe.db.close()
-    await probe.client.aclose()
-    server = HubServer(tmp_path / "hub", owner_id=owner_id)
-    server._set_public_url(URL)
-
-    def open_node(*, create=False):
-        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
-        return Node(node_dir, client=client)
-
-    monkeypatch.setattr(cli, "_open_node", open_node)
-    monkeypatch.setenv("KACHERY_FS_HUB", URL)
-    node = open_node()
-    try:
-        await node.hub(URL).create_channel("chan")
-    finally:
-        await node.aclose()
-    try:
-        yield server, owner_id
-    finally:
-        server.close()
+    async with cli_on_hub_in_process(tmp_path / "owner", tmp_path / "hub",
+                                     monkeypatch) as (server, open_node):
+        monkeypatch.setenv("KACHERY_FS_HUB", URL)
+        node = open_node()
+        try:
+            await node.hub(URL).create_channel("chan")
+        finally:
+            await node.aclose()
+        yield server, node.node_id
 
 
 async def run_async(*argv) -> int:

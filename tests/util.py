@@ -319,3 +319,31 @@ async def hub_in_process(directory: Path):
     finally:
         await client.aclose()
         server.close()
+
+
+@asynccontextmanager
+async def cli_on_hub_in_process(node_dir: Path, hub_dir: Path, monkeypatch):
+    """The CLI's commands, run in this process as node ``node_dir``, talk to a hub that
+    the node owns, in this process (``cli._open_node`` is patched): yields the hub server
+    and the ``open_node`` the CLI then uses."""
+    import httpx
+
+    from kachery_fs import cli
+    from kachery_fs.hub.serve import HubServer
+    from kachery_fs.node import Node
+
+    probe = Node(node_dir, create=True)
+    probe.db.close()
+    await probe.client.aclose()
+    server = HubServer(hub_dir, owner_id=probe.node_id)
+    server._set_public_url(IN_PROCESS_HUB_URL)
+
+    def open_node(*, create=False):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
+        return Node(node_dir, client=client)
+
+    monkeypatch.setattr(cli, "_open_node", open_node)
+    try:
+        yield server, open_node
+    finally:
+        server.close()
