@@ -115,12 +115,15 @@ class HubClient:
     # -- file requests ---------------------------------------------------------------------
 
     async def request_file(self, channel: str, sha1: str, *, version: int | None = None,
-                           wait_s: float = 0.0) -> dict:
+                           wait_s: float = 0.0, bad: bool = False) -> dict:
         """Start or join a request (``version`` None), or wait for a change after
-        ``version``; returns the request's state."""
+        ``version``; returns the request's state. ``bad``: the bucket's object failed
+        verification here (the hub checks it, and deletes it if it is bad)."""
         fields = {"channel": channel, "sha1": sha1}
         if version is not None:
             fields["version"] = version
+        if bad:
+            fields["bad"] = True
         return await self.call("requestFile", wait_s=wait_s, **fields)
 
     async def listen_requests(self, wait_s: float) -> list[dict]:

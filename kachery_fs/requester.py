@@ -48,11 +48,12 @@ class RequestFailed(NotFound):
 
 class FileRequest:
     def __init__(self, node: Node, channel: str, sha1: str, *,
-                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
+                 stall_timeout: float = DEFAULT_STALL_TIMEOUT_S, bad: bool = False):
         self.node = node
         self.channel = channel
         self.sha1 = sha1
         self.stall_timeout = stall_timeout
+        self.bad = bad  # the bucket's object failed verification: the hub is to check it
         self.state: dict = {}
         self.size: int | None = None
         self.error: KacheryError | None = None
@@ -133,7 +134,8 @@ class FileRequest:
         try:
             # One bad answer (a 503, a dropped connection) is retried; only a hub that
             # stays unreachable fails the request.
-            self._update(await retrying(partial(hub.request_file, self.channel, self.sha1),
+            self._update(await retrying(partial(hub.request_file, self.channel, self.sha1,
+                                                bad=self.bad),
                                         what=f"requesting sha1://{self.sha1}"))
         except Unavailable as exc:
             kind = DeadlineExceeded if isinstance(exc, DeadlineExceeded) else Unavailable

@@ -82,13 +82,20 @@ class DownloadContent(Content):
             return b""
         try:
             await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
-        except NotFound:
+        except (NotFound, IntegrityError):  # evicted, or bad bytes the hub is to check
             async with self._reopening:
                 if self._instead is None:
                     if self._reopen is None:
                         raise
                     reopen, self._reopen = self._reopen, None
-                    self._instead = await reopen()
+                    instead = await reopen()
+                    if instead.size != self.size:  # the bad object had another size
+                        instead.close()
+                        raise IntegrityError(
+                            f"sha1://{self.download.sha1} has {instead.size} bytes, not the"
+                            f" {self.size} its first copy in the bucket claimed; open it"
+                            " again") from None
+                    self._instead = instead
                     self._release()
             return await self._instead.read(offset, size)
         return os.pread(self.download.fd, end - offset, offset)
@@ -118,6 +125,7 @@ class Resolver:
         # Hashes whose bucket object just failed verification: opens fail at once for a
         # while instead of downloading the same bad bytes again for every reader.
         self._bad: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
+        self._disputed: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
         self.sources = Sources.load(node.dir)
         self._copies: dict[str, trio.Event] = {}  # sha1 -> done, while copied from a source
 
@@ -182,13 +190,14 @@ class Resolver:
         """The file requests this node is waiting on now."""
         return list(self._requests.values())
 
-    def _request(self, channel: str, sha1: str) -> FileRequest:
-        """The one request for (channel, sha1), started if there is none (single-flight)."""
+    def _request(self, channel: str, sha1: str, *, bad: bool = False) -> FileRequest:
+        """The one request for (channel, sha1), started if there is none (single-flight).
+        ``bad``: the bucket's object failed verification, and the hub is told so."""
         key = (channel, sha1)
         request = self._requests.get(key)
         if request is None:
             request = FileRequest(self.node, channel, sha1,
-                                  stall_timeout=self.request_stall_timeout)
+                                  stall_timeout=self.request_stall_timeout, bad=bad)
             self._requests[key] = request
 
             async def run():
@@ -206,7 +215,15 @@ class Resolver:
     async def open(self, channel: str, sha1: str) -> Content:
         bad = self._bad.get((channel, sha1))
         if bad is not None and not self.node.store.has(sha1):
-            raise IntegrityError(f"{bad} (retried after {BAD_OBJECT_TTL_S:.0f} s)")
+            # A bad object in the bucket: the hub checks it, deletes it if so and asks the
+            # providers. Once that request has ended, the bucket is read again, once.
+            request = self._requests.get((channel, sha1))
+            if request is None or not request.bad:
+                raise IntegrityError(f"{bad} (retried after {BAD_OBJECT_TTL_S:.0f} s)")
+            await request.wait_done()
+            if self._bad.get((channel, sha1)) == bad:
+                del self._bad[(channel, sha1)]
+            self._sizes.pop((channel, sha1), None)
         local = self._open_local(sha1)
         if local is not None:
             return local
@@ -242,7 +259,13 @@ class Resolver:
         if self._downloads.get(download.sha1) is download:
             del self._downloads[download.sha1]
         if isinstance(download.error, IntegrityError):
-            self._bad[(channel, download.sha1)] = str(download.error)
+            key = (channel, download.sha1)
+            self._bad[key] = str(download.error)
+            if key not in self._disputed:  # once a while: a second bad copy is an error
+                self._disputed[key] = True
+                log.warning("%s; asking the hub to check it and the channel's nodes for"
+                            " the file", download.error)
+                self._request(channel, download.sha1, bad=True)
         elif isinstance(download.error, NotFound):
             # Gone from the bucket since its size was learnt (evicted by the hub): the next
             # open looks again, and asks the channel's nodes.

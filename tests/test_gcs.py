@@ -173,6 +173,35 @@ async def test_finalize_checks_size_and_presence(hub, fake_gcs, tmp_path):
         await owner.finalize_upload(CH, sha1, 1000)
 
 
+async def test_a_recorded_object_of_the_right_size_and_wrong_bytes_is_disputed_and_deleted(
+        hub, fake_gcs, tmp_path):
+    """The hub cannot hash at finalize on GCS, so junk of the right size is recorded; the
+    first reader that finds it bad tells the hub, which reads it, and deletes it."""
+    server, owner, web = hub
+    await owner.create_channel(CH, f"gs://{BUCKET}")
+    await owner.authorize_node(CH, owner.key.node_id, ["provideFiles", "requestFiles"])
+    data, sha1 = random_file(tmp_path / "real", 3000)
+    random_file(tmp_path / "junk", 3000)
+    signed = await owner.initiate_upload(CH, sha1, 3000)
+    session = await resumable.start_session(web, signed)
+    await resumable.upload(web, session, tmp_path / "junk", 3000)
+    await owner.finalize_upload(CH, sha1, 3000)
+    assert server.hub.cache.size_of(CH, sha1) == 3000  # recorded: the hub cannot tell
+    answer = await owner.request_file(CH, sha1, bad=True)
+    assert fake_gcs.objects(BUCKET) == {}  # read, found bad, deleted
+    assert server.hub.cache.size_of(CH, sha1) is None
+    assert answer["state"] != "finished"  # on to the providers
+    # a good object disputed is read once, then left alone
+    signed = await owner.initiate_upload(CH, sha1, 3000)
+    session = await resumable.start_session(web, signed)
+    await resumable.upload(web, session, tmp_path / "real", 3000)
+    await owner.finalize_upload(CH, sha1, 3000)
+    for _ in range(2):
+        await owner.request_file(CH, sha1, bad=True)
+    assert fake_gcs.objects(BUCKET) == {object_key(CH, sha1): 3000}
+    assert (CH, sha1) in server.hub._checked
+
+
 async def test_both_backends_stat_and_delete(hub, fake_gcs):
     server, owner, web = hub
     await owner.create_channel("on.gcs", f"gs://{BUCKET}")
@@ -450,9 +479,13 @@ def test_bad_and_missing_objects(gcs_cluster):
     with pytest.raises(OSError) as info:
         path.read_bytes()
     assert info.value.errno == errno.EIO
+    # The reader told the hub, which read the object, found it bad and deleted it; no
+    # node holds the file, so there is nothing to serve.
+    assert object_key(CH, sha1) not in c.fake.objects(BUCKET)
+    assert "hashes to" in c.hub.log.read_text()
     r = kfs(c.b, "cat", sha1, check=False, timeout=60)
     err = r.stderr.decode()
-    assert r.returncode == 1 and r.stdout == b"" and "hashes to" in err, err
+    assert r.returncode == 1 and r.stdout == b"" and "no node could provide" in err, err
     assert not c.in_store(c.b, sha1).exists()
     # A hash that no node holds and no bucket has: a clear refusal, nothing served.
     missing = hashlib.sha1(os.urandom(8)).hexdigest()

@@ -245,3 +245,20 @@ def test_hub_down_local_reads_work_and_requests_fail_fast(nodes, tmp_path):
         nodes.hub.start()
         wait_for(lambda: "connected" in xattr(mnt / CH, "user.kachery.status"), timeout=30,
                  what="the mount to reconnect")
+
+
+def test_a_bad_object_left_in_the_bucket_is_checked_deleted_and_provided_again(nodes):
+    """A member uploads junk under a hash and never finalizes it: the first reader that
+    finds it bad tells the hub, which checks it, deletes it and asks the providers."""
+    size = 256 * 1024
+    h, data = stored(nodes.a, size)
+    junk = nodes.hub.bucket_dir() / CH / "sha1" / h[:2] / h[2:4] / h[4:6] / h
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_bytes(os.urandom(size))  # the right size, the wrong bytes
+    mnt = nodes.base / "mnt-b"
+    with serving(nodes.a), mounted(nodes.b, mnt):
+        assert (mnt / CH / "sha1" / h).read_bytes() == data
+    assert junk.read_bytes() == data  # provided again, in place of the junk
+    log = (nodes.hub.log).read_text()
+    assert f"the object of sha1://{h} hashes to" in log and "deleting it" in log
+    assert "providing sha1://" + h in (nodes.a / "serve.log").read_text()

@@ -28,6 +28,7 @@ signed for an emulator are marked for fake-gcs-server's gaps (see
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -171,7 +172,7 @@ class GcsBucketBackend:
     content is refused by every reader (and never cached), until it is deleted.
     """
 
-    can_hash = False
+    can_hash = False  # at finalize; a reader's dispute is checked by reading (sha1)
 
     def __init__(self, gcs: GoogleCloudStorage, bucket: str):
         self.gcs = gcs
@@ -186,6 +187,22 @@ class GcsBucketBackend:
                 key, timeout=CALL_TIMEOUT_S, retry=_RETRY)
             return None if blob is None else int(blob.size)
         return await self._call(stat, f"looking up gs://{self.bucket}/{key}")
+
+    async def sha1(self, key: str) -> str:
+        """The SHA-1 of the object's bytes, read through. Only for a dispute: a reader
+        found that the object does not hash to its name (``Hub._dispute``); the bytes
+        go nowhere but into the hash."""
+        def digest() -> str:
+            hasher = hashlib.sha1()
+
+            class Sink:
+                def write(self, data: bytes) -> int:
+                    hasher.update(data)
+                    return len(data)
+            self.gcs.client().bucket(self.bucket).blob(key).download_to_file(
+                Sink(), timeout=(10, 60), retry=_RETRY)
+            return hasher.hexdigest()
+        return await self._call(digest, f"reading gs://{self.bucket}/{key} to check it")
 
     async def delete(self, key: str) -> None:
         def delete() -> None:

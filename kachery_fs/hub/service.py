@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import trio
+from cachetools import TTLCache
 
 from ..errors import (
     Conflict,
@@ -61,6 +62,11 @@ MAX_FEED_MESSAGES = 10**9
 #: one per channel).
 MAX_LONG_POLLS = 64
 MAX_WATCHES = 8
+
+#: An object found good in a dispute is not read again for this long; a node whose
+#: disputes were wrong this many times is not heard for as long.
+DISPUTE_TTL_S = 3600.0
+MAX_FALSE_DISPUTES = 3
 
 #: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
 MAX_OBJECT_SIZE = 5 * 1024**4
@@ -108,6 +114,11 @@ class Hub:
         self.cache = BucketCache(db.connection, backend_of=self._backend,
                                  held=self.requests.held)
         self._polls: Counter[tuple[str, str | None]] = Counter()
+        # Disputes of bucket objects (see _dispute): in progress, found good, and the
+        # nodes that made wrong ones.
+        self._disputes: dict[tuple[str, str], trio.Event] = {}
+        self._checked: TTLCache = TTLCache(maxsize=100_000, ttl=DISPUTE_TTL_S)
+        self._false_disputes: TTLCache = TTLCache(maxsize=100_000, ttl=DISPUTE_TTL_S)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -367,6 +378,41 @@ class Hub:
             raise self._size_conflict(channel, sha1, size, actual)
         return True
 
+    async def _dispute(self, caller: Caller, channel: str, sha1: str) -> None:
+        """A reader says the bucket's object does not hash to its name: read and hash it
+        (the one time the hub reads an object's bytes on GCS), and delete it if the reader
+        is right, so that the request goes on to the providers. An object is checked at
+        most once per :data:`DISPUTE_TTL_S` however many say so, and a node whose disputes
+        were wrong :data:`MAX_FALSE_DISPUTES` times is not heard for that long."""
+        key = (channel, sha1)
+        if key in self._checked or self._false_disputes.get(caller.node_id, 0) >= \
+                MAX_FALSE_DISPUTES:
+            return
+        running = self._disputes.get(key)
+        if running is not None:
+            await running.wait()
+            return
+        self._disputes[key] = done = trio.Event()
+        try:
+            backend = self._backend(channel)
+            if await backend.stat(object_key(channel, sha1)) is None:
+                return
+            digest = await backend.sha1(object_key(channel, sha1))
+            if digest != sha1:
+                log.warning("channel %s: the object of sha1://%s hashes to %s (reported by"
+                            " %s…); deleting it", channel, sha1, digest, caller.node_id[:12])
+                await backend.delete(object_key(channel, sha1))
+                self.cache.forget(channel, sha1)
+                return
+            self._checked[key] = True
+            self._false_disputes[caller.node_id] = self._false_disputes.get(
+                caller.node_id, 0) + 1
+            log.warning("channel %s: %s… reported sha1://%s as bad, but it checks",
+                        channel, caller.node_id[:12], sha1)
+        finally:
+            del self._disputes[key]
+            done.set()
+
     @staticmethod
     def _size_conflict(channel: str, sha1: str, size: int, actual: int) -> Conflict:
         return Conflict(f"sha1://{sha1} is in the bucket of channel {channel!r} with"
@@ -400,6 +446,8 @@ class Hub:
         if version is not None and not isinstance(version, int):
             raise InvalidInput("version must be an integer")
         if version is None:
+            if body.get("bad") is True:
+                await self._dispute(caller, channel, sha1.lower())
             self.cache.requested(channel, sha1.lower())
         return await self.requests.request(caller.node_id, channel, sha1.lower(),
                                            version=version, wait_s=check_wait(body))
