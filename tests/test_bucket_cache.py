@@ -268,6 +268,8 @@ async def test_concurrent_reads_of_a_download_that_lost_its_object_reopen_once()
             pass
 
     class Refetched:
+        size = 10
+
         async def read(self, offset, size):
             return b"x" * size
 
