@@ -7,6 +7,7 @@ a real server on 127.0.0.1 where the attack is on the HTTP layer itself.
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -401,3 +402,29 @@ async def test_small_holes(env):
         [sha1, 5 * 1024**4], [sha1, 5 * 1024**4], ["0" * 40, 5 * 1024**4]])
     stats = server.hub.cache.stats(CH)
     assert stats["downloads"]["bytes"] == len(data), stats
+
+
+async def test_strangers_cannot_make_the_hub_check_big_signatures_or_probe_names(env):
+    from kachery_fs.errors import PermissionDenied
+    from kachery_fs.hub_client import HubClient
+    from kachery_fs.identity import NodeKey
+
+    server, owner, other, client = env
+    stranger = HubClient(owner.url, NodeKey.generate(), client)
+    big = {"channel": CH, "pad": [1.5] * 5000}
+    r = await client.post("/api/node", json=stranger.envelope("getChannel", big))
+    assert r.status_code == 401 and "not authorized on any channel" in r.text
+    assert (await other.call("getChannel", **big))["permissions"]  # a member may
+    assert (await stranger.get_channel(CH))["permissions"] == []  # small requests: fine
+    # a nonce that SQLite cannot store is a clear refusal, not a 500
+    envelope = stranger.envelope("getChannel", {"channel": CH})
+    envelope["body"]["nonce"] = "\ud800" * 20
+    r = await client.post("/api/node", content=json.dumps(envelope).encode())
+    assert r.status_code == 401 and "nonce" in r.text
+    # a channel that exists and one that does not are refused alike
+    messages = set()
+    for name in (CH, "no.such.channel"):
+        with pytest.raises(PermissionDenied) as info:
+            await stranger.call("requestFile", channel=name, sha1="0" * 40)
+        messages.add(str(info.value).replace(name, "NAME"))
+    assert len(messages) == 1

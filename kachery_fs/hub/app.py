@@ -98,7 +98,7 @@ def create_api(hub: Hub) -> Starlette:
 
             nursery.start_soon(watch_disconnect)
             try:
-                response = JSONResponse(await hub.handle(envelope))
+                response = JSONResponse(await hub.handle(envelope, size=len(raw)))
             except KacheryError as exc:
                 response = _error_response(exc)
             nursery.cancel_scope.cancel()

@@ -45,6 +45,10 @@ from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
 
+NONCE_RE = re.compile(r"[0-9A-Za-z_-]{16,128}")
+#: The largest request a node that is on no channel may send (asking for its permissions).
+MAX_STRANGER_BODY = 8192
+
 CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 #: How long a signed upload URL stays valid. Short: the session URI it yields outlives it.
@@ -122,8 +126,13 @@ class Hub:
 
     # -- authentication ---------------------------------------------------------------
 
-    def authenticate(self, envelope: Any, *, now: float | None = None) -> tuple[Caller, dict]:
-        """Check an envelope's signature, freshness and nonce; return the caller and body."""
+    def authenticate(self, envelope: Any, *, now: float | None = None,
+                     size: int = 0) -> tuple[Caller, dict]:
+        """Check an envelope's signature, freshness and nonce; return the caller and body.
+
+        The cheap checks come first, and a node that is neither the owner nor authorized
+        on any channel may send only a small request (``size``: the body's bytes), so that
+        checking the signature of a large body cannot be had for free."""
         if not isinstance(envelope, dict):
             raise InvalidInput("request must be a JSON object")
         body, node_id, signature = envelope.get("body"), envelope.get("nodeId"), envelope.get("signature")
@@ -133,8 +142,6 @@ class Hub:
             raise InvalidInput("nodeId must be 64 hex characters")
         if body.get("nodeId", node_id) != node_id:
             raise AuthError("body.nodeId does not match the signer")
-        if not verify_signature(body, signature, node_id):
-            raise AuthError("bad signature")
         now = time.time() if now is None else now
         ts = body.get("timestamp")
         if not isinstance(ts, int) or abs(ts / 1000 - now) > MAX_CLOCK_SKEW_S:
@@ -142,14 +149,20 @@ class Hub:
                 f"stale or missing timestamp: the request is more than {MAX_CLOCK_SKEW_S} s "
                 "off the hub's clock (check this machine's clock)")
         nonce = body.get("nonce")
-        if not isinstance(nonce, str) or not (16 <= len(nonce) <= 128):
+        if not isinstance(nonce, str) or not NONCE_RE.fullmatch(nonce):
             raise AuthError("missing or malformed nonce")
+        is_owner = node_id.lower() == self.owner_id
+        if size > MAX_STRANGER_BODY and not is_owner and not self.db.channels_of(node_id.lower()):
+            raise AuthError(f"node {node_id[:12]}… is not authorized on any channel of this"
+                            f" hub, and may send requests of {MAX_STRANGER_BODY} bytes at most")
+        if not verify_signature(body, signature, node_id):
+            raise AuthError("bad signature")
         if not self.db.remember_nonce(node_id, nonce, now=now, keep_s=2 * MAX_CLOCK_SKEW_S + 60):
             raise AuthError("replayed request (nonce already used)")
-        return Caller(node_id=node_id.lower(), is_owner=node_id.lower() == self.owner_id), body
+        return Caller(node_id=node_id.lower(), is_owner=is_owner), body
 
-    async def handle(self, envelope: Any) -> dict:
-        caller, body = self.authenticate(envelope)
+    async def handle(self, envelope: Any, *, size: int = 0) -> dict:
+        caller, body = self.authenticate(envelope, size=size)
         kind = body.get("type")
         handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
         if handler is None:
@@ -195,7 +208,11 @@ class Hub:
                 f" you are {caller.node_id[:12]}…)")
 
     def _require(self, caller: Caller, channel: str, permission: str) -> None:
-        self.db.channel(channel)  # NotFound for an unknown channel
+        """PermissionDenied unless the caller holds ``permission`` on ``channel``; the same
+        for a channel that does not exist (names cannot be probed), but for the owner,
+        who is told of a wrong name (NotFound)."""
+        if caller.is_owner:
+            self.db.channel(channel)
         if permission not in self.db.permissions(channel, caller.node_id):
             raise PermissionDenied(
                 f"node {caller.node_id[:12]}… lacks the {permission} permission on channel"
