@@ -420,6 +420,9 @@ async def test_strangers_cannot_make_the_hub_check_big_signatures_or_probe_names
     envelope = stranger.envelope("getChannel", {"channel": CH})
     envelope["body"]["nonce"] = "\ud800" * 20
     r = await client.post("/api/node", content=json.dumps(envelope).encode())
+    assert r.status_code == 400 and "surrogate" in r.text
+    envelope["body"]["nonce"] = "é" * 20
+    r = await client.post("/api/node", content=json.dumps(envelope).encode())
     assert r.status_code == 401 and "nonce" in r.text
     # a channel that exists and one that does not are refused alike
     messages = set()
@@ -428,3 +431,38 @@ async def test_strangers_cannot_make_the_hub_check_big_signatures_or_probe_names
             await stranger.call("requestFile", channel=name, sha1="0" * 40)
         messages.add(str(info.value).replace(name, "NAME"))
     assert len(messages) == 1
+
+
+async def test_more_odd_input_is_a_clear_400_and_finalize_again_costs_nothing(env):
+    from kachery_fs.errors import InvalidInput
+    from kachery_fs.hub.localbucket import select_range
+
+    server, owner, other, client = env
+    with pytest.raises(InvalidInput, match="permissions"):
+        await owner.call("authorizeNode", channel=CH, targetNodeId=other.key.node_id,
+                         permissions=[[1]])
+    envelope = owner.envelope("authorizeNode", {"channel": CH, "permissions": [],
+                                                "targetNodeId": other.key.node_id,
+                                                "label": "\ud800x"})
+    r = await client.post("/api/node", content=json.dumps(envelope).encode())
+    assert r.status_code == 400 and "surrogate" in r.text
+    with pytest.raises(InvalidInput, match="label"):
+        await owner.authorize_node(CH, other.key.node_id, ["requestFiles"], label="a\nb")
+    with pytest.raises(InvalidInput, match="allocation"):
+        await owner.call("createChannel", channel="big.alloc", allocation=2**63)
+    with pytest.raises(InvalidInput, match="allocation"):
+        await owner.call("setChannel", channel=CH, allocation=2**63)
+    assert "big.alloc" not in [c["channel"] for c in await owner.list_channels()]
+    assert select_range("bytes=" + "9" * 5000 + "-", 100) is None  # malformed: whole object
+    await owner.call("setChannel", channel=CH, allocation=1000)
+    with pytest.raises(InvalidInput, match="more than the allocation"):
+        await other.initiate_upload(CH, "ab" * 20, 1001)
+    await owner.call("setChannel", channel=CH, allocation=None)
+    # a finalize repeated on an object on record neither hashes it again nor counts it
+    data = b"finalized once " * 100
+    sha1 = await upload(server, client, owner, data)
+    hashed = []
+    server.local.sha1 = lambda *a, real=server.local.sha1: hashed.append(a) or real(*a)
+    for _ in range(3):
+        await other.finalize_upload(CH, sha1, len(data))
+    assert hashed == [] and server.hub.cache.stats(CH)["uploads"]["count"] == 1

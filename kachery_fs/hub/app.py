@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import trio
 from starlette.applications import Starlette
@@ -57,6 +58,19 @@ def _error_response(exc: KacheryError) -> JSONResponse:
     return JSONResponse({"error": {"code": "error", "message": str(exc)}}, status_code=500)
 
 
+#: A JSON escape of a UTF-16 surrogate: parsed, a lone one is not text, and fails wherever
+#: it is stored or encoded. Only bodies holding one are checked further.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _is_unicode(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 async def _read_body(request: Request) -> bytes | None:
     """The request's body, or None once it is known to pass :data:`MAX_BODY`: from its
     ``Content-Length`` before any of it is read, else as the running total passes it."""
@@ -87,6 +101,9 @@ def create_api(hub: Hub) -> Starlette:
             envelope = json.loads(raw)
         except (ValueError, RecursionError):  # RecursionError: JSON nested thousands deep
             return _error_response(InvalidInput("request body is not JSON"))
+        if _SURROGATE_ESCAPE.search(raw) and not _is_unicode(envelope):
+            return _error_response(InvalidInput("request body holds a lone surrogate (\\ud800"
+                                                "-\\udfff), which is not text"))
         # A long-poll (a provider listening, a requester waiting) must end when its client
         # goes away, so that the hub knows at once that a provider has disconnected.
         response = None

@@ -80,8 +80,9 @@ def parse_allocation(value) -> int | None:
     """An allocation from the API: a positive byte count, or None for no limit."""
     if value is None:
         return None
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise InvalidInput("allocation must be a positive number of bytes, or none")
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value <= 2**62:
+        raise InvalidInput("allocation must be a positive number of bytes (up to 4 EiB),"
+                           " or none")
     return value
 
 

@@ -103,7 +103,7 @@ _TMP_DIR = ".tmp"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{64}")
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]")
 _CONTENT_RANGE = re.compile(r"bytes (?:(\d+)-(\d+)|\*)/(\d+|\*)")
-_BYTE_RANGE = re.compile(r"(\d*)-(\d*)")
+_BYTE_RANGE = re.compile(r"(\d{0,20})-(\d{0,20})")  # longer numbers: malformed
 _SIGNATURE_PARAMS = ("X-Goog-Algorithm", "X-Goog-Credential", "X-Goog-Date",
                      "X-Goog-Expires", "X-Goog-SignedHeaders", "X-Goog-Signature")
 

@@ -92,6 +92,8 @@ def check_channel_name(name: str) -> str:
 def check_permissions(perms: Any) -> set[str]:
     if not isinstance(perms, list | tuple | set | frozenset):
         raise InvalidInput("permissions must be a list")
+    if not all(isinstance(p, str) for p in perms):
+        raise InvalidInput("permissions must be names")
     unknown = set(perms) - set(PERMISSIONS)
     if unknown:
         raise InvalidInput(f"unknown permission(s) {sorted(unknown)}; known: {', '.join(PERMISSIONS)}")
@@ -310,8 +312,10 @@ class Hub:
             raise InvalidInput(f"invalid node id {node_id!r}: expected 64 hex characters")
         perms = check_permissions(body.get("permissions", []))
         label = body.get("label")
-        if label is not None and (not isinstance(label, str) or len(label) > 200):
-            raise InvalidInput("label must be text of at most 200 characters")
+        if label is not None and (not isinstance(label, str) or len(label) > 200
+                                  or not label.isprintable()
+                                  or not label.encode("utf-8", "replace").decode() == label):
+            raise InvalidInput("label must be printable text of at most 200 characters")
         self.db.set_permissions(name, node_id.lower(), perms, label)
         log.info("channel %s: node %s… now has %s", name, node_id[:12], sorted(perms) or "nothing")
         self.requests.permissions_changed()
@@ -329,6 +333,10 @@ class Hub:
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFiles")
         sha1, size = self._sha1_and_size(body)
+        allocation, _ = self.cache.settings(channel)
+        if allocation is not None and size > allocation:
+            raise InvalidInput(f"sha1://{sha1} has {size} bytes, more than the allocation of"
+                               f" channel {channel!r} ({allocation} bytes)")
         backend = self._backend(channel)
         present = await backend.stat(object_key(channel, sha1))
         if present is not None and await self._settle(backend, caller, channel, sha1,
@@ -365,7 +373,7 @@ class Hub:
         """
         key = object_key(channel, sha1)
         recorded = self.cache.size_of(channel, sha1)
-        if recorded is not None and recorded == actual and not (uploaded and size == actual):
+        if recorded is not None and recorded == actual:  # checked before: not again
             if size != actual:
                 raise self._size_conflict(channel, sha1, size, actual)
             return True
