@@ -19,7 +19,7 @@ import trio
 from cachetools import TTLCache
 
 from .bucket import Download, head_size, object_url
-from .errors import DeadlineExceeded, IntegrityError, NotFound
+from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .node import Node
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
@@ -220,7 +220,10 @@ class Resolver:
             request = self._requests.get((channel, sha1))
             if request is None or not request.bad:
                 raise IntegrityError(f"{bad} (retried after {BAD_OBJECT_TTL_S:.0f} s)")
-            await request.wait_done()
+            try:
+                await request.wait_done()
+            except KacheryError as exc:
+                raise IntegrityError(f"{bad}; and no good copy came instead: {exc}") from None
             if self._bad.get((channel, sha1)) == bad:
                 del self._bad[(channel, sha1)]
             self._sizes.pop((channel, sha1), None)

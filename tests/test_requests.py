@@ -260,5 +260,5 @@ def test_a_bad_object_left_in_the_bucket_is_checked_deleted_and_provided_again(n
         assert (mnt / CH / "sha1" / h).read_bytes() == data
     assert junk.read_bytes() == data  # provided again, in place of the junk
     log = (nodes.hub.log).read_text()
-    assert f"the object of sha1://{h} hashes to" in log and "deleting it" in log
+    assert f"the object of sha1://{h} is bad (it hashes to" in log and "deleting it" in log
     assert "providing sha1://" + h in (nodes.a / "serve.log").read_text()

@@ -313,8 +313,7 @@ class Hub:
         perms = check_permissions(body.get("permissions", []))
         label = body.get("label")
         if label is not None and (not isinstance(label, str) or len(label) > 200
-                                  or not label.isprintable()
-                                  or not label.encode("utf-8", "replace").decode() == label):
+                                  or not label.isprintable()):
             raise InvalidInput("label must be printable text of at most 200 characters")
         self.db.set_permissions(name, node_id.lower(), perms, label)
         log.info("channel %s: node %s… now has %s", name, node_id[:12], sorted(perms) or "nothing")
@@ -387,11 +386,8 @@ class Hub:
                 raise self._size_conflict(channel, sha1, size, actual)
             problem = f"size {actual} instead of {size}"
         if problem:
-            log.warning("channel %s: object %s in the bucket is bad (%s; %s… claimed %d"
-                        " bytes); deleting it", channel, sha1, problem, caller.node_id[:12],
-                        size)
-            await backend.delete(key)
-            self.cache.forget(channel, sha1)
+            await self._delete_bad(backend, channel, sha1, f"{problem}; {caller.node_id[:12]}…"
+                                   f" claimed {size} bytes")
             if uploaded:
                 raise IntegrityError(f"uploaded object sha1://{sha1} is bad ({problem});"
                                      " deleted")
@@ -424,10 +420,8 @@ class Hub:
                 return
             digest = await backend.sha1(object_key(channel, sha1))
             if digest != sha1:
-                log.warning("channel %s: the object of sha1://%s hashes to %s (reported by"
-                            " %s…); deleting it", channel, sha1, digest, caller.node_id[:12])
-                await backend.delete(object_key(channel, sha1))
-                self.cache.forget(channel, sha1)
+                await self._delete_bad(backend, channel, sha1, f"it hashes to {digest};"
+                                       f" reported by {caller.node_id[:12]}…")
                 return
             self._checked[key] = True
             self._false_disputes[caller.node_id] = self._false_disputes.get(
@@ -437,6 +431,12 @@ class Hub:
         finally:
             del self._disputes[key]
             done.set()
+
+    async def _delete_bad(self, backend, channel: str, sha1: str, why: str) -> None:
+        log.warning("channel %s: the object of sha1://%s is bad (%s); deleting it", channel,
+                    sha1, why)
+        await backend.delete(object_key(channel, sha1))
+        self.cache.forget(channel, sha1)
 
     @staticmethod
     def _size_conflict(channel: str, sha1: str, size: int, actual: int) -> Conflict:
