@@ -466,3 +466,23 @@ async def test_more_odd_input_is_a_clear_400_and_finalize_again_costs_nothing(en
     for _ in range(3):
         await other.finalize_upload(CH, sha1, len(data))
     assert hashed == [] and server.hub.cache.stats(CH)["uploads"]["count"] == 1
+
+
+async def test_a_node_cannot_make_the_hub_remember_unfinished_uploads_without_bound(
+        env, monkeypatch):
+    from kachery_fs.errors import Unavailable
+    from kachery_fs.hub import cache
+
+    server, owner, other, client = env
+    monkeypatch.setattr(cache, "MAX_UPLOADS_IN_FLIGHT", 3)
+    hashes = [hashlib.sha1(bytes([i])).hexdigest() for i in range(4)]
+    for h in hashes[:3]:
+        assert await other.initiate_upload(CH, h, 1) is not None
+    assert await other.initiate_upload(CH, hashes[0], 1) is not None  # again: not counted
+    with pytest.raises(Unavailable, match="started and not finished"):
+        await other.initiate_upload(CH, hashes[3], 1)
+    assert await owner.initiate_upload(CH, hashes[3], 1) is not None  # others are not held
+    # a finished upload frees its place
+    await upload(server, client, other, bytes([0]))
+    assert await other.initiate_upload(CH, hashlib.sha1(b"next").hexdigest(), 4) is not None
+    assert server.hub.cache._in_flight_of[other.key.node_id] == 3

@@ -25,12 +25,13 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 
 import trio
 
 from ..bucket import CHUNK_SIZE as DOWNLOAD_RANGE
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, Unavailable
 from ..protocol import object_key
 from ..resumable import DEFAULT_CHUNK_SIZE as UPLOAD_CHUNK
 
@@ -42,6 +43,9 @@ DEFAULT_LOW_WATERMARK = 0.9
 
 #: An upload signed this long ago and never finalized no longer protects its object.
 UPLOAD_IN_FLIGHT_S = 24 * 3600
+#: Uploads one node may have signed and not finalized at once (it initiates one when it
+#: starts sending a file; an interrupted one stays until it lapses).
+MAX_UPLOADS_IN_FLIGHT = 10_000
 #: A requested object is kept this long, for its requesters to download it (as long as the
 #: hub keeps a finished request's record for them).
 REQUEST_HOLD_S = 120.0
@@ -107,7 +111,10 @@ class BucketCache:
                 db.execute(f"ALTER TABLE objects ADD COLUMN {name} {decl}")
         db.execute("CREATE INDEX IF NOT EXISTS objects_lru"
                    " ON objects (channel, stored, last_demand)")
-        self._in_flight: dict[tuple[str, str], float] = {}
+        # (channel, sha1) -> (signed at, signed for): uploads signed, not yet finalized;
+        # and how many each node has, bounded (MAX_UPLOADS_IN_FLIGHT).
+        self._in_flight: dict[tuple[str, str], tuple[float, str]] = {}
+        self._in_flight_of: Counter[str] = Counter()
         self._holds: dict[tuple[str, str], float] = {}  # requested: kept until this time
         self._pruned_at = 0.0
         self._due: set[str] = set()
@@ -157,7 +164,7 @@ class BucketCache:
             " finalized_at = excluded.finalized_at, finalized_by = excluded.finalized_by,"
             " stored = 1, last_demand = excluded.last_demand, evicted_at = NULL",
             (channel, sha1, size, now, node_id, now))
-        self._in_flight.pop((channel, sha1), None)
+        self._drop_in_flight((channel, sha1))
         if uploaded:
             self._count(channel, "uploads", size)
             if prior is not None and prior[1] is not None and not prior[0]:
@@ -171,18 +178,38 @@ class BucketCache:
         self._db.execute("UPDATE objects SET stored = 0 WHERE channel = ? AND sha1 = ?",
                          (channel, sha1))
 
-    def upload_signed(self, channel: str, sha1: str) -> None:
-        """An upload URL was signed: the object is in flight until finalized."""
+    def upload_signed(self, channel: str, sha1: str, node_id: str) -> None:
+        """An upload URL is to be signed for ``node_id``: the object is in flight until
+        finalized. Unavailable when the node has :data:`MAX_UPLOADS_IN_FLIGHT` already
+        (uploads it started and never finished), so that no node makes the hub remember
+        without bound."""
         self._prune()
-        self._in_flight[(channel, sha1)] = self._clock()
+        key = (channel, sha1)
+        prior = self._in_flight.get(key)
+        if prior is None or prior[1] != node_id:
+            if self._in_flight_of[node_id] >= MAX_UPLOADS_IN_FLIGHT:
+                raise Unavailable(
+                    f"node {node_id[:12]}… has {MAX_UPLOADS_IN_FLIGHT} uploads started and not"
+                    " finished on this hub; finish some (or wait a day for them to lapse)",
+                    retry_after=60)
+            self._drop_in_flight(key)
+            self._in_flight_of[node_id] += 1
+        self._in_flight[key] = (self._clock(), node_id)
         self._demand(channel, [sha1])
+
+    def _drop_in_flight(self, key: tuple[str, str]) -> None:
+        prior = self._in_flight.pop(key, None)
+        if prior is not None:
+            self._in_flight_of[prior[1]] -= 1
+            if not self._in_flight_of[prior[1]]:
+                del self._in_flight_of[prior[1]]
 
     def upload_in_flight(self, channel: str, sha1: str) -> bool:
         """Whether this hub signed an upload of the object that was not finalized (in the
         last :data:`UPLOAD_IN_FLIGHT_S`, since it started): an object found in the bucket
         then is that unfinished upload, not one this hub has checked."""
-        signed_at = self._in_flight.get((channel, sha1))
-        return signed_at is not None and self._clock() - signed_at <= UPLOAD_IN_FLIGHT_S
+        prior = self._in_flight.get((channel, sha1))
+        return prior is not None and self._clock() - prior[0] <= UPLOAD_IN_FLIGHT_S
 
     def requested(self, channel: str, sha1: str) -> None:
         """A node asked for the object: its requesters are about to download it, whether it
@@ -272,9 +299,9 @@ class BucketCache:
         if not force and now - self._pruned_at < 60:
             return
         self._pruned_at = now
-        for key, at in list(self._in_flight.items()):
+        for key, (at, _) in list(self._in_flight.items()):
             if now - at > UPLOAD_IN_FLIGHT_S:
-                del self._in_flight[key]
+                self._drop_in_flight(key)
         for key, until in list(self._holds.items()):
             if now > until:
                 del self._holds[key]

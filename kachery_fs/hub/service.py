@@ -341,9 +341,9 @@ class Hub:
         if present is not None and await self._settle(backend, caller, channel, sha1,
                                                       size, present):
             return {"status": "present"}
+        self.cache.upload_signed(channel, sha1, caller.node_id)
         signed = backend.resumable_upload(object_key(channel, sha1), size=size,
                                           expires_s=UPLOAD_URL_EXPIRY_S)
-        self.cache.upload_signed(channel, sha1)
         return {"status": "upload", "upload": signed.to_json()}
 
     async def _on_finalizeUpload(self, caller: Caller, body: dict) -> dict:
