@@ -262,3 +262,21 @@ def test_a_bad_object_left_in_the_bucket_is_checked_deleted_and_provided_again(n
     log = (nodes.hub.log).read_text()
     assert f"the object of sha1://{h} is bad (it hashes to" in log and "deleting it" in log
     assert "providing sha1://" + h in (nodes.a / "serve.log").read_text()
+
+
+def test_a_bad_object_of_another_size_is_refused_once_then_the_file_reads_whole(nodes):
+    """The kernel keeps the size it first heard: a read of junk of another size fails
+    (never a file cut to the junk's size), and the next read has the true size."""
+    h, data = stored(nodes.a, 256 * 1024)
+    junk = nodes.hub.bucket_dir() / CH / "sha1" / h[:2] / h[2:4] / h[4:6] / h
+    junk.parent.mkdir(parents=True, exist_ok=True)
+    junk.write_bytes(b"x")
+    mnt = nodes.base / "mnt-b"
+    path = mnt / CH / "sha1" / h
+    with serving(nodes.a), mounted(nodes.b, mnt):
+        with pytest.raises(OSError) as info:
+            path.read_bytes()
+        assert info.value.errno == 5
+        wait_for(lambda: path.stat().st_size == len(data), timeout=20,
+                 what="the true size to be seen")
+        assert path.read_bytes() == data

@@ -62,6 +62,14 @@ class Namespace:
             self._vnodes[ino] = vnode
         return ino
 
+    def renumber(self, vnode: VNode) -> None:
+        """Give ``vnode`` a new inode number at its next lookup; the old one still names it
+        for whoever holds it. With the writeback cache the kernel keeps the size it first
+        heard of an inode, whatever we answer later: a file whose first size was wrong (a
+        bad object's, in the bucket) gets its true size only in a new inode."""
+        if vnode.kind != "entry":
+            self._inodes.pop(vnode, None)
+
     def vnode(self, inode: int) -> VNode:
         if inode >= INODE_BASE:
             entry = self.db.entry(inode - INODE_BASE)  # NotFound if deleted

@@ -498,6 +498,7 @@ class Operations(pyfuse3.Operations):
             except Exception:
                 if handle.vnode.kind == "hash":
                     self._invalidate(handle.vnode)
+                    self._renew(handle.vnode)
                 raise
 
     async def feed_grew(self, channel: str, feed_id: str, name: str, old_size: int,
@@ -520,6 +521,22 @@ class Operations(pyfuse3.Operations):
                 await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, False)
             except Exception as exc:
                 log.debug("invalidate_inode(%d): %s", inode, exc)
+
+        self.nursery.start_soon(invalidate)
+
+    def _renew(self, vnode: VNode) -> None:
+        """Make the kernel look ``sha1/<hash>`` up again, into a new inode (see
+        ``Namespace.renumber``): its content failed, and the size it was told may be a bad
+        copy's (never raises)."""
+        parent = self.ns.inode(self.ns.parent_of(vnode))
+        self.ns.renumber(vnode)
+
+        async def invalidate():
+            try:
+                await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent,
+                                              os.fsencode(vnode.sha1))
+            except Exception as exc:
+                log.debug("invalidate_entry(%d, %s): %s", parent, vnode.sha1, exc)
 
         self.nursery.start_soon(invalidate)
 
