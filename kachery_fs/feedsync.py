@@ -201,9 +201,9 @@ class FeedSync:
         Returns ``(added, problem)``; a problem (tampering, a fork) is logged.
 
         Never beyond the hub's count (``hub_count``, asked for when not given), which only
-        the feed's owner can raise, and only once the bucket holds the messages; the index
-        in the bucket counts only where the hub has heard of the subfeed at all (one that an
-        earlier kachery published), and then singles are read up to the first gap."""
+        the feed's owner can raise, and only once the bucket holds the messages. Where the
+        hub has heard of no message of the subfeed (one that an earlier kachery published),
+        the bucket's index counts, and single messages are read up to the first gap."""
         if "requestFeeds" not in await self.node.permissions(channel):
             raise PermissionDenied(
                 f"this node lacks the requestFeeds permission on channel {channel!r}; the"
