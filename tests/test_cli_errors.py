@@ -7,8 +7,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
@@ -21,28 +19,13 @@ from kachery_fs.errors import InvalidInput, NotFound
 from kachery_fs.node import Node
 from kachery_fs.state import NodeDB
 
-from .util import cli_on_hub_in_process, free_port, node_env
+from .util import assert_one_line_error, cli_on_hub_in_process, free_port, run_cli
 
 URL = "http://hub.test"
 
 
 def sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
-
-
-def run_cli(node_dir, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "kachery_fs", *args], env=node_env(node_dir),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    err = result.stderr
-    assert result.returncode == 1, (result.returncode, err)
-    assert "Traceback" not in err and "ExceptionGroup" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 @pytest.fixture

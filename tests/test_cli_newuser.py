@@ -21,6 +21,7 @@ from .util import IN_PROCESS_HUB_URL as URL
 from .util import (
     KFS,
     HubProcess,
+    assert_one_line_error,
     cli_on_hub_in_process,
     free_port,
     kfs,
@@ -28,6 +29,7 @@ from .util import (
     mounted,
     node_env,
     require_fuse,
+    run_cli,
     stop_process,
     wait_for,
 )
@@ -110,21 +112,6 @@ async def test_permission_advice_adds_rather_than_replaces(owner_hub, tmp_path):
 
 
 # -- umount refuses what is not a kachery-fs mount ------------------------------------------
-
-
-def run_cli(node_dir, *args, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([*KFS, *args], env=node_env(node_dir), capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
-    err = result.stderr
-    assert result.returncode == 1, (result.returncode, err)
-    assert "Traceback" not in err and "ExceptionGroup" not in err, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
-    for needle in needles:
-        assert needle in err, err
 
 
 def offline_node(node_dir: Path) -> Path:

@@ -68,6 +68,24 @@ def kfs(node_dir: Path, *args: str, check: bool = True, timeout: float = 60,
     return result
 
 
+def run_cli(node_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """Run the CLI as node ``node_dir``, with text output, whatever its exit status."""
+    return subprocess.run([*KFS, *args], env=node_env(node_dir), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
+    """The command failed as a user's mistake should: exit 1, one line naming what to do
+    (with every one of ``needles``), no traceback."""
+    err = result.stderr
+    assert result.returncode == 1, (result.returncode, err)
+    assert "Traceback" not in err and "ExceptionGroup" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
+    for needle in needles:
+        assert needle in err, err
+
+
 def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
     if proc.poll() is not None:
         return
