@@ -47,11 +47,13 @@ class Tls:
             if not Path(path).is_file():
                 raise InvalidInput(f"TLS file {path} does not exist")
         try:
+            # No passphrase: OpenSSL would otherwise ask for one on the terminal.
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-                str(self.cert_file), str(self.key_file))
+                str(self.cert_file), str(self.key_file), password="")
         except (ssl.SSLError, OSError) as exc:
             raise InvalidInput(f"TLS certificate {self.cert_file} and key {self.key_file} do"
-                               f" not load together: {exc}") from None
+                               f" not load together (a key must be unencrypted): {exc}"
+                               ) from None
         return self
 
 
