@@ -19,7 +19,7 @@ from kachery_fs.errors import InvalidInput, NotFound
 from kachery_fs.node import Node
 from kachery_fs.state import NodeDB
 
-from .util import assert_one_line_error, cli_on_hub_in_process, free_port, run_cli
+from .util import assert_one_line_error, cli_on_hub_in_process, offline_node, run_cli
 
 URL = "http://hub.test"
 
@@ -161,11 +161,7 @@ async def test_put_when_the_object_appears_before_the_final_chunk(hub_node, tmp_
 
 
 def test_put_with_the_hub_gone_leaves_the_upload_queued(tmp_path):
-    node_dir = tmp_path / "node"
-    node = Node(node_dir, create=True)
-    gone = f"http://127.0.0.1:{free_port()}"
-    node.db.add_channel("chan", gone, f"{gone}/kachery", {"provideFiles"})
-    node.db.close()
+    node_dir = offline_node(tmp_path / "node", {"provideFiles"})
     src = tmp_path / "data.bin"
     src.write_bytes(b"queued for later")
     result = run_cli(node_dir, "put", "-q", str(src))

@@ -23,11 +23,11 @@ from .util import (
     HubProcess,
     assert_one_line_error,
     cli_on_hub_in_process,
-    free_port,
     kfs,
     lazy_unmount,
     mounted,
     node_env,
+    offline_node,
     require_fuse,
     run_cli,
     stop_process,
@@ -114,15 +114,6 @@ async def test_permission_advice_adds_rather_than_replaces(owner_hub, tmp_path):
 # -- umount refuses what is not a kachery-fs mount ------------------------------------------
 
 
-def offline_node(node_dir: Path) -> Path:
-    """A node joined to channel 'chan' of a hub that is not running (enough to mount)."""
-    node = Node(node_dir, create=True)
-    gone = f"http://127.0.0.1:{free_port()}"
-    node.db.add_channel("chan", gone, f"{gone}/kachery", {"requestFiles", "provideFiles"})
-    node.db.close()
-    return node_dir
-
-
 def test_umount_refuses_a_file_system_that_is_not_kachery_fs(tmp_path):
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tmpfs needs root")
@@ -196,11 +187,7 @@ async def test_feed_append_refused_appends_nothing(owner_hub, tmp_path, capsys):
 def test_feed_append_whose_publication_fails_stays_queued(tmp_path):
     from kachery_fs.state import NodeDB
 
-    node_dir = tmp_path / "node"
-    node = Node(node_dir, create=True)
-    gone = f"http://127.0.0.1:{free_port()}"
-    node.db.add_channel("chan", gone, f"{gone}/kachery", {"provideFeeds"})
-    node.db.close()
+    node_dir = offline_node(tmp_path / "node", {"provideFeeds"})
     feed_id = run_cli(node_dir, "feed", "create").stdout.strip()
     result = run_cli(node_dir, "feed", "append", f"feed://{feed_id}/log", '{"x": 1}')
     assert result.returncode == 0, result.stderr

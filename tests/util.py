@@ -365,3 +365,15 @@ async def cli_on_hub_in_process(node_dir: Path, hub_dir: Path, monkeypatch):
         yield server, open_node
     finally:
         server.close()
+
+
+def offline_node(node_dir: Path, permissions=("requestFiles", "provideFiles")) -> Path:
+    """A node joined to channel 'chan' of a hub that is not running, with ``permissions``
+    as last known (enough to mount, or to queue what cannot reach the hub)."""
+    from kachery_fs.node import Node
+
+    node = Node(node_dir, create=True)
+    gone = f"http://127.0.0.1:{free_port()}"
+    node.db.add_channel("chan", gone, f"{gone}/kachery", set(permissions))
+    node.db.close()
+    return node_dir
