@@ -24,7 +24,7 @@ from kachery_fs import cache, settings
 from kachery_fs.state import NodeDB
 from kachery_fs.store import Store
 
-from .util import HubProcess, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
+from ..util import HubProcess, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
 SIZE = 1000
 

@@ -37,7 +37,7 @@ from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import object_key
 from kachery_fs.store import Store
 
-from .util import (
+from ..util import (
     PERMS_ALL,
     FakeGcsServer,
     HubProcess,

@@ -26,7 +26,7 @@ from kachery_fs.protocol import object_key
 from kachery_fs.resolver import DownloadContent
 from kachery_fs.units import format_size, parse_size
 
-from .util import hub_in_process, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
+from ..util import hub_in_process, kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
 MiB = 1 << 20
 

@@ -21,7 +21,7 @@ import pytest
 from kachery_fs.protocol import object_key
 from kachery_fs.state import NodeDB
 
-from .util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
+from ..util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
 pytestmark = pytest.mark.mount
 

@@ -33,7 +33,7 @@ from kachery_fs.fs.feedfiles import FeedFiles
 from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import feed_prefix
 
-from .util import node_env
+from ..util import node_env
 
 TEST_KEY = NodeKey.from_seed(bytes(range(32)))
 T0 = 1_700_000_000_000

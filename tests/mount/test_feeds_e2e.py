@@ -13,7 +13,7 @@ import pytest
 
 from kachery_fs.protocol import feed_prefix
 
-from .util import KFS, PERMS_ALL, HubProcess, kfs, mounted, node_env, require_fuse, wait_for
+from ..util import KFS, PERMS_ALL, HubProcess, kfs, mounted, node_env, require_fuse, wait_for
 
 pytestmark = pytest.mark.mount
 

@@ -15,7 +15,7 @@ from kachery_fs import resumable
 from kachery_fs.errors import Conflict, IntegrityError
 from kachery_fs.protocol import object_key
 
-from .util import hub_in_process
+from ..util import hub_in_process
 
 CH = "lab.data"
 

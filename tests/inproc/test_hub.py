@@ -16,8 +16,8 @@ from kachery_fs.errors import (
 )
 from kachery_fs.protocol import object_key
 
-from .util import IN_PROCESS_HUB_URL as URL
-from .util import hub_in_process
+from ..util import IN_PROCESS_HUB_URL as URL
+from ..util import hub_in_process
 
 
 @pytest.fixture

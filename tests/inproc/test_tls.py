@@ -13,7 +13,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .util import HubProcess, kfs
+from ..util import HubProcess, kfs
 
 CH = "tls.test"
 

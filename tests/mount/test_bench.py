@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from .util import require_fuse
+from ..util import require_fuse
 
 pytestmark = pytest.mark.mount
 
-BENCH = Path(__file__).resolve().parent.parent / "scripts" / "bench"
+BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 EXPECTED = {
     "meta": {"mode", "file_mib", "stream_mib", "request_mib", "request_repeats",

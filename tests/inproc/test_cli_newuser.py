@@ -17,8 +17,8 @@ from kachery_fs import cli
 from kachery_fs.errors import InvalidInput, PermissionDenied
 from kachery_fs.node import Node
 
-from .util import IN_PROCESS_HUB_URL as URL
-from .util import (
+from ..util import IN_PROCESS_HUB_URL as URL
+from ..util import (
     KFS,
     HubProcess,
     assert_one_line_error,
@@ -382,7 +382,7 @@ def _mounted_at(path: Path) -> bool:
 def test_readme_tells_the_exit_statuses_and_the_vm_path(tmp_path):
     import re
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     readme = (root / "README.md").read_text()
     assert "exit status 1" in readme and "exit status 2" in readme
     assert run_cli(tmp_path / "node", "up").returncode == 2  # usage
@@ -396,7 +396,7 @@ def test_setup_hides_only_the_editable_install_warning():
     import re
     import sys
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     setup = (root / "scripts" / "setup").read_text()
     found = re.search(r'PYTHONWARNINGS="\$\{PYTHONWARNINGS:\+\$PYTHONWARNINGS,\}([^"]+)"',
                       setup)

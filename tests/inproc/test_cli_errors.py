@@ -19,7 +19,7 @@ from kachery_fs.errors import InvalidInput, NotFound
 from kachery_fs.node import Node
 from kachery_fs.state import NodeDB
 
-from .util import assert_one_line_error, cli_on_hub_in_process, offline_node, run_cli
+from ..util import assert_one_line_error, cli_on_hub_in_process, offline_node, run_cli
 
 URL = "http://hub.test"
 

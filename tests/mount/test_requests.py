@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from .util import (
+from ..util import (
     KFS,
     PERMS_ALL,
     HubProcess,
