@@ -20,9 +20,9 @@ import trio
 
 from .._serve import Tls, serve_asgi
 from ..config import private_directory, private_files
+from ..localbucket import LocalBucket, create_app
 from .app import compose, create_api
 from .gcs import GoogleCloudStorage
-from .localbucket import LocalBucket, create_app
 from .service import Buckets, Hub
 from .signing import UrlSigner
 from .storage import HubDB

@@ -3,7 +3,7 @@
 We sign with google-cloud-storage's own V4 code (``Blob.generate_signed_url``) and a
 ``google.oauth2.service_account.Credentials``, so the URLs the local bucket checks are
 byte for byte the URLs GCS would check; the local bucket's verifier
-(``kachery_fs.hub.localbucket``) rebuilds the same canonical request from what arrives.
+(``kachery_fs.localbucket.sigv4``) rebuilds the same canonical request from what arrives.
 
 Every URL we sign is scoped to one object key and one size, refuses to overwrite an
 existing object, and expires soon. The headers it carries are *signed*: a client must

@@ -17,11 +17,10 @@ import pytest
 import trio
 import trio.testing
 
-from kachery_fs import resumable
+from kachery_fs import localbucket, resumable
 from kachery_fs._serve import serve_asgi
-from kachery_fs.hub import localbucket
-from kachery_fs.hub.localbucket import CHUNK_GRANULARITY, WRITE_BATCH, LocalBucket, create_app
 from kachery_fs.hub.signing import UrlSigner
+from kachery_fs.localbucket import CHUNK_GRANULARITY, WRITE_BATCH, LocalBucket, create_app
 
 K = CHUNK_GRANULARITY
 BUCKET = "kachery"

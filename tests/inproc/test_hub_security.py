@@ -435,7 +435,7 @@ async def test_strangers_cannot_make_the_hub_check_big_signatures_or_probe_names
 
 async def test_more_odd_input_is_a_clear_400_and_finalize_again_costs_nothing(env):
     from kachery_fs.errors import InvalidInput
-    from kachery_fs.hub.localbucket import select_range
+    from kachery_fs.localbucket import select_range
 
     server, owner, other, client = env
     with pytest.raises(InvalidInput, match="permissions"):

@@ -11,8 +11,8 @@ import trio
 
 from kachery_fs import resumable
 from kachery_fs.errors import Conflict, DeadlineExceeded, NotFound, ProtocolError
-from kachery_fs.hub.localbucket import CHUNK_GRANULARITY, LocalBucket, create_app
 from kachery_fs.hub.signing import UrlSigner
+from kachery_fs.localbucket import CHUNK_GRANULARITY, LocalBucket, create_app
 from kachery_fs.protocol import SignedRequest
 
 URL = "http://bucket.test"
