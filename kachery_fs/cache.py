@@ -43,7 +43,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import sqlite3
 import threading
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ._sqlite import Migration, Schema
 from .units import format_size
 from .uris import is_sha1
 
@@ -75,7 +75,7 @@ PINNED_BYTES_TTL_S = 5.0
 
 INDEX_FILE = "store.db"
 
-SCHEMA = """
+_V1 = """
 CREATE TABLE IF NOT EXISTS objects (
     sha1 TEXT PRIMARY KEY,
     size INTEGER NOT NULL,
@@ -98,6 +98,11 @@ CREATE TRIGGER IF NOT EXISTS objects_removed AFTER DELETE ON objects BEGIN
     UPDATE totals SET value = value - 1 WHERE name = 'objects';
 END;
 """
+
+#: ``store.db``'s versions (see :mod:`kachery_fs._sqlite`).
+SCHEMA = Schema("store.db", synchronous="NORMAL", migrations=(
+    Migration(1, "objects with size, origin and last read; totals kept by triggers", _V1),
+))
 
 # An insert never lowers an origin: added > written > fetched.
 _RECORD = (
@@ -122,11 +127,7 @@ class StoreCache:
         self._pinned = pinned
         self._uploaded = uploaded  # only for indexing a store made by an earlier version
         self._lock = threading.Lock()  # one connection, used by one thread at a time
-        self._db = sqlite3.connect(store.root / INDEX_FILE, timeout=30,
-                                   isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = SCHEMA.open(store.root / INDEX_FILE)
         self._touched: dict[str, float] = {}
         self._touched_lock = threading.Lock()  # cheap: never held across I/O
         self._newest: str | None = None  # a pass leaves the latest insert alone

@@ -83,6 +83,12 @@ def as_no_space(exc: BaseException, what: str) -> NoSpace | None:
     return None
 
 
+class NewerDatabase(KacheryError):
+    """A database file was made by a newer kachery-fs (its schema version is past the
+    newest this one knows): it is left untouched, and the message names the kachery-fs
+    that made it, to upgrade to (see ``kachery_fs._sqlite``)."""
+
+
 class ReadOnly(KacheryError):
     """A write was attempted on something that can only be read."""
 

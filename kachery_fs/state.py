@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._sqlite import Migration, Schema
 from .errors import Conflict, InvalidInput, NotFound, as_no_space
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 #: Inodes below this are reserved for the virtual tree (root, channel dirs, sha1/, ...).
 INODE_BASE = 1 << 40
 
-SCHEMA = """
+_V1 = """
 CREATE TABLE IF NOT EXISTS channels (
     name TEXT PRIMARY KEY,
     hub_url TEXT NOT NULL,
@@ -67,6 +68,11 @@ CREATE TABLE IF NOT EXISTS feed_singles (
     PRIMARY KEY (channel, feed_id, subfeed_hash)
 );
 """
+
+#: ``node.db``'s versions (see :mod:`kachery_fs._sqlite`).
+SCHEMA = Schema("node.db", synchronous="NORMAL", migrations=(
+    Migration(1, "channels, upload queue, named entries, feed single-message objects", _V1),
+))
 
 
 @dataclass
@@ -140,11 +146,7 @@ class NodeDB:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False, factory=_Connection)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
+        self._db = SCHEMA.open(self.path, factory=_Connection)
 
     def close(self) -> None:
         self._db.close()
