@@ -1,21 +1,17 @@
-"""The HTTP seam: one client factory, one wire->domain error mapping, one retry policy.
+"""The HTTP seam: one client factory, one wire->domain error mapping.
 
 Clients are built here and injected into the components that use them, so tests can
-hand in an ``httpx.MockTransport`` or ``httpx.ASGITransport`` instead.
+hand in an ``httpx.MockTransport`` or ``httpx.ASGITransport`` instead. What is worth
+retrying, and how, is :mod:`kachery_fs.retry` (which builds on the mapping here).
 """
 
 from __future__ import annotations
 
-import logging
-import random
 import re
 import ssl
-from collections.abc import Awaitable, Callable
 from email.utils import parsedate_to_datetime
-from typing import TypeVar
 
 import httpx
-import trio
 
 from .errors import (
     Conflict,
@@ -28,10 +24,6 @@ from .errors import (
     ProtocolError,
     Unavailable,
 )
-
-log = logging.getLogger(__name__)
-
-T = TypeVar("T")
 
 USER_AGENT = "kachery-fs/0.1"
 
@@ -186,53 +178,3 @@ def error_for_exception(exc: httpx.HTTPError, what: str) -> KacheryError:
         return DeadlineExceeded(f"{what}: timed out ({type(exc).__name__})")
     return Unavailable(f"{what}: {type(exc).__name__}: {exc}")
 
-
-class Backoff:
-    """Exponential backoff with full jitter, honouring a server's ``Retry-After``."""
-
-    def __init__(self, *, initial: float = 0.2, maximum: float = 30.0, factor: float = 2.0):
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.attempt = 0
-
-    def next_delay(self, retry_after: float | None = None) -> float:
-        cap = min(self.maximum, self.initial * (self.factor ** self.attempt))
-        self.attempt += 1
-        delay = random.uniform(cap / 2, cap)
-        if retry_after is not None:
-            delay = max(delay, min(retry_after, self.maximum))
-        return delay
-
-    def reset(self) -> None:
-        self.attempt = 0
-
-
-async def retrying(operation: Callable[[], Awaitable[T]], *, what: str, attempts: int = 5,
-                   backoff: Backoff | None = None) -> T:
-    """Run ``operation`` and retry it on :class:`Unavailable` (a 5xx, 408 or 429 answer, a
-    refused or dropped connection, a timeout) with backoff; return its result.
-
-    Other errors (not found, permission, integrity) are not transient and propagate at once,
-    as does the last transient error after ``attempts`` tries. The caller bounds the total
-    time with a trio cancel scope; a retry that could not begin before that scope's
-    deadline is not waited for: the last error is raised at once, so the caller learns why
-    rather than only that time ran out.
-    """
-    backoff = backoff or Backoff()
-    while True:
-        try:
-            return await operation()
-        except httpx.HTTPError as exc:
-            err = error_for_exception(exc, what)
-            if not isinstance(err, Unavailable):
-                raise err from None
-        except Unavailable as exc:
-            err = exc
-        if backoff.attempt + 1 >= attempts:
-            raise err from None
-        delay = backoff.next_delay(err.retry_after)
-        if trio.current_time() + delay >= trio.current_effective_deadline():
-            raise err from None
-        log.info("%s; retrying in %.1f s", err, delay)
-        await trio.sleep(delay)

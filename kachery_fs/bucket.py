@@ -35,13 +35,7 @@ from collections.abc import Callable
 import httpx
 import trio
 
-from ._http import (
-    Backoff,
-    check_response,
-    error_for_exception,
-    error_for_response,
-    retrying,
-)
+from ._http import check_response, error_for_exception, error_for_response
 from .errors import (
     DeadlineExceeded,
     IntegrityError,
@@ -52,6 +46,7 @@ from .errors import (
     leaves,
 )
 from .protocol import object_key
+from .retry import Backoff, retrying
 from .store import Store
 
 log = logging.getLogger(__name__)

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
-from ._http import Backoff
 from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
 from .node import Node
+from .retry import Backoff
 from .sources import Sources
 from .uploader import Uploader
 

@@ -24,7 +24,6 @@ from functools import partial
 
 import trio
 
-from ._http import Backoff, retrying
 from .errors import (
     DeadlineExceeded,
     KacheryError,
@@ -33,6 +32,7 @@ from .errors import (
     Unavailable,
 )
 from .node import Node
+from .retry import Backoff, retrying
 
 log = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from ._http import Backoff, check_response, error_for_exception, error_for_response
+from ._http import check_response, error_for_exception, error_for_response
 from .errors import (
     Conflict,
     CorruptLocalFile,
@@ -44,6 +44,7 @@ from .errors import (
     Unavailable,
 )
 from .protocol import SignedRequest
+from .retry import Backoff
 
 log = logging.getLogger(__name__)
 

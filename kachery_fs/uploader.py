@@ -20,7 +20,6 @@ from collections.abc import Callable
 import trio
 
 from . import resumable
-from ._http import Backoff
 from .errors import (
     Conflict,
     CorruptLocalFile,
@@ -33,6 +32,7 @@ from .errors import (
     Unavailable,
 )
 from .node import Node
+from .retry import Backoff
 
 log = logging.getLogger(__name__)
 
