@@ -22,13 +22,13 @@ import trio
 
 from .. import status
 from ..errors import InvalidInput, NotMounted
+from ..feeds import FeedFiles, FeedStore
 from ..node import Node
 from ..provider import Provider
 from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..resolver import Resolver
 from ..resumable import RateLimit
 from ..uploader import Uploader
-from .feedfiles import FeedFiles
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,8 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
         nursery.start_soon(node.store.cache.run)
         nursery.start_soon(partial(status.keep_written, node, provider=provider,
                                    resolver=resolver, mountpoint=str(mountpoint)))
-        feeds = FeedFiles(node, nursery)
+        feeds = FeedFiles(node.channels, node.db, FeedStore.for_node(node.dir), node.client,
+                          nursery)
         ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider,
                          feeds=feeds)
         feeds.on_grow = ops.feed_grew

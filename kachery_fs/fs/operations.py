@@ -20,13 +20,13 @@ import trio
 
 from .. import status
 from ..errors import Conflict, NotFound, PermissionDenied, ReadOnly
+from ..feeds import FeedFiles
 from ..node import Node
 from ..resolver import Content, LocalContent, Resolver
 from ..store import StagingFile
 from ..uploader import Uploader
 from ..uris import format_uri
 from .errno_map import fuse_errors
-from .feedfiles import FeedFiles
 from .namespace import ROOT_INODE, Namespace, VNode
 
 log = logging.getLogger(__name__)

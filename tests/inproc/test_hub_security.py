@@ -110,8 +110,7 @@ async def test_an_unrecorded_bad_object_is_replaced(env):
 async def feed_env(tmp_path):
     """A hub in process; node A owns a feed and publishes it, node M is another member with
     every feed permission, both Nodes talking to the hub through the same ASGI client."""
-    from kachery_fs.feeds import FeedStore
-    from kachery_fs.feedsync import FeedSync
+    from kachery_fs.feeds import FeedStore, FeedSync
     from kachery_fs.node import Node
 
     from .util import IN_PROCESS_HUB_URL as URL
@@ -130,7 +129,8 @@ async def feed_env(tmp_path):
         store_m = FeedStore(m.dir / "feeds.db")
         feed = store_a.create_feed("results")
         try:
-            yield server, client, FeedSync(a, store_a), FeedSync(m, store_m), feed
+            yield (server, client, FeedSync(a.channels, store_a, client),
+                   FeedSync(m.channels, store_m, client), feed)
         finally:
             store_a.close()
             store_m.close()

@@ -105,9 +105,9 @@ def test_tampered_message_keeps_valid_prefix():
 
 
 def test_long_runs_are_checked_on_threads_with_the_same_outcome():
-    from kachery_fs import feeds
+    from kachery_fs.feeds import messages
 
-    n = feeds.PARALLEL_VERIFY_MIN + 100
+    n = messages.PARALLEL_VERIFY_MIN + 100
     msgs = chain(TEST_KEY, [{"i": i} for i in range(n)])
     assert verify_messages(TEST_ID, msgs) == (msgs, None)
     bad = copy.deepcopy(msgs)

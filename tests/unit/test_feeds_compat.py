@@ -13,7 +13,6 @@ import errno
 import json
 import subprocess
 import sys
-from types import SimpleNamespace
 
 import pytest
 import trio
@@ -21,6 +20,7 @@ import trio
 from kachery_fs.canonical import canonical_json
 from kachery_fs.errors import InvalidInput
 from kachery_fs.feeds import (
+    FeedFiles,
     FeedStore,
     message_line,
     parse_feed_uri,
@@ -29,7 +29,6 @@ from kachery_fs.feeds import (
     subfeed_hash,
     verify_messages,
 )
-from kachery_fs.fs.feedfiles import FeedFiles
 from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import feed_prefix
 
@@ -192,7 +191,7 @@ def test_the_mount_answers_einval_to_a_scalar_line_and_logs_why(tmp_path, caplog
     pyfuse3 = pytest.importorskip("pyfuse3")
     from kachery_fs.fs.errno_map import fuse_errors
 
-    files = FeedFiles(SimpleNamespace(dir=tmp_path), nursery=None)
+    files = FeedFiles(None, None, FeedStore(tmp_path / "feeds.db"), None, nursery=None)
     fid = files.store.create_feed()
 
     async def write():
@@ -256,7 +255,7 @@ def test_the_store_and_the_mount_keep_an_upper_case_subfeed_hash(tmp_path):
         assert store.add_signed(other.node_id, UPPER, signed, 0) == (1, None)
         assert store.messages(other.node_id, UPPER) == signed
         assert store.count(other.node_id, PRIMES) == 0
-    files = FeedFiles(SimpleNamespace(dir=tmp_path), nursery=None)
+    files = FeedFiles(None, None, FeedStore(tmp_path / "feeds.db"), None, nursery=None)
     try:
         assert files.subfeed_names(fid) == ["primes", "~" + UPPER]
         assert files.subfeed_names(other.node_id) == ["~" + UPPER]

@@ -14,9 +14,10 @@ import logging
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+import httpx
 import trio
 
-from .._http import Backoff
+from ..channels import Channels
 from ..errors import (
     InvalidInput,
     KacheryError,
@@ -25,9 +26,12 @@ from ..errors import (
     ProtocolError,
     Unavailable,
 )
-from ..feeds import message_line, parse_line, subfeed_hash
-from ..feedsync import FeedSync, feed_store
-from ..node import Node
+from ..retry import Backoff
+from ..state import NodeDB
+from .db import FeedStore
+from .messages import message_line, parse_line
+from .sync import FeedSync
+from .uri import subfeed_hash
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +40,21 @@ WATCH_WAIT_S = 20.0
 
 
 class FeedFiles:
-    def __init__(self, node: Node, nursery: trio.Nursery,
+    def __init__(self, channels: Channels, node_db: NodeDB, store: FeedStore,
+                 client: httpx.AsyncClient, nursery: trio.Nursery,
                  on_grow: Callable[[str, str, str, int, bytes], Awaitable[None]] | None = None):
-        """``on_grow(channel, feed id, name, old size, new bytes)`` is awaited when a
+        """The feeds of ``store`` (closed by :meth:`close`) in the channels of ``channels``;
+        ``node_db`` keeps what is left to publish across mounts, ``client`` talks to the
+        hubs' buckets, and background tasks run in ``nursery``.
+
+        ``on_grow(channel, feed id, name, old size, new bytes)`` is awaited when a
         watched file grows (the mount tells the kernel its new size and bytes)."""
-        self.node = node
+        self.channels = channels
+        self.node_db = node_db
         self.nursery = nursery
         self.on_grow = on_grow
-        self.store = feed_store(node)
-        self.sync = FeedSync(node, self.store)
+        self.store = store
+        self.sync = FeedSync(channels, store, client)
         # channel -> {(feed id, subfeed hash): name}: subfeeds to keep current
         self._watched: dict[str, dict[tuple[str, str], str]] = {}
         self._watch_changed: dict[str, trio.Event] = {}
@@ -107,7 +117,7 @@ class FeedFiles:
         elif (self.store.count(feed_id, h) == 0 and (feed_id, h) not in self._created
               and name not in self.subfeed_names(feed_id)):
             raise NotFound(f"feed {feed_id[:12]}… has no subfeed {name!r} yet")
-        elif "requestFeeds" in self.node.db.channel(channel).permissions:
+        elif "requestFeeds" in self.channels.get(channel).permissions:
             # The owner watches too: lines appended by another process (`kachery-fs feed
             # append`) then show in this mount when they are published.
             self._watch(channel, feed_id, h, name)
@@ -143,7 +153,7 @@ class FeedFiles:
             self._watch_changed[channel].set()
 
     async def _watch_channel(self, channel: str) -> None:
-        hub = self.node.hub(self.node.channel(channel).hub_url)
+        hub = self.channels.hub_of(channel)
         while True:
             changed = self._watch_changed[channel] = trio.Event()
             subs = [{"feedId": f, "subfeedHash": h, "position": self.store.count(f, h)}
@@ -221,7 +231,7 @@ class FeedFiles:
     def _singles_later(self, key: tuple[str, str, str], start: int, end: int) -> None:
         """Queue the single-message objects ``start..end-1``: they go up after the batches,
         one range at a time per subfeed, so that new messages are never held behind them."""
-        self.node.db.feed_singles_due(*key, start, end)
+        self.node_db.feed_singles_due(*key, start, end)
         queue = self._singles_queue.setdefault(key, [])
         queue.append((start, end))
         if len(queue) == 1:
@@ -245,14 +255,14 @@ class FeedFiles:
                 log.error("uploading single messages of feed %s… to %s refused: %s",
                           feed_id[:12], channel, exc)
             else:
-                self.node.db.feed_singles_done(*key, end)
+                self.node_db.feed_singles_done(*key, end)
             backoff.reset()
             queue.pop(0)
 
     def resume_publishing(self) -> None:
         """At mount: finish what a stopped mount left of publishing its owned subfeeds (a
         batch not yet announced, single objects not yet uploaded)."""
-        for channel, feed_id, h, done, target in self.node.db.feed_singles():
+        for channel, feed_id, h, done, target in self.node_db.feed_singles():
             if not self.owned(feed_id):
                 continue
             if done < target:
@@ -279,7 +289,7 @@ class FeedFiles:
                 try:
                     before, after = await self.sync.publish(
                         channel, feed_id, h, singles=False,
-                        on_announced=partial(self.node.db.feed_singles_due, *key))
+                        on_announced=partial(self.node_db.feed_singles_due, *key))
                     if after > before:
                         self._singles_later(key, before, after)
                 except (Unavailable, ProtocolError) as exc:  # the hub or bucket is away

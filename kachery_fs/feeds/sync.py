@@ -26,12 +26,12 @@ from functools import partial
 import httpx
 import trio
 
-from ._http import check_response, error_for_exception
-from .canonical import canonical_json
-from .errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
-from .feeds import FeedStore
-from .node import Node
-from .protocol import SignedRequest, feed_prefix
+from .._http import check_response, error_for_exception
+from ..canonical import canonical_json
+from ..channels import Channels
+from ..errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
+from ..protocol import SignedRequest, feed_prefix
+from .db import FeedStore
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ log = logging.getLogger(__name__)
 BATCH = 500
 #: Parallel HTTP requests of one publish or fetch.
 PARALLEL = 16
-
-
-def feed_store(node: Node) -> FeedStore:
-    return FeedStore(node.dir / "feeds.db")
 
 
 async def _put(client: httpx.AsyncClient, signed: SignedRequest, data: bytes) -> None:
@@ -85,9 +81,13 @@ async def _gather(jobs, limit: int = PARALLEL) -> list:
 
 
 class FeedSync:
-    def __init__(self, node: Node, store: FeedStore):
-        self.node = node
+    """Publishing and fetching the subfeeds of ``store`` in the channels of ``channels``
+    (their records, hubs and this node's permissions), over the HTTP ``client``."""
+
+    def __init__(self, channels: Channels, store: FeedStore, client: httpx.AsyncClient):
+        self.channels = channels
         self.store = store
+        self.client = client
 
     # -- the owner ---------------------------------------------------------------------------
 
@@ -101,8 +101,8 @@ class FeedSync:
         caller runs :meth:`upload_singles` itself, when it suits). Returns the message
         counts in the bucket before and after. ``on_announced(start, end)`` is called as
         each batch is announced (so that a caller can remember the single objects due)."""
-        ch = self.node.channel(channel)
-        hub = self.node.hub(ch.hub_url)
+        ch = self.channels.get(channel)
+        hub = self.channels.hub(ch.hub_url)
         key = self.store.key(feed_id)
         ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
         remote = (await hub.call("feedUpdated", cosign=key, messageCount=0, **ids))[
@@ -121,7 +121,7 @@ class FeedSync:
                                      repair=True, **ids))["messageCount"]
         if local <= remote:
             return remote, remote
-        old_index = await _get(self.node.client, f"{ch.bucket_base_url}/"
+        old_index = await _get(self.client, f"{ch.bucket_base_url}/"
                                f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json",
                                bust=True)
         batches = _batches_of(old_index)
@@ -135,8 +135,8 @@ class FeedSync:
             urls = await hub.call("feedUploadUrls", cosign=key, start=start, sizes=[],
                                   indexSize=len(index), batch=[start, end, len(batch_body)],
                                   **ids)
-            await _put(self.node.client, SignedRequest.from_json(urls["batch"]), batch_body)
-            await _put(self.node.client, SignedRequest.from_json(urls["index"]), index)
+            await _put(self.client, SignedRequest.from_json(urls["batch"]), batch_body)
+            await _put(self.client, SignedRequest.from_json(urls["index"]), index)
             await hub.call("feedUpdated", cosign=key, messageCount=end, batchStart=start,
                            **ids)
             if on_announced is not None:
@@ -150,7 +150,7 @@ class FeedSync:
     async def upload_singles(self, channel: str, feed_id: str, subfeed_hash: str, start: int,
                              end: int) -> None:
         """The single-message objects ``start..end-1`` (kachery's layout)."""
-        hub = self.node.hub(self.node.channel(channel).hub_url)
+        hub = self.channels.hub_of(channel)
         key = self.store.key(feed_id)
         ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
         for a in range(start, end, BATCH):
@@ -159,7 +159,7 @@ class FeedSync:
                       for m in self.store.messages(feed_id, subfeed_hash, a, b)]
             urls = await hub.call("feedUploadUrls", cosign=key, start=a,
                                   sizes=[len(x) for x in bodies], **ids)
-            await _gather([partial(_put, self.node.client, SignedRequest.from_json(u), x)
+            await _gather([partial(_put, self.client, SignedRequest.from_json(u), x)
                            for u, x in zip(urls["messages"], bodies, strict=True)])
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
                  subfeed_hash[:12], end, channel)
@@ -174,7 +174,7 @@ class FeedSync:
         window = PARALLEL
         while start < end:
             stop = min(start + window, end)
-            bodies = await _gather([partial(_get, self.node.client, f"{base}/{i}")
+            bodies = await _gather([partial(_get, self.client, f"{base}/{i}")
                                     for i in range(start, stop)])
             got = _parse_all(bodies)
             out += got
@@ -185,7 +185,7 @@ class FeedSync:
 
     async def hub_count(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
         """The subfeed's message count at the hub (0 if the hub has heard of none)."""
-        hub = self.node.hub(self.node.channel(channel).hub_url)
+        hub = self.channels.hub_of(channel)
         answer = await hub.call("watchFeeds", channel=channel, subscriptions=[
             {"feedId": feed_id, "subfeedHash": subfeed_hash, "position": 0}])
         return max([u.get("messageCount", 0) for u in answer.get("updates", [])
@@ -204,19 +204,19 @@ class FeedSync:
         the feed's owner can raise, and only once the bucket holds the messages. Where the
         hub has heard of no message of the subfeed (one that an earlier kachery published),
         the bucket's index counts, and single messages are read up to the first gap."""
-        if "requestFeeds" not in await self.node.permissions(channel):
+        if "requestFeeds" not in await self.channels.permissions(channel):
             raise PermissionDenied(
                 f"this node lacks the requestFeeds permission on channel {channel!r}; the"
                 f" channel owner can grant it with `kachery-fs hub channel authorize {channel}"
-                f" {self.node.node_id} --add requestFeeds`")
-        ch = self.node.channel(channel)
+                f" {self.channels.node_id} --add requestFeeds`")
+        ch = self.channels.get(channel)
         base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
         if not isinstance(hub_count, int) or hub_count < 0:
             hub_count = await self.hub_count(channel, feed_id, subfeed_hash)
         local = self.store.count(feed_id, subfeed_hash)
         if 0 < hub_count <= local:
             return 0, None
-        index = await _get(self.node.client, f"{base}/subfeed.json", bust=True)
+        index = await _get(self.client, f"{base}/subfeed.json", bust=True)
         if index is None and hub_count == 0:
             raise NotFound(f"feed {feed_id} has no subfeed {subfeed_hash} in channel"
                            f" {channel!r}")
@@ -229,7 +229,7 @@ class FeedSync:
             if b[0] <= position < b[1] <= count:
                 wanted.append(b)
                 position = b[1]
-        bodies = await _gather([partial(_get, self.node.client, f"{base}/batch/{a}-{b}")
+        bodies = await _gather([partial(_get, self.client, f"{base}/batch/{a}-{b}")
                                 for a, b in wanted])
         messages: list = []
         position = local
