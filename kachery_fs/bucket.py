@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable
+from functools import partial
 
 import httpx
 import trio
@@ -46,7 +47,7 @@ from .errors import (
     leaves,
 )
 from .protocol import object_key
-from .retry import Backoff, retrying
+from .retry import retrying
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -277,18 +278,12 @@ class Download:
         self.store.install_verified(self.temp_path, self.sha1, actual_sha1=digest)  # fsyncs
 
     async def _fetch_with_retry(self, start: int, end: int) -> bytes:
-        backoff = Backoff()
-        while True:
-            try:
-                return await get_range(self.client, self.url, start, end,
-                                       on_data=self._on_data)
-            except (Unavailable, IntegrityError) as exc:
-                # Transient, or a truncated body: try again a few times.
-                if backoff.attempt + 1 >= self.attempts:
-                    raise
-                delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                log.warning("%s; retrying in %.1f s", exc, delay)
-                await trio.sleep(delay)
+        # Transient, or a truncated body: try again a few times. The download's stall
+        # deadline (which other chunks' progress moves on) ends a wait, and says why.
+        return await retrying(
+            partial(get_range, self.client, self.url, start, end, on_data=self._on_data),
+            what=f"GET {self.url} bytes {start}-{end - 1}", attempts=self.attempts,
+            also=(IntegrityError,), at_deadline="wait")
 
     async def wait_readable(self, end: int, *, stall_timeout: float) -> None:
         """Wait until bytes ``[0, end)`` may be read; raise the download's error if it failed.

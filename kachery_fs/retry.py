@@ -166,14 +166,16 @@ async def pause(backoff: Backoff, err: BaseException, *, what: str | None = None
 
 async def retrying(operation: Callable[[], Awaitable[T]], *, what: str,
                    attempts: int = ATTEMPTS, backoff: Backoff | None = None,
-                   also: tuple[type[Exception], ...] = ()) -> T:
+                   also: tuple[type[Exception], ...] = (),
+                   at_deadline: Literal["raise", "wait"] = "raise") -> T:
     """Run ``operation`` and retry it on a transient error (:func:`is_transient`) with
     backoff; return its result.
 
     Other errors propagate at once (an ``httpx`` one mapped into the project's tree), as
     does the last transient error after ``attempts`` tries, or as soon as the next try
     could not begin before the caller's trio deadline. ``also`` names further errors that
-    this operation knows to be worth another try (a truncated body).
+    this operation knows to be worth another try (a truncated body). ``at_deadline`` is
+    :func:`pause`'s: ``"wait"`` under a stall deadline that its owner reports.
     """
     backoff = backoff or Backoff()
     while True:
@@ -187,4 +189,4 @@ async def retrying(operation: Callable[[], Awaitable[T]], *, what: str,
                 raise err from None
         if backoff.attempt + 1 >= attempts:
             raise err from None
-        await pause(backoff, err)
+        await pause(backoff, err, at_deadline=at_deadline)
