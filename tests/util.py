@@ -342,11 +342,11 @@ async def hub_in_process(directory: Path):
 @asynccontextmanager
 async def cli_on_hub_in_process(node_dir: Path, hub_dir: Path, monkeypatch):
     """The CLI's commands, run in this process as node ``node_dir``, talk to a hub that
-    the node owns, in this process (``cli._open_node`` is patched): yields the hub server
-    and the ``open_node`` the CLI then uses."""
+    the node owns, in this process (``kachery_fs.cli._common.open_node`` is patched):
+    yields the hub server and the ``open_node`` the CLI then uses."""
     import httpx
 
-    from kachery_fs import cli
+    from kachery_fs.cli import _common
     from kachery_fs.hub.serve import HubServer
     from kachery_fs.node import Node
 
@@ -360,7 +360,7 @@ async def cli_on_hub_in_process(node_dir: Path, hub_dir: Path, monkeypatch):
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app))
         return Node(node_dir, client=client)
 
-    monkeypatch.setattr(cli, "_open_node", open_node)
+    monkeypatch.setattr(_common, "open_node", open_node)
     try:
         yield server, open_node
     finally:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import socket
 import time
 
 import httpx
@@ -15,6 +14,8 @@ import trio
 
 from kachery_fs import channels as channels_module
 from kachery_fs import cli, resumable
+from kachery_fs.cli import data as cli_data
+from kachery_fs.cli import node as cli_node
 from kachery_fs.errors import InvalidInput, NotFound
 from kachery_fs.node import Node
 from kachery_fs.state import NodeDB
@@ -28,14 +29,6 @@ def sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
-@pytest.fixture
-def busy_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        yield s.getsockname()[1]
-
-
 # -- errors raised inside nurseries ----------------------------------------------------------
 
 
@@ -46,23 +39,10 @@ def test_hub_serve_on_a_busy_port(tmp_path, busy_port):
                           " or --port 0 for any free port")
 
 
-def test_up_on_a_busy_port(tmp_path, busy_port):
-    (tmp_path / "m").mkdir()
-    result = run_cli(tmp_path / "node", "up", str(tmp_path / "m"), "--port", str(busy_port))
-    assert_one_line_error(result, f"port {busy_port} is in use; choose another with --port,"
-                          " or --port 0 for any free port")
-
-
-def test_up_with_a_bad_channel_name(tmp_path):
-    result = run_cli(tmp_path / "node", "up", str(tmp_path / "m"), "--channel", "x",
-                     "--port", "0")
-    assert_one_line_error(result, "invalid channel name 'x'")
-
-
 def _main_raising(monkeypatch, exc: BaseException) -> int:
     async def failing(args):
         raise exc
-    monkeypatch.setattr(cli, "_status", failing)
+    monkeypatch.setattr(cli_node, "_status", failing)
     return cli.main(["status"])
 
 
@@ -133,7 +113,7 @@ async def test_put_when_the_object_appears_before_the_session_starts(hub_node, t
         return await real_start(client, signed)
 
     monkeypatch.setattr(resumable, "start_session", racing)
-    assert await cli._put(put_args(src)) == 0
+    assert await cli_data._put(put_args(src)) == 0
     assert capsys.readouterr().out.strip() == f"sha1://{sha1(data)}?label=file.bin"
     assert server.hub.cache.size_of("chan", sha1(data)) == len(data)
     assert upload_state(node_dir, sha1(data)).state == "done"
@@ -154,7 +134,7 @@ async def test_put_when_the_object_appears_before_the_final_chunk(hub_node, tmp_
         return ours
 
     monkeypatch.setattr(resumable, "start_session", racing)
-    assert await cli._put(put_args(src)) == 0
+    assert await cli_data._put(put_args(src)) == 0
     assert sha1(data) in capsys.readouterr().out
     assert server.hub.cache.size_of("chan", sha1(data)) == len(data)
     assert upload_state(node_dir, sha1(data)).state == "done"
