@@ -159,7 +159,8 @@ class GoogleCloudStorage:
 
 
 class GcsBucketBackend:
-    """A channel bucket that is a Google Cloud Storage bucket (or an emulator's).
+    """A channel bucket that is a Google Cloud Storage bucket (or an emulator's): a
+    :class:`~kachery_fs.hub.backends.BucketBackend`.
 
     GCS cannot give an object's SHA-1 without reading its bytes, and the hub never
     carries file bytes, so ``can_hash`` is False: at finalize the hub checks that the

@@ -22,8 +22,9 @@ from .._serve import Tls, serve_asgi
 from ..config import private_directory, private_files
 from ..localbucket import LocalBucket, create_app
 from .app import compose, create_api
+from .backends import Buckets
 from .gcs import GoogleCloudStorage
-from .service import Buckets, Hub
+from .service import Hub
 from .signing import UrlSigner
 from .storage import HubDB
 

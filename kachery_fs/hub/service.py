@@ -37,10 +37,9 @@ from ..errors import (
 from ..identity import is_node_id, verify_signature
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
 from ..uris import is_sha1
+from .backends import BucketBackend, Buckets
 from .cache import BucketCache, parse_allocation
 from .feeds import FeedIndex
-from .gcs import GoogleCloudStorage
-from .gcs import check_bucket_name as check_gcs_bucket_name
 from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ class Caller:
 class Hub:
     """Request handling for one hub. ``buckets`` maps a channel's bucket URI to a backend."""
 
-    def __init__(self, db, *, owner_id: str, buckets, default_bucket_uri: str | None):
+    def __init__(self, db, *, owner_id: str, buckets: Buckets, default_bucket_uri: str | None):
         self.db = db
         self.owner_id = owner_id
         self.buckets = buckets
@@ -221,7 +220,7 @@ class Hub:
                 f" {channel!r}; the channel owner can grant it with `kachery-fs hub channel"
                 f" authorize {channel} {caller.node_id} --add {permission}`")
 
-    def _backend(self, channel: str):
+    def _backend(self, channel: str) -> BucketBackend:
         return self.buckets.for_uri(self.db.channel(channel).bucket_uri)
 
     @staticmethod
@@ -357,8 +356,8 @@ class Hub:
         await self._settle(backend, caller, channel, sha1, size, actual, uploaded=True)
         return {"status": "finalized"}
 
-    async def _settle(self, backend, caller: Caller, channel: str, sha1: str, size: int,
-                      actual: int, *, uploaded: bool = False) -> bool:
+    async def _settle(self, backend: BucketBackend, caller: Caller, channel: str, sha1: str,
+                      size: int, actual: int, *, uploaded: bool = False) -> bool:
         """Decide about the object of ``actual`` bytes in the bucket under ``sha1``, which
         ``caller`` says has ``size`` bytes. True: it is checked and on record, with that
         size. False: it was a bad or unfinished upload, and is deleted (``IntegrityError``
@@ -432,7 +431,8 @@ class Hub:
             del self._disputes[key]
             done.set()
 
-    async def _delete_bad(self, backend, channel: str, sha1: str, why: str) -> None:
+    async def _delete_bad(self, backend: BucketBackend, channel: str, sha1: str,
+                          why: str) -> None:
         log.warning("channel %s: the object of sha1://%s is bad (%s); deleting it", channel,
                     sha1, why)
         await backend.delete(object_key(channel, sha1))
@@ -623,68 +623,4 @@ class Hub:
         return {"updates": await self.feeds.watch(channel, parsed, check_wait(body)),
                 "bucketBaseUrl": self.buckets.for_uri(
                     self.db.channel(channel).bucket_uri).base_url()}
-
-
-class LocalBucketBackend:
-    """A channel bucket that is a bucket of this hub's local bucket."""
-
-    can_hash = True
-
-    def __init__(self, local, signer, public_url: str, bucket: str):
-        self.local = local
-        self.signer = signer
-        self.public_url = public_url.rstrip("/")
-        self.bucket = bucket
-
-    def base_url(self) -> str:
-        return f"{self.public_url}/{self.bucket}"
-
-    async def stat(self, key: str) -> int | None:
-        st = self.local.stat(self.bucket, key)
-        return None if st is None else st[0]
-
-    async def sha1(self, key: str) -> str:
-        return await trio.to_thread.run_sync(self.local.sha1, self.bucket, key)
-
-    async def delete(self, key: str) -> None:
-        self.local.delete(self.bucket, key)
-
-    def resumable_upload(self, key: str, *, size: int, expires_s: int):
-        return self.signer.resumable_upload(self.bucket, key, size=size, expires_s=expires_s)
-
-    def put(self, key: str, *, size: int, expires_s: int, overwrite: bool = False):
-        return self.signer.put(self.bucket, key, size=size, expires_s=expires_s,
-                               overwrite=overwrite)
-
-
-class Buckets:
-    """Resolves a channel's bucket URI (``local://NAME`` or ``gs://NAME``) to a backend.
-
-    ``gcs`` is the hub's Google Cloud Storage access
-    (:class:`~kachery_fs.hub.gcs.GoogleCloudStorage`); without one, the first ``gs://``
-    bucket looks for credentials in the environment, and says what is missing.
-    """
-
-    def __init__(self, *, local=None, signer=None, public_url: str | None = None, gcs=None):
-        self.local = local
-        self.signer = signer
-        self.public_url = public_url
-        self.gcs = gcs
-
-    def for_uri(self, uri: str):
-        if not isinstance(uri, str):
-            raise InvalidInput("bucket must be a string")
-        if uri.startswith("local://"):
-            name = uri[len("local://"):]
-            if not re.match(r"^[a-z0-9][a-z0-9._-]{1,61}[a-z0-9]$", name) or name == "api":
-                raise InvalidInput(f"invalid local bucket name {name!r}")
-            if self.local is None:
-                raise InvalidInput("this hub serves no local bucket (started with --no-local-bucket)")
-            return LocalBucketBackend(self.local, self.signer, self.public_url, name)
-        if uri.startswith("gs://"):
-            name = check_gcs_bucket_name(uri[len("gs://"):])
-            if self.gcs is None:
-                self.gcs = GoogleCloudStorage.from_environment()
-            return self.gcs.bucket(name)
-        raise InvalidInput(f"unknown bucket URI {uri!r}: expected local://NAME or gs://NAME")
 
