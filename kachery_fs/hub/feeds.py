@@ -17,16 +17,7 @@ import time
 
 import trio
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS subfeeds (
-    channel TEXT NOT NULL,
-    feed_id TEXT NOT NULL,
-    subfeed_hash TEXT NOT NULL,
-    message_count INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (channel, feed_id, subfeed_hash)
-);
-"""
+from . import storage
 
 #: Longest a watch long-poll is held.
 MAX_WATCH_S = 25.0
@@ -52,7 +43,7 @@ class FeedIndex:
 
     def __init__(self, db):
         self._db = db
-        db.executescript(SCHEMA)
+        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
         self._watches: dict[tuple[str, str, str], set[_Watch]] = {}
 
     def count(self, channel: str, feed_id: str, subfeed_hash: str) -> int:

@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 import trio
 
 from ..errors import InvalidInput, NotFound
+from . import storage
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +52,6 @@ TERMINAL_TTL_S = 120.0
 STARTUP_GRACE_S = 5.0
 
 ACTIVE = ("pending", "offered", "uploading")
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS file_requests (
-    channel TEXT NOT NULL,
-    sha1 TEXT NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (channel, sha1)
-);
-"""
 
 
 @dataclass
@@ -111,7 +103,7 @@ class FileRequests:
         self._offers_changed: dict[str, trio.Event] = {}
         self._listening: Counter[str] = Counter()
         self._last_listen: dict[str, float] = {}
-        db.executescript(SCHEMA)
+        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
         for (record,) in db.execute("SELECT record FROM file_requests"):
             req = FileRequest(**json.loads(record))
             # Monotonic times do not survive a restart: restart the clocks of live requests.

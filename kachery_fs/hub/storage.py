@@ -1,6 +1,9 @@
 """The hub's state in SQLite: channels, authorizations, seen nonces, finalized objects.
 
-The objects table is kept by ``hub.cache`` (which adds its own columns to it).
+The schema of the whole ``hub.db`` is here (:data:`SCHEMA`, one ordered list of
+migrations), also for the tables that ``hub.requests``, ``hub.feeds`` and ``hub.cache``
+query on this connection. The objects table is kept by ``hub.cache`` (its own columns are
+migration 2).
 
 Short synchronous transactions, called from the hub's trio thread. Every change is
 committed at once, so a permission change is in force for the very next request.
@@ -14,9 +17,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._sqlite import Migration, Schema
 from ..errors import Conflict, NotFound
 
-SCHEMA = """
+# Version 1 of hub.db: the tables of this module, then those of hub.requests, hub.feeds
+# and hub.cache (as each created them on the hub's connection in kachery-fs 0.1.0).
+_V1 = """
 CREATE TABLE IF NOT EXISTS channels (
     name TEXT PRIMARY KEY,
     bucket_uri TEXT NOT NULL,
@@ -44,7 +50,68 @@ CREATE TABLE IF NOT EXISTS objects (
     finalized_by TEXT NOT NULL,
     PRIMARY KEY (channel, sha1)
 );
+-- hub.requests
+CREATE TABLE IF NOT EXISTS file_requests (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,
+    record TEXT NOT NULL,
+    PRIMARY KEY (channel, sha1)
+);
+-- hub.feeds
+CREATE TABLE IF NOT EXISTS subfeeds (
+    channel TEXT NOT NULL,
+    feed_id TEXT NOT NULL,
+    subfeed_hash TEXT NOT NULL,
+    message_count INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (channel, feed_id, subfeed_hash)
+);
+-- hub.cache
+CREATE TABLE IF NOT EXISTS cache_settings (
+    channel TEXT PRIMARY KEY,
+    allocation INTEGER,
+    low_watermark REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS cache_counters (
+    channel TEXT NOT NULL,
+    name TEXT NOT NULL,
+    count INTEGER NOT NULL DEFAULT 0,
+    bytes INTEGER NOT NULL DEFAULT 0,
+    PRIMARY KEY (channel, name)
+);
+CREATE TABLE IF NOT EXISTS cache_since (
+    channel TEXT PRIMARY KEY,
+    since REAL NOT NULL
+);
 """
+
+#: The columns that hub.cache keeps in ``objects``. kachery-fs 0.1.0 added the missing
+#: ones on every start, so a database made before the versions were numbered may have
+#: all of them or none.
+OBJECT_CACHE_COLUMNS = {
+    "stored": "INTEGER NOT NULL DEFAULT 1",
+    "last_demand": "REAL NOT NULL DEFAULT 0",
+    "downloads": "INTEGER NOT NULL DEFAULT 0",
+    "evicted_at": "REAL",
+}
+
+
+def _add_object_cache_columns(db: sqlite3.Connection) -> None:
+    have = {row[1] for row in db.execute("PRAGMA table_info(objects)")}
+    for name, decl in OBJECT_CACHE_COLUMNS.items():
+        if name not in have:
+            db.execute(f"ALTER TABLE objects ADD COLUMN {name} {decl}")
+    db.execute("CREATE INDEX IF NOT EXISTS objects_lru ON objects (channel, stored, last_demand)")
+
+
+#: ``hub.db``'s versions (see :mod:`kachery_fs._sqlite`), for every part of the hub: they
+#: keep their queries, the schema of the file is here. Version 2 is kachery-fs 0.1.0's.
+SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
+    Migration(1, "channels, authorizations, nonces, objects, file requests, subfeed counts,"
+                 " bucket cache settings and counters", _V1),
+    Migration(2, "objects: the bucket cache's columns (stored, last demand, downloads,"
+                 " evicted at) and its eviction index", run=_add_object_cache_columns),
+))
 
 
 @dataclass(frozen=True)
@@ -56,11 +123,7 @@ class ChannelRecord:
 
 class HubDB:
     def __init__(self, path: Path):
-        self._db = sqlite3.connect(path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(SCHEMA)
+        self._db = SCHEMA.open(path)
 
     def close(self) -> None:
         self._db.close()
