@@ -66,8 +66,10 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                                    resolver=resolver, mountpoint=str(mountpoint)))
         feeds = FeedFiles(node.channels, node.db, FeedStore.for_node(node.dir), node.client,
                           nursery)
-        ops = Operations(node, resolver, uploader, nursery=nursery, provider=provider,
-                         feeds=feeds)
+        ops = Operations(node.db, node.store, node.channels, resolver, uploader,
+                         nursery=nursery, feeds=feeds,
+                         snapshot=partial(status.collect, node, provider=provider,
+                                          resolver=resolver))
         feeds.on_grow = ops.feed_grew
         feeds.resume_publishing()
         options = set(pyfuse3.default_options)

@@ -207,7 +207,8 @@ async def mount_in_process(node: Node, nursery: trio.Nursery, **resolver_args) -
     """The node's file system operations, as a mount builds them (without the kernel)."""
     uploader = await Uploader.create(node, nursery=nursery)
     resolver = Resolver(node, nursery=nursery, **resolver_args)
-    return FS(node, Operations(node, resolver, uploader, nursery=nursery))
+    return FS(node, Operations(node.db, node.store, node.channels, resolver,
+                               uploader, nursery=nursery))
 
 
 async def in_bucket(hub: Hub, data: bytes) -> str:

@@ -131,7 +131,8 @@ async def file_system(node: Node):
     async with trio.open_nursery() as nursery:
         uploader = await Uploader.create(node, nursery=nursery)
         resolver = Resolver(node, nursery=nursery)
-        yield FS(node, Operations(node, resolver, uploader, nursery=nursery))
+        yield FS(node, Operations(node.db, node.store, node.channels, resolver,
+                                  uploader, nursery=nursery))
         nursery.cancel_scope.cancel()
 
 

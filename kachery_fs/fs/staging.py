@@ -1,0 +1,302 @@
+"""Writes to named entries: staged, committed into the store, queued for upload (no pyfuse3).
+
+Every open handle of one named entry that may write shares one :class:`Writer`. Its
+states and transitions:
+
+- **open for write** (:meth:`Staging.open_write`): one more write handle; with
+  ``O_TRUNC`` an empty staging file at once.
+- **write / truncate**: the staging file is made at the first one, as a copy of the
+  committed content (empty when truncating to zero), in the store's temp directory, and
+  hashed as the bytes arrive; the writer is then *dirty*.
+- **commit** (:meth:`Staging.commit`): on ``flush`` of the only write handle (``close(2)``
+  waits for it, so a ``cp`` that has returned has its file in the store), on ``fsync``,
+  and on the last close: the staging file moves into the store and the entry points at
+  it. The upload is queued at the last close only, so a file written by several
+  short-lived processes sharing one descriptor is uploaded once.
+- **lose** (:meth:`Staging.lose`): a full disk (``ENOSPC``, ``EDQUOT``, ``EIO`` at a write,
+  or ``NoSpace`` at the commit) makes the version being written impossible to save
+  whole. It is dropped, the name keeps its previous content, and every later write,
+  flush, fsync and close of the open handles fails the same way, until the last of them
+  closes.
+- A handle opened read-only while the entry is being written reads what is written so
+  far (:meth:`Staging.open_read`, :meth:`Staging.read`).
+
+Errors are kachery-fs errors (``NotFound``, ``NoSpace``) or the ``OSError`` of the local
+disk, never FUSE's: the adapter maps them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..errors import NotFound
+from ..state import NodeDB
+from ..store import StagingFile, Store
+
+if TYPE_CHECKING:
+    from ..uploader import Uploader
+
+log = logging.getLogger(__name__)
+
+#: The errors of a write that mean the version being written cannot be saved whole.
+LOSING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
+
+
+@dataclass
+class Writer:
+    """The staging file shared by every open handle of one named entry being written.
+
+    ``lock`` serialises making the staging file and committing it: the kernel sends
+    writes (and reads) of one file concurrently, and without it two of them could each
+    make a staging file, or one could copy the old content while a commit is in flight.
+    """
+
+    entry_id: int
+    staging: StagingFile | None = None
+    handles: int = 0  # open handles that may write
+    readers: int = 0  # read-only handles opened while it was being written
+    dirty: bool = False
+    unqueued: bool = False  # committed, but the upload is queued only at the last close
+    #: Why the version being written could not be saved (a full disk at a write or at
+    #: the commit); it was dropped, and every later write, flush, fsync and close of the
+    #: open handles fails with this (see Staging.commit).
+    lost: BaseException | None = None
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def check_lost(self) -> None:
+        if self.lost is not None:
+            raise self.lost.with_traceback(None)
+
+
+class Staging:
+    """The writers of the named entries being written, and their transitions.
+
+    ``on_lost(entry_id)`` is called when a version of an entry is dropped (see
+    :meth:`lose`): with the writeback cache the kernel holds its pages and size, which
+    the mount then drops so that reads show the content the name still has.
+    """
+
+    def __init__(self, store: Store, db: NodeDB, uploader: Uploader, *,
+                 on_lost: Callable[[int], None] | None = None):
+        self.store = store
+        self.db = db
+        self.uploader = uploader
+        self.on_lost = on_lost
+        self._writers: dict[int, Writer] = {}
+
+    # -- what is being written --------------------------------------------------------------
+
+    def get(self, entry_id: int) -> Writer | None:
+        return self._writers.get(entry_id)
+
+    def is_writing(self, entry_id: int) -> bool:
+        """True while a handle that may write ``entry_id`` is open."""
+        writer = self._writers.get(entry_id)
+        return writer is not None and writer.handles > 0
+
+    def staged_size(self, entry_id: int) -> int | None:
+        """The size of the version of ``entry_id`` being written; None if there is none."""
+        writer = self._writers.get(entry_id)
+        return writer.staging.size if writer and writer.staging else None
+
+    # -- opening and closing ---------------------------------------------------------------
+
+    async def open_write(self, entry_id: int, *, truncate: bool) -> Writer:
+        """One more handle that may write ``entry_id`` (``truncate``: ``O_TRUNC``)."""
+        writer = self._writer(entry_id)
+        if writer.handles == 0:
+            writer.lost = None  # whoever lost a version has closed it (and was told)
+        writer.handles += 1
+        try:
+            if truncate:
+                await self.staging(writer, truncate=True)
+                writer.dirty = True
+        except BaseException:
+            writer.handles -= 1
+            self._forget(writer)
+            raise
+        return writer
+
+    def open_read(self, entry_id: int) -> Writer | None:
+        """The writer of ``entry_id`` if it is being written (a read-only handle opened now
+        reads what is written so far: close it with :meth:`close_read`); else None."""
+        writer = self._writers.get(entry_id)
+        if writer is not None:
+            writer.readers += 1
+        return writer
+
+    def close_read(self, writer: Writer) -> None:
+        writer.readers -= 1
+        self._forget(writer)
+
+    async def close_write(self, writer: Writer) -> None:
+        """A handle that may write closes: at the last one, commit and queue the upload."""
+        writer.handles -= 1
+        try:
+            if writer.handles == 0:
+                if writer.dirty:
+                    await self.commit(writer)
+                self.queue_upload(writer)
+        finally:
+            self._forget(writer)
+
+    def _writer(self, entry_id: int) -> Writer:
+        writer = self._writers.get(entry_id)
+        if writer is None:
+            writer = self._writers[entry_id] = Writer(entry_id)
+        return writer
+
+    def _forget(self, writer: Writer) -> None:
+        if writer.handles == 0 and writer.readers == 0:
+            if writer.staging is not None:  # not dirty: nothing to keep
+                writer.staging.discard()
+                writer.staging = None
+            if self._writers.get(writer.entry_id) is writer:
+                del self._writers[writer.entry_id]
+
+    # -- reading and writing -----------------------------------------------------------------
+
+    async def staging(self, writer: Writer, *, truncate: bool = False) -> StagingFile:
+        """The writer's staging file: made from the committed content when there is none
+        (empty when ``truncate``). Waits for a commit in flight."""
+        writer.check_lost()  # never write on top of the old content instead of the lost one
+        if writer.staging is not None and not (truncate and writer.staging.size):
+            return writer.staging
+        async with writer.lock:
+            if truncate and writer.staging is not None and writer.staging.size:
+                writer.staging.discard()  # O_TRUNC: a fresh file, not a copy cut to zero
+                writer.staging = None
+            if writer.staging is None:
+                entry = self.db.entry(writer.entry_id)
+                copy_from = None if truncate else entry.sha1
+                if copy_from is not None and not self.store.has(copy_from):
+                    raise NotFound(f"content of {entry.name!r} is no longer in the local store")
+                writer.staging = await trio.to_thread.run_sync(
+                    lambda: StagingFile.from_existing(self.store, copy_from,
+                                                      truncate=copy_from is None))
+            return writer.staging
+
+    async def write(self, writer: Writer, offset: int, data: bytes) -> int:
+        staging = await self.staging(writer)
+        writer.dirty = True
+        try:
+            return staging.write(offset, data)
+        except OSError as exc:
+            if exc.errno in LOSING_ERRNOS:
+                # This version of the file cannot be saved whole: the name keeps the
+                # previous one, and the writer hears of it at every step.
+                self.lose(writer, exc)
+            raise
+
+    async def read(self, writer: Writer, offset: int, size: int) -> bytes:
+        """What is written so far: the staging file, or the committed content."""
+        async with writer.lock:  # not during a commit: the staging file moves
+            if writer.staging is not None:
+                return writer.staging.read(offset, size)
+            entry = self.db.entry(writer.entry_id)
+        if entry.sha1 is None:
+            return b""
+        fd = self.store.open(entry.sha1)
+        try:
+            return os.pread(fd, size, offset)
+        finally:
+            os.close(fd)
+
+    async def truncate(self, entry_id: int, length: int) -> None:
+        """``truncate(2)`` of ``entry_id`` (a file). On a file nobody writes, a new version
+        of it, committed and queued now."""
+        writer = self._writers.get(entry_id)
+        if writer is not None and writer.handles > 0:
+            staging = await self.staging(writer, truncate=length == 0)
+            staging.truncate(length)
+            writer.dirty = True
+            return
+        writer = self._writer(entry_id)
+        writer.lost = None  # whoever lost a version has closed it
+        try:
+            staging = await self.staging(writer, truncate=length == 0)
+            staging.truncate(length)
+            writer.dirty = True
+            await self.commit(writer)
+            self.queue_upload(writer)
+        finally:
+            self._forget(writer)
+
+    async def flush(self, writer: Writer) -> None:
+        """``close(2)`` of a handle that may write waits for this: commit now if it is the
+        only one. The upload is queued at the last close (:meth:`close_write`), so a file
+        written by several short-lived processes sharing one descriptor is uploaded once,
+        not once per process."""
+        writer.check_lost()
+        if writer.handles == 1 and writer.dirty:
+            await self.commit(writer)
+
+    async def fsync(self, writer: Writer) -> None:
+        writer.check_lost()
+        if writer.dirty:
+            await self.commit(writer)
+
+    # -- commit and loss ------------------------------------------------------------------
+
+    async def commit(self, writer: Writer) -> None:
+        """Commit the staging file into the store and point the entry at it.
+
+        If that fails (a full disk: ``NoSpace``/``ENOSPC``, whether the store or the node
+        database found it full), the name keeps its previous content and what was written
+        is dropped. The failure stays with the writer (``lost``): every later write,
+        flush, fsync and close of its open handles fails the same way, so a program that
+        missed the first error (one that ignores fsync's) still learns at close that its
+        file was not saved, and nothing is ever written on top of the old content in
+        place of the lost one.
+        """
+        async with writer.lock:
+            writer.check_lost()
+            staging, writer.staging = writer.staging, None
+            if staging is None or not writer.dirty:
+                return
+            writer.dirty = False
+            size = staging.size
+            try:
+                sha1 = await trio.to_thread.run_sync(staging.commit)  # discards it if it fails
+                try:
+                    entry = self.db.entry(writer.entry_id)
+                except NotFound:
+                    log.info("file was removed before it was closed; sha1://%s stays in the"
+                             " store", sha1)
+                    return
+                self.db.set_content(writer.entry_id, sha1, size)
+            except Exception as exc:
+                self.lose(writer, exc)
+                raise
+            writer.unqueued = True
+            log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1,
+                     size)
+
+    def lose(self, writer: Writer, error: BaseException) -> None:
+        """Drop what ``writer`` was writing: ``error`` made it impossible to save whole
+        (see :meth:`commit`)."""
+        writer.lost = error
+        writer.dirty = False
+        if writer.staging is not None:
+            writer.staging.discard()
+            writer.staging = None
+        if self.on_lost is not None:
+            self.on_lost(writer.entry_id)
+
+    def queue_upload(self, writer: Writer) -> None:
+        if not writer.unqueued:
+            return
+        writer.unqueued = False
+        try:
+            entry = self.db.entry(writer.entry_id)
+        except NotFound:
+            return
+        if entry.sha1 is not None:
+            self.uploader.enqueue(entry.channel, entry.sha1, entry.size)

@@ -1,0 +1,99 @@
+"""The kinds of node in the mount's tree, one class each (no pyfuse3).
+
+::
+
+    Root                      /
+    ChannelDir                /<channel>
+    Sha1Dir                   /<channel>/sha1
+    HashFile                  /<channel>/sha1/<hash>
+    FeedsDir                  /<channel>/feeds
+    FeedDir                   /<channel>/feeds/<feed-id>
+    SubfeedFile               /<channel>/feeds/<feed-id>/<subfeed>
+    NamedEntry                /<channel>/<name>...  (a row of ``entries``: file or directory)
+
+A node is a frozen value: two equal nodes are the same node of the tree, which is what
+:class:`~kachery_fs.fs.namespace.Namespace` numbers. Code that treats kinds differently
+dispatches on the class (``match`` or ``isinstance``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+
+@dataclass(frozen=True)
+class VNode:
+    """One node of the tree. ``is_dir`` is true for the built-in directories; a
+    :class:`NamedEntry` is a directory when its row says so."""
+
+    is_dir: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Root(VNode):
+    """``/``: one directory per joined channel."""
+
+    is_dir: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class ChannelDir(VNode):
+    """``/<channel>``: ``sha1/``, ``feeds/`` and the user's named entries."""
+
+    channel: str
+    is_dir: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class Sha1Dir(VNode):
+    """``/<channel>/sha1``: any content by hash; listing shows what is local."""
+
+    channel: str
+    is_dir: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class FeedsDir(VNode):
+    """``/<channel>/feeds``: one directory per feed."""
+
+    channel: str
+    is_dir: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class FeedDir(VNode):
+    """``/<channel>/feeds/<feed-id>``: one file per subfeed."""
+
+    channel: str
+    feed: str
+    is_dir: ClassVar[bool] = True
+
+
+@dataclass(frozen=True)
+class HashFile(VNode):
+    """``/<channel>/sha1/<hash>``: immutable content, read-only."""
+
+    channel: str
+    sha1: str
+
+
+@dataclass(frozen=True)
+class SubfeedFile(VNode):
+    """``/<channel>/feeds/<feed-id>/<subfeed>``: a feed's messages, one line each."""
+
+    channel: str
+    feed: str
+    subfeed: str
+
+
+@dataclass(frozen=True)
+class NamedEntry(VNode):
+    """A file or directory the user made: row ``entry_id`` of ``entries``."""
+
+    channel: str
+    entry_id: int
+
+
+#: The nodes that belong to a channel (all but the root).
+InChannel = ChannelDir | Sha1Dir | FeedsDir | FeedDir | HashFile | SubfeedFile | NamedEntry
