@@ -44,7 +44,7 @@ from .errors import (
     Unavailable,
 )
 from .protocol import SignedRequest
-from .retry import Backoff
+from .retry import Backoff, as_error, is_transient, pause
 
 log = logging.getLogger(__name__)
 
@@ -203,10 +203,8 @@ class _Upload:
         Raises DeadlineExceeded once nothing has moved for the stall timeout.
         """
         while True:
-            delay = min(self.backoff.next_delay(error.retry_after),
-                        max(0.0, self.watch.remaining()))
-            log.info("%s; asking the session where to resume in %.1f s", error, delay)
-            await trio.sleep(delay)
+            with trio.move_on_after(max(0.0, self.watch.remaining())):
+                await pause(self.backoff, error, at_deadline="wait")
             if self.watch.remaining() <= 0:
                 raise DeadlineExceeded(f"upload made no progress for {self.watch.timeout:g} s;"
                                        f" last error: {error}") from None
@@ -260,10 +258,10 @@ class _Verifier:
 
 
 def _transient(exc: Exception) -> Unavailable:
-    if isinstance(exc, Unavailable):
-        return exc
-    err = error_for_exception(exc, "upload")  # transient, but an untrusted certificate
-    if not isinstance(err, Unavailable):
+    """``exc`` (an ``Unavailable`` or an ``httpx`` error) as the transient error it is;
+    raises it, mapped, if it is not (an untrusted certificate)."""
+    err = as_error(exc, "upload")
+    if not is_transient(err):
         raise err from None
     return err
 
