@@ -1,0 +1,143 @@
+"""The test tiers and what every test run checks.
+
+The suite has three tiers, one directory each:
+
+- ``tests/unit``: pure units, no subprocess and no mount;
+- ``tests/inproc``: parts driven against a real hub and local bucket (in this process, or
+  on loopback), and CLI commands that mount nothing; no FUSE mount;
+- ``tests/mount``: whatever mounts FUSE or runs ``kachery-fs mount``/``up`` in a
+  subprocess.
+
+Every test under ``tests/mount`` gets the ``mount`` marker from its directory (select or
+deselect the tier with ``-m mount``); collection fails if a test elsewhere mounts (its
+code or a fixture it uses calls ``mounted()``/``require_fuse()`` or starts ``mount``/``up``)
+or carries the ``mount`` marker itself. ``tests/mount/conftest.py`` fails a test whose
+mount logged a traceback.
+
+A test that outlives its timeout (pytest-timeout) has the stacks of all its threads
+dumped by faulthandler, which works even while the main thread is stuck in a system call
+(on a hung FUSE request, say), where pytest-timeout's own handler cannot run.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import functools
+import inspect
+import os
+import re
+import socket
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+MOUNT_TIER = TESTS / "mount"
+
+#: What a test (or a fixture it uses) that mounts has in its source (``mount``/``up`` with
+#: no argument is only a usage error).
+_MOUNTS = re.compile(r"""
+      \bmounted\(
+    | \brequire_fuse\(
+    | \b(?:run_cli|kfs)\([^,\n]*,\s*(?:"-v+",\s*)?"(?:mount|up)",
+    | (?:\*KFS|"kachery_fs"),\s*(?:"-v+",\s*)?"(?:mount|up)",
+""", re.VERBOSE)
+
+_dump_file = None  # where faulthandler writes: the terminal's stderr, not a capture
+
+
+def pytest_configure(config):
+    global _dump_file
+    # fd 2 is the real stderr here (pytest's capture is suspended between conftest
+    # loading and the first test); a copy stays valid whatever capture does later
+    _dump_file = os.fdopen(os.dup(2), "w")
+    if not faulthandler.is_enabled():
+        faulthandler.enable(file=_dump_file)
+
+
+def pytest_unconfigure(config):
+    global _dump_file
+    faulthandler.cancel_dump_traceback_later()
+    if _dump_file is not None:
+        _dump_file.close()
+        _dump_file = None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_set_timer(item, settings):
+    if settings.timeout and _dump_file is not None:
+        faulthandler.dump_traceback_later(settings.timeout, exit=False, file=_dump_file)
+    # None: pytest-timeout's own timer is set as well
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_timeout_cancel_timer(item):
+    faulthandler.cancel_dump_traceback_later()
+
+
+def _in_mount_tier(item) -> bool:
+    return MOUNT_TIER in Path(str(item.path)).resolve().parents
+
+
+@functools.cache
+def _mounts(func) -> bool:
+    func = inspect.unwrap(func)
+    try:
+        if TESTS not in Path(inspect.getsourcefile(func)).resolve().parents:
+            return False  # a fixture of pytest or of a plugin
+        return _MOUNTS.search(inspect.getsource(func)) is not None
+    except (OSError, TypeError):
+        return False
+
+
+def _mounting_code(item) -> list[str]:
+    """The names of the test and of the fixtures it uses whose code mounts."""
+    found = []
+    func = getattr(item, "function", None)
+    if func is not None and _mounts(func):
+        found.append(item.name)
+    info = getattr(item, "_fixtureinfo", None)
+    for name, defs in (info.name2fixturedefs.items() if info is not None else ()):
+        if any(_mounts(d.func) for d in defs):
+            found.append(f"fixture {name!r}")
+    return found
+
+
+def pytest_collection_modifyitems(config, items):
+    misplaced = []
+    for item in items:
+        if _in_mount_tier(item):
+            item.add_marker(pytest.mark.mount)
+            continue
+        if item.get_closest_marker("mount") is not None:
+            misplaced.append(f"{item.nodeid}: marked 'mount'")
+        elif code := _mounting_code(item):
+            misplaced.append(f"{item.nodeid}: mounts ({', '.join(code)})")
+    if misplaced:
+        raise pytest.UsageError(
+            "tests that mount belong in tests/mount (the mount tier):\n  "
+            + "\n  ".join(misplaced))
+
+
+@pytest.fixture
+def busy_port():
+    """A loopback port that is taken (bound and listening) for the test's duration."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield s.getsockname()[1]
+
+
+@pytest.fixture
+def fake_gcs(tmp_path):
+    """fake-gcs-server on loopback with the bucket ``tests.gcs.BUCKET`` (skips loudly where
+    the emulator is not installed)."""
+    from .gcs import BUCKET
+    from .util import FakeGcsServer
+
+    server = FakeGcsServer.require(tmp_path / "fake-gcs-server.log")
+    try:
+        server.create_bucket(BUCKET)
+        yield server
+    finally:
+        server.stop()
