@@ -30,6 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .._sqlite import Migration, Schema
 from ..canonical import canonical_json
 from ..errors import IntegrityError, InvalidInput, NotFound, PermissionDenied
 from ..identity import NodeKey, is_node_id
@@ -43,7 +44,7 @@ _hash_of_name = subfeed_hash  # for code where a parameter is called subfeed_has
 #: The feed database's file name in a node directory.
 FILENAME = "feeds.db"
 
-SCHEMA = """
+_V1 = """
 CREATE TABLE IF NOT EXISTS feeds (
     feed_id TEXT PRIMARY KEY,
     private_key_pem TEXT,         -- NULL unless this node owns the feed
@@ -64,6 +65,13 @@ CREATE TABLE IF NOT EXISTS messages (
     PRIMARY KEY (feed_id, subfeed_hash, position)
 ) WITHOUT ROWID;
 """
+
+#: The feed database's versions (see :mod:`kachery_fs._sqlite`). synchronous=FULL: a
+#: signed message the owner may already have published must survive a power loss, or the
+#: next append would sign a different message at the same position.
+SCHEMA = Schema(FILENAME, synchronous="FULL", migrations=(
+    Migration(1, "feeds with their keys, subfeed names, verified messages", _V1),
+))
 
 
 # -- local storage -------------------------------------------------------------------------
@@ -101,13 +109,7 @@ class FeedStore:
         finally:
             os.close(fd)
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a signed message the owner may already have published must survive a power
-        # loss, or the next append would sign a different message at the same position.
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        self._db = SCHEMA.open(self.path)
 
     @classmethod
     def for_node(cls, directory: Path) -> FeedStore:
