@@ -94,6 +94,3 @@ class NamedEntry(VNode):
     channel: str
     entry_id: int
 
-
-#: The nodes that belong to a channel (all but the root).
-InChannel = ChannelDir | Sha1Dir | FeedsDir | FeedDir | HashFile | SubfeedFile | NamedEntry
