@@ -32,7 +32,7 @@ from .errors import (
     Unavailable,
 )
 from .node import Node
-from .retry import Backoff, retrying
+from .retry import foreground, pause, retrying
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class FileRequest:
                        f" unreachable ({exc})") from None
         watch.deadline = trio.current_time() + self.stall_timeout
         log.info("requested sha1://%s on channel %s through the hub", self.sha1, self.channel)
-        backoff = Backoff(initial=0.25, maximum=5.0)
+        backoff = foreground()
         while True:
             state = self.state.get("state")
             if state == "finished" and self.size is not None:
@@ -162,10 +162,9 @@ class FileRequest:
                     # again.
                     answer = await hub.request_file(self.channel, self.sha1)
             except Unavailable as exc:  # DeadlineExceeded too: an HTTP timeout
-                delay = backoff.next_delay(exc.retry_after)
-                log.info("hub unreachable while waiting for sha1://%s (%s); retrying in %.1f s",
-                         self.sha1, exc, delay)
-                await trio.sleep(delay)  # no later than the watch's deadline
+                # No later than the watch's deadline, which then reports the stall.
+                await pause(backoff, exc, what=f"hub unreachable while waiting for"
+                            f" sha1://{self.sha1}", at_deadline="wait")
                 continue
             backoff.reset()
             if self._update(answer):
