@@ -93,4 +93,3 @@ class NamedEntry(VNode):
 
     channel: str
     entry_id: int
-
