@@ -22,7 +22,7 @@ import trio
 
 from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
 from .node import Node
-from .retry import Backoff
+from .retry import foreground, pause
 from .sources import Sources
 from .uploader import Uploader
 
@@ -81,7 +81,7 @@ class Provider:
 
     async def _listen(self, url: str, nursery: trio.Nursery) -> None:
         hub = self.node.hub(url)
-        backoff = Backoff(initial=0.25, maximum=5.0)
+        backoff = foreground()
         self._set(url, "connecting")
         while True:
             # The first call returns at once, so that "connected" is known without waiting.
@@ -93,8 +93,8 @@ class Provider:
                 await trio.sleep(10)
                 continue
             except KacheryError as exc:
-                self._set(url, "unreachable", str(exc))
-                await trio.sleep(backoff.next_delay(getattr(exc, "retry_after", None)))
+                self._set(url, "unreachable", str(exc))  # logs the change of state
+                await pause(backoff, exc, what=f"listening to hub {url}", level=logging.DEBUG)
                 continue
             self._set(url, "connected")
             backoff.reset()
