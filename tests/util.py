@@ -154,11 +154,29 @@ def lazy_unmount(mountpoint: Path) -> None:
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
+#: The mounts' log files since the test began, with where in each the mount's lines start:
+#: ``(path, offset)``, recorded by :func:`mounted`. tests/mount/conftest.py clears it
+#: before each test and fails the test if a mount logged a traceback.
+MOUNT_LOGS: list[tuple[Path, int]] = []
+
+
+def _check_mount_tier() -> None:
+    """Under pytest, only tests in tests/mount may mount (tests/conftest.py checks the
+    source at collection; this catches a mount reached through a helper)."""
+    current = os.environ.get("PYTEST_CURRENT_TEST")
+    if current is not None and not current.replace(os.sep, "/").startswith("tests/mount/"):
+        raise AssertionError(f"{current.split(' ')[0]} mounts: it belongs in tests/mount")
+
+
 @contextmanager
 def mounted(node_dir: Path, mountpoint: Path):
-    """Mount ``node_dir``'s channels in a subprocess; always unmount and end it."""
+    """Mount ``node_dir``'s channels in a subprocess; always unmount and end it. The
+    mount's log (``-vv``) goes to ``node_dir/mount-test.log``, recorded in
+    :data:`MOUNT_LOGS`."""
+    _check_mount_tier()
     mountpoint.mkdir(parents=True, exist_ok=True)
     log = node_dir / "mount-test.log"
+    MOUNT_LOGS.append((log, log.stat().st_size if log.exists() else 0))
     proc = subprocess.Popen([*KFS, "-vv", "mount", "--foreground", "--log-file", str(log),
                              str(mountpoint)],
                             env=node_env(node_dir), stdin=subprocess.DEVNULL,

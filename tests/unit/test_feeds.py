@@ -7,9 +7,6 @@ import hashlib
 import json
 import os
 import stat
-import subprocess
-import sys
-import textwrap
 
 import pytest
 
@@ -399,53 +396,6 @@ def test_message_size_limit(tmp_path):
             store.append(fid, "s", [["\ud800"]])
         assert store.count(fid, h) == 2
         assert verify_messages(fid, store.messages(fid, h)).ok
-
-
-APPENDER = textwrap.dedent("""
-    import sys
-    import time
-    from kachery_fs.feeds import FeedStore
-    path, feed_id, who = sys.argv[1:4]
-    store = FeedStore(path)
-    print("ready", flush=True)
-    sys.stdin.readline()
-    for i in range(200):
-        store.append(feed_id, "log", [{"who": who, "i": i}])
-        time.sleep(0.001)  # let the other writer in: without it, one usually runs first
-    store.close()
-""")
-
-
-def test_two_processes_append_to_one_chain(tmp_path):
-    path = tmp_path / "feeds.db"
-    with FeedStore(path) as store:
-        fid = store.create_feed()
-    procs = [subprocess.Popen([sys.executable, "-c", APPENDER, str(path), fid, who],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-             for who in ("A", "B")]
-    try:
-        for p in procs:
-            assert p.stdout.readline() == "ready\n"
-        for p in procs:  # start both together
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        for p in procs:
-            assert p.wait(timeout=120) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    with FeedStore(path) as store:
-        msgs = store.messages(fid, subfeed_hash("log"))
-    assert len(msgs) == 400
-    assert verify_messages(fid, msgs) == (msgs, None)
-    writers = [m["body"]["message"]["who"] for m in msgs]
-    switches = sum(writers[i] != writers[i + 1] for i in range(len(writers) - 1))
-    assert switches > 1  # the two writers did interleave
-    for who in ("A", "B"):
-        mine = [m["body"]["message"]["i"] for m in msgs if m["body"]["message"]["who"] == who]
-        assert mine == list(range(200))
 
 
 def test_add_signed_received_messages(tmp_path):

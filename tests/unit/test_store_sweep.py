@@ -5,10 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import signal
-import subprocess
-import sys
-import textwrap
 
 import httpx
 
@@ -58,31 +54,6 @@ async def test_a_download_temp_file_is_held(tmp_path):
         d.close_fd()
     assert store.sweep_temp() == 1  # let go without cleanup: swept
     assert not d.temp_path.exists()
-
-
-def test_a_file_held_by_another_process_survives_until_it_dies(tmp_path):
-    store = Store(tmp_path)
-    code = textwrap.dedent(f"""
-        import sys, time
-        from kachery_fs.store import Store
-        staging = Store({str(tmp_path)!r}).new_staging()
-        staging.write(0, b"x")
-        print(staging.path.name, flush=True)
-        time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    try:
-        name = proc.stdout.readline().strip()
-        assert name in temps(store)
-        assert store.sweep_temp() == 0
-        assert name in temps(store)
-    finally:
-        proc.send_signal(signal.SIGKILL)  # a crash: no cleanup
-        proc.wait(timeout=10)
-        proc.stdout.close()
-    assert name in temps(store)
-    assert store.sweep_temp() == 1
-    assert temps(store) == set()
 
 
 def test_sweep_ignores_directories(tmp_path):
