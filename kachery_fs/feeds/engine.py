@@ -6,6 +6,15 @@ current by one long-poll per channel (``watchFeeds``): the hub answers when the 
 published more, the node fetches and verifies the new messages, and the file grows, which
 ``tail -f`` sees. For the feed's owner, appending a line to the file appends a signed message
 and publishes it (in the background, coalesced per subfeed).
+
+Retries follow :mod:`kachery_fs.retry`. Publishing and uploading the single-message objects
+are background loops (:func:`~kachery_fs.retry.background` backoff): they try again after
+a transient error (:func:`~kachery_fs.retry.is_transient`) and, since nobody waits on them,
+after a protocol violation (an answer such as a proxy's error page, which the next try may
+not meet); any other error is logged as a refusal, and the next append tries again. The
+watch long-poll is a loop that readers wait on (:func:`~kachery_fs.retry.foreground`
+backoff) and never stops: after a refusal of the requestFeeds permission it asks again
+in :data:`PERMISSION_WAIT_S`.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import trio
 
 from ..channels import Channels
 from ..errors import (
+    DeadlineExceeded,
     InvalidInput,
     KacheryError,
     NotFound,
@@ -26,7 +36,7 @@ from ..errors import (
     ProtocolError,
     Unavailable,
 )
-from ..retry import Backoff
+from ..retry import Backoff, background, foreground, is_transient, pause
 from ..state import NodeDB
 from .db import FeedStore
 from .messages import message_line, parse_line
@@ -37,6 +47,13 @@ log = logging.getLogger(__name__)
 
 #: Longest watch long-poll.
 WATCH_WAIT_S = 20.0
+#: How long the watch waits after the hub refused this node the requestFeeds permission.
+PERMISSION_WAIT_S = 30.0
+
+
+def _worth_retrying(exc: KacheryError) -> bool:
+    """Whether a background publication is tried again after ``exc`` (module docstring)."""
+    return is_transient(exc) or isinstance(exc, ProtocolError)
 
 
 class FeedFiles:
@@ -154,11 +171,12 @@ class FeedFiles:
 
     async def _watch_channel(self, channel: str) -> None:
         hub = self.channels.hub_of(channel)
+        backoff = foreground()
         while True:
             changed = self._watch_changed[channel] = trio.Event()
             subs = [{"feedId": f, "subfeedHash": h, "position": self.store.count(f, h)}
                     for (f, h) in self._watched[channel]]
-            answer = await self._poll(hub, channel, subs, changed)
+            answer = await self._poll(hub, channel, subs, changed, backoff)
             for update in (answer or {}).get("updates", []):
                 key = (update.get("feedId"), update.get("subfeedHash"))
                 name = self._watched[channel].get(key)
@@ -177,8 +195,10 @@ class FeedFiles:
                     self._known[key] = len(new)
                     await self.on_grow(channel, key[0], name, old, new[old:])
 
-    async def _poll(self, hub, channel: str, subs: list, changed: trio.Event) -> dict | None:
-        """One watch long-poll; cut short (None) when the subscriptions change."""
+    async def _poll(self, hub, channel: str, subs: list, changed: trio.Event,
+                    backoff: Backoff) -> dict | None:
+        """One watch long-poll; cut short (None) when the subscriptions change. After a
+        failure it waits (``backoff``, reset by an answer) and returns None."""
         answer = None
         async with trio.open_nursery() as nursery:
             async def poll():
@@ -188,11 +208,17 @@ class FeedFiles:
                         answer = await hub.call("watchFeeds", wait_s=WATCH_WAIT_S,
                                                 channel=channel, subscriptions=subs)
                 except PermissionDenied as exc:  # until the owner grants requestFeeds
-                    log.warning("watching feeds on %s: %s; trying again in 30 s", channel, exc)
-                    await trio.sleep(30)
-                except (KacheryError, trio.TooSlowError) as exc:
-                    log.info("watching feeds on %s: %s; retrying in 2 s", channel, exc)
-                    await trio.sleep(2)
+                    log.warning("watching feeds on %s: %s; trying again in %.0f s", channel,
+                                exc, PERMISSION_WAIT_S)
+                    await trio.sleep(PERMISSION_WAIT_S)
+                except trio.TooSlowError:
+                    await pause(backoff, DeadlineExceeded(
+                        f"hub {hub.url} did not answer within {WATCH_WAIT_S + 30:g} s"),
+                        what=f"watching feeds on {channel}")
+                except KacheryError as exc:
+                    await pause(backoff, exc, what=f"watching feeds on {channel}")
+                else:
+                    backoff.reset()
                 nursery.cancel_scope.cancel()
 
             async def restart():
@@ -240,18 +266,16 @@ class FeedFiles:
     async def _singles_worker(self, key: tuple[str, str, str]) -> None:
         channel, feed_id, h = key
         queue = self._singles_queue[key]
-        backoff = Backoff(initial=1.0, maximum=60.0)
+        backoff = background()
         while queue:
             start, end = queue[0]
             try:
                 await self.sync.upload_singles(channel, feed_id, h, start, end)
-            except (Unavailable, ProtocolError) as exc:
-                delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                log.warning("uploading single messages of feed %s… to %s: %s; retrying in"
-                            " %.0f s", feed_id[:12], channel, exc, delay)
-                await trio.sleep(delay)
-                continue
             except KacheryError as exc:
+                if _worth_retrying(exc):
+                    await pause(backoff, exc, level=logging.WARNING, what=(
+                        f"uploading single messages of feed {feed_id[:12]}… to {channel}"))
+                    continue
                 log.error("uploading single messages of feed %s… to %s refused: %s",
                           feed_id[:12], channel, exc)
             else:
@@ -282,7 +306,7 @@ class FeedFiles:
 
     async def _publisher(self, key: tuple[str, str, str]) -> None:
         channel, feed_id, h = key
-        backoff = Backoff(initial=1.0, maximum=60.0)
+        backoff = background()
         try:
             while True:
                 self._publish_pending[key] = again = trio.Event()
@@ -292,13 +316,11 @@ class FeedFiles:
                         on_announced=partial(self.node_db.feed_singles_due, *key))
                     if after > before:
                         self._singles_later(key, before, after)
-                except (Unavailable, ProtocolError) as exc:  # the hub or bucket is away
-                    delay = backoff.next_delay(getattr(exc, "retry_after", None))
-                    log.warning("publishing feed %s… to %s: %s; retrying in %.0f s",
-                                feed_id[:12], channel, exc, delay)
-                    await trio.sleep(delay)
-                    continue
                 except KacheryError as exc:
+                    if _worth_retrying(exc):  # the hub or bucket is away
+                        await pause(backoff, exc, level=logging.WARNING,
+                                    what=f"publishing feed {feed_id[:12]}… to {channel}")
+                        continue
                     log.error("publishing feed %s… to %s refused: %s (the messages stay in"
                               " this node's database; the next append retries)", feed_id[:12],
                               channel, exc)

@@ -113,7 +113,7 @@ async def feed_env(tmp_path):
     from kachery_fs.feeds import FeedStore, FeedSync
     from kachery_fs.node import Node
 
-    from .util import IN_PROCESS_HUB_URL as URL
+    from ..util import IN_PROCESS_HUB_URL as URL
 
     async with hub_in_process(tmp_path / "hub") as (server, owner, other, client):
         await owner.create_channel(CH)
@@ -163,7 +163,7 @@ async def test_a_feed_cosignature_seen_on_the_wire_authorizes_nothing_else(feed_
     await sync_a.publish(CH, feed, subfeed_hash("log"))
     captured = [e["body"] for e in seen if "feedSignature" in e["body"]]
     assert captured
-    hub_m = sync_m.node.hub(sync_m.node.channel(CH).hub_url)
+    hub_m = sync_m.channels.hub_of(CH)
     h = subfeed_hash("log")
     for body in captured:
         for kind, fields in (("feedUploadUrls", {"start": 0, "sizes": [10], "indexSize": 20}),
@@ -194,7 +194,7 @@ async def test_a_count_is_taken_only_for_published_messages_and_an_owner_repairs
 
     server, client, sync_a, _, feed = feed_env
     h = subfeed_hash("log")
-    hub_a = sync_a.node.hub(sync_a.node.channel(CH).hub_url)
+    hub_a = sync_a.channels.hub_of(CH)
     key = sync_a.store.key(feed)
     ids = {"channel": CH, "feedId": feed, "subfeedHash": h}
     with pytest.raises(InvalidInput, match="not in the bucket"):
@@ -241,7 +241,7 @@ async def test_a_reader_never_fetches_beyond_the_hubs_count(feed_env):
     # are read up to the first gap, in a small window
     server.hub.feeds.set_count(CH, feed, h, 0, lower=True)
     sync_m.store.close()
-    sync_m.store = type(sync_m.store)(sync_m.node.dir / "feeds2.db")
+    sync_m.store = type(sync_m.store)(sync_m.store.path.parent / "feeds2.db")
     sync_m.store.add_feed(feed)
     gets.clear()
     added, _ = await sync_m.fetch(CH, feed, h)
