@@ -32,7 +32,7 @@ from .errors import (
     Unavailable,
 )
 from .node import Node
-from .retry import Backoff
+from .retry import background, pause
 
 log = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class Uploader:
         return None
 
     async def _run(self, job) -> None:
-        backoff = Backoff(initial=0.5, maximum=60)
+        backoff = background()
         while True:
             try:
                 await self._attempt(job)
@@ -162,10 +162,8 @@ class Uploader:
                 err = exc
             attempts = (self.node.db.upload(job.channel, job.sha1).attempts or 0) + 1
             self.node.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
-            delay = backoff.next_delay(getattr(err, "retry_after", None))
-            log.warning("upload of sha1://%s to %s: %s; retrying in %.1f s", job.sha1,
-                        job.channel, err, delay)
-            await trio.sleep(delay)
+            await pause(backoff, err, what=f"upload of sha1://{job.sha1} to {job.channel}",
+                        level=logging.WARNING)
             job = self.node.db.upload(job.channel, job.sha1)
 
     async def upload_now(self, channel: str, sha1: str, size: int, *,
