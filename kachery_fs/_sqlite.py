@@ -97,6 +97,8 @@ class Schema:
         db = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
                              check_same_thread=False, factory=factory)
         try:
+            if (version := user_version(db)) > self.version:
+                raise _newer(db, self, version)  # before the journal mode is changed
             db.execute("PRAGMA journal_mode=WAL")
             if self.synchronous is not None:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
