@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from contextlib import aclosing
 
 import trio
 from starlette.applications import Starlette
@@ -78,11 +79,12 @@ async def _read_body(request: Request) -> bytes | None:
     if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
         return None
     parts, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > MAX_BODY:
-            return None
-        parts.append(chunk)
+    async with aclosing(request.stream()) as stream:  # closed too when we stop early
+        async for chunk in stream:
+            total += len(chunk)
+            if total > MAX_BODY:
+                return None
+            parts.append(chunk)
     return b"".join(parts)
 
 

@@ -250,6 +250,10 @@ async def test_a_reader_never_fetches_beyond_the_hubs_count(feed_env):
 
 # -- requests that cost the hub ------------------------------------------------------------
 
+# httpx's in-process transport leaves the body it was sending unfinished when the app
+# stops reading it, which is what this test checks the hub does.
+@pytest.mark.filterwarnings("ignore:Async generator 'httpx._content.AsyncIteratorByteStream"
+                            ".__aiter__' was garbage collected:ResourceWarning")
 async def test_an_oversized_body_is_refused_before_it_is_read(env):
     server, owner, _, client = env
     r = await client.post("/api/node", content=b"x",
