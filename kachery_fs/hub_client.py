@@ -1,19 +1,33 @@
-"""A node's client for the hub's JSON API: every request signed, timestamped and nonced."""
+"""A node's client for the hub's JSON API: every request signed, timestamped and nonced.
+
+:class:`HubClient` has one method for each :class:`~kachery_fs.protocol.Request`; they all
+go through :meth:`HubClient.call`.
+"""
 
 from __future__ import annotations
 
 import logging
 import secrets
 import time
+from collections.abc import Iterable
+from typing import TypedDict
 
 import httpx
 
 from ._http import check_response, error_for_exception
 from .errors import KacheryError, PermissionDenied, ProtocolError
 from .identity import NodeKey
-from .protocol import SignedRequest
+from .protocol import Request, SignedRequest
 
 log = logging.getLogger(__name__)
+
+
+class ChannelChanges(TypedDict, total=False):
+    """What ``setChannel`` changes: a channel's bucket allocation (bytes, or None for none)
+    and its low watermark (the fraction of the allocation that eviction brings usage to)."""
+
+    allocation: int | None
+    lowWatermark: float
 
 
 class HubClient:
@@ -24,7 +38,7 @@ class HubClient:
         self.key = key
         self.client = client
 
-    def envelope(self, kind: str, fields: dict, cosign: NodeKey | None = None) -> dict:
+    def envelope(self, kind: Request, fields: dict, cosign: NodeKey | None = None) -> dict:
         body = {**fields, "type": kind, "timestamp": int(time.time() * 1000),
                 "nonce": secrets.token_hex(16)}
         if cosign is not None:
@@ -35,11 +49,13 @@ class HubClient:
             body["feedSignature"] = cosign.sign(body)
         return {"body": body, "nodeId": self.key.node_id, "signature": self.key.sign(body)}
 
-    async def call(self, kind: str, *, wait_s: float = 0.0, cosign: NodeKey | None = None,
+    async def call(self, kind: Request, *, wait_s: float = 0.0, cosign: NodeKey | None = None,
                    **fields) -> dict:
         """Send one signed request; returns the JSON answer or raises a project error.
 
-        ``wait_s`` > 0 makes it a long-poll: the hub may hold it that long.
+        The one way to the hub's API: the typed methods below call it. ``wait_s`` > 0 makes
+        it a long-poll: the hub may hold it that long. ``cosign``: a second key (a feed's
+        owner) signs the request too.
         """
         what = f"hub {self.url} {kind}"
         kwargs = {}
@@ -79,7 +95,7 @@ class HubClient:
     # -- typed calls ---------------------------------------------------------------------
 
     async def get_channel(self, channel: str) -> dict:
-        return await self.call("getChannel", channel=channel)
+        return await self.call(Request.GET_CHANNEL, channel=channel)
 
     async def create_channel(self, channel: str, bucket: str | None = None, *,
                              allocation: int | None = None) -> dict:
@@ -88,21 +104,30 @@ class HubClient:
             fields["bucket"] = bucket
         if allocation:
             fields["allocation"] = allocation
-        return await self.call("createChannel", **fields)
+        return await self.call(Request.CREATE_CHANNEL, **fields)
 
     async def authorize_node(self, channel: str, node_id: str, permissions: list[str],
                              label: str | None = None) -> dict:
         fields = {"channel": channel, "targetNodeId": node_id, "permissions": permissions}
         if label:
             fields["label"] = label
-        return await self.call("authorizeNode", **fields)
+        return await self.call(Request.AUTHORIZE_NODE, **fields)
 
     async def list_channels(self) -> list[dict]:
-        return (await self.call("listChannels"))["channels"]
+        return (await self.call(Request.LIST_CHANNELS))["channels"]
+
+    async def set_channel(self, channel: str, changes: ChannelChanges) -> dict:
+        """Change a channel's allocation and/or low watermark (the owner's); returns the
+        channel's settings: ``channel``, ``allocation``, ``lowWatermark``."""
+        return await self.call(Request.SET_CHANNEL, channel=channel, **changes)
+
+    async def channel_stats(self, channel: str) -> dict:
+        """A channel's bucket cache figures (the owner's; see ``hub.cache``) and its bucket."""
+        return await self.call(Request.CHANNEL_STATS, channel=channel)
 
     async def initiate_upload(self, channel: str, sha1: str, size: int) -> SignedRequest | None:
         """A signed resumable-upload request, or ``None`` if the bucket already has it."""
-        answer = await self.call("initiateUpload", channel=channel, sha1=sha1, size=size)
+        answer = await self.call(Request.INITIATE_UPLOAD, channel=channel, sha1=sha1, size=size)
         if answer.get("status") == "present":
             return None
         if answer.get("status") == "upload" and isinstance(answer.get("upload"), dict):
@@ -110,7 +135,13 @@ class HubClient:
         raise ProtocolError(f"hub {self.url}: unexpected initiateUpload answer {answer!r}")
 
     async def finalize_upload(self, channel: str, sha1: str, size: int) -> None:
-        await self.call("finalizeUpload", channel=channel, sha1=sha1, size=size)
+        await self.call(Request.FINALIZE_UPLOAD, channel=channel, sha1=sha1, size=size)
+
+    async def report_downloads(self, channel: str, downloads: Iterable[tuple[str, int]]) -> None:
+        """Tell the hub how many bytes of which objects this node downloaded from the
+        channel's bucket (``(sha1, bytes)`` pairs): the demand that keeps them cached."""
+        await self.call(Request.REPORT_DOWNLOADS, channel=channel,
+                        downloads=[[sha1, n] for sha1, n in downloads])
 
     # -- file requests ---------------------------------------------------------------------
 
@@ -124,10 +155,10 @@ class HubClient:
             fields["version"] = version
         if bad:
             fields["bad"] = True
-        return await self.call("requestFile", wait_s=wait_s, **fields)
+        return await self.call(Request.REQUEST_FILE, wait_s=wait_s, **fields)
 
     async def listen_requests(self, wait_s: float) -> list[dict]:
-        answer = await self.call("listenRequests", wait_s=wait_s)
+        answer = await self.call(Request.LISTEN_REQUESTS, wait_s=wait_s)
         offers = answer.get("offers")
         if not isinstance(offers, list):
             raise ProtocolError(f"hub {self.url}: unexpected listenRequests answer")
@@ -140,15 +171,58 @@ class HubClient:
             fields["size"] = size
         if reason is not None:
             fields["reason"] = reason
-        await self.call("answerRequest", **fields)
+        await self.call(Request.ANSWER_REQUEST, **fields)
 
     async def report_progress(self, channel: str, sha1: str, nbytes: int) -> bool:
         """Report upload progress; False means the hub gave the request to another node."""
-        answer = await self.call("requestProgress", channel=channel, sha1=sha1, bytes=nbytes)
+        answer = await self.call(Request.REQUEST_PROGRESS, channel=channel, sha1=sha1,
+                                 bytes=nbytes)
         return bool(answer.get("continue", False))
 
     async def my_requests(self) -> list[dict]:
-        return (await self.call("myRequests"))["requests"]
+        return (await self.call(Request.MY_REQUESTS))["requests"]
+
+    # -- feeds -------------------------------------------------------------------------------
+
+    async def feed_upload_urls(self, channel: str, feed_id: str, subfeed_hash: str, *,
+                               owner: NodeKey, start: int, sizes: list[int],
+                               index_size: int | None = None,
+                               batch: tuple[int, int, int] | None = None) -> dict:
+        """Signed PUTs for a subfeed's messages ``start..start+len(sizes)-1`` (``messages``,
+        one per size), for its index of ``index_size`` bytes (``index``), and for the batch
+        object ``(start, end, size)`` of messages ``start..end-1`` (``batch``); ``None`` for
+        what was not asked. Co-signed by the feed's ``owner`` key."""
+        fields: dict = {"start": start, "sizes": sizes}
+        if index_size is not None:
+            fields["indexSize"] = index_size
+        if batch is not None:
+            fields["batch"] = list(batch)
+        return await self.call(Request.FEED_UPLOAD_URLS, cosign=owner, channel=channel,
+                               feedId=feed_id, subfeedHash=subfeed_hash, **fields)
+
+    async def feed_updated(self, channel: str, feed_id: str, subfeed_hash: str, *,
+                           owner: NodeKey, message_count: int, batch_start: int | None = None,
+                           repair: bool = False) -> int:
+        """Tell the hub that the subfeed's first ``message_count`` messages are in the
+        bucket (``batch_start``: the last ones as the batch from there); returns the count
+        the hub now has. A count at or below the hub's changes nothing (``0`` only asks),
+        unless ``repair``: then it lowers the hub's count. Co-signed by the feed's ``owner``."""
+        fields: dict = {"messageCount": message_count}
+        if batch_start is not None:
+            fields["batchStart"] = batch_start
+        if repair:
+            fields["repair"] = True
+        answer = await self.call(Request.FEED_UPDATED, cosign=owner, channel=channel,
+                                 feedId=feed_id, subfeedHash=subfeed_hash, **fields)
+        return answer["messageCount"]
+
+    async def watch_feeds(self, channel: str, subscriptions: list[dict], *,
+                          wait_s: float = 0.0) -> dict:
+        """The subscribed subfeeds (``{feedId, subfeedHash, position}``) that the hub counts
+        beyond their position (``updates``), and the channel's ``bucketBaseUrl``; with
+        ``wait_s``, a long-poll that answers at the first such update."""
+        return await self.call(Request.WATCH_FEEDS, wait_s=wait_s, channel=channel,
+                               subscriptions=subscriptions)
 
 
 __all__ = ["HubClient", "KacheryError"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import asdict, dataclass, field
 
 #: Hub requests older or newer than this (seconds) are refused as stale.
@@ -9,6 +10,38 @@ MAX_CLOCK_SKEW_S = 300
 
 #: Permissions a node can hold on a channel (kachery's names).
 PERMISSIONS = ("requestFiles", "provideFiles", "requestFeeds", "provideFeeds")
+
+
+class Request(enum.StrEnum):
+    """The requests a node sends the hub, by the name they carry as the body's ``type``.
+
+    The one list of them: the hub dispatches each to its handler
+    (:data:`kachery_fs.hub.service.HANDLERS`), and the node's
+    :class:`~kachery_fs.hub_client.HubClient` has a method for each. A request of any
+    other type is refused (``InvalidInput``, HTTP 400: ``unknown request type``).
+    """
+
+    # channels (the owner administers; a member asks for its own permissions)
+    GET_CHANNEL = "getChannel"
+    CREATE_CHANNEL = "createChannel"
+    SET_CHANNEL = "setChannel"
+    CHANNEL_STATS = "channelStats"
+    AUTHORIZE_NODE = "authorizeNode"
+    LIST_CHANNELS = "listChannels"
+    # uploads and the bucket cache
+    INITIATE_UPLOAD = "initiateUpload"
+    FINALIZE_UPLOAD = "finalizeUpload"
+    REPORT_DOWNLOADS = "reportDownloads"
+    # file requests between nodes
+    REQUEST_FILE = "requestFile"
+    LISTEN_REQUESTS = "listenRequests"
+    ANSWER_REQUEST = "answerRequest"
+    REQUEST_PROGRESS = "requestProgress"
+    MY_REQUESTS = "myRequests"
+    # feeds
+    FEED_UPLOAD_URLS = "feedUploadUrls"
+    FEED_UPDATED = "feedUpdated"
+    WATCH_FEEDS = "watchFeeds"
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,9 @@ Every node request is an envelope ``{"body": {...}, "nodeId": <hex>, "signature"
 requests more than :data:`~kachery_fs.protocol.MAX_CLOCK_SKEW_S` off the hub's clock, and
 nonces seen before, are refused, so a captured request cannot be replayed.
 
-Handlers raise the project's exceptions; ``hub.app`` maps them to HTTP statuses.
+Each request type (:class:`~kachery_fs.protocol.Request`) has one handler, listed in
+:data:`HANDLERS`; any other type is refused. Handlers raise the project's exceptions;
+``hub.app`` maps them to HTTP statuses.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import re
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +38,7 @@ from ..errors import (
     Unavailable,
 )
 from ..identity import is_node_id, verify_signature
-from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, feed_prefix, object_key
+from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, Request, feed_prefix, object_key
 from ..uris import is_sha1
 from .backends import BucketBackend, Buckets
 from .cache import BucketCache, parse_allocation
@@ -165,18 +168,18 @@ class Hub:
     async def handle(self, envelope: Any, *, size: int = 0) -> dict:
         caller, body = self.authenticate(envelope, size=size)
         kind = body.get("type")
-        handler = getattr(self, f"_on_{kind}", None) if isinstance(kind, str) else None
+        handler = HANDLERS.get(kind) if isinstance(kind, str) else None
         if handler is None:
             raise InvalidInput(f"unknown request type {kind!r}")
         try:
-            with self._long_poll(caller, kind, body):
-                return await handler(caller, body)
+            with self._long_poll(caller, Request(kind), body):
+                return await handler(self, caller, body)
         except KacheryError as exc:
             log.info("%s from %s… refused: %s", kind, caller.node_id[:12], exc)
             raise
 
     @contextmanager
-    def _long_poll(self, caller: Caller, kind: str, body: dict):
+    def _long_poll(self, caller: Caller, kind: Request, body: dict):
         """Count a node's long-polls while they are held; refuse one past the node's limits
         (:data:`MAX_LONG_POLLS`, :data:`MAX_WATCHES`), so that one node cannot hold the
         hub's memory or tasks. A request that does not wait is not counted."""
@@ -184,7 +187,7 @@ class Hub:
             yield
             return
         keys = [(caller.node_id, None)] + ([(caller.node_id, kind)]
-                                           if kind == "watchFeeds" else [])
+                                           if kind == Request.WATCH_FEEDS else [])
         for key, limit in zip(keys, (MAX_LONG_POLLS, MAX_WATCHES), strict=False):
             if self._polls[key] >= limit:
                 raise Unavailable(f"node {caller.node_id[:12]}… already holds {limit}"
@@ -624,3 +627,28 @@ class Hub:
                 "bucketBaseUrl": self.buckets.for_uri(
                     self.db.channel(channel).bucket_uri).base_url()}
 
+
+#: A request's handler: ``handler(hub, caller, body)`` gives the JSON answer, or raises.
+Handler = Callable[[Hub, Caller, dict], Awaitable[dict]]
+
+#: The hub's API, one handler for each :class:`~kachery_fs.protocol.Request` (a test
+#: checks that none is missing and that no handler is left out).
+HANDLERS: Mapping[Request, Handler] = {
+    Request.GET_CHANNEL: Hub._on_getChannel,
+    Request.CREATE_CHANNEL: Hub._on_createChannel,
+    Request.SET_CHANNEL: Hub._on_setChannel,
+    Request.CHANNEL_STATS: Hub._on_channelStats,
+    Request.AUTHORIZE_NODE: Hub._on_authorizeNode,
+    Request.LIST_CHANNELS: Hub._on_listChannels,
+    Request.INITIATE_UPLOAD: Hub._on_initiateUpload,
+    Request.FINALIZE_UPLOAD: Hub._on_finalizeUpload,
+    Request.REPORT_DOWNLOADS: Hub._on_reportDownloads,
+    Request.REQUEST_FILE: Hub._on_requestFile,
+    Request.LISTEN_REQUESTS: Hub._on_listenRequests,
+    Request.ANSWER_REQUEST: Hub._on_answerRequest,
+    Request.REQUEST_PROGRESS: Hub._on_requestProgress,
+    Request.MY_REQUESTS: Hub._on_myRequests,
+    Request.FEED_UPLOAD_URLS: Hub._on_feedUploadUrls,
+    Request.FEED_UPDATED: Hub._on_feedUpdated,
+    Request.WATCH_FEEDS: Hub._on_watchFeeds,
+}
