@@ -205,8 +205,7 @@ class FeedFiles:
                 nonlocal answer
                 try:
                     with trio.fail_after(WATCH_WAIT_S + 30):
-                        answer = await hub.call("watchFeeds", wait_s=WATCH_WAIT_S,
-                                                channel=channel, subscriptions=subs)
+                        answer = await hub.watch_feeds(channel, subs, wait_s=WATCH_WAIT_S)
                 except PermissionDenied as exc:  # until the owner grants requestFeeds
                     log.warning("watching feeds on %s: %s; trying again in %.0f s", channel,
                                 exc, PERMISSION_WAIT_S)

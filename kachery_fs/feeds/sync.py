@@ -104,9 +104,8 @@ class FeedSync:
         ch = self.channels.get(channel)
         hub = self.channels.hub(ch.hub_url)
         key = self.store.key(feed_id)
-        ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
-        remote = (await hub.call("feedUpdated", cosign=key, messageCount=0, **ids))[
-            "messageCount"]
+        sub = (channel, feed_id, subfeed_hash)
+        remote = await hub.feed_updated(*sub, owner=key, message_count=0)
         local = self.store.count(feed_id, subfeed_hash)
         if remote > local:
             # Only this key's holder publishes this feed, and it holds every message it
@@ -117,8 +116,7 @@ class FeedSync:
             log.warning("feed %s… subfeed %s…: the hub of %s counts %d message(s), this"
                         " owner has %d; repairing the hub's count", feed_id[:12],
                         subfeed_hash[:12], channel, remote, local)
-            remote = (await hub.call("feedUpdated", cosign=key, messageCount=0,
-                                     repair=True, **ids))["messageCount"]
+            remote = await hub.feed_updated(*sub, owner=key, message_count=0, repair=True)
         if local <= remote:
             return remote, remote
         old_index = await _get(self.client, f"{ch.bucket_base_url}/"
@@ -132,13 +130,12 @@ class FeedSync:
             batches.append([start, end])
             index = json.dumps({"messageCount": end, "batches": batches},
                                separators=(",", ":")).encode()
-            urls = await hub.call("feedUploadUrls", cosign=key, start=start, sizes=[],
-                                  indexSize=len(index), batch=[start, end, len(batch_body)],
-                                  **ids)
+            urls = await hub.feed_upload_urls(*sub, owner=key, start=start, sizes=[],
+                                              index_size=len(index),
+                                              batch=(start, end, len(batch_body)))
             await _put(self.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.client, SignedRequest.from_json(urls["index"]), index)
-            await hub.call("feedUpdated", cosign=key, messageCount=end, batchStart=start,
-                           **ids)
+            await hub.feed_updated(*sub, owner=key, message_count=end, batch_start=start)
             if on_announced is not None:
                 on_announced(start, end)
         log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
@@ -152,13 +149,13 @@ class FeedSync:
         """The single-message objects ``start..end-1`` (kachery's layout)."""
         hub = self.channels.hub_of(channel)
         key = self.store.key(feed_id)
-        ids = {"channel": channel, "feedId": feed_id, "subfeedHash": subfeed_hash}
+        sub = (channel, feed_id, subfeed_hash)
         for a in range(start, end, BATCH):
             b = min(a + BATCH, end)
             bodies = [canonical_json(m).encode()
                       for m in self.store.messages(feed_id, subfeed_hash, a, b)]
-            urls = await hub.call("feedUploadUrls", cosign=key, start=a,
-                                  sizes=[len(x) for x in bodies], **ids)
+            urls = await hub.feed_upload_urls(*sub, owner=key, start=a,
+                                              sizes=[len(x) for x in bodies])
             await _gather([partial(_put, self.client, SignedRequest.from_json(u), x)
                            for u, x in zip(urls["messages"], bodies, strict=True)])
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
@@ -186,7 +183,7 @@ class FeedSync:
     async def hub_count(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
         """The subfeed's message count at the hub (0 if the hub has heard of none)."""
         hub = self.channels.hub_of(channel)
-        answer = await hub.call("watchFeeds", channel=channel, subscriptions=[
+        answer = await hub.watch_feeds(channel, [
             {"feedId": feed_id, "subfeedHash": subfeed_hash, "position": 0}])
         return max([u.get("messageCount", 0) for u in answer.get("updates", [])
                     if isinstance(u, dict) and isinstance(u.get("messageCount"), int)],
