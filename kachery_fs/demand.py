@@ -3,9 +3,10 @@
 A hub keeps each channel's bucket as a cache and evicts the objects least recently in
 demand (``hub.cache``). Reads go straight to the bucket's public URLs, so the hub sees
 them only when the nodes tell it: every few seconds, one ``reportDownloads`` per channel
-with what was downloaded since. A report that fails is kept for the next one; demand is a
-hint, so at most :data:`MAX_PENDING` hashes wait and a node that stops loses the last few
-seconds, never anything of the user's.
+with what was downloaded since. A report that fails transiently is kept for the next one
+(one that the hub refuses is dropped: it would be refused again); demand is a hint, so
+at most :data:`MAX_PENDING` hashes wait and a node that stops loses the last few seconds,
+never anything of the user's.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import logging
 from collections import defaultdict
 
 import trio
+
+from .channels import Channels
+from .retry import is_transient
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +30,8 @@ MAX_PENDING = 10_000
 
 
 class DownloadReports:
-    def __init__(self, node):
-        self._node = node
+    def __init__(self, channels: Channels):
+        self._channels = channels
         self._pending: dict[str, dict[str, int]] = defaultdict(dict)
 
     def add(self, channel: str, sha1: str, nbytes: int) -> None:
@@ -37,16 +41,22 @@ class DownloadReports:
             pending[sha1] = pending.get(sha1, 0) + nbytes
 
     async def flush(self) -> None:
-        """Send what is pending, one request per channel; keep what could not be sent."""
+        """Send what is pending, one request per channel; keep what could not be sent
+        because of a transient error (:func:`kachery_fs.retry.is_transient`)."""
         for channel in list(self._pending):
             batch = self._pending.pop(channel)
             if not batch:
                 continue
             try:
-                hub = self._node.hub(self._node.channel(channel).hub_url)
+                hub = self._channels.hub_of(channel)
                 await hub.call("reportDownloads", channel=channel,
                                downloads=[[sha1, n] for sha1, n in batch.items()])
             except Exception as exc:
+                if not is_transient(exc):
+                    # Refused (or a bug): the same report would be refused again.
+                    log.info("dropped a report of %d download(s) on %s: %s", len(batch),
+                             channel, exc)
+                    continue
                 log.debug("could not report %d download(s) on %s to its hub (%s); will retry",
                           len(batch), channel, exc)
                 for sha1, n in batch.items():

@@ -17,9 +17,8 @@ from .channels import Channels
 from .config import private_directory, private_files
 from .demand import DownloadReports
 from .errors import NotFound
-from .hub_client import HubClient
 from .identity import NodeKey
-from .state import Channel, NodeDB
+from .state import NodeDB
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,10 @@ def init_node(directory: Path) -> NodeKey:
 
 
 class Node:
+    """What every entry point opens: the identity, the node database, the store, the HTTP
+    client and the channel memberships. The parts that run on them are built by
+    :mod:`kachery_fs.parts`, each given what it uses."""
+
     def __init__(self, directory: Path, *, client: httpx.AsyncClient | None = None,
                  create: bool = False):
         self.dir = Path(directory)
@@ -52,26 +55,11 @@ class Node:
         self.store = Store.for_node(self.dir, self.db)
         self.client = client or _http.create_client()
         self.channels = Channels(self.db, self.key, self.client)
-        self.downloads = DownloadReports(self)
+        self.downloads = DownloadReports(self.channels)
 
     @property
     def node_id(self) -> str:
         return self.key.node_id
-
-    def hub(self, url: str) -> HubClient:
-        return self.channels.hub(url)
-
-    def channel(self, name: str) -> Channel:
-        return self.db.channel(name)
-
-    async def refresh_channel(self, name: str) -> Channel:
-        return await self.channels.refresh(name)
-
-    def hub_recently_failed(self, name: str) -> bool:
-        return self.channels.hub_recently_failed(name)
-
-    async def permissions(self, name: str) -> frozenset[str]:
-        return await self.channels.permissions(name)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 
 import trio
 
+from .channels import Channels
 from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
-from .node import Node
 from .retry import foreground, pause
 from .sources import Sources
+from .store import Store
 from .uploader import Uploader
 
 log = logging.getLogger(__name__)
@@ -48,11 +49,12 @@ class Connection:
 
 
 class Provider:
-    def __init__(self, node: Node, uploader: Uploader, sources: Sources | None = None):
-        self.node = node
+    def __init__(self, channels: Channels, store: Store, uploader: Uploader, sources: Sources):
+        self.channels = channels
+        self.store = store
         self.uploader = uploader
         # Kachery stores on this machine: a file only there is copied in (verified) first.
-        self.sources = Sources.load(node.dir) if sources is None else sources
+        self.sources = sources
         self.connections: dict[str, Connection] = {}
         #: Offers being served now: (channel, sha1) -> bytes committed so far.
         self.serving: dict[tuple[str, str], int] = {}
@@ -62,7 +64,7 @@ class Provider:
         async with trio.open_nursery() as nursery:
             listening: set[str] = set()
             while True:
-                for url in {ch.hub_url for ch in self.node.db.channels()} - listening:
+                for url in {ch.hub_url for ch in self.channels.all()} - listening:
                     listening.add(url)
                     nursery.start_soon(self._listen, url, nursery)
                 await trio.sleep(HUBS_RESCAN_S)
@@ -80,7 +82,7 @@ class Provider:
         conn.error = error
 
     async def _listen(self, url: str, nursery: trio.Nursery) -> None:
-        hub = self.node.hub(url)
+        hub = self.channels.hub(url)
         backoff = foreground()
         self._set(url, "connecting")
         while True:
@@ -109,10 +111,10 @@ class Provider:
                     nursery.start_soon(self._serve, url, *key)
 
     async def _serve(self, url: str, channel: str, sha1: str) -> None:
-        hub = self.node.hub(url)
+        hub = self.channels.hub(url)
         key = (channel, sha1)
         try:
-            size = self.node.store.size(sha1)
+            size = self.store.size(sha1)
             in_sources = self.sources.find(sha1) if size is None else []
             if in_sources:  # copied in (and verified) after accepting, which is due in 5 s
                 size = _size_or_none(in_sources[0])
@@ -121,7 +123,7 @@ class Provider:
                                          reason="not in its local store")
                 return
             try:
-                self.node.db.channel(channel)
+                self.channels.get(channel)
             except NotFound:
                 await hub.answer_request(channel, sha1, accept=False,
                                          reason="has not joined the channel")
@@ -138,7 +140,7 @@ class Provider:
                 try:
                     if in_sources:
                         size = await trio.to_thread.run_sync(
-                            self.sources.copy_into, self.node.store, sha1, in_sources)
+                            self.sources.copy_into, self.store, sha1, in_sources)
                         if size is None:
                             raise IntegrityError("its copy in a kachery store on the node"
                                                  " is bad")

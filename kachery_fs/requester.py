@@ -24,6 +24,7 @@ from functools import partial
 
 import trio
 
+from .channels import Channels
 from .errors import (
     DeadlineExceeded,
     KacheryError,
@@ -31,7 +32,6 @@ from .errors import (
     PermissionDenied,
     Unavailable,
 )
-from .node import Node
 from .retry import foreground, pause, retrying
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,9 @@ class RequestFailed(NotFound):
 
 
 class FileRequest:
-    def __init__(self, node: Node, channel: str, sha1: str, *,
+    def __init__(self, channels: Channels, channel: str, sha1: str, *,
                  stall_timeout: float = DEFAULT_STALL_TIMEOUT_S, bad: bool = False):
-        self.node = node
+        self.channels = channels
         self.channel = channel
         self.sha1 = sha1
         self.stall_timeout = stall_timeout
@@ -105,14 +105,14 @@ class FileRequest:
         return any(old.get(k) != state.get(k) for k in keys)
 
     async def _follow(self) -> int:
-        ch = self.node.channel(self.channel)
-        perms = await self.node.permissions(self.channel)  # waits 2 s at most
+        ch = self.channels.get(self.channel)
+        perms = await self.channels.permissions(self.channel)  # waits 2 s at most
         if "requestFiles" not in perms:
             raise PermissionDenied(
                 f"sha1://{self.sha1} is in neither the local store nor the bucket of channel"
                 f" {self.channel!r}, and this node lacks the requestFiles permission to ask"
                 " other nodes for it")
-        hub = self.node.hub(ch.hub_url)
+        hub = self.channels.hub(ch.hub_url)
         # Every wait from here on is under one deadline that moves with progress, so the
         # request ends stall_timeout after its last progress whatever it is waiting for: a
         # retry, a long-poll (whose HTTP timeout is later), a hub that never answers.
@@ -169,11 +169,3 @@ class FileRequest:
             backoff.reset()
             if self._update(answer):
                 watch.deadline = trio.current_time() + self.stall_timeout
-
-
-async def request_file(node: Node, channel: str, sha1: str, *,
-                       stall_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> int:
-    """Request ``sha1`` on ``channel`` and wait until it is in the bucket; return its size."""
-    req = FileRequest(node, channel, sha1, stall_timeout=stall_timeout)
-    await req.run()
-    return await req.wait_done()

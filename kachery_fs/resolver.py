@@ -15,14 +15,17 @@ import os
 from collections.abc import Awaitable, Callable
 from functools import partial
 
+import httpx
 import trio
 from cachetools import TTLCache
 
 from .bucket import Download, head_size, object_url
+from .channels import Channels
+from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
-from .node import Node
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +117,13 @@ class DownloadContent(Content):
 
 
 class Resolver:
-    def __init__(self, node: Node, *, nursery: trio.Nursery,
+    def __init__(self, store: Store, channels: Channels, client: httpx.AsyncClient, *,
+                 sources: Sources, downloads: DownloadReports, nursery: trio.Nursery,
                  request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
-        self.node = node
+        self.store = store
+        self.channels = channels
+        self.client = client
+        self.downloads = downloads
         self.nursery = nursery
         self.request_stall_timeout = request_stall_timeout
         self._downloads: dict[str, Download] = {}
@@ -126,15 +133,15 @@ class Resolver:
         # while instead of downloading the same bad bytes again for every reader.
         self._bad: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
         self._disputed: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
-        self.sources = Sources.load(node.dir)
+        self.sources = sources
         self._copies: dict[str, trio.Event] = {}  # sha1 -> done, while copied from a source
 
     def local_size(self, sha1: str) -> int | None:
-        return self.node.store.size(sha1)
+        return self.store.size(sha1)
 
     async def size(self, channel: str, sha1: str) -> int:
         """The size of ``sha1``; ``NotFound`` when neither the store nor the bucket has it."""
-        local = self.node.store.size(sha1)
+        local = self.store.size(sha1)
         if local is not None:
             return local
         if sha1 in self._downloads:
@@ -150,11 +157,11 @@ class Resolver:
             return self._sizes[key]
         request = self._requests.get(key)
         if request is None:
-            ch = self.node.channel(channel)
+            ch = self.channels.get(channel)
             url = object_url(ch.bucket_base_url, channel, sha1)
             try:
                 with trio.move_on_after(LOOKUP_DEADLINE_S) as scope:
-                    size = await head_size(self.node.client, url)
+                    size = await head_size(self.client, url)
                 if scope.cancelled_caught:
                     raise DeadlineExceeded(
                         f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
@@ -174,13 +181,13 @@ class Resolver:
         copying = self._copies.get(sha1)
         if copying is not None:
             await copying.wait()
-            return self.node.store.size(sha1)
+            return self.store.size(sha1)
         paths = self.sources.find(sha1)
         if not paths:
             return None
         self._copies[sha1] = copying = trio.Event()
         try:
-            return await trio.to_thread.run_sync(self.sources.copy_into, self.node.store,
+            return await trio.to_thread.run_sync(self.sources.copy_into, self.store,
                                                  sha1, paths)
         finally:
             del self._copies[sha1]
@@ -196,7 +203,7 @@ class Resolver:
         key = (channel, sha1)
         request = self._requests.get(key)
         if request is None:
-            request = FileRequest(self.node, channel, sha1,
+            request = FileRequest(self.channels, channel, sha1,
                                   stall_timeout=self.request_stall_timeout, bad=bad)
             self._requests[key] = request
 
@@ -214,7 +221,7 @@ class Resolver:
 
     async def open(self, channel: str, sha1: str) -> Content:
         bad = self._bad.get((channel, sha1))
-        if bad is not None and not self.node.store.has(sha1):
+        if bad is not None and not self.store.has(sha1):
             # A bad object in the bucket: the hub checks it, deletes it if so and asks the
             # providers. Once that request has ended, the bucket is read again, once.
             request = self._requests.get((channel, sha1))
@@ -243,17 +250,25 @@ class Resolver:
             # The await above may have let another opener start the download.
             download = self._downloads.get(sha1)
             if download is None:
-                ch = self.node.channel(channel)
-                download = Download(self.node.client, object_url(ch.bucket_base_url, channel, sha1),
-                                    sha1, size, self.node.store, stall_timeout=STALL_TIMEOUT_S,
+                ch = self.channels.get(channel)
+                download = Download(self.client, object_url(ch.bucket_base_url, channel, sha1),
+                                    sha1, size, self.store, stall_timeout=STALL_TIMEOUT_S,
                                     on_finish=partial(self._finished, channel))
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)
         return DownloadContent(download, reopen=partial(self.open, channel, sha1))
 
+    async def open_here(self, sha1: str) -> Content | None:
+        """The content of ``sha1`` if this machine has it: in the store, or in a kachery
+        store on this machine (copied in, verified); None otherwise."""
+        local = self._open_local(sha1)
+        if local is None and await self._copy_from_sources(sha1) is not None:
+            local = self._open_local(sha1)
+        return local
+
     def _open_local(self, sha1: str) -> LocalContent | None:
         try:
-            fd = self.node.store.open(sha1)
+            fd = self.store.open(sha1)
         except NotFound:
             return None
         return LocalContent(fd, os.fstat(fd).st_size)
@@ -276,4 +291,4 @@ class Resolver:
             log.info("sha1://%s left the bucket of %s while it was being fetched; asking"
                      " the channel's nodes for it", download.sha1, channel)
         elif download.hashed:  # bytes came from the bucket, even if cut short: demand
-            self.node.downloads.add(channel, download.sha1, download.hashed)
+            self.downloads.add(channel, download.sha1, download.hashed)

@@ -17,9 +17,11 @@ import logging
 import math
 from collections.abc import Callable
 
+import httpx
 import trio
 
 from . import resumable
+from .channels import Channels
 from .errors import (
     Conflict,
     CorruptLocalFile,
@@ -31,8 +33,9 @@ from .errors import (
     PermissionDenied,
     Unavailable,
 )
-from .node import Node
 from .retry import background, pause
+from .state import NodeDB
+from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +47,12 @@ NO_SPACE_PAUSE_S = 60.0
 class Uploader:
     """Runs uploads in the background of a nursery it is given (STYLE rule 6)."""
 
-    def __init__(self, node: Node, *, workers: int = 2,
-                 rate_limit: resumable.RateLimit | None = None):
-        self.node = node
+    def __init__(self, db: NodeDB, store: Store, channels: Channels, client: httpx.AsyncClient,
+                 *, workers: int = 2, rate_limit: resumable.RateLimit | None = None):
+        self.db = db
+        self.store = store
+        self.channels = channels
+        self.client = client
         self.rate_limit = rate_limit
         self.workers = workers
         self._wake = trio.Event()
@@ -56,31 +62,37 @@ class Uploader:
         self.idle = trio.Event()
 
     @classmethod
-    async def create(cls, node: Node, *, nursery: trio.Nursery, workers: int = 2,
+    async def create(cls, db: NodeDB, store: Store, channels: Channels,
+                     client: httpx.AsyncClient, *, nursery: trio.Nursery, workers: int = 2,
                      rate_limit: resumable.RateLimit | None = None) -> Uploader:
-        self = cls(node, workers=workers, rate_limit=rate_limit)
+        """An uploader with ``workers`` background workers in ``nursery``. With workers, the
+        queue is recovered first (committed files not queued, failed uploads retried);
+        with none, uploads run only when asked (:meth:`upload_now`)."""
+        self = cls(db, store, channels, client, workers=workers, rate_limit=rate_limit)
+        if not workers:
+            return self
         for _ in range(workers):
             nursery.start_soon(self._worker)
-        for channel, sha1, size in node.db.entries_not_queued():
+        for channel, sha1, size in db.entries_not_queued():
             log.info("queuing the upload of %s/sha1://%s, committed but not queued", channel,
                      sha1)
-            node.db.enqueue_upload(channel, sha1, size)
-        retried = node.db.requeue_failed()
+            db.enqueue_upload(channel, sha1, size)
+        retried = db.requeue_failed()
         if retried:
             log.info("retrying %d upload(s) that failed before", retried)
-        pending = node.db.pending_uploads()
+        pending = db.pending_uploads()
         if pending:
             log.info("resuming %d pending upload(s)", len(pending))
         return self
 
     def enqueue(self, channel: str, sha1: str, size: int) -> None:
-        if self.node.db.enqueue_upload(channel, sha1, size):
+        if self.db.enqueue_upload(channel, sha1, size):
             log.info("queued upload of sha1://%s (%d bytes) to %s", sha1, size, channel)
         self._wake.set()
 
     def status(self, channel: str, sha1: str) -> str:
         """A one-line status for ``user.kachery.status``."""
-        up = self.node.db.upload(channel, sha1)
+        up = self.db.upload(channel, sha1)
         if up is None:
             return "local"
         if up.state == "done":
@@ -116,7 +128,7 @@ class Uploader:
             except Exception:
                 log.exception("upload of %s to %s failed unexpectedly", job.sha1, job.channel)
                 try:
-                    self.node.db.update_upload(job.channel, job.sha1, state="failed",
+                    self.db.update_upload(job.channel, job.sha1, state="failed",
                                                error="internal error (see the log)")
                 except NoSpace as exc:
                     log.warning("could not mark the upload failed: %s", exc)
@@ -125,63 +137,75 @@ class Uploader:
                 self._progress.pop(key, None)
 
     def _next_job(self):
-        for up in self.node.db.pending_uploads():
+        for up in self.db.pending_uploads():
             if (up.channel, up.sha1) not in self._active:
                 return up
         return None
 
-    async def _run(self, job) -> None:
+    async def _run(self, job, *, retry: bool = True) -> None:
+        """Upload ``job`` until it is done or refused; with ``retry=False``, one attempt
+        (a transient error stays recorded on the queued upload)."""
         backoff = background()
         while True:
-            try:
-                await self._attempt(job)
-                self.node.db.update_upload(job.channel, job.sha1, state="done", error=None)
-                log.info("sha1://%s is in the bucket of %s", job.sha1, job.channel)
+            err = await self._try(job)
+            if err is None or not retry:
                 return
-            except CorruptLocalFile as exc:
-                self.node.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
-                log.error("upload of sha1://%s to %s abandoned: %s; removing the bad copy"
-                          " from the local store", job.sha1, job.channel, exc)
-                self.node.store.delete(job.sha1)
-                return
-            except (PermissionDenied, InvalidInput) as exc:
-                self.node.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
-                log.error("upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
-                return
-            except NotFound as exc:
-                if not self.node.store.has(job.sha1):
-                    self.node.db.update_upload(job.channel, job.sha1, state="failed",
-                                               error="the file is no longer in the local store")
-                    return
-                err: KacheryError = exc
-            except IntegrityError as exc:
-                # The hub found the object bad and deleted it: start over with a new session.
-                self.node.db.update_upload(job.channel, job.sha1, session_uri=None, committed=0)
-                err = exc
-            except (Unavailable, Conflict, KacheryError) as exc:
-                err = exc
-            attempts = (self.node.db.upload(job.channel, job.sha1).attempts or 0) + 1
-            self.node.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
             await pause(backoff, err, what=f"upload of sha1://{job.sha1} to {job.channel}",
                         level=logging.WARNING)
-            job = self.node.db.upload(job.channel, job.sha1)
+            job = self.db.upload(job.channel, job.sha1)
+
+    async def _try(self, job) -> KacheryError | None:
+        """One attempt at ``job``, its outcome recorded in the queue: None when the upload
+        is over (done, or refused: no retry would help), else the transient error."""
+        try:
+            await self._attempt(job)
+            self.db.update_upload(job.channel, job.sha1, state="done", error=None)
+            log.info("sha1://%s is in the bucket of %s", job.sha1, job.channel)
+            return None
+        except CorruptLocalFile as exc:
+            self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+            log.error("upload of sha1://%s to %s abandoned: %s; removing the bad copy"
+                      " from the local store", job.sha1, job.channel, exc)
+            self.store.delete(job.sha1)
+            return None
+        except (PermissionDenied, InvalidInput) as exc:
+            self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+            log.error("upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
+            return None
+        except NotFound as exc:
+            if not self.store.has(job.sha1):
+                self.db.update_upload(job.channel, job.sha1, state="failed",
+                                  error="the file is no longer in the local store")
+                return None
+            err: KacheryError = exc
+        except IntegrityError as exc:
+            # The hub found the object bad and deleted it: start over with a new session.
+            self.db.update_upload(job.channel, job.sha1, session_uri=None, committed=0)
+            err = exc
+        except (Unavailable, Conflict, KacheryError) as exc:
+            err = exc
+        attempts = (self.db.upload(job.channel, job.sha1).attempts or 0) + 1
+        self.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
+        return err
 
     async def upload_now(self, channel: str, sha1: str, size: int, *,
-                         on_progress: Callable[[int], None] | None = None) -> None:
+                         on_progress: Callable[[int], None] | None = None,
+                         retry: bool = True) -> None:
         """Upload at once (for a file request), ahead of the queue, and return when the
         object is in the bucket. Uses the persistent queue's record, so an interrupted
         upload is resumed later by the background workers like any other.
 
         Raises the upload's error; transient errors are retried here only until the
-        caller gives up (it cancels us).
+        caller gives up (it cancels us), or not at all with ``retry=False``: the upload
+        then stays queued with its error, its session saved for the next attempt.
         """
         key = (channel, sha1)
-        self.node.db.enqueue_upload(channel, sha1, size, again=True)
+        self.db.enqueue_upload(channel, sha1, size, again=True)
         while key in self._active:  # a worker is on it already: follow its progress
             if on_progress is not None:
                 on_progress(self._progress.get(key, 0))
             await trio.sleep(0.2)
-        up = self.node.db.upload(channel, sha1)
+        up = self.db.upload(channel, sha1)
         if up.state == "done":
             return
         self._active.add(key)
@@ -190,22 +214,20 @@ class Uploader:
                 if on_progress is not None:
                     on_progress(committed)
             self._listeners[key] = progress
-            await self._run(up)
+            await self._run(up, retry=retry)
         finally:
             self._listeners.pop(key, None)
             self._active.discard(key)
             self._progress.pop(key, None)
             self._wake.set()
-        up = self.node.db.upload(channel, sha1)
+        up = self.db.upload(channel, sha1)
         if up is None or up.state != "done":
             raise KacheryError(up.error if up is not None and up.error else "upload failed")
 
     async def _attempt(self, job) -> None:
-        node, db = self.node, self.node.db
-        channel = node.channel(job.channel)
-        hub = node.hub(channel.hub_url)
-        client = node.client
-        path = node.store.path(job.sha1)
+        db, client = self.db, self.client
+        hub = self.channels.hub_of(job.channel)
+        path = self.store.path(job.sha1)
         if not path.exists():
             raise NotFound(f"sha1://{job.sha1} is not in the local store")
         session, offset = job.session_uri, 0
@@ -243,8 +265,14 @@ class Uploader:
             if listener is not None:
                 listener(committed)
 
-        await resumable.upload(client, session, path, job.size, offset=offset,
-                               on_progress=on_progress, sha1=job.sha1,
-                               rate_limit=self.rate_limit)
+        try:
+            await resumable.upload(client, session, path, job.size, offset=offset,
+                                   on_progress=on_progress, sha1=job.sha1,
+                                   rate_limit=self.rate_limit)
+        except Conflict:
+            # The object appeared meanwhile (a mount or another node uploading the same
+            # content): the hub's finalize checks it as if it were ours.
+            log.info("sha1://%s appeared in the bucket of %s during its upload", job.sha1,
+                     job.channel)
         await hub.finalize_upload(job.channel, job.sha1, job.size)
         db.update_upload(job.channel, job.sha1, session_uri=None)

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from pathlib import Path
 
 import trio
 
-from ..errors import InvalidInput, KacheryError, NotFound
+from ..errors import InvalidInput, KacheryError, NotFound, leaves
 from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..uris import format_uri, parse_uri
 from . import _common
@@ -28,133 +26,116 @@ log = logging.getLogger("kachery_fs")
 async def _put(args) -> int:
     from tqdm import tqdm
 
-    from .. import resumable
-    from ..errors import Conflict, CorruptLocalFile, PermissionDenied
+    from ..parts import running
 
     paths = _input_files(args.files, "put")
     node = _common.open_node()
+    uri = None
     try:
-        channel_name = _pick_channel(node, args.channel)
-        ch = node.db.channel(channel_name)
-        hub = node.hub(ch.hub_url)
-
-        async def upload(path: Path, sha1: str, size: int) -> None:
-            signed = await hub.initiate_upload(channel_name, sha1, size)
-            if signed is None:
-                return  # the bucket already has it (the hub checked)
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
-                      disable=args.quiet or None, file=sys.stderr) as bar:
-                def progress(committed, bar=bar):
-                    bar.update(committed - bar.n)
-                    node.db.update_upload(channel_name, sha1, committed=committed)
-                try:
-                    session = await resumable.start_session(node.client, signed)
-                    node.db.update_upload(channel_name, sha1, session_uri=session,
-                                          committed=0, state="uploading")
-                    await resumable.upload(node.client, session, node.store.path(sha1), size,
-                                           on_progress=progress, sha1=sha1)
-                except Conflict:
-                    # The object appeared meanwhile (a mount or another node uploading the
-                    # same content): already uploaded, as far as we are concerned.
-                    pass
-            await hub.finalize_upload(channel_name, sha1, size)
-
-        for path in paths:
-            name = str(path)
-            size = path.stat().st_size
-            with tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}",
-                      disable=args.quiet or None, file=sys.stderr) as bar:
-                sha1, size = await trio.to_thread.run_sync(
-                    lambda path=path, bar=bar: node.store.add_file(path, progress=bar.update))
-            node.db.enqueue_upload(channel_name, sha1, size)
-            try:
-                await upload(path, sha1, size)
-            except (PermissionDenied, InvalidInput, CorruptLocalFile) as exc:
-                # Refused: retrying would not help (the mount's uploader would say the same).
-                node.db.update_upload(channel_name, sha1, state="failed", error=str(exc))
-                raise
-            except KacheryError as exc:
-                # Transient (hub or bucket unreachable...): the upload stays queued.
-                node.db.update_upload(channel_name, sha1, error=str(exc))
-                raise KacheryError(
-                    f"{name}: {exc}; the upload of {format_uri(sha1, path.name)} stays queued:"
-                    " the next `kachery-fs mount` or `kachery-fs serve` will finish it") from None
-            node.db.update_upload(channel_name, sha1, state="done", session_uri=None, error=None)
-            print(format_uri(sha1, path.name))
+        channel = _pick_channel(node, args.channel)
+        async with running(node, upload_workers=0, bwlimit=args.bwlimit) as parts:
+            for path in paths:
+                uri = None
+                with tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
+                          desc=f"hashing {path.name}", disable=args.quiet or None,
+                          file=sys.stderr) as bar:
+                    sha1, size = await trio.to_thread.run_sync(
+                        lambda path=path, bar=bar: node.store.add_file(path,
+                                                                       progress=bar.update))
+                uri = format_uri(sha1, path.name)
+                with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
+                          disable=args.quiet or None, file=sys.stderr) as bar:
+                    def progress(committed: int, bar=bar) -> None:
+                        bar.update(committed - bar.n)
+                    try:
+                        await parts.uploader.upload_now(channel, sha1, size,
+                                                        on_progress=progress, retry=False)
+                    except KacheryError as exc:
+                        up = node.db.upload(channel, sha1)
+                        if up is not None and up.state == "failed":
+                            raise  # refused: retrying would not help
+                        # Transient (hub or bucket unreachable...): the upload stays queued.
+                        raise KacheryError(
+                            f"{path}: {exc}; the upload of {uri} stays queued: run this"
+                            " `kachery-fs put` again to resume it, or the next `kachery-fs"
+                            " mount` or `kachery-fs serve` finishes it") from None
+                print(uri)
+                uri = None
+    except BaseException as exc:
+        if uri is not None and any(isinstance(e, KeyboardInterrupt) for e in leaves(exc)):
+            up = node.db.upload(channel, sha1)
+            sent = f" ({up.committed * 100 // max(up.size, 1)}% sent)" if up else ""
+            print(f"kachery-fs: interrupted; the upload of {uri} stays queued{sent}: run this"
+                  " `kachery-fs put` again to resume it, or the next `kachery-fs mount` or"
+                  " `kachery-fs serve` finishes it", file=sys.stderr)
+        raise
     finally:
         await node.aclose()
     return 0
 
 
 async def _cat(args) -> int:
-    from ..bucket import fetch_to_store
-    from ..requester import request_file
-    from ..sources import Sources
+    from ..parts import running
 
     uri = parse_uri(args.uri)
     node = _common.open_node(create=True)
     try:
         _apply_cache_size(node, args)
-        sources = Sources.load(node.dir)
-        if not node.store.has(uri.sha1) and await trio.to_thread.run_sync(
-                sources.copy_into, node.store, uri.sha1) is None:
-            channels = [node.db.channel(args.channel)] if args.channel else node.db.channels()
-            if not channels:
-                raise NotFound(f"sha1://{uri.sha1} is neither in the local store nor in a"
-                               " kachery store on this machine, and this node has joined no"
-                               " channel to look in")
-            errors = []
-            for ch in channels:
-                try:
-                    try:
-                        await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
-                                             node.store)
-                    except NotFound:
-                        # In no bucket: ask the channel's other nodes through the hub.
-                        await request_file(node, ch.name, uri.sha1,
-                                           stall_timeout=args.request_timeout)
-                        await fetch_to_store(node.client, ch.bucket_base_url, ch.name, uri.sha1,
-                                             node.store)
-                    node.downloads.add(ch.name, uri.sha1, node.store.size(uri.sha1) or 0)
-                    await node.downloads.final_flush()
-                    break
-                except KacheryError as exc:
-                    errors.append(f"{ch.name}: {exc}")
-            else:
-                raise NotFound(f"could not get sha1://{uri.sha1}: {'; '.join(errors)}")
-        fd = node.store.open(uri.sha1)
-        try:
-            out = sys.stdout.buffer
-            while chunk := os.read(fd, 1 << 20):
-                out.write(chunk)
-            out.flush()
-        finally:
-            os.close(fd)
+        if args.channel:
+            node.channels.get(args.channel)  # NotFound with advice
+        async with running(node, upload_workers=0, request_timeout=args.request_timeout) as parts:
+            content = await _open_content(parts.resolver, uri.sha1, [args.channel] if args.channel
+                                          else [c.name for c in node.channels.all()])
+            try:
+                out = sys.stdout.buffer
+                offset = 0
+                while offset < content.size:
+                    chunk = await content.read(offset, 1 << 20)
+                    if not chunk:
+                        raise KacheryError(f"sha1://{uri.sha1} ended at byte {offset} of"
+                                           f" {content.size}")
+                    out.write(chunk)
+                    offset += len(chunk)
+                out.flush()
+            finally:
+                content.close()
     finally:
         await node.aclose()
     return 0
 
 
+async def _open_content(resolver, sha1: str, channels: list[str]):
+    """The verified content of ``sha1``: from this machine, else through the first of
+    ``channels`` that can get it (the mount's read path: bucket, then a request)."""
+    content = await resolver.open_here(sha1)
+    if content is not None:
+        return content
+    if not channels:
+        raise NotFound(f"sha1://{sha1} is neither in the local store nor in a kachery store"
+                       " on this machine, and this node has joined no channel to look in")
+    errors = []
+    for channel in channels:
+        try:
+            return await resolver.open(channel, sha1)
+        except KacheryError as exc:
+            errors.append(f"{channel}: {exc}")
+    raise NotFound(f"could not get sha1://{sha1}: {'; '.join(errors)}")
+
+
 async def _serve(args) -> int:
-    from ..provider import Provider
-    from ..resumable import RateLimit
-    from ..uploader import Uploader
+    from ..parts import running
 
     node = _common.open_node()
     try:
         _apply_cache_size(node, args)
-        if not node.db.channels():
+        if not node.channels.all():
             raise InvalidInput("this node has joined no channel: `kachery-fs join HUB_URL"
                                " CHANNEL` first")
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(node.store.cache.run)
-            uploader = await Uploader.create(
-                node, nursery=nursery, rate_limit=RateLimit(args.bwlimit) if args.bwlimit else None)
-            provider = Provider(node, uploader)
-            nursery.start_soon(provider.run)
+        async with running(node, provide=True, bwlimit=args.bwlimit):
             print(f"kachery-fs serving files of node {node.node_id} on request"
-                  f" (channels: {', '.join(c.name for c in node.db.channels())}); Ctrl-C stops",
-                  file=sys.stderr, flush=True)
+                  f" (channels: {', '.join(c.name for c in node.channels.all())}); Ctrl-C"
+                  " stops", file=sys.stderr, flush=True)
+            await trio.sleep_forever()
     finally:
         await node.aclose()
     return 0
@@ -164,10 +145,13 @@ def add_commands(sub) -> None:
     s = _sub(sub, "put", "store files and upload them to a channel; print their URIs",
              "Hash each FILE into the local store, upload it to the channel's bucket through the"
              " hub (resumable, with a progress bar) and print its sha1:// URI. If the upload is"
-             " interrupted it stays queued and the next mount finishes it.")
+             " interrupted it stays queued: the same put again resumes it where it stopped,"
+             " and so does the next mount or serve.")
     s.add_argument("files", nargs="+", metavar="FILE", help="files to upload")
     s.add_argument("--channel", help="channel (needed when the node joined several)")
     s.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    s.add_argument("--bwlimit", type=_rate, metavar="RATE",
+                   help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
     s.set_defaults(run=_put, is_async=True)
 
     s = _sub(sub, "cat", "write the content of a sha1:// URI to stdout (verified)",

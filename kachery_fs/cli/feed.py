@@ -66,12 +66,12 @@ async def _feed_append(args) -> int:
         channel = _pick_channel(node, args.channel)
         as_of = ""
         try:  # a one-shot command: this node's permissions as of now
-            perms = (await node.refresh_channel(channel)).permissions
+            perms = (await node.channels.refresh(channel)).permissions
         except PermissionDenied:
             raise
         except KacheryError as exc:
             log.info("could not refresh permissions on %s: %s", channel, exc)
-            perms = node.channel(channel).permissions
+            perms = node.channels.get(channel).permissions
             as_of = f" (as last known: the hub did not answer: {exc})"
         if "provideFeeds" not in perms:
             raise PermissionDenied(
@@ -117,7 +117,7 @@ async def _feed_read(args) -> int:
             if not store.owned(feed_id):
                 channel = _pick_channel(node, args.channel)
                 try:  # a one-shot command: this node's permissions as of now
-                    await node.refresh_channel(channel)
+                    await node.channels.refresh(channel)
                 except KacheryError as exc:
                     log.info("could not refresh permissions on %s: %s", channel, exc)
                 await sync.fetch(channel, feed_id, h, name=None if subfeed.startswith("~")
@@ -130,7 +130,7 @@ async def _feed_read(args) -> int:
             if not args.follow:
                 return 0
             channel = channel or _pick_channel(node, args.channel)
-            hub = node.hub(node.channel(channel).hub_url)
+            hub = node.channels.hub_of(channel)
             while True:
                 try:
                     answer = await hub.call(

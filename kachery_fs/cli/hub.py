@@ -76,7 +76,7 @@ def _permissions(text: str) -> list[str]:
 async def _hub_call(args, fn) -> int:
     node = _common.open_node(create=True)
     try:
-        result = await fn(node.hub(_hub_url(args)))
+        result = await fn(node.channels.hub(_hub_url(args)))
     finally:
         await node.aclose()
     if result:

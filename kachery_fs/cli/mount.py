@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
@@ -17,7 +18,7 @@ from typing import Any
 import trio
 
 from ..config import DEFAULT_HUB_PORT, node_dir
-from ..errors import InvalidInput, KacheryError
+from ..errors import Conflict, InvalidInput, KacheryError
 from ..protocol import PERMISSIONS
 from ..requester import DEFAULT_STALL_TIMEOUT_S
 from . import _common
@@ -179,25 +180,21 @@ def _detach_dead_mount(mountpoint: Path) -> None:
 async def _up(args) -> int:
     from ..fs.mount import check_mountpoint, run_mount
     from ..hub.serve import HubServer
-    from ..node import Node
 
     mountpoint = Path(args.mountpoint).resolve()
     mountpoint.mkdir(parents=True, exist_ok=True)
     check_mountpoint(mountpoint)
     _check_mount_target(mountpoint, args.nonempty)
-    node = Node(node_dir(), create=True)
+    node = _common.open_node(create=True)
     _apply_cache_size(node, args)
     server = HubServer(node.dir / "hub", owner_id=node.node_id)
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(lambda task_status: server.run(
                 host="127.0.0.1", port=args.port, task_status=task_status))
-            hub = node.hub(url)
-            try:
+            hub = node.channels.hub(url)
+            with contextlib.suppress(Conflict):  # made by an earlier `up`
                 await hub.create_channel(args.channel)
-            except KacheryError as exc:
-                if "already exists" not in str(exc):
-                    raise
             await hub.authorize_node(args.channel, node.node_id, list(PERMISSIONS), "up")
             info = await hub.get_channel(args.channel)
             node.db.add_channel(args.channel, url, info["bucketBaseUrl"],

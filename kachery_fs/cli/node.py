@@ -50,7 +50,7 @@ def cmd_node_id(args) -> int:
 async def _join(args) -> int:
     node = _common.open_node(create=True)
     try:
-        hub = node.hub(args.hub_url)
+        hub = node.channels.hub(args.hub_url)
         await _check_is_hub(hub)
         info = await hub.get_channel(args.channel)
         perms = set(info.get("permissions", []))
@@ -185,7 +185,7 @@ async def _status(args) -> int:
             snapshot = status.collect(node)
             for url in sorted({ch.hub_url for ch in node.db.channels()}):
                 try:
-                    await node.hub(url).info()
+                    await node.channels.hub(url).info()
                     snapshot["hubs"][url] = {"state": "reachable (no mount running)",
                                              "since": None, "error": None}
                 except KacheryError as exc:

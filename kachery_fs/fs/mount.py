@@ -1,8 +1,10 @@
 """The mount entry point: owns the nursery, the signals and the unmount (STYLE rule 6).
 
-Shutdown order: a signal (or an external ``fusermount3 -u``) ends ``pyfuse3.main``; then
-the background tasks are cancelled; then the FUSE session is closed and unmounted;
-then the node's HTTP client and database are closed. Pending uploads stay queued in
+The node's parts are built by the composition root (:func:`kachery_fs.parts.running`);
+this module adds only what is FUSE's. Shutdown order: a signal (or an external
+``fusermount3 -u``) ends ``pyfuse3.main``; then the background tasks are cancelled; then
+the FUSE session is closed and unmounted; then the downloads made are reported, and the
+caller closes the node's HTTP client and databases. Pending uploads stay queued in
 the node database and resume at the next mount.
 """
 
@@ -22,13 +24,9 @@ import trio
 
 from .. import status
 from ..errors import InvalidInput, NotMounted
-from ..feeds import FeedFiles, FeedStore
 from ..node import Node
-from ..provider import Provider
+from ..parts import Parts, running
 from ..requester import DEFAULT_STALL_TIMEOUT_S
-from ..resolver import Resolver
-from ..resumable import RateLimit
-from ..uploader import Uploader
 from .operations import Operations
 
 log = logging.getLogger(__name__)
@@ -51,27 +49,12 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
-    removed = await trio.to_thread.run_sync(node.store.sweep_temp)
-    if removed:
-        log.info("removed %d temporary file(s) left by processes that ended", removed)
-    async with trio.open_nursery() as nursery:
-        uploader = await Uploader.create(
-            node, nursery=nursery, rate_limit=RateLimit(bwlimit) if bwlimit else None)
-        resolver = Resolver(node, nursery=nursery, request_stall_timeout=request_timeout)
-        provider = Provider(node, uploader, resolver.sources)
-        nursery.start_soon(provider.run)
-        nursery.start_soon(node.downloads.run)
-        nursery.start_soon(node.store.cache.run)
-        nursery.start_soon(partial(status.keep_written, node, provider=provider,
-                                   resolver=resolver, mountpoint=str(mountpoint)))
-        feeds = FeedFiles(node.channels, node.db, FeedStore.for_node(node.dir), node.client,
-                          nursery)
-        ops = Operations(node.db, node.store, node.channels, resolver, uploader,
-                         nursery=nursery, feeds=feeds,
-                         snapshot=partial(status.collect, node, provider=provider,
-                                          resolver=resolver))
-        feeds.on_grow = ops.feed_grew
-        feeds.resume_publishing()
+    async with running(node, provide=True, feeds=True, bwlimit=bwlimit,
+                       request_timeout=request_timeout) as parts:
+        nursery = parts.nursery
+        nursery.start_soon(partial(status.keep_written, node, provider=parts.provider,
+                                   resolver=parts.resolver, mountpoint=str(mountpoint)))
+        ops = operations(parts)
         options = set(pyfuse3.default_options)
         options.add("fsname=kachery-fs")
         options.add("subtype=kachery")
@@ -94,8 +77,19 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
             nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)
-    # Downloads cut short by the unmount are reported too.
-    await node.downloads.final_flush()
+
+
+def operations(parts: Parts) -> Operations:
+    """The FUSE handlers over a node's running parts (as a mount serves them)."""
+    node = parts.node
+    ops = Operations(node.db, node.store, node.channels, parts.resolver, parts.uploader,
+                     nursery=parts.nursery, feeds=parts.feeds,
+                     snapshot=partial(status.collect, node, provider=parts.provider,
+                                      resolver=parts.resolver))
+    if parts.feeds is not None:
+        parts.feeds.on_grow = ops.feed_grew
+        parts.feeds.resume_publishing()
+    return ops
 
 
 #: Kernel read-ahead for the mount. The default, 128 KiB, makes every sequential read a

@@ -77,7 +77,7 @@ async def hub_node(tmp_path, monkeypatch):
     async with cli_on_hub_in_process(node_dir, tmp_path / "hub",
                                      monkeypatch) as (server, open_node):
         node = open_node()
-        hub = node.hub(URL)
+        hub = node.channels.hub(URL)
         await hub.create_channel("chan")
         await hub.authorize_node("chan", node.node_id, ["provideFiles", "requestFiles"])
         info = await hub.get_channel("chan")
@@ -87,7 +87,8 @@ async def hub_node(tmp_path, monkeypatch):
 
 
 def put_args(*files) -> argparse.Namespace:
-    return argparse.Namespace(files=[str(f) for f in files], channel=None, quiet=True)
+    return argparse.Namespace(files=[str(f) for f in files], channel=None, quiet=True,
+                              bwlimit=None)
 
 
 def upload_state(node_dir, sha: str):
@@ -171,11 +172,11 @@ async def test_permissions_do_not_stall_on_a_hung_hub(tmp_path, monkeypatch):
         node.db._db.execute("UPDATE channels SET checked_at = 0")  # the cache is stale
         with trio.fail_after(10):
             start = time.monotonic()
-            assert await node.permissions("chan") == {"provideFiles"}
+            assert await node.channels.permissions("chan") == {"provideFiles"}
             first = time.monotonic() - start
             assert len(calls) == 1
             start = time.monotonic()
-            assert await node.permissions("chan") == {"provideFiles"}
+            assert await node.channels.permissions("chan") == {"provideFiles"}
             second = time.monotonic() - start
         assert first < channels_module.REFRESH_TIMEOUT_S + 1.0
         assert second < 0.1 and len(calls) == 1  # no second attempt at the hub
@@ -184,7 +185,7 @@ async def test_permissions_do_not_stall_on_a_hung_hub(tmp_path, monkeypatch):
         monkeypatch.setattr(channels_module, "PERMISSIONS_TTL_S", 0.2)
         await trio.sleep(0.3)
         answering = True
-        assert await node.permissions("chan") == {"requestFiles"}
+        assert await node.channels.permissions("chan") == {"requestFiles"}
         assert len(calls) == 2
     finally:
         await node.aclose()

@@ -38,7 +38,7 @@ async def owner_hub(tmp_path, monkeypatch):
         monkeypatch.setenv("KACHERY_FS_HUB", URL)
         node = open_node()
         try:
-            await node.hub(URL).create_channel("chan")
+            await node.channels.hub(URL).create_channel("chan")
         finally:
             await node.aclose()
         yield server, node.node_id
@@ -139,7 +139,7 @@ async def test_feed_append_refused_appends_nothing(owner_hub, tmp_path, capsys):
     server, owner_id = owner_hub
     node = _common.open_node()
     try:
-        info = await node.hub(URL).get_channel("chan")
+        info = await node.channels.hub(URL).get_channel("chan")
         node.db.add_channel("chan", URL, info["bucketBaseUrl"], set())
     finally:
         await node.aclose()

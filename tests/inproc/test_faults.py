@@ -31,16 +31,15 @@ import pytest
 import trio
 import trio.testing
 
-from kachery_fs import _http, resumable
+from kachery_fs import _http, parts, resumable
+from kachery_fs.fs.mount import operations
 from kachery_fs.fs.namespace import ROOT_INODE
 from kachery_fs.fs.operations import Operations
 from kachery_fs.hub.serve import HubServer
 from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
 from kachery_fs.node import Node
-from kachery_fs.provider import Provider
-from kachery_fs.resolver import STALL_TIMEOUT_S, Resolver
-from kachery_fs.uploader import Uploader
+from kachery_fs.resolver import STALL_TIMEOUT_S
 
 CH = "chan"
 PERMS = ["requestFiles", "provideFiles"]
@@ -185,7 +184,7 @@ async def hub(tmp_path, nursery):
 async def make_node(hub: Hub, name: str) -> Node:
     node = Node(hub.base / name, create=True)
     await hub.owner.authorize_node(CH, node.node_id, PERMS)
-    info = await node.hub(hub.url).get_channel(CH)
+    info = await node.channels.hub(hub.url).get_channel(CH)
     node.db.add_channel(CH, hub.url, info["bucketBaseUrl"], set(info["permissions"]))
     return node
 
@@ -203,12 +202,9 @@ class FS:
         return await self.ops.lookup(await self.sha1_inode(), sha1.encode(), CTX)
 
 
-async def mount_in_process(node: Node, nursery: trio.Nursery, **resolver_args) -> FS:
+async def mount_in_process(node: Node, nursery: trio.Nursery, **options) -> FS:
     """The node's file system operations, as a mount builds them (without the kernel)."""
-    uploader = await Uploader.create(node, nursery=nursery)
-    resolver = Resolver(node, nursery=nursery, **resolver_args)
-    return FS(node, Operations(node.db, node.store, node.channels, resolver,
-                               uploader, nursery=nursery))
+    return FS(node, operations(await parts.start(node, nursery, **options)))
 
 
 async def in_bucket(hub: Hub, data: bytes) -> str:
@@ -261,8 +257,7 @@ async def test_a_lookup_honours_retry_after_within_its_deadline(hub, nursery):
 async def connected_provider(hub: Hub, nursery: trio.Nursery) -> Node:
     """A node that answers file requests, once the hub has its listen."""
     node = await make_node(hub, "provider")
-    provider = Provider(node, await Uploader.create(node, nursery=nursery))
-    nursery.start_soon(provider.run)
+    provider = (await parts.start(node, nursery, provide=True)).provider
     with trio.fail_after(30):
         # A state no trio event announces: polled.
         while getattr(provider.connections.get(hub.url), "state", None) != "connected":  # noqa: ASYNC110
@@ -314,7 +309,7 @@ async def test_a_stalled_hub_gives_etimedout_at_the_request_timeout(hub, nursery
     ends with ETIMEDOUT at the request timeout, not EIO at the HTTP client's timeout."""
     request_timeout = 45.0  # past the 30 s HTTP timeout: its expiry must not end the wait
     fs = await mount_in_process(await make_node(hub, "reader"), nursery,
-                                request_stall_timeout=request_timeout)
+                                request_timeout=request_timeout)
     sha1 = hashlib.sha1(b"in no bucket").hexdigest()
     hub.faults.add(request_file, None, on_hit=autojump_from_here(clock))
     start = trio.current_time()
@@ -329,7 +324,7 @@ async def test_a_hub_that_stalls_mid_request_gives_etimedout_at_the_request_time
     await connected_provider(hub, nursery)  # the request is offered to it, not failed
     request_timeout = 30.0  # a long-poll's HTTP timeout is its wait + 15 s: up to 35 s
     fs = await mount_in_process(await make_node(hub, "reader"), nursery,
-                                request_stall_timeout=request_timeout)
+                                request_timeout=request_timeout)
     sha1 = hashlib.sha1(b"also in no bucket").hexdigest()
     asked = 0
 

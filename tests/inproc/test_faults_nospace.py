@@ -27,11 +27,11 @@ import pyfuse3
 import pytest
 import trio
 
+from kachery_fs import parts
+from kachery_fs.fs.mount import operations
 from kachery_fs.fs.namespace import ROOT_INODE
 from kachery_fs.fs.operations import Operations
 from kachery_fs.node import Node
-from kachery_fs.resolver import Resolver
-from kachery_fs.uploader import Uploader
 
 CH = "chan"
 CTX = SimpleNamespace(uid=0, gid=0, pid=0, umask=0o022)
@@ -129,10 +129,7 @@ async def file_system(node: Node):
     """The node's file system operations, as a mount builds them (without the kernel);
     its background tasks end with the block, before the node is closed."""
     async with trio.open_nursery() as nursery:
-        uploader = await Uploader.create(node, nursery=nursery)
-        resolver = Resolver(node, nursery=nursery)
-        yield FS(node, Operations(node.db, node.store, node.channels, resolver,
-                                  uploader, nursery=nursery))
+        yield FS(node, operations(await parts.start(node, nursery)))
         nursery.cancel_scope.cancel()
 
 
