@@ -47,16 +47,13 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import trio
 
 from ._sqlite import Migration, Schema
+from .layout import Layout
 from .units import format_size
 from .uris import is_sha1
-
-if TYPE_CHECKING:
-    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -119,15 +116,15 @@ class StoreCache:
     trio thread. ``limit`` may be changed at any time (a ``--cache-size`` flag).
     """
 
-    def __init__(self, store: Store, *, limit: int | None = None,
+    def __init__(self, layout: Layout, *, limit: int | None = None,
                  pinned: Callable[[], set[str]] | None = None,
                  uploaded: Callable[[], set[str]] | None = None):
-        self.store = store
+        self.layout = layout
         self.limit = limit
         self._pinned = pinned
         self._uploaded = uploaded  # only for indexing a store made by an earlier version
         self._lock = threading.Lock()  # one connection, used by one thread at a time
-        self._db = SCHEMA.open(store.root / INDEX_FILE)
+        self._db = SCHEMA.open(layout.root / INDEX_FILE)
         self._touched: dict[str, float] = {}
         self._touched_lock = threading.Lock()  # cheap: never held across I/O
         self._newest: str | None = None  # a pass leaves the latest insert alone
@@ -318,7 +315,7 @@ class StoreCache:
 
     def _delete_unused(self, sha1: str) -> bool:
         """Delete an object's file unless a reader holds it; True when it is gone."""
-        path = self.store.path(sha1)
+        path = self.layout.path(sha1)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -403,7 +400,7 @@ class StoreCache:
         provided = self._uploaded() if self._uploaded is not None else set()
         rows = [(sha1, st.st_size,
                  ADDED if sha1 in provided else WRITTEN if sha1 in pins else FETCHED,
-                 max(st.st_atime, st.st_mtime)) for sha1, st in _walk(self.store.sha1_dir)]
+                 max(st.st_atime, st.st_mtime)) for sha1, st in _walk(self.layout.sha1_dir)]
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:

@@ -43,7 +43,8 @@ from pathlib import Path
 
 from . import settings
 from .cache import ADDED, FETCHED, WRITTEN, StoreCache
-from .errors import IntegrityError, InvalidInput, NotFound, as_no_space
+from .errors import IntegrityError, NotFound, as_no_space
+from .layout import Layout
 from .uris import is_sha1
 
 log = logging.getLogger(__name__)
@@ -154,12 +155,12 @@ class Store:
     def __init__(self, root: Path, *, limit: int | None = None,
                  pinned: Callable[[], set[str]] | None = None,
                  uploaded: Callable[[], set[str]] | None = None):
-        self.root = Path(root)
-        self.sha1_dir = self.root / "sha1"
-        self.tmp_dir = self.root / "tmp"
+        self.layout = Layout(root)
+        self.root, self.sha1_dir, self.tmp_dir = (self.layout.root, self.layout.sha1_dir,
+                                                  self.layout.tmp_dir)
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
-        self.cache = StoreCache(self, limit=limit, pinned=pinned, uploaded=uploaded)
+        self.cache = StoreCache(self.layout, limit=limit, pinned=pinned, uploaded=uploaded)
 
     @classmethod
     def for_node(cls, directory: Path, db) -> Store:
@@ -175,10 +176,7 @@ class Store:
     # -- paths and lookups ----------------------------------------------------------
 
     def path(self, sha1: str) -> Path:
-        if not is_sha1(sha1):
-            raise InvalidInput(f"not a SHA-1 hash: {sha1!r}")
-        sha1 = sha1.lower()
-        return self.sha1_dir / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1
+        return self.layout.path(sha1)
 
     def size(self, sha1: str) -> int | None:
         """The size of stored content ``sha1``, or ``None`` if it is not here."""
