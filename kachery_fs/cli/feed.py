@@ -105,6 +105,7 @@ async def _feed_append(args) -> int:
 async def _feed_read(args) -> int:
     from ..errors import Unavailable
     from ..feeds import FeedStore, FeedSync, message_line, subfeed_hash
+    from ..retry import foreground, pause
 
     feed_id, subfeed = _feed_ref(args.ref)
     h = subfeed_hash(subfeed)
@@ -131,6 +132,7 @@ async def _feed_read(args) -> int:
                 return 0
             channel = channel or _pick_channel(node, args.channel)
             hub = node.channels.hub_of(channel)
+            backoff = foreground()
             while True:
                 try:
                     answer = await hub.call(
@@ -138,9 +140,9 @@ async def _feed_read(args) -> int:
                         subscriptions=[{"feedId": feed_id, "subfeedHash": h,
                                         "position": store.count(feed_id, h)}])
                 except Unavailable as exc:
-                    log.warning("%s; retrying in 2 s", exc)
-                    await trio.sleep(2)
+                    await pause(backoff, exc, level=logging.WARNING)
                     continue
+                backoff.reset()
                 if answer.get("updates") and not store.owned(feed_id):
                     await sync.fetch(channel, feed_id, h)
                 for signed in store.messages(feed_id, h, shown):
