@@ -47,6 +47,17 @@ that time ran out. A loop whose deadline means "no progress for N seconds" and w
 reports the stall itself passes ``at_deadline="wait"``: the wait is cut at the deadline
 and the loop's cancel scope (or its own check) ends it.
 
+**Where.** Bounded (:func:`retrying`): the lookup ``HEAD`` and each ranged ``GET`` of a
+download (``bucket``), the first ``requestFile`` of a file request (``requester``).
+Long-running (:class:`Backoff` and :func:`pause`): a resumable upload asking its session
+where to resume (``resumable``), a file request's long-poll (``requester``), a provider's
+listen (``provider``), the upload queue (``uploader``), ``feed read --follow`` and the
+feed engine. Download reports (``demand``) are not retried in a loop: one that fails
+transiently is kept for the next report. The hub's Google Cloud Storage backend calls
+``google-cloud-storage`` in worker threads, where trio cannot sleep, and uses that
+library's own retry, bounded by its call timeout, on the same transient set (``429``,
+``5xx``, connection errors).
+
 **Why our own.** ``stamina`` (26.1) and ``tenacity`` (9.2) were considered. Both can
 sleep with trio and both can be taught a custom wait (a Retry-After hook), but neither
 knows trio's cancel-scope deadline: they would start a sleep that the deadline cancels,
