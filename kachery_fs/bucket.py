@@ -69,7 +69,7 @@ async def head_size(client: httpx.AsyncClient, url: str) -> int:
     """The size of a public object; ``NotFound`` if absent.
 
     A transient failure (a 503, a dropped connection, a timeout) is retried with backoff,
-    within the caller's deadline (:func:`kachery_fs._http.retrying`): one bad answer does
+    within the caller's deadline (:func:`kachery_fs.retry.retrying`): one bad answer does
     not fail a lookup.
     """
     what = f"HEAD {url}"
