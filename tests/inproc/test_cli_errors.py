@@ -141,6 +141,66 @@ async def test_put_when_the_object_appears_before_the_final_chunk(hub_node, tmp_
     assert upload_state(node_dir, sha1(data)).state == "done"
 
 
+async def test_an_interrupted_put_resumes_where_it_stopped(hub_node, tmp_path, monkeypatch,
+                                                          capsys):
+    """Ctrl-C during `put` leaves the upload queued with its session; `put` again sends
+    only what the bucket lacks, through the same uploader as the mount."""
+    node_dir, server, _ = hub_node
+    data = bytes(range(256)) * 4096 * 2  # 2 MiB: eight 256 KiB chunks
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    real_upload = resumable.upload
+    offsets = []
+
+    async def interrupted(client, session, path, size, *, offset=0, on_progress=None, **kw):
+        offsets.append(offset)
+
+        def progress(committed):
+            on_progress(committed)
+            raise KeyboardInterrupt  # the user's Ctrl-C, after the first chunk
+        kw["chunk_size"] = resumable.CHUNK_GRANULARITY
+        await real_upload(client, session, path, size, offset=offset, on_progress=progress,
+                          **kw)
+
+    monkeypatch.setattr(resumable, "upload", interrupted)
+    with pytest.raises((KeyboardInterrupt, BaseExceptionGroup)):
+        await cli_data._put(put_args(src))
+    err = capsys.readouterr().err
+    assert "interrupted; the upload of sha1://" in err and "stays queued (12% sent)" in err
+    assert "run this `kachery-fs put` again to resume it" in err
+    up = upload_state(node_dir, sha1(data))
+    assert up.state == "uploading" and up.session_uri and up.committed == 256 * 1024
+
+    async def resumed(client, session, path, size, *, offset=0, **kw):
+        offsets.append(offset)
+        await real_upload(client, session, path, size, offset=offset, **kw)
+
+    monkeypatch.setattr(resumable, "upload", resumed)
+    assert await cli_data._put(put_args(src)) == 0
+    assert capsys.readouterr().out.strip() == f"sha1://{sha1(data)}?label=big.bin"
+    assert offsets == [0, 256 * 1024]  # the second put sent only the rest
+    assert server.hub.cache.size_of("chan", sha1(data)) == len(data)
+    assert upload_state(node_dir, sha1(data)).state == "done"
+
+
+async def test_put_honours_bwlimit(hub_node, tmp_path, monkeypatch):
+    node_dir, server, _ = hub_node
+    src = tmp_path / "limited.bin"
+    src.write_bytes(b"slowly" * 100)
+    real_upload = resumable.upload
+    limits = []
+
+    async def upload(*args, rate_limit=None, **kw):
+        limits.append(rate_limit.rate if rate_limit else None)
+        await real_upload(*args, rate_limit=rate_limit, **kw)
+
+    monkeypatch.setattr(resumable, "upload", upload)
+    args = put_args(src)
+    args.bwlimit = 500 * 1024.0
+    assert await cli_data._put(args) == 0
+    assert limits == [500 * 1024.0]
+
+
 def test_put_with_the_hub_gone_leaves_the_upload_queued(tmp_path):
     node_dir = offline_node(tmp_path / "node", {"provideFiles"})
     src = tmp_path / "data.bin"
