@@ -77,6 +77,7 @@ def test_append_on_a_read_and_follow_on_b(cluster):
         finally:
             tail.kill()
             tail.wait()
+            tail.stdout.close()
         # B does not own the feed
         r = subprocess.run(f"echo '{{\"x\": 1}}' >> '{fb}'", shell=True, capture_output=True)
         assert r.returncode != 0
@@ -158,7 +159,7 @@ def test_follow_with_the_cli(cluster):
         assert proc.stdout.readline() == b'{"x":1}\n'
     finally:
         proc.kill()
-        proc.wait()
+        proc.communicate()  # and closes its pipes
 
 
 def test_the_owners_mount_shows_lines_appended_by_the_cli(cluster):
