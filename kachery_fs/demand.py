@@ -49,8 +49,7 @@ class DownloadReports:
                 continue
             try:
                 hub = self._channels.hub_of(channel)
-                await hub.call("reportDownloads", channel=channel,
-                               downloads=[[sha1, n] for sha1, n in batch.items()])
+                await hub.report_downloads(channel, batch.items())
             except Exception as exc:
                 if not is_transient(exc):
                     # Refused (or a bug): the same report would be refused again.

@@ -135,10 +135,9 @@ async def _feed_read(args) -> int:
             backoff = foreground()
             while True:
                 try:
-                    answer = await hub.call(
-                        "watchFeeds", wait_s=20, channel=channel,
-                        subscriptions=[{"feedId": feed_id, "subfeedHash": h,
-                                        "position": store.count(feed_id, h)}])
+                    answer = await hub.watch_feeds(
+                        channel, [{"feedId": feed_id, "subfeedHash": h,
+                                   "position": store.count(feed_id, h)}], wait_s=20)
                 except Unavailable as exc:
                     await pause(backoff, exc, level=logging.WARNING)
                     continue

@@ -112,7 +112,7 @@ async def _channel_set(args) -> int:
         raise InvalidInput("nothing to change: give --allocation and/or --low-watermark")
 
     async def go(hub):
-        r = await hub.call("setChannel", channel=args.name, **fields)
+        r = await hub.set_channel(args.name, fields)
         allocation = format_size(r["allocation"]) if r["allocation"] else "none (no eviction)"
         return (f"channel {r['channel']}: allocation {allocation},"
                 f" low watermark {r['lowWatermark']:.0%}")
@@ -138,7 +138,7 @@ async def _channel_stats(args) -> int:
         if v is not None}}
 
     async def go(hub):
-        stats = await hub.call("channelStats", channel=args.name)
+        stats = await hub.channel_stats(args.name)
         cost = monthly_cost(stats, prices)
         if args.json:
             return json.dumps({**stats, "prices": prices, "monthlyCost": cost}, indent=2)
