@@ -27,6 +27,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -34,6 +35,10 @@ from ..bucket import CHUNK_SIZE as DOWNLOAD_RANGE
 from ..errors import InvalidInput, NotFound, Unavailable
 from ..protocol import object_key
 from ..resumable import DEFAULT_CHUNK_SIZE as UPLOAD_CHUNK
+from . import storage
+
+if TYPE_CHECKING:
+    from .backends import BucketBackend
 
 log = logging.getLogger(__name__)
 
@@ -49,33 +54,6 @@ MAX_UPLOADS_IN_FLIGHT = 10_000
 #: A requested object is kept this long, for its requesters to download it (as long as the
 #: hub keeps a finished request's record for them).
 REQUEST_HOLD_S = 120.0
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS cache_settings (
-    channel TEXT PRIMARY KEY,
-    allocation INTEGER,
-    low_watermark REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cache_counters (
-    channel TEXT NOT NULL,
-    name TEXT NOT NULL,
-    count INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (channel, name)
-);
-CREATE TABLE IF NOT EXISTS cache_since (
-    channel TEXT PRIMARY KEY,
-    since REAL NOT NULL
-);
-"""
-
-#: Columns added to ``objects`` (hub.storage) for the cache; added to older hub databases.
-OBJECT_COLUMNS = {
-    "stored": "INTEGER NOT NULL DEFAULT 1",
-    "last_demand": "REAL NOT NULL DEFAULT 0",
-    "downloads": "INTEGER NOT NULL DEFAULT 0",
-    "evicted_at": "REAL",
-}
 
 COUNTERS = ("uploads", "reuploads", "evictions", "downloads", "requests")
 
@@ -98,19 +76,13 @@ class BucketCache:
     evictions to happen; accounting works without it.
     """
 
-    def __init__(self, db: sqlite3.Connection, *, backend_of: Callable,
+    def __init__(self, db: sqlite3.Connection, *, backend_of: Callable[[str], BucketBackend],
                  held: Callable[[str], set[str]], clock=time.time):
         self._db = db
         self._backend_of = backend_of
         self._held = held
         self._clock = clock
-        db.executescript(SCHEMA)
-        have = {row[1] for row in db.execute("PRAGMA table_info(objects)")}
-        for name, decl in OBJECT_COLUMNS.items():
-            if name not in have:
-                db.execute(f"ALTER TABLE objects ADD COLUMN {name} {decl}")
-        db.execute("CREATE INDEX IF NOT EXISTS objects_lru"
-                   " ON objects (channel, stored, last_demand)")
+        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
         # (channel, sha1) -> (signed at, signed for): uploads signed, not yet finalized;
         # and how many each node has, bounded (MAX_UPLOADS_IN_FLIGHT).
         self._in_flight: dict[tuple[str, str], tuple[float, str]] = {}
