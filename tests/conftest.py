@@ -14,6 +14,9 @@ code or a fixture it uses calls ``mounted()``/``require_fuse()`` or starts ``mou
 or carries the ``mount`` marker itself. ``tests/mount/conftest.py`` fails a test whose
 mount logged a traceback.
 
+Warnings are errors (pyproject.toml); garbage is collected after every test, so that what
+a test leaves unclosed fails that test.
+
 A test that outlives its timeout (pytest-timeout) has the stacks of all its threads
 dumped by faulthandler, which works even while the main thread is stuck in a system call
 (on a hung FUSE request, say), where pytest-timeout's own handler cannot run.
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import gc
 import inspect
 import os
 import re
@@ -117,6 +121,15 @@ def pytest_collection_modifyitems(config, items):
         raise pytest.UsageError(
             "tests that mount belong in tests/mount (the mount tier):\n  "
             + "\n  ".join(misplaced))
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage():
+    """Collect garbage after each test, so that what a test leaves unclosed (a socket, a
+    file, an async generator) warns, and so fails (warnings are errors), in that test's
+    teardown, not in whichever test the garbage collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture

@@ -161,6 +161,7 @@ class Hub:
     url: str
     owner: HubClient
     base: Path
+    nodes: list[Node] = field(default_factory=list)  # made by make_node: closed at teardown
 
 
 @pytest.fixture
@@ -174,15 +175,19 @@ async def hub(tmp_path, nursery):
     owner_client = HubClient(url, owner, client)
     await owner_client.create_channel(CH)
     await owner_client.authorize_node(CH, owner.node_id, PERMS)
+    hub = Hub(server, faults, url, owner_client, tmp_path)
     try:
-        yield Hub(server, faults, url, owner_client, tmp_path)
-    finally:
+        yield hub
+    finally:  # the test's tasks have ended (pytest-trio ends its nursery first)
+        for node in hub.nodes:
+            await node.aclose()
         await client.aclose()
         server.close()
 
 
 async def make_node(hub: Hub, name: str) -> Node:
     node = Node(hub.base / name, create=True)
+    hub.nodes.append(node)
     await hub.owner.authorize_node(CH, node.node_id, PERMS)
     info = await node.channels.hub(hub.url).get_channel(CH)
     node.db.add_channel(CH, hub.url, info["bucketBaseUrl"], set(info["permissions"]))
