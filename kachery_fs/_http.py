@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import ssl
 from email.utils import parsedate_to_datetime
+from typing import TypeVar
 
 import httpx
 
@@ -153,10 +154,13 @@ def _tls_context() -> ssl.SSLContext:
     return ssl.create_default_context()
 
 
-def _cause(exc: BaseException, kind: type[BaseException]) -> BaseException | None:
+_E = TypeVar("_E", bound=BaseException)
+
+
+def _cause(exc: BaseException | None, kind: type[_E]) -> _E | None:
     """The first exception of ``kind`` in the chain of causes of ``exc`` (httpx wraps
     those of the transport)."""
-    seen = set()
+    seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, kind):
             return exc

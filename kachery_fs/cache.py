@@ -45,7 +45,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import trio
@@ -274,7 +274,8 @@ class StoreCache:
         try:
             usage = self._db.execute("SELECT value FROM totals WHERE name = 'bytes'"
                                      ).fetchone()[0]
-            victims, freed = [], 0
+            victims: list[str] = []
+            freed = 0
             if usage > self.limit:
                 victims, freed = self._choose_and_delete(usage, pins)
                 self._db.executemany("DELETE FROM objects WHERE sha1 = ?",
@@ -292,6 +293,7 @@ class StoreCache:
     def _choose_and_delete(self, usage: int, pins: set[str]) -> tuple[list[str], int]:
         """Within the pass's transaction: delete files in LRU order, skipping the pinned,
         the fresh and the open ones, until the low watermark; the hashes deleted."""
+        assert self.limit is not None  # evict() returns early without a limit
         target = int(self.limit * LOW_WATERMARK)
         now = time.time()
         victims: list[str] = []
@@ -334,6 +336,7 @@ class StoreCache:
         if self._warned:
             return
         self._warned = True
+        assert self.limit is not None  # only evict() warns, and only with a limit
         pinned = self.pinned_bytes(pins)
         if pinned > self.limit:
             log.warning(
@@ -371,6 +374,7 @@ class StoreCache:
                     # The pins are read here, on the trio thread, where the mount uses the
                     # node database's connection. (A one-shot command reads them in
                     # `inserted`, on whatever thread installs: it runs nothing else then.)
+                    assert self._pinned is not None  # over_limit() is False without it
                     pins = self._pinned()
                     await trio.to_thread.run_sync(self.evict, pins)
                 with trio.move_on_at(next_flush):
@@ -422,9 +426,9 @@ class StoreCache:
                      len(rows), format_size(sum(r[1] for r in rows)))
 
 
-def _walk(directory: Path):
+def _walk(directory: Path) -> Iterator[tuple[str, os.stat_result]]:
     """``(sha1, stat)`` of every object file under ``sha1/`` (three levels of fan-out)."""
-    stack = [directory]
+    stack: list[str | Path] = [directory]
     while stack:
         try:
             entries = list(os.scandir(stack.pop()))

@@ -37,6 +37,7 @@ def _js_float(x: float) -> str:
     # repr gives the shortest round-tripping digits, as JS does; only the layout differs.
     t = Decimal(repr(abs(x))).as_tuple()
     digits = "".join(map(str, t.digits))
+    assert isinstance(t.exponent, int)  # x is finite: never "n", "N" or "F"
     exp = t.exponent + (len(digits) - len(digits.rstrip("0")))
     digits = digits.strip("0") if digits.lstrip("0") else "0"
     # value = 0.<digits> * 10**n  (k and n as in the ECMAScript spec)

@@ -15,6 +15,7 @@ import os
 import re
 import stat
 from pathlib import Path
+from typing import TypeGuard
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
@@ -40,7 +41,7 @@ PRIVATE_PEM = "private.pem"
 PUBLIC_PEM = "public.pem"
 
 
-def is_node_id(value: object) -> bool:
+def is_node_id(value: object) -> TypeGuard[str]:
     """True for 64 lower-case hex digits (a raw Ed25519 public key)."""
     return isinstance(value, str) and _NODE_ID_RE.fullmatch(value) is not None
 

@@ -83,8 +83,10 @@ class DownloadContent(Content):
         end = min(offset + size, self.size)
         if offset >= self.size:
             return b""
+        download = self.download
+        assert download is not None  # released only once _instead is set
         try:
-            await self.download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
+            await download.wait_readable(end, stall_timeout=STALL_TIMEOUT_S)
         except (NotFound, IntegrityError):  # evicted, or bad bytes the hub is to check
             async with self._reopening:
                 if self._instead is None:
@@ -95,16 +97,19 @@ class DownloadContent(Content):
                     if instead.size != self.size:  # the bad object had another size
                         instead.close()
                         raise IntegrityError(
-                            f"sha1://{self.download.sha1} has {instead.size} bytes, not the"
+                            f"sha1://{download.sha1} has {instead.size} bytes, not the"
                             f" {self.size} its first copy in the bucket claimed; open it"
                             " again") from None
                     self._instead = instead
                     self._release()
             return await self._instead.read(offset, size)
-        return os.pread(self.download.fd, end - offset, offset)
+        # No checkpoint since the wait: another read of this handle cannot have replaced
+        # the download meanwhile (it would first have to fetch the replacement).
+        return os.pread(download.fd, end - offset, offset)
 
     def _release(self) -> None:
         download, self.download = self.download, None
+        assert download is not None  # released once
         download.readers -= 1
         if download.readers == 0 and download.done.is_set():
             download.close_fd()

@@ -308,6 +308,7 @@ class NodeDB:
                 (channel, parent, name, int(is_dir), sha1, size, mode, time.time_ns()))
         except sqlite3.IntegrityError:
             raise Conflict(f"{name!r} already exists") from None
+        assert cur.lastrowid is not None  # set by the INSERT
         return self.entry(cur.lastrowid)
 
     def set_content(self, entry_id: int, sha1: str, size: int) -> None:

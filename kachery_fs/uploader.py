@@ -184,7 +184,9 @@ class Uploader:
             err = exc
         except (Unavailable, Conflict, KacheryError) as exc:
             err = exc
-        attempts = (self.db.upload(job.channel, job.sha1).attempts or 0) + 1
+        recorded = self.db.upload(job.channel, job.sha1)
+        assert recorded is not None  # queued uploads are never deleted
+        attempts = (recorded.attempts or 0) + 1
         self.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
         return err
 
@@ -206,6 +208,7 @@ class Uploader:
                 on_progress(self._progress.get(key, 0))
             await trio.sleep(0.2)
         up = self.db.upload(channel, sha1)
+        assert up is not None  # enqueued just above
         if up.state == "done":
             return
         self._active.add(key)

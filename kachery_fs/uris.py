@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass, field
+from typing import TypeGuard
 from urllib.parse import parse_qs, quote
 
 from .errors import InvalidInput
@@ -17,7 +18,7 @@ from .errors import InvalidInput
 _SHA1_RE = re.compile(r"[0-9a-fA-F]{40}")
 
 
-def is_sha1(value: object) -> bool:
+def is_sha1(value: object) -> TypeGuard[str]:
     """True for 40 hexadecimal digits (either case), the way kachery hubs validate hashes."""
     return isinstance(value, str) and _SHA1_RE.fullmatch(value) is not None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from functools import partial
 
 import trio
 
@@ -40,8 +41,7 @@ async def _put(args) -> int:
                           desc=f"hashing {path.name}", disable=args.quiet or None,
                           file=sys.stderr) as bar:
                     sha1, size = await trio.to_thread.run_sync(
-                        lambda path=path, bar=bar: node.store.add_file(path,
-                                                                       progress=bar.update))
+                        partial(node.store.add_file, path, progress=bar.update))
                 uri = format_uri(sha1, path.name)
                 with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
                           disable=args.quiet or None, file=sys.stderr) as bar:

@@ -6,6 +6,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -20,6 +21,9 @@ from ._common import (
     _port,
     _sub,
 )
+
+if TYPE_CHECKING:
+    from ..hub_client import ChannelChanges
 
 log = logging.getLogger("kachery_fs")
 
@@ -103,7 +107,7 @@ async def _channel_create(args) -> int:
 async def _channel_set(args) -> int:
     from ..settings import parse_limit
 
-    fields = {}
+    fields: ChannelChanges = {}
     if args.allocation is not None:
         fields["allocation"] = parse_limit(args.allocation)
     if args.low_watermark is not None:

@@ -217,15 +217,20 @@ class FeedSync:
         if index is None and hub_count == 0:
             raise NotFound(f"feed {feed_id} has no subfeed {subfeed_hash} in channel"
                            f" {channel!r}")
-        count = hub_count or _count_of(index)
+        if hub_count:
+            count = hub_count
+        else:
+            assert index is not None  # NotFound was raised above
+            count = _count_of(index)
         if count <= local:
             return 0, None
         # The batches that cover what we lack, fetched together; single messages after.
-        wanted, position = [], local
-        for b in sorted(_batches_of(index)):
-            if b[0] <= position < b[1] <= count:
-                wanted.append(b)
-                position = b[1]
+        wanted: list[list[int]] = []
+        position = local
+        for batch in sorted(_batches_of(index)):
+            if batch[0] <= position < batch[1] <= count:
+                wanted.append(batch)
+                position = batch[1]
         bodies = await _gather([partial(_get, self.client, f"{base}/batch/{a}-{b}")
                                 for a, b in wanted])
         messages: list = []

@@ -90,8 +90,8 @@ class _BucketApp:
         method = request.method
         if method in ("GET", "HEAD"):
             await self._get_object(request, send)
-        elif method == "PUT" and request.query_value("upload_id") is not None:
-            await self._put_session(request, send, request.query_value("upload_id"))
+        elif method == "PUT" and (upload_id := request.query_value("upload_id")) is not None:
+            await self._put_session(request, send, upload_id)
         elif method == "PUT":
             await self._put_object(request, send)
         elif method == "POST":
@@ -213,6 +213,7 @@ class _BucketApp:
             if session.done:
                 await self._answer_completed(session, send)
                 return
+            assert chunk is not None  # parsed unless the session is done
             total = _check_chunk(session, chunk)
             if not chunk.is_query:
                 session = await self._receive_chunk(request, session, chunk, total, turn)
@@ -234,6 +235,7 @@ class _BucketApp:
         nothing is persisted, and the bytes written past ``committed`` are cut off by the
         next chunk.
         """
+        assert chunk.first is not None and chunk.last is not None  # not a status query
         skip = session.committed - chunk.first
         f = await trio.to_thread.run_sync(_open_for_append,
                                           self.bucket.part_path(session.upload_id),
@@ -284,6 +286,7 @@ class _BucketApp:
         await trio.to_thread.run_sync(self.bucket.save_session, replace(session, done=True))
         offset, hasher = self.bucket._session_hashes.pop(session.upload_id, (None, None))
         if offset == session.committed == info.size:
+            assert hasher is not None  # an offset comes with its hasher
             st = os.stat(self.bucket.path(session.bucket, session.key))
             self.bucket._known_sha1[(session.bucket, session.key)] = (
                 st.st_size, st.st_mtime_ns, hasher.hexdigest())
@@ -336,6 +339,7 @@ def _check_chunk(session: UploadSession, chunk: _ChunkRange) -> int | None:
         _check_length(total, session.length_range)
     if chunk.is_query:
         return total
+    assert chunk.first is not None and chunk.last is not None  # not a status query
     if chunk.first > session.committed:
         raise _invalid(f"the chunk starts at byte {chunk.first}, but only "
                        f"{session.committed} bytes are committed (no gaps)")

@@ -256,7 +256,10 @@ class _ChunkRange:
 
     @property
     def length(self) -> int:
-        return 0 if self.first is None else self.last - self.first + 1
+        if self.first is None:
+            return 0
+        assert self.last is not None  # first and last are both set, or neither
+        return self.last - self.first + 1
 
 
 def _parse_content_range(request: _Request) -> _ChunkRange:

@@ -122,7 +122,7 @@ class LocalBucket:
         # Running SHA-1 of each resumable session's committed bytes, so that the hub's check
         # of a finished upload need not read the object again: upload id -> (offset, hasher).
         # In memory only: after a restart the check falls back on reading the object.
-        self._session_hashes: dict[str, tuple[int, object]] = {}
+        self._session_hashes: dict[str, tuple[int, hashlib._Hash]] = {}
         # Digests known without reading: (bucket, key) -> (size, mtime_ns, sha1 hex).
         self._known_sha1: dict[tuple[str, str], tuple[int, int, str]] = {}
         self._sweep_tmp()
