@@ -2,17 +2,15 @@
 
 Every process is started by us and ended by PID; every mount is lazily unmounted in
 a ``finally`` (pyfuse3's test/util.py pattern), so a failing test leaves no stray mount.
+
+The process and mount helpers themselves are in tests/procs.py, without pytest, shared with
+scripts/bench; they are imported here, and the tests take them from here.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
-import socket
 import subprocess
-import sys
-import time
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +18,24 @@ from pathlib import Path
 import httpx
 import pytest
 
-KFS = [sys.executable, "-m", "kachery_fs"]
-PERMS_ALL = "requestFiles,provideFiles,requestFeeds,provideFeeds"
-
-
-def fuse_unavailable_reason() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse does not exist"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 is not installed (Debian package fuse3)"
-    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "/dev/fuse is not accessible"
-    return None
+from .procs import (  # noqa: F401  (the tests import these from here)
+    KFS,
+    PERMS_ALL,
+    REPO,
+    HubProcess,
+    ProcessFailed,
+    free_port,
+    fuse_unavailable_reason,
+    kfs,
+    lazy_unmount,
+    node_env,
+    poll,
+    run_cli,
+    start_mount,
+    stop_process,
+    unmount,
+    wait_for,
+)
 
 
 def require_fuse() -> None:
@@ -44,36 +48,6 @@ def require_fuse() -> None:
     pytest.skip(f"REAL-MOUNT TESTS SKIPPED: {reason}")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def node_env(node_dir: Path) -> dict:
-    env = dict(os.environ)
-    env["KACHERY_FS_DIR"] = str(node_dir)
-    env.pop("KACHERY_FS_HUB", None)
-    return env
-
-
-def kfs(node_dir: Path, *args: str, check: bool = True, timeout: float = 60,
-        input: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run the kachery-fs CLI as node ``node_dir``."""
-    result = subprocess.run([*KFS, *args], env=node_env(node_dir), capture_output=True,
-                            timeout=timeout, input=input)
-    if check and result.returncode != 0:
-        raise AssertionError(f"kachery-fs {' '.join(args)} failed ({result.returncode}):\n"
-                             f"{result.stderr.decode(errors='replace')}")
-    return result
-
-
-def run_cli(node_dir: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    """Run the CLI as node ``node_dir``, with text output, whatever its exit status."""
-    return subprocess.run([*KFS, *args], env=node_env(node_dir), capture_output=True,
-                          text=True, timeout=timeout)
-
-
 def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> None:
     """The command failed as a user's mistake should: exit 1, one line naming what to do
     (with every one of ``needles``), no traceback."""
@@ -84,74 +58,6 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) ->
     assert len(lines) == 1 and lines[0].startswith("kachery-fs: "), err
     for needle in needles:
         assert needle in err, err
-
-
-def stop_process(proc: subprocess.Popen, timeout: float = 10) -> None:
-    if proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=timeout)
-
-
-class HubProcess:
-    """``kachery-fs hub serve`` in a subprocess, owned by node ``owner_dir``."""
-
-    def __init__(self, owner_dir: Path, hub_dir: Path, port: int | None = None, *,
-                 args: tuple[str, ...] = (), env: dict[str, str] | None = None):
-        self.owner_dir = owner_dir
-        self.hub_dir = hub_dir
-        self.port = port or free_port()
-        self.args = tuple(args)  # more `hub serve` flags
-        self.env = dict(env or {})  # more environment variables
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen | None = None
-        self.log = hub_dir.parent / f"{hub_dir.name}.log"
-
-    def start(self) -> HubProcess:
-        url_file = self.hub_dir.parent / f"{self.hub_dir.name}.url"
-        url_file.unlink(missing_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [*KFS, "-v", "hub", "serve", "--port", str(self.port), "--dir", str(self.hub_dir),
-                 "--url-file", str(url_file), *self.args],
-                env={**node_env(self.owner_dir), **self.env}, stdout=log, stderr=log,
-                stdin=subprocess.DEVNULL)
-        deadline = time.monotonic() + 30
-        while not url_file.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"hub exited ({self.proc.returncode}):\n{self.log.read_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError("hub did not start within 30 s")
-            time.sleep(0.05)
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-            self.proc = None
-
-    def bucket_dir(self) -> Path:
-        return self.hub_dir / "local-bucket" / "kachery"
-
-
-def wait_for(predicate, *, timeout: float, what: str, interval: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(interval)
-
-
-def lazy_unmount(mountpoint: Path) -> None:
-    if os.path.ismount(mountpoint):
-        subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 
 #: The mounts' log files since the test began, with where in each the mount's lines start:
@@ -174,23 +80,10 @@ def mounted(node_dir: Path, mountpoint: Path):
     mount's log (``-vv``) goes to ``node_dir/mount-test.log``, recorded in
     :data:`MOUNT_LOGS`."""
     _check_mount_tier()
-    mountpoint.mkdir(parents=True, exist_ok=True)
     log = node_dir / "mount-test.log"
     MOUNT_LOGS.append((log, log.stat().st_size if log.exists() else 0))
-    proc = subprocess.Popen([*KFS, "-vv", "mount", "--foreground", "--log-file", str(log),
-                             str(mountpoint)],
-                            env=node_env(node_dir), stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = start_mount(node_dir, mountpoint, log=log, what="mount process")
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(mountpoint):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode(errors="replace")
-                logtext = log.read_text() if log.exists() else ""
-                raise AssertionError(f"mount process exited ({proc.returncode}):\n{err}\n{logtext}")
-            if time.monotonic() > deadline:
-                raise AssertionError("mount did not appear within 30 s")
-            time.sleep(0.05)
         yield proc
     finally:
         lazy_unmount(mountpoint)
@@ -198,6 +91,7 @@ def mounted(node_dir: Path, mountpoint: Path):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             stop_process(proc)
+        proc.stderr.close()
         assert not os.path.ismount(mountpoint)
 
 
@@ -395,3 +289,76 @@ def offline_node(node_dir: Path, permissions=("requestFiles", "provideFiles")) -
     node.db.add_channel("chan", gone, f"{gone}/kachery", set(permissions))
     node.db.close()
     return node_dir
+
+
+# -- a node's parts in this process, against a hub on loopback ----------------------------
+# (the hub fixture, make_node and mount_in_process are tests/inproc/test_faults.py's)
+
+
+async def until(predicate, *, within: float, what: str, interval: float = 0.02):
+    """:func:`wait_for` for a trio task: poll ``predicate`` (state no trio event announces:
+    a row of node.db, an object in the bucket) for ``within`` seconds at most, until it is
+    true; its value."""
+    import trio
+
+    with trio.move_on_after(within):
+        while not (value := predicate()):  # noqa: ASYNC110
+            await trio.sleep(interval)
+        return value
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
+
+
+class RequestLog:
+    """An ASGI layer that notes the method, target (path and query) and headers of every
+    HTTP request on its way to ``app``; see :func:`log_requests`."""
+
+    def __init__(self, app):
+        self.app = app
+        self.seen: list[tuple[str, str, dict[str, str]]] = []
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            target = scope["path"]
+            if scope.get("query_string"):
+                target += "?" + scope["query_string"].decode("latin-1")
+            self.seen.append((scope["method"], target, {
+                k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}))
+        await self.app(scope, receive, send)
+
+    def of(self, method: str, contains: str = "") -> list[tuple[str, dict[str, str]]]:
+        """The ``(target, headers)`` of the ``method`` requests whose target has ``contains``."""
+        return [(t, h) for m, t, h in self.seen if m == method and contains in t]
+
+
+def log_requests(hub) -> RequestLog:
+    """Note every request that reaches ``hub`` (test_faults.py's Hub: API and local bucket)
+    from now on, behind its fault layer."""
+    hub.faults.app = log = RequestLog(hub.faults.app)
+    return log
+
+
+def local_bucket_file(server, channel: str, sha1: str) -> Path:
+    """The file on disk of ``sha1``'s object of ``channel`` in a HubServer's local bucket."""
+    from kachery_fs.hub.serve import DEFAULT_LOCAL_BUCKET
+    from kachery_fs.protocol import object_key
+
+    return server.local.path(DEFAULT_LOCAL_BUCKET.removeprefix("local://"),
+                             object_key(channel, sha1))
+
+
+async def bucket_head(node, channel: str, sha1: str) -> httpx.Response:
+    """A plain HTTP HEAD of ``sha1``'s object in ``node``'s bucket of ``channel`` (public)."""
+    from kachery_fs.bucket import object_url
+
+    url = object_url(node.db.channel(channel).bucket_base_url, channel, sha1)
+    async with httpx.AsyncClient(trust_env=False) as client:
+        return await client.head(url)
+
+
+def past_startup_grace(server) -> None:
+    """Make a HubServer's request broker act as one that has run a while: a request that
+    no provider is online for fails at once, instead of waiting out the grace given to
+    providers to reconnect to a hub that just started (STARTUP_GRACE_S, 5 s)."""
+    from kachery_fs.hub.requests import STARTUP_GRACE_S
+
+    server.hub.requests._started -= STARTUP_GRACE_S + 1

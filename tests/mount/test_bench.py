@@ -94,7 +94,7 @@ def test_bench_smoke(tmp_path):
     assert flow["bucket_read_in_store_b_after_read"] is True
     # The phase split comes from the mount and hub logs: every boundary was found.
     assert None not in flow["split_s"].values(), flow["split_s"]
-    assert "mount -f" in data["memory"]["pid_cmdline"]
+    assert "mount --foreground" in data["memory"]["pid_cmdline"]
     appended, cold = data["feed_append"], data["feed_cold_read"]
     assert appended["messages"] == data["meta"]["feed_append_messages"] == 50
     assert appended["lines_on_b"] == 51 and appended["content_on_b_ok"] is True
