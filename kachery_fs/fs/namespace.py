@@ -145,6 +145,9 @@ class Namespace:
                 return [(f, FeedDir(channel, f)) for f in feed_names]
             case FeedDir(channel=channel, feed=feed):
                 return [(n, SubfeedFile(channel, feed, n)) for n in feed_names]
+            case HashFile() | SubfeedFile():
+                raise TypeError(f"not a directory: {vnode!r}")
+        assert isinstance(vnode, ChannelDir | NamedEntry)
         out: list[tuple[str, VNode]] = []
         if isinstance(vnode, ChannelDir):
             out += [("sha1", Sha1Dir(vnode.channel)), ("feeds", FeedsDir(vnode.channel))]
