@@ -1,7 +1,7 @@
 """Versioned SQLite schemas: every database file of kachery-fs opens through
 ``kachery_fs._sqlite``, which brings it to the current version and refuses a newer one.
 
-The ``OLD_*`` statements are frozen copies of the DDL that kachery-fs ran on every open
+The ``OLD_*`` statements (``schemas-089f5a8/*.sql``) are frozen copies of the DDL that kachery-fs ran on every open
 before the versions were numbered (as committed at 089f5a8): a database they make has
 ``user_version`` 0, its tables present.
 """
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -27,133 +28,19 @@ from kachery_fs.store import Store
 
 # -- the DDL before versions (089f5a8) ---------------------------------------------------
 
-OLD_NODE = """
-CREATE TABLE IF NOT EXISTS channels (
-    name TEXT PRIMARY KEY,
-    hub_url TEXT NOT NULL,
-    bucket_base_url TEXT NOT NULL,
-    permissions TEXT NOT NULL DEFAULT '[]',
-    checked_at REAL NOT NULL DEFAULT 0,
-    joined_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS uploads (
-    channel TEXT NOT NULL,
-    sha1 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    state TEXT NOT NULL,          -- pending | uploading | done | failed
-    session_uri TEXT,
-    committed INTEGER NOT NULL DEFAULT 0,
-    error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (channel, sha1)
-);
-CREATE TABLE IF NOT EXISTS entries (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    channel TEXT NOT NULL,
-    parent INTEGER NOT NULL,      -- 0 = the channel directory itself
-    name TEXT NOT NULL,
-    is_dir INTEGER NOT NULL,
-    sha1 TEXT,
-    size INTEGER NOT NULL DEFAULT 0,
-    mode INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL,
-    UNIQUE (channel, parent, name)
-);
-CREATE TABLE IF NOT EXISTS feed_singles (
-    channel TEXT NOT NULL,
-    feed_id TEXT NOT NULL,
-    subfeed_hash TEXT NOT NULL,
-    done INTEGER NOT NULL,        -- single-message objects uploaded: [0, done)
-    target INTEGER NOT NULL,      -- announced: [0, target)
-    PRIMARY KEY (channel, feed_id, subfeed_hash)
-);
-"""
+OLD_DDL = Path(__file__).parent / "schemas-089f5a8"
 
-OLD_STORE = """
-CREATE TABLE IF NOT EXISTS objects (
-    sha1 TEXT PRIMARY KEY,
-    size INTEGER NOT NULL,
-    origin TEXT NOT NULL,          -- fetched | written | added
-    last_access REAL NOT NULL      -- time.time() of the last read (or of the insert)
-) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS objects_by_access ON objects (last_access);
-CREATE TABLE IF NOT EXISTS totals (
-    name TEXT PRIMARY KEY,
-    value INTEGER NOT NULL
-);
-INSERT OR IGNORE INTO totals (name, value) VALUES ('bytes', 0), ('objects', 0),
-    ('evictions', 0), ('evicted_bytes', 0), ('indexed', 0);
-CREATE TRIGGER IF NOT EXISTS objects_added AFTER INSERT ON objects BEGIN
-    UPDATE totals SET value = value + NEW.size WHERE name = 'bytes';
-    UPDATE totals SET value = value + 1 WHERE name = 'objects';
-END;
-CREATE TRIGGER IF NOT EXISTS objects_removed AFTER DELETE ON objects BEGIN
-    UPDATE totals SET value = value - OLD.size WHERE name = 'bytes';
-    UPDATE totals SET value = value - 1 WHERE name = 'objects';
-END;
-"""
+
+def _old(name: str) -> str:
+    return (OLD_DDL / name).read_text()
+
+
+OLD_NODE = _old("node.sql")
+
+OLD_STORE = _old("store.sql")
 
 # hub.db: hub.storage, then hub.requests, hub.feeds, hub.cache, in the order the hub made them
-OLD_HUB = """
-CREATE TABLE IF NOT EXISTS channels (
-    name TEXT PRIMARY KEY,
-    bucket_uri TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS authorizations (
-    channel TEXT NOT NULL REFERENCES channels(name) ON DELETE CASCADE,
-    node_id TEXT NOT NULL,
-    permissions TEXT NOT NULL,
-    label TEXT,
-    PRIMARY KEY (channel, node_id)
-);
-CREATE TABLE IF NOT EXISTS nonces (
-    node_id TEXT NOT NULL,
-    nonce TEXT NOT NULL,
-    ts REAL NOT NULL,
-    PRIMARY KEY (node_id, nonce)
-);
-CREATE INDEX IF NOT EXISTS nonces_ts ON nonces (ts);
-CREATE TABLE IF NOT EXISTS objects (
-    channel TEXT NOT NULL,
-    sha1 TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    finalized_at REAL NOT NULL,
-    finalized_by TEXT NOT NULL,
-    PRIMARY KEY (channel, sha1)
-);
-CREATE TABLE IF NOT EXISTS file_requests (
-    channel TEXT NOT NULL,
-    sha1 TEXT NOT NULL,
-    record TEXT NOT NULL,
-    PRIMARY KEY (channel, sha1)
-);
-CREATE TABLE IF NOT EXISTS subfeeds (
-    channel TEXT NOT NULL,
-    feed_id TEXT NOT NULL,
-    subfeed_hash TEXT NOT NULL,
-    message_count INTEGER NOT NULL,
-    updated_at REAL NOT NULL,
-    PRIMARY KEY (channel, feed_id, subfeed_hash)
-);
-CREATE TABLE IF NOT EXISTS cache_settings (
-    channel TEXT PRIMARY KEY,
-    allocation INTEGER,
-    low_watermark REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cache_counters (
-    channel TEXT NOT NULL,
-    name TEXT NOT NULL,
-    count INTEGER NOT NULL DEFAULT 0,
-    bytes INTEGER NOT NULL DEFAULT 0,
-    PRIMARY KEY (channel, name)
-);
-CREATE TABLE IF NOT EXISTS cache_since (
-    channel TEXT PRIMARY KEY,
-    since REAL NOT NULL
-);
-"""
+OLD_HUB = _old("hub.sql")
 
 #: What hub.cache added to ``objects`` on every start when missing (089f5a8).
 OLD_OBJECT_COLUMNS = {
@@ -163,27 +50,7 @@ OLD_OBJECT_COLUMNS = {
     "evicted_at": "REAL",
 }
 
-OLD_FEEDS = """
-CREATE TABLE IF NOT EXISTS feeds (
-    feed_id TEXT PRIMARY KEY,
-    private_key_pem TEXT,         -- NULL unless this node owns the feed
-    label TEXT,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS subfeeds (
-    feed_id TEXT NOT NULL REFERENCES feeds(feed_id),
-    subfeed_hash TEXT NOT NULL,
-    name TEXT,                    -- NULL while only the hash is known
-    PRIMARY KEY (feed_id, subfeed_hash)
-);
-CREATE TABLE IF NOT EXISTS messages (
-    feed_id TEXT NOT NULL,
-    subfeed_hash TEXT NOT NULL,
-    position INTEGER NOT NULL,
-    signed TEXT NOT NULL,         -- canonical JSON of the signed message
-    PRIMARY KEY (feed_id, subfeed_hash, position)
-) WITHOUT ROWID;
-"""
+OLD_FEEDS = _old("feeds.sql")
 
 H1, H2 = "a" * 40, "b" * 40
 FEED = "c" * 64
