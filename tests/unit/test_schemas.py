@@ -1,13 +1,14 @@
 """Versioned SQLite schemas: every database file of kachery-fs opens through
 ``kachery_fs._sqlite``, which brings it to the current version and refuses a newer one.
 
-The ``OLD_*`` statements (``schemas-089f5a8/*.sql``) are frozen copies of the DDL that kachery-fs ran on every open
-before the versions were numbered (as committed at 089f5a8): a database they make has
-``user_version`` 0, its tables present.
+The files in ``databases-089f5a8/`` are databases as kachery-fs made them before the
+versions were numbered (with the DDL it ran on every open at 089f5a8): ``user_version``
+0, their tables present, a few rows in each.
 """
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -28,20 +29,12 @@ from kachery_fs.store import Store
 
 # -- the DDL before versions (089f5a8) ---------------------------------------------------
 
-OLD_DDL = Path(__file__).parent / "schemas-089f5a8"
+#: Databases made with the DDL of 089f5a8 (see its README): node.db, store.db and
+#: feeds.db with a few rows; hub.db with rows and without the bucket cache's columns.
+OLD_DATABASES = Path(__file__).parent / "databases-089f5a8"
 
-
-def _old(name: str) -> str:
-    return (OLD_DDL / name).read_text()
-
-
-OLD_NODE = _old("node.sql")
-
-OLD_STORE = _old("store.sql")
 
 # hub.db: hub.storage, then hub.requests, hub.feeds, hub.cache, in the order the hub made them
-OLD_HUB = _old("hub.sql")
-
 #: What hub.cache added to ``objects`` on every start when missing (089f5a8).
 OLD_OBJECT_COLUMNS = {
     "stored": "INTEGER NOT NULL DEFAULT 1",
@@ -50,35 +43,19 @@ OLD_OBJECT_COLUMNS = {
     "evicted_at": "REAL",
 }
 
-OLD_FEEDS = _old("feeds.sql")
-
 H1, H2 = "a" * 40, "b" * 40
 FEED = "c" * 64
 
 
-def old_db(path, ddl, rows=""):
-    db = sqlite3.connect(path, isolation_level=None)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.executescript(ddl)
-    db.executescript(rows)
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 0
-    db.close()
+def old_db(path, name):
+    shutil.copyfile(OLD_DATABASES / name, path)
+    assert version_of(path) == 0
 
 
 def old_hub_db(path, columns=tuple(OLD_OBJECT_COLUMNS)):
     """A hub.db as kachery-fs made it before versions; ``columns``: the cache columns that
     ``objects`` has (none: a database from before the bucket cache)."""
-    old_db(path, OLD_HUB, f"""
-        INSERT INTO channels VALUES ('lab', 'local://lab', 1.0);
-        INSERT INTO authorizations VALUES ('lab', '{FEED}', '["provideFiles"]', 'a node');
-        INSERT INTO nonces VALUES ('{FEED}', 'nonce-1', 2.0);
-        INSERT INTO objects VALUES ('lab', '{H1}', 100, 3.0, '{FEED}');
-        INSERT INTO file_requests VALUES ('lab', '{H2}', '{{}}');
-        INSERT INTO subfeeds VALUES ('lab', '{FEED}', '{H2}', 7, 4.0);
-        INSERT INTO cache_settings VALUES ('lab', 1000, 0.9);
-        INSERT INTO cache_counters VALUES ('lab', 'uploads', 1, 100);
-        INSERT INTO cache_since VALUES ('lab', 5.0);
-    """)
+    old_db(path, "hub.db")
     db = sqlite3.connect(path, isolation_level=None)
     for name in columns:
         db.execute(f"ALTER TABLE objects ADD COLUMN {name} {OLD_OBJECT_COLUMNS[name]}")
@@ -140,43 +117,28 @@ def open_feeds(path):
 
 
 DATABASES = {
-    # name: (file name, Schema, open with the real class, DDL before versions, its rows,
-    #        tables whose rows must survive)
-    "node.db": ("node.db", state.SCHEMA, open_node, OLD_NODE, f"""
-        INSERT INTO channels VALUES ('lab', 'http://127.0.0.1:1', 'http://127.0.0.1:2/b',
-                                     '["provideFiles"]', 1.0, 2.0);
-        INSERT INTO uploads VALUES ('lab', '{H1}', 5, 'pending', NULL, 0, NULL, 0, 3.0);
-        INSERT INTO entries (channel, parent, name, is_dir, sha1, size, mode, mtime_ns)
-            VALUES ('lab', 0, 'results.csv', 0, '{H1}', 5, 33188, 4);
-        INSERT INTO feed_singles VALUES ('lab', '{FEED}', '{H2}', 1, 2);
-    """, ("channels", "uploads", "entries", "feed_singles")),
-    "store.db": ("store.db", store_cache.SCHEMA, open_store, OLD_STORE, f"""
-        INSERT INTO objects VALUES ('{H1}', 5, 'added', 1.0), ('{H2}', 7, 'fetched', 2.0);
-        UPDATE totals SET value = 1 WHERE name = 'indexed';
-    """, ("objects", "totals")),
-    "hub.db": ("hub.db", hub_storage.SCHEMA, open_hub, None, None,
+    # name: (file name, Schema, open with the real class, tables whose rows must survive)
+    "node.db": ("node.db", state.SCHEMA, open_node,
+                ("channels", "uploads", "entries", "feed_singles")),
+    "store.db": ("store.db", store_cache.SCHEMA, open_store, ("objects", "totals")),
+    "hub.db": ("hub.db", hub_storage.SCHEMA, open_hub,
                ("channels", "authorizations", "nonces", "objects", "file_requests",
                 "subfeeds", "cache_settings", "cache_counters", "cache_since")),
-    "feeds.db": (feeds_db.FILENAME, feeds_db.SCHEMA, open_feeds, OLD_FEEDS, f"""
-        INSERT INTO feeds VALUES ('{FEED}', NULL, 'a feed', 1.0);
-        INSERT INTO subfeeds VALUES ('{FEED}', '{H2}', 'main');
-        INSERT INTO messages VALUES ('{FEED}', '{H2}', 0, '{{"body": {{}}}}');
-    """, ("feeds", "subfeeds", "messages")),
+    "feeds.db": (feeds_db.FILENAME, feeds_db.SCHEMA, open_feeds, ("feeds", "subfeeds", "messages")),
 }
 
 
 def make_old(name, path):
-    _, _, _, ddl, inserts, _ = DATABASES[name]
     if name == "hub.db":
         old_hub_db(path)
     else:
-        old_db(path, ddl, inserts)
+        old_db(path, name)
 
 
 @pytest.fixture(params=sorted(DATABASES))
 def database(request, tmp_path):
     name = request.param
-    filename, schema, opener, _, _, tables = DATABASES[name]
+    filename, schema, opener, tables = DATABASES[name]
     return name, tmp_path / filename, schema, opener, tables
 
 
@@ -333,6 +295,6 @@ def test_migrations_are_numbered_from_one():
 
 
 def test_statements_keep_a_trigger_whole():
-    found = _sqlite.statements(OLD_STORE)
+    found = _sqlite.statements(store_cache.SCHEMA.migrations[0].sql)
     assert len(found) == 6
     assert found[4].startswith("CREATE TRIGGER") and found[4].endswith("END;")
