@@ -15,8 +15,6 @@ import pytest
 
 from ..util import require_fuse
 
-pytestmark = pytest.mark.mount
-
 BENCH = Path(__file__).resolve().parents[2] / "scripts" / "bench"
 
 EXPECTED = {

@@ -1,5 +1,6 @@
 """Feeds end to end: the owner appends on node A (through its mount and the CLI), node B
-reads through its mount and the CLI, live, with every message verified."""
+reads through its mount and the CLI, live, with every message verified. The CLI-only part
+is in tests/inproc/test_feeds_e2e.py."""
 
 from __future__ import annotations
 
@@ -13,32 +14,15 @@ import pytest
 
 from kachery_fs.protocol import feed_prefix
 
-from ..util import KFS, PERMS_ALL, HubProcess, kfs, mounted, node_env, require_fuse, wait_for
-
-pytestmark = pytest.mark.mount
-
-CH = "feeds.test"
+from ..clusters import FEEDS_CH as CH
+from ..clusters import feed_cluster
+from ..util import kfs, mounted, require_fuse, wait_for
 
 
 @pytest.fixture
 def cluster(tmp_path):
     require_fuse()
-    a, b = tmp_path / "node-a", tmp_path / "node-b"
-    a_id = kfs(a, "init").stdout.decode().strip()
-    b_id = kfs(b, "init").stdout.decode().strip()
-    hub = HubProcess(a, tmp_path / "hub").start()
-    try:
-        kfs(a, "hub", "channel", "create", CH, "--hub", hub.url)
-        kfs(a, "hub", "channel", "authorize", CH, a_id, "--permissions", PERMS_ALL,
-            "--hub", hub.url)
-        kfs(a, "hub", "channel", "authorize", CH, b_id, "--permissions", "requestFeeds",
-            "--hub", hub.url)
-        kfs(a, "join", hub.url, CH)
-        kfs(b, "join", hub.url, CH)
-        feed = kfs(a, "feed", "create", "--label", "test").stdout.decode().strip()
-        yield tmp_path, hub, a, b, b_id, feed
-    finally:
-        hub.stop()
+    yield from feed_cluster(tmp_path)
 
 
 def published(node: Path, count: int) -> bool:
@@ -87,36 +71,6 @@ def test_append_on_a_read_and_follow_on_b(cluster):
     assert [json.loads(x) for x in out.splitlines()] == [{"step": 1}, {"step": 3}, {"step": 4}]
 
 
-def test_a_tampered_message_is_rejected_and_the_valid_prefix_kept(cluster):
-    base, hub, a, b, _, feed = cluster
-    for i in range(5):
-        kfs(a, "feed", "append", feed, "log", json.dumps({"i": i}))
-    h = __import__("hashlib").sha1(b"log").hexdigest()
-    prefix = hub.bucket_dir() / feed_prefix(CH, feed, h)
-    # A tampered batch object: the reader falls back on the single-message objects.
-    for batch in (prefix / "batch").iterdir():
-        first, end = map(int, batch.name.split("-"))
-        if first <= 3 < end:
-            msgs = json.loads(batch.read_text())
-            msgs[3 - first]["body"]["message"] = {"i": 333}
-            batch.write_text(json.dumps(msgs))
-    r = kfs(b, "feed", "read", feed, "log", check=False)
-    assert [json.loads(x) for x in r.stdout.splitlines()] == [{"i": i} for i in range(5)]
-    # A tampered single message, with no batch to fall back on: the valid prefix only.
-    kfs(a, "feed", "append", feed, "log2", '{"i": 0}')
-    for i in range(1, 5):
-        kfs(a, "feed", "append", feed, "log2", json.dumps({"i": i}))
-    prefix2 = hub.bucket_dir() / feed_prefix(CH, feed, __import__("hashlib").sha1(b"log2")
-                                             .hexdigest())
-    msg = json.loads((prefix2 / "3").read_text())
-    msg["body"]["message"] = {"i": 333}
-    (prefix2 / "3").write_text(json.dumps(msg))
-    for batch in (prefix2 / "batch").iterdir():
-        batch.unlink()
-    r = kfs(b, "feed", "read", feed, "log2", check=False)
-    assert [json.loads(x) for x in r.stdout.splitlines()] == [{"i": 0}, {"i": 1}, {"i": 2}]
-
-
 def test_ten_thousand_messages_and_two_appenders(cluster):
     base, hub, a, b, _, feed = cluster
     ma, mb = base / "mnt-a", base / "mnt-b"
@@ -137,29 +91,6 @@ def test_ten_thousand_messages_and_two_appenders(cluster):
         assert len(lines) == 10_100
         assert [json.loads(x) for x in lines[:10_000]] == [{"n": i} for i in range(10_000)]
         assert sorted(json.loads(x)["p"] for x in lines[10_000:]) == [1] * 50 + [2] * 50
-
-
-def test_without_request_feeds_b_is_refused(cluster):
-    base, hub, a, b, b_id, feed = cluster
-    kfs(a, "feed", "append", feed, "log", '{"x": 1}')
-    kfs(a, "hub", "channel", "authorize", CH, b_id, "--permissions", "requestFiles",
-        "--hub", hub.url)
-    r = kfs(b, "feed", "read", feed, "log", check=False)
-    assert r.returncode == 1 and "requestFeeds" in r.stderr.decode()
-
-
-def test_follow_with_the_cli(cluster):
-    base, hub, a, b, _, feed = cluster
-    kfs(a, "feed", "append", feed, "live", '{"x": 0}')
-    proc = subprocess.Popen([*KFS, "feed", "read", "--follow", f"feed://{feed}/live"],
-                            env=node_env(b), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        assert proc.stdout.readline() == b'{"x":0}\n'
-        kfs(a, "feed", "append", feed, "live", '{"x": 1}')
-        assert proc.stdout.readline() == b'{"x":1}\n'
-    finally:
-        proc.kill()
-        proc.communicate()  # and closes its pipes
 
 
 def test_the_owners_mount_shows_lines_appended_by_the_cli(cluster):

@@ -23,8 +23,6 @@ from kachery_fs.state import NodeDB
 
 from ..util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
 
-pytestmark = pytest.mark.mount
-
 CHANNEL = "ch1"
 
 

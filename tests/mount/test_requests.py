@@ -1,100 +1,25 @@
 """File requests end to end: files in no bucket, asked for through the hub and uploaded by
 provider nodes. Real processes on loopback: a hub with its local bucket, providers running
-``kachery-fs serve``, a requester's mount and ``kachery-fs cat``."""
+``kachery-fs serve``, a requester's mount and ``kachery-fs cat``. What needs no mount is in
+tests/inproc/test_requests.py."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import signal
-import subprocess
 import threading
-from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from contextlib import ExitStack
 
 import pytest
 
-from ..util import (
-    KFS,
-    PERMS_ALL,
-    HubProcess,
-    kfs,
-    mounted,
-    node_env,
-    require_fuse,
-    stop_process,
-    wait_for,
-    xattr,
-)
-
-pytestmark = pytest.mark.mount
-
-CH = "req.test"
-
-
-@dataclass
-class Nodes:
-    base: Path
-    hub: HubProcess
-    a: Path  # provider
-    c: Path  # second provider
-    b: Path  # requester
-    ids: dict
-
-
-def _authorize(nodes: Nodes, node: Path, perms: str) -> None:
-    kfs(nodes.a, "hub", "channel", "authorize", CH, nodes.ids[node], "--permissions", perms,
-        "--hub", nodes.hub.url)
+from ..clusters import REQUESTS_CH as CH
+from ..clusters import authorize, in_store, request_nodes, serving, stored
+from ..util import PERMS_ALL, kfs, mounted, require_fuse, wait_for, xattr
 
 
 @pytest.fixture
 def nodes(tmp_path):
     require_fuse()
-    a, b, c = tmp_path / "node-a", tmp_path / "node-b", tmp_path / "node-c"
-    ids = {n: kfs(n, "init").stdout.decode().strip() for n in (a, b, c)}
-    hub = HubProcess(a, tmp_path / "hub").start()
-    try:
-        n = Nodes(tmp_path, hub, a, c, b, ids)
-        kfs(a, "hub", "channel", "create", CH, "--hub", hub.url)
-        _authorize(n, a, PERMS_ALL)
-        _authorize(n, c, PERMS_ALL)
-        _authorize(n, b, "requestFiles")
-        for node in (a, b, c):
-            kfs(node, "join", hub.url, CH)
-        yield n
-    finally:
-        hub.stop()
-
-
-@contextmanager
-def serving(node: Path, *extra: str):
-    """``kachery-fs serve`` for ``node`` until the block ends (or it is killed)."""
-    log = node / "serve.log"
-    with open(log, "ab") as out:
-        proc = subprocess.Popen([*KFS, "-vv", "serve", *extra], env=node_env(node),
-                                stdout=out, stderr=out, stdin=subprocess.DEVNULL)
-    try:
-        wait_for(lambda: "listening for file requests" in log.read_text()
-                 or proc.poll() is not None, timeout=30, what=f"{node.name} to listen")
-        assert proc.poll() is None, log.read_text()
-        yield proc
-    finally:
-        stop_process(proc)
-
-
-def stored(node: Path, size: int, seed: bytes = b"") -> tuple[str, bytes]:
-    """A random file added to ``node``'s local store only (in no bucket)."""
-    data = seed + os.urandom(size - len(seed))
-    src = node.parent / f"src-{os.urandom(4).hex()}"
-    src.write_bytes(data)
-    kfs(node, "store", "add", str(src))
-    src.unlink()
-    return hashlib.sha1(data).hexdigest(), data
-
-
-def in_store(node: Path, sha1: str) -> Path:
-    return node / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
+    yield from request_nodes(tmp_path)
 
 
 def test_file_only_in_a_store_is_read_through_b_mount_and_cat(nodes):
@@ -116,26 +41,10 @@ def test_file_only_in_a_store_is_read_through_b_mount_and_cat(nodes):
     assert "providing sha1://" + h1 in (nodes.a / "serve.log").read_text()
 
 
-def test_file_only_in_a_kachery_store_of_the_provider_is_provided(nodes):
-    """A holds the file only in a kachery store on its machine: it copies it in, verified,
-    and provides it."""
-    data = os.urandom(2 * 1024 * 1024 + 3)
-    h = hashlib.sha1(data).hexdigest()
-    legacy = nodes.base / "kachery-cloud"
-    path = legacy / "sha1" / h[:2] / h[2:4] / h[4:6] / h
-    path.parent.mkdir(parents=True)
-    path.write_bytes(data)
-    kfs(nodes.a, "store", "add-source", str(legacy))
-    with serving(nodes.a):
-        assert kfs(nodes.b, "cat", h, timeout=60).stdout == data
-    assert in_store(nodes.a, h).read_bytes() == data
-    assert path.read_bytes() == data  # the source is only read
-
-
 def test_no_provide_permission_fails_fast_then_a_grant_applies_at_once(nodes):
     h, data = stored(nodes.a, 5000)
-    _authorize(nodes, nodes.a, "requestFiles")
-    _authorize(nodes, nodes.c, "requestFiles")
+    authorize(nodes, nodes.a, "requestFiles")
+    authorize(nodes, nodes.c, "requestFiles")
     mnt = nodes.base / "mnt-b"
     with serving(nodes.a), mounted(nodes.b, mnt):
         r = kfs(nodes.b, "cat", h, check=False, timeout=30)
@@ -147,42 +56,14 @@ def test_no_provide_permission_fails_fast_then_a_grant_applies_at_once(nodes):
             os.stat(mnt / CH / "sha1" / h)
         assert "no node may provide files" in (nodes.b / "mount-test.log").read_text()
         # The owner grants A the permission while everything runs: no restart needed.
-        _authorize(nodes, nodes.a, PERMS_ALL)
+        authorize(nodes, nodes.a, PERMS_ALL)
         assert (mnt / CH / "sha1" / h).read_bytes() == data
     # Without the request permission, B is told why.
-    _authorize(nodes, nodes.b, "provideFiles")
+    authorize(nodes, nodes.b, "provideFiles")
     kfs(nodes.b, "join", nodes.hub.url, CH)
     h2, _ = stored(nodes.a, 100)
     r = kfs(nodes.b, "cat", h2, check=False, timeout=30)
     assert r.returncode == 1 and "requestFiles" in r.stderr.decode()
-
-
-def test_provider_killed_mid_upload_another_takes_over(nodes):
-    size = 12 * 1024 * 1024
-    h, data = stored(nodes.a, size, seed=b"shared")
-    src = nodes.base / "same"
-    src.write_bytes(data)
-    kfs(nodes.c, "store", "add", str(src))
-    out = nodes.base / "out.bin"
-    # A slow link (3 MiB/s) so that the first provider is caught mid-upload.
-    with serving(nodes.a, "--bwlimit", "3M") as pa, serving(nodes.c, "--bwlimit", "3M") as pc:
-        with open(out, "wb") as f:
-            cat = subprocess.Popen([*KFS, "cat", h], env=node_env(nodes.b), stdout=f,
-                                   stderr=subprocess.PIPE)
-        try:
-            logs = {pa: nodes.a / "serve.log", pc: nodes.c / "serve.log"}
-            first = wait_for(lambda: next((p for p, log in logs.items()
-                                           if f"providing sha1://{h}" in log.read_text()), None),
-                             timeout=30, what="a provider to start uploading")
-            first.send_signal(signal.SIGKILL)
-            first.wait(timeout=10)
-            second = pc if first is pa else pa
-            assert cat.wait(timeout=120) == 0, cat.stderr.read().decode()
-        finally:
-            if cat.poll() is None:
-                cat.kill()
-    assert out.read_bytes() == data
-    assert f"providing sha1://{h}" in logs[second].read_text()
 
 
 def test_twenty_readers_of_one_missing_hash_make_one_request_and_upload(nodes):
@@ -206,25 +87,6 @@ def test_twenty_readers_of_one_missing_hash_make_one_request_and_upload(nodes):
     assert (nodes.a / "serve.log").read_text().count(f"providing sha1://{h}") == 1
     hub_log = nodes.hub.log.read_text()
     assert hub_log.count(f"request {CH}/{h[:12]} from") == 1
-
-
-def test_hub_restarted_during_a_request(nodes):
-    h, data = stored(nodes.a, 10 * 1024 * 1024)
-    out = nodes.base / "out.bin"
-    with serving(nodes.a, "--bwlimit", "3M"):
-        with open(out, "wb") as f:
-            cat = subprocess.Popen([*KFS, "-v", "cat", h], env=node_env(nodes.b), stdout=f,
-                                   stderr=subprocess.PIPE)
-        try:
-            wait_for(lambda: f"providing sha1://{h}" in (nodes.a / "serve.log").read_text(),
-                     timeout=30, what="the upload to start")
-            nodes.hub.stop()
-            nodes.hub.start()  # same port, same state directory
-            assert cat.wait(timeout=120) == 0, cat.stderr.read().decode()
-        finally:
-            if cat.poll() is None:
-                cat.kill()
-    assert out.read_bytes() == data
 
 
 def test_hub_down_local_reads_work_and_requests_fail_fast(nodes, tmp_path):
