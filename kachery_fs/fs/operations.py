@@ -28,21 +28,12 @@ from ..state import NodeDB
 from ..store import Store
 from ..uploader import Uploader
 from ..uris import format_uri
+from . import vnodes
 from .attrs import BLOCK_SIZE, attributes
 from .errno_map import fuse_errors
 from .namespace import ROOT_INODE, Namespace
 from .staging import Staging, Writer
-from .vnodes import (
-    ChannelDir,
-    FeedDir,
-    FeedsDir,
-    HashFile,
-    NamedEntry,
-    Root,
-    Sha1Dir,
-    SubfeedFile,
-    VNode,
-)
+from .vnodes import ChannelDir, FeedDir, HashFile, NamedEntry, SubfeedFile, VNode
 
 log = logging.getLogger(__name__)
 
@@ -170,9 +161,9 @@ class Operations(pyfuse3.Operations):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
             local, names = (), ()
             match vnode:
-                case Sha1Dir():
+                case vnodes.Sha1Dir():
                     local = await trio.to_thread.run_sync(lambda: list(self.store.iter_hashes()))
-                case FeedsDir():
+                case vnodes.FeedsDir():
                     names = self._feeds().feed_ids()
                 case FeedDir(feed=feed):
                     names = self._feeds().subfeed_names(feed)
@@ -271,7 +262,7 @@ class Operations(pyfuse3.Operations):
                 if self.db.entry(entry_id).is_dir:
                     return vnode
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            case Root():
+            case vnodes.Root():
                 raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
         raise ReadOnly(f"{vnode} is read-only")
 
