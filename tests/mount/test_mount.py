@@ -203,6 +203,7 @@ def test_server_answering_200_to_range_gives_eio(tmp_path):
             assert "answered 200 to a Range request" in log
     finally:
         server.shutdown()
+        server.server_close()
 
 
 def test_remount_resumes_pending_upload(tmp_path):
