@@ -144,7 +144,9 @@ class FileRequests:
 
     # -- providers ------------------------------------------------------------------------
 
-    def connected(self, node_id: str) -> bool:
+    def connected(self, node_id: str | None) -> bool:
+        if node_id is None:  # a request's provider, when it has none
+            return False
         if self._listening[node_id] > 0:
             return True
         last = self._last_listen.get(node_id)
@@ -240,8 +242,9 @@ class FileRequests:
             return
         self._advance(req, reason or "declined")
 
-    def progress(self, node_id: str, channel: str, sha1: str, nbytes: int) -> bool:
-        """A provider's progress report; False tells it the request was given to another."""
+    def progress(self, node_id: str, channel: str, sha1: str, nbytes: object) -> bool:
+        """A provider's progress report (``nbytes`` as sent: ignored unless a byte count);
+        False tells it the request was given to another."""
         try:
             req = self._current(node_id, channel, sha1)
         except NotFound:

@@ -82,7 +82,7 @@ class AuthError(PermissionDenied):
     """The request's signature, timestamp or nonce was not acceptable (HTTP 401)."""
 
 
-def check_channel_name(name: str) -> str:
+def check_channel_name(name: object) -> str:
     if (not isinstance(name, str) or not (3 <= len(name) <= 40)
             or not CHANNEL_NAME_RE.fullmatch(name)):
         raise InvalidInput(
@@ -168,9 +168,9 @@ class Hub:
     async def handle(self, envelope: Any, *, size: int = 0) -> dict:
         caller, body = self.authenticate(envelope, size=size)
         kind = body.get("type")
-        handler = HANDLERS.get(kind) if isinstance(kind, str) else None
-        if handler is None:
+        if not isinstance(kind, str) or kind not in HANDLERS:
             raise InvalidInput(f"unknown request type {kind!r}")
+        handler = HANDLERS[Request(kind)]
         try:
             with self._long_poll(caller, Request(kind), body):
                 return await handler(self, caller, body)
