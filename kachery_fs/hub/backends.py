@@ -141,6 +141,7 @@ class Buckets:
                 raise InvalidInput(f"invalid local bucket name {name!r}")
             if self.local is None:
                 raise InvalidInput("this hub serves no local bucket (started with --no-local-bucket)")
+            assert self.public_url is not None  # set as the hub starts listening
             return LocalBucketBackend(self.local, self.signer, self.public_url, name)
         if uri.startswith("gs://"):
             name = check_gcs_bucket_name(uri[len("gs://"):])

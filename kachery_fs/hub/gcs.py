@@ -264,7 +264,7 @@ def _load_key_file(path: Path) -> service_account.Credentials:
                                    " application-default login`)",
                 "external_account": "workload identity federation credentials",
                 "impersonated_service_account": "impersonation credentials"}.get(
-            kind, f"a credentials file of type {kind!r}")
+            str(kind), f"a credentials file of type {kind!r}")  # str: JSON may hold a list
         raise InvalidInput(f"{path} holds {what}, which have no private key to sign upload"
                            f" URLs with: {_KEY_ADVICE}")
     try:

@@ -81,10 +81,13 @@ class UrlSigner:
         atomically: a concurrent creator's key wins and is the one loaded) if it is
         missing. Blocking: it may generate a key.
         """
-        info = _load_or_create_key_file(Path(key_dir) / LOCAL_KEY_FILE)
+        path = Path(key_dir) / LOCAL_KEY_FILE
+        info = _load_or_create_key_file(path)
         credentials = service_account.Credentials.from_service_account_info(info)
         private_key = serialization.load_pem_private_key(info["private_key"].encode(),
                                                          password=None)
+        if not isinstance(private_key, rsa.RSAPrivateKey):  # GCS signs with RSA only
+            raise InvalidInput(f"{path} does not hold an RSA private key")
         return cls(credentials, api_access_endpoint=endpoint,
                    public_key=private_key.public_key())
 
