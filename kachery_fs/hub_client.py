@@ -10,7 +10,7 @@ import logging
 import secrets
 import time
 from collections.abc import Iterable
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import httpx
 
@@ -58,7 +58,7 @@ class HubClient:
         owner) signs the request too.
         """
         what = f"hub {self.url} {kind}"
-        kwargs = {}
+        kwargs: dict[str, Any] = {}  # for client.post
         if wait_s > 0:
             fields["waitMs"] = int(wait_s * 1000)
             kwargs["timeout"] = httpx.Timeout(wait_s + 15, connect=10)
@@ -99,7 +99,7 @@ class HubClient:
 
     async def create_channel(self, channel: str, bucket: str | None = None, *,
                              allocation: int | None = None) -> dict:
-        fields = {"channel": channel}
+        fields: dict[str, Any] = {"channel": channel}
         if bucket:
             fields["bucket"] = bucket
         if allocation:
@@ -108,7 +108,8 @@ class HubClient:
 
     async def authorize_node(self, channel: str, node_id: str, permissions: list[str],
                              label: str | None = None) -> dict:
-        fields = {"channel": channel, "targetNodeId": node_id, "permissions": permissions}
+        fields: dict[str, Any] = {"channel": channel, "targetNodeId": node_id,
+                                  "permissions": permissions}
         if label:
             fields["label"] = label
         return await self.call(Request.AUTHORIZE_NODE, **fields)
@@ -150,7 +151,7 @@ class HubClient:
         """Start or join a request (``version`` None), or wait for a change after
         ``version``; returns the request's state. ``bad``: the bucket's object failed
         verification here (the hub checks it, and deletes it if it is bad)."""
-        fields = {"channel": channel, "sha1": sha1}
+        fields: dict[str, Any] = {"channel": channel, "sha1": sha1}
         if version is not None:
             fields["version"] = version
         if bad:
@@ -166,7 +167,7 @@ class HubClient:
 
     async def answer_request(self, channel: str, sha1: str, *, accept: bool,
                              size: int | None = None, reason: str | None = None) -> None:
-        fields = {"channel": channel, "sha1": sha1, "accept": accept}
+        fields: dict[str, Any] = {"channel": channel, "sha1": sha1, "accept": accept}
         if size is not None:
             fields["size"] = size
         if reason is not None:
