@@ -263,6 +263,7 @@ def _transient(exc: Exception) -> Unavailable:
     err = as_error(exc, "upload")
     if not is_transient(err):
         raise err from None
+    assert isinstance(err, Unavailable)  # what is_transient means of a mapped error
     return err
 
 
