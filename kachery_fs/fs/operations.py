@@ -13,7 +13,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import pyfuse3
@@ -159,7 +159,8 @@ class Operations(pyfuse3.Operations):
             if not vnode.is_dir and not (isinstance(vnode, NamedEntry)
                                          and self.db.entry(vnode.entry_id).is_dir):
                 raise pyfuse3.FUSEError(errno.ENOTDIR)
-            local, names = (), ()
+            local: Iterable[str] = ()
+            names: Iterable[str] = ()
             match vnode:
                 case vnodes.Sha1Dir():
                     local = await trio.to_thread.run_sync(lambda: list(self.store.iter_hashes()))
@@ -174,13 +175,14 @@ class Operations(pyfuse3.Operations):
                     case HashFile(sha1=sha1):
                         size = self.resolver.local_size(sha1) or 0
                     case SubfeedFile(feed=feed, subfeed=subfeed):
-                        size = len(self.feeds.content(feed, subfeed))
+                        size = len(self._feeds().content(feed, subfeed))
                 entries.append((os.fsencode(name), self._attrs(child, size=size)))
             return self._new_handle(DirHandle(entries))
 
     async def readdir(self, fh, start_id, token):
         with fuse_errors("readdir"):
             handle = self._handles[fh]
+            assert isinstance(handle, DirHandle)  # opened by opendir
             for index in range(start_id, len(handle.entries)):
                 name, attrs = handle.entries[index]
                 if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
@@ -301,6 +303,7 @@ class Operations(pyfuse3.Operations):
             feed_dir = self.ns.vnode(parent_inode)
             if isinstance(feed_dir, FeedDir):  # a new subfeed, by appending to it
                 vnode = self.ns.lookup(feed_dir, os.fsdecode(name))
+                assert isinstance(vnode, SubfeedFile)  # a feed directory holds only those
                 return await self._open_subfeed(vnode, flags), self._attrs(vnode)
             parent = self._writable_dir(parent_inode)
             await self._require_provide(parent.channel)
@@ -343,7 +346,7 @@ class Operations(pyfuse3.Operations):
             if writer is not None:  # being written: read what is written so far
                 return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, writer=writer)))
             if entry.sha1 is None:
-                content: Content = LocalContent(os.open(os.devnull, os.O_RDONLY), 0)
+                content = LocalContent(os.open(os.devnull, os.O_RDONLY), 0)
             else:
                 content = await self.resolver.open(entry.channel, entry.sha1)
             return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
@@ -378,12 +381,14 @@ class Operations(pyfuse3.Operations):
     async def read(self, fh, off, size):
         with fuse_errors("read"):
             handle = self._handles[fh]
+            assert isinstance(handle, Handle)  # the kernel reads files only
             vnode = handle.vnode
             if isinstance(vnode, SubfeedFile):
                 data = self._feeds().content(vnode.feed, vnode.subfeed)
                 return data[off:off + size]
             if handle.writer is not None:
                 return await self.staging.read(handle.writer, off, size)
+            assert handle.content is not None  # a file open to read has content or a writer
             try:
                 return await handle.content.read(off, size)
             except Exception:
@@ -439,34 +444,42 @@ class Operations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         with fuse_errors("write"):
             handle = self._handles[fh]
+            assert isinstance(handle, Handle)  # the kernel writes files only
             if handle.pending is not None:  # appending to a subfeed: whole lines only
                 data = bytes(handle.pending) + bytes(buf)
                 cut = data.rfind(b"\n") + 1
                 v = handle.vnode
+                assert isinstance(v, SubfeedFile)  # only those are pending
                 await self._feeds().append_lines(v.channel, v.feed, v.subfeed, data[:cut])
                 handle.pending = bytearray(data[cut:])
                 return len(buf)
             if not handle.writes:
                 raise pyfuse3.FUSEError(errno.EBADF)
+            assert handle.writer is not None  # a file open to write has its writer
             return await self.staging.write(handle.writer, off, buf)
 
     async def flush(self, fh):
         with fuse_errors("flush"):
             handle = self._handles.get(fh)
+            assert handle is None or isinstance(handle, Handle)  # flushed: files only
             if handle is not None and handle.pending:  # a last line without its newline
                 data, handle.pending = bytes(handle.pending), bytearray()
                 v = handle.vnode
+                assert isinstance(v, SubfeedFile)  # only those are pending
                 await self._feeds().append_lines(v.channel, v.feed, v.subfeed, data)
                 return
             if handle is None or not handle.writes:
                 return
             # close(2) waits for this: a `cp` that has returned has its file in the store.
+            assert handle.writer is not None  # a file open to write has its writer
             await self.staging.flush(handle.writer)
 
     async def fsync(self, fh, datasync):
         with fuse_errors("fsync"):
             handle = self._handles.get(fh)
+            assert handle is None or isinstance(handle, Handle)  # fsynced: files only
             if handle is not None and handle.writes:
+                assert handle.writer is not None  # a file open to write has its writer
                 await self.staging.fsync(handle.writer)
 
     async def release(self, fh):
@@ -474,6 +487,7 @@ class Operations(pyfuse3.Operations):
             handle = self._handles.pop(fh, None)
             if handle is None:
                 return
+            assert isinstance(handle, Handle)  # directories have releasedir
             if handle.content is not None:
                 handle.content.close()
             writer = handle.writer
