@@ -14,7 +14,7 @@ each kind of node gets (no pyfuse3: the adapter turns :class:`Attrs` into the ke
 from __future__ import annotations
 
 import stat
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..state import Entry
 from .vnodes import ChannelDir, FeedDir, HashFile, NamedEntry, SubfeedFile, VNode
@@ -25,10 +25,10 @@ MUTABLE_TIMEOUT = 1.0
 BLOCK_SIZE = 1 << 17
 
 
-@dataclass(frozen=True)
-class Attrs:
+class Attrs(NamedTuple):
     """The attributes of one node, as plain values. The entry and attribute timeouts are
-    always equal (``timeout``)."""
+    always equal (``timeout``). A named tuple: built on every lookup and ``getattr``, so
+    it must be cheap (a frozen dataclass costs four times as much to build)."""
 
     mode: int
     nlink: int
@@ -53,27 +53,26 @@ def attributes(vnode: VNode, *, start_ns: int, size: int = 0, entry: Entry | Non
     ``staged_size`` the size of the version of it being written, if any; ``owned`` whether
     this node owns the feed of a :class:`FeedDir` or :class:`SubfeedFile`.
     """
-    times = {"atime_ns": start_ns, "mtime_ns": start_ns, "ctime_ns": start_ns}
+    t = start_ns
     match vnode:
         case NamedEntry():
             if entry is None:
                 raise TypeError("the attributes of a named entry need its row")
-            times.update(mtime_ns=entry.mtime_ns, ctime_ns=entry.mtime_ns)
+            m = entry.mtime_ns
             if entry.is_dir:
-                return Attrs(stat.S_IFDIR | (entry.mode & 0o7777), 2, 0, **times,
-                             timeout=MUTABLE_TIMEOUT)
+                return Attrs(stat.S_IFDIR | (entry.mode & 0o7777), 2, 0, t, m, m,
+                             MUTABLE_TIMEOUT)
             return Attrs(stat.S_IFREG | (entry.mode & 0o7777), 1,
-                         staged_size if staged_size is not None else entry.size, **times,
-                         timeout=MUTABLE_TIMEOUT)
+                         staged_size if staged_size is not None else entry.size, t, m, m,
+                         MUTABLE_TIMEOUT)
         case HashFile():
-            return Attrs(stat.S_IFREG | 0o444, 1, size, **times, timeout=IMMUTABLE_TIMEOUT)
+            return Attrs(stat.S_IFREG | 0o444, 1, size, t, t, t, IMMUTABLE_TIMEOUT)
         case SubfeedFile():
             # Grows as messages arrive: no attribute caching, so `tail -f` sees the size.
-            return Attrs(stat.S_IFREG | (0o644 if owned else 0o444), 1, size, **times,
-                         timeout=0)
+            return Attrs(stat.S_IFREG | (0o644 if owned else 0o444), 1, size, t, t, t, 0)
         case FeedDir():
-            return Attrs(stat.S_IFDIR | (0o755 if owned else 0o555), 2, 0, **times,
-                         timeout=MUTABLE_TIMEOUT)
+            return Attrs(stat.S_IFDIR | (0o755 if owned else 0o555), 2, 0, t, t, t,
+                         MUTABLE_TIMEOUT)
     writable = isinstance(vnode, ChannelDir)
-    return Attrs(stat.S_IFDIR | (0o755 if writable else 0o555), 2, 0, **times,
-                 timeout=MUTABLE_TIMEOUT)
+    return Attrs(stat.S_IFDIR | (0o755 if writable else 0o555), 2, 0, t, t, t,
+                 MUTABLE_TIMEOUT)
