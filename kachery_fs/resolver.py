@@ -19,7 +19,7 @@ import httpx
 import trio
 from cachetools import TTLCache
 
-from .bucket import Download, head_size, object_url
+from .bucket import EMPTY_SHA1, Download, head_size, object_url
 from .channels import Channels
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
@@ -173,8 +173,16 @@ class Resolver:
             except NotFound:
                 request = self._request(channel, sha1)
             else:
-                self._sizes[key] = size
-                return size
+                if size == 0 and sha1 != EMPTY_SHA1:
+                    # An empty object cannot hold this content, and a read of it would end
+                    # before anything is verified: a bad object, for the hub to check.
+                    log.warning("the bucket of %s holds an empty object for sha1://%s;"
+                                " asking the hub to check it and the channel's nodes for the"
+                                " file", channel, sha1)
+                    request = self._request(channel, sha1, bad=True)
+                else:
+                    self._sizes[key] = size
+                    return size
         # In no bucket yet: a provider has been asked; its size is known once it accepts.
         size = await request.wait_size()
         self._sizes[key] = size

@@ -157,6 +157,23 @@ async def test_a_reader_of_a_corrupted_object_gets_the_good_copy_a_provider_send
     assert provider.db.upload(CH, sha1).state == "done"
 
 
+async def test_an_empty_object_under_the_hash_of_other_content_is_not_read_as_empty(
+        hub, nursery):
+    """A read of an empty object would end before any byte is verified: the resolver
+    takes it for a bad object, the hub checks and deletes it, a provider sends the file."""
+    data = os.urandom(10_000)
+    sha1 = await in_bucket(hub, data)
+    local_bucket_file(hub.server, CH, sha1).write_bytes(b"")
+    provider = await connected_provider(hub, nursery)
+    provider.store.add_bytes(data)
+    node = await make_node(hub, "reader")
+    res = (await parts.start(node, nursery)).resolver
+    content = await res.open(CH, sha1)
+    assert content.size == len(data)
+    assert await read_all(content) == data
+    assert local_bucket_file(hub.server, CH, sha1).read_bytes() == data
+
+
 async def test_open_here_reads_local_content_and_nothing_else(hub, nursery):
     data = os.urandom(10_000)
     sha1_in_bucket = await in_bucket(hub, os.urandom(1000))
