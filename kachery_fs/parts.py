@@ -10,7 +10,8 @@ Every part receives the parts it uses as arguments; none reaches through the nod
 
 What runs, in the nursery :func:`running` opens:
 
-- the store's eviction loop, and the download reports to the hubs (flushed at exit);
+- the download reports to the hubs (flushed at exit), and the store's eviction loop
+  unless ``keep_cache=False`` (``cat``, ``put``);
 - the uploader's background workers, unless ``upload_workers=0`` (``cat``, ``put``);
 - with ``provide=True``, the provider, which answers other nodes' file requests;
 - with ``feeds=True``, the feed engine (the mount's ``feeds/`` directories).
@@ -51,14 +52,20 @@ class Parts:
 
 
 async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
-                feeds: bool = False, upload_workers: int = 2, bwlimit: float | None = None,
+                feeds: bool = False, upload_workers: int = 2, keep_cache: bool = True,
+                bwlimit: float | None = None,
                 request_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> Parts:
     """Build ``node``'s parts and start their background tasks in ``nursery``.
+
+    A one-shot command (``cat``, ``put``) passes ``upload_workers=0`` (it uploads only
+    what it is asked to) and ``keep_cache=False`` (the store evicts only after its own
+    inserts, not in a background pass over what is already there).
 
     The caller closes ``parts.feeds`` once ``nursery`` has ended and then flushes the
     download reports (:func:`running` does both)."""
     sources = Sources.load(node.dir)
-    nursery.start_soon(node.store.cache.run)
+    if keep_cache:
+        nursery.start_soon(node.store.cache.run)
     nursery.start_soon(node.downloads.run)
     uploader = await Uploader.create(
         node.db, node.store, node.channels, node.client, nursery=nursery,

@@ -147,16 +147,19 @@ class Uploader:
         (a transient error stays recorded on the queued upload)."""
         backoff = background()
         while True:
-            err = await self._try(job)
+            # A refusal is the log's news in the background; a caller that does not retry
+            # (`put`) reports it to its user itself.
+            err = await self._try(job, level=logging.ERROR if retry else logging.INFO)
             if err is None or not retry:
                 return
             await pause(backoff, err, what=f"upload of sha1://{job.sha1} to {job.channel}",
                         level=logging.WARNING)
             job = self.db.upload(job.channel, job.sha1)
 
-    async def _try(self, job) -> KacheryError | None:
+    async def _try(self, job, *, level: int = logging.ERROR) -> KacheryError | None:
         """One attempt at ``job``, its outcome recorded in the queue: None when the upload
-        is over (done, or refused: no retry would help), else the transient error."""
+        is over (done, or refused: no retry would help, logged at ``level``), else the
+        transient error."""
         try:
             await self._attempt(job)
             self.db.update_upload(job.channel, job.sha1, state="done", error=None)
@@ -164,13 +167,13 @@ class Uploader:
             return None
         except CorruptLocalFile as exc:
             self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
-            log.error("upload of sha1://%s to %s abandoned: %s; removing the bad copy"
-                      " from the local store", job.sha1, job.channel, exc)
+            log.log(level, "upload of sha1://%s to %s abandoned: %s; removing the bad copy"
+                    " from the local store", job.sha1, job.channel, exc)
             self.store.delete(job.sha1)
             return None
         except (PermissionDenied, InvalidInput) as exc:
             self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
-            log.error("upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
+            log.log(level, "upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
             return None
         except NotFound as exc:
             if not self.store.has(job.sha1):

@@ -34,7 +34,8 @@ async def _put(args) -> int:
     uri = None
     try:
         channel = _pick_channel(node, args.channel)
-        async with running(node, upload_workers=0, bwlimit=args.bwlimit) as parts:
+        async with running(node, upload_workers=0, keep_cache=False,
+                           bwlimit=args.bwlimit) as parts:
             for path in paths:
                 uri = None
                 with tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
@@ -83,7 +84,8 @@ async def _cat(args) -> int:
         _apply_cache_size(node, args)
         if args.channel:
             node.channels.get(args.channel)  # NotFound with advice
-        async with running(node, upload_workers=0, request_timeout=args.request_timeout) as parts:
+        async with running(node, upload_workers=0, keep_cache=False,
+                           request_timeout=args.request_timeout) as parts:
             content = await _open_content(parts.resolver, uri.sha1, [args.channel] if args.channel
                                           else [c.name for c in node.channels.all()])
             try:
