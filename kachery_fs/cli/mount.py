@@ -99,9 +99,11 @@ def cmd_mount(args) -> int:
         node.db.close()
     log_file = Path(args.log_file or node_dir() / "mount.log").resolve()
     cmd = foreground_argv(args, mountpoint, log_file)
-    with open(os.devnull, "rb") as devnull:
+    # libfuse writes its --debug-fuse output to stderr: into the log file, then.
+    with open(os.devnull, "rb") as devnull, \
+            open(log_file if args.debug_fuse else os.devnull, "ab") as stderr:
         child = subprocess.Popen(cmd, stdin=devnull, stdout=subprocess.DEVNULL,
-                                 stderr=subprocess.DEVNULL, start_new_session=True)
+                                 stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if os.path.ismount(mountpoint):

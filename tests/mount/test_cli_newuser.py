@@ -110,6 +110,25 @@ def test_mount_nonempty_when_asked(tmp_path):
     assert (mnt / "notes.txt").read_text() == "mine"
 
 
+def test_background_mount_passes_debug_fuse_on_and_logs_it(tmp_path):
+    """The background mount re-executes itself with every option: --debug-fuse reaches
+    the child, and libfuse's output (on stderr) lands in the mount's log."""
+    require_fuse()
+    node_dir = offline_node(tmp_path / "node")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "mount.log"
+    try:
+        result = run_cli(node_dir, "mount", "--debug-fuse", "--log-file", str(log), str(mnt))
+        assert result.returncode == 0, result.stderr
+        assert (mnt / "chan").is_dir()
+        assert run_cli(node_dir, "umount", str(mnt)).returncode == 0
+    finally:
+        lazy_unmount(mnt)
+    wait_for(lambda: not os.path.ismount(mnt), timeout=10, what="the unmount")
+    assert "LOOKUP" in log.read_text(errors="replace")  # a libfuse debug line
+
+
 def test_up_reports_an_unmount_that_failed(tmp_path):
     """Ctrl-C on `up` with a tmpfs mounted over the mount point: the unmount detaches the
     tmpfs, the kachery-fs mount stays, and `up` says so (exit 1), then `umount` detaches
