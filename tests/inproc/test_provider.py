@@ -20,18 +20,11 @@ from kachery_fs.requester import RequestFailed
 from ..util import bucket_head, local_bucket_file, past_startup_grace, until
 from . import test_faults
 from .test_faults import CH, Hub, connected_provider, make_node
+from .test_resolver import read_all
 
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
 #: A bound on any one wait here (loopback, files of a few hundred KB).
 WAIT_S = 30
-
-
-async def read_all(content) -> bytes:
-    try:
-        with trio.fail_after(WAIT_S):
-            return await content.read(0, content.size)
-    finally:
-        content.close()
 
 
 async def provider_with_sources(hub: Hub, nursery: trio.Nursery, name: str,

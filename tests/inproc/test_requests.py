@@ -15,6 +15,14 @@ from ..clusters import in_store, request_nodes, serving, stored
 from ..util import KFS, kfs, node_env, wait_for
 
 
+def _end(cat: subprocess.Popen) -> None:
+    """Kill ``cat`` if it still runs, and close its stderr pipe."""
+    if cat.poll() is None:
+        cat.kill()
+        cat.wait()
+    cat.stderr.close()
+
+
 @pytest.fixture
 def nodes(tmp_path):
     yield from request_nodes(tmp_path)
@@ -58,10 +66,7 @@ def test_provider_killed_mid_upload_another_takes_over(nodes):
             second = pc if first is pa else pa
             assert cat.wait(timeout=120) == 0, cat.stderr.read().decode()
         finally:
-            if cat.poll() is None:
-                cat.kill()
-                cat.wait()
-            cat.stderr.close()
+            _end(cat)
     assert out.read_bytes() == data
     assert f"providing sha1://{h}" in logs[second].read_text()
 
@@ -80,8 +85,5 @@ def test_hub_restarted_during_a_request(nodes):
             nodes.hub.start()  # same port, same state directory
             assert cat.wait(timeout=120) == 0, cat.stderr.read().decode()
         finally:
-            if cat.poll() is None:
-                cat.kill()
-                cat.wait()
-            cat.stderr.close()
+            _end(cat)
     assert out.read_bytes() == data
