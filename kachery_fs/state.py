@@ -311,9 +311,13 @@ class NodeDB:
         assert cur.lastrowid is not None  # set by the INSERT
         return self.entry(cur.lastrowid)
 
-    def set_content(self, entry_id: int, sha1: str, size: int) -> None:
+    def set_content(self, entry_id: int, sha1: str, size: int, *,
+                    mtime_ns: int | None = None) -> None:
+        """Point the entry at committed content; its modification time is ``mtime_ns``
+        (one a program set while writing), else now."""
         self._db.execute("UPDATE entries SET sha1 = ?, size = ?, mtime_ns = ? WHERE id = ?",
-                         (sha1, size, time.time_ns(), entry_id))
+                         (sha1, size, time.time_ns() if mtime_ns is None else mtime_ns,
+                          entry_id))
 
     def set_mode(self, entry_id: int, mode: int) -> None:
         self._db.execute("UPDATE entries SET mode = ? WHERE id = ?", (mode, entry_id))

@@ -148,7 +148,7 @@ class Operations(pyfuse3.Operations):
             if fields.update_mode:
                 self.db.set_mode(entry.id, attr.st_mode)
             if fields.update_mtime:
-                self.db.set_mtime(entry.id, attr.st_mtime_ns)
+                self.staging.set_mtime(entry.id, attr.st_mtime_ns)
             return self._attrs(vnode)
 
     # -- directories ---------------------------------------------------------------------

@@ -68,6 +68,10 @@ class Writer:
     #: the commit); it was dropped, and every later write, flush, fsync and close of the
     #: open handles fails with this (see Staging.commit).
     lost: BaseException | None = None
+    #: A modification time set while it is written (``cp -p``'s ``futimens`` before its
+    #: close; with the writeback cache the kernel also sends the time of its last write
+    #: this way, before the flush): the commit keeps it instead of its own time.
+    mtime_ns: int | None = None
     lock: trio.Lock = field(default_factory=trio.Lock)
 
     def check_lost(self) -> None:
@@ -95,6 +99,14 @@ class Staging:
 
     def get(self, entry_id: int) -> Writer | None:
         return self._writers.get(entry_id)
+
+    def set_mtime(self, entry_id: int, mtime_ns: int) -> None:
+        """A modification time set on ``entry_id``: kept by the commit of a version being
+        written (the name shows it at once, from the node database)."""
+        writer = self._writers.get(entry_id)
+        if writer is not None:
+            writer.mtime_ns = mtime_ns
+        self.db.set_mtime(entry_id, mtime_ns)
 
     def is_writing(self, entry_id: int) -> bool:
         """True while a handle that may write ``entry_id`` is open."""
@@ -271,7 +283,7 @@ class Staging:
                     log.info("file was removed before it was closed; sha1://%s stays in the"
                              " store", sha1)
                     return
-                self.db.set_content(writer.entry_id, sha1, size)
+                self.db.set_content(writer.entry_id, sha1, size, mtime_ns=writer.mtime_ns)
             except Exception as exc:
                 self.lose(writer, exc)
                 raise

@@ -15,12 +15,12 @@ import stat
 from types import SimpleNamespace
 
 import pyfuse3
-import pytest
 import trio
 
 from kachery_fs import parts
 from kachery_fs.fs.mount import operations
 from kachery_fs.fs.namespace import ROOT_INODE
+from kachery_fs.state import INODE_BASE
 
 from ..util import bucket_head, local_bucket_file, past_startup_grace, until
 from . import test_faults
@@ -297,13 +297,11 @@ async def test_setattr_of_mtime_stays_set(hub, nursery):
                                            None, CTX)) == errno.EROFS
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "kachery-fs bug: an mtime set on a file while it is open for writing (cp -p sets it"
-    " with futimens before close(2)) is overwritten by the commit at flush, since"
-    " NodeDB.set_content always sets mtime_ns to the commit's time: after a remount the"
-    " file shows the time it was closed"))
 async def test_an_mtime_set_before_close_stays_set(hub, nursery):
-    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    """`cp -p` sets the time with futimens before close(2): the commit at flush keeps
+    it, in the node database too (what a remount shows)."""
+    node = await make_node(hub, "node")
+    fs = await mount_in_process(node, nursery)
     channel = await channel_inode(fs)
     info, attrs = await fs.ops.create(channel, b"copied", FILE_MODE, WRITE_NEW, CTX)
     await fs.ops.write(info.fh, 0, b"preserved time")
@@ -314,6 +312,7 @@ async def test_an_mtime_set_before_close_stays_set(hub, nursery):
     await fs.ops.flush(info.fh)
     await fs.ops.release(info.fh)
     assert (await fs.ops.getattr(attrs.st_ino, CTX)).st_mtime_ns == mtime
+    assert node.db.entry(attrs.st_ino - INODE_BASE).mtime_ns == mtime
 
 
 async def test_statfs_answers_for_the_node_directory(hub, nursery):

@@ -10,6 +10,7 @@ import hashlib
 import http.server
 import os
 import shutil
+import sqlite3
 import subprocess
 import threading
 from contextlib import ExitStack
@@ -69,6 +70,24 @@ def test_cp_on_a_read_by_hash_on_b(cluster, tmp_path):
     out = subprocess.run(["getfattr", "--only-values", "-n", "user.kachery.uri", str(dest)],
                          capture_output=True, check=True).stdout.decode()
     assert out == f"sha1://{sha1}?label=data.bin"
+
+
+def test_cp_p_keeps_the_modification_time(cluster, tmp_path):
+    """`cp -p` sets the time after writing, before close(2): it stays set, in the node's
+    database too (what the next mount shows)."""
+    src = tmp_path / "dated.txt"
+    src.write_bytes(b"written long ago")
+    then = 1_500_000_000_123_456_789
+    os.utime(src, ns=(then, then))
+    dest = cluster.mnt_a / CHANNEL / "dated.txt"
+    subprocess.run(["cp", "-p", str(src), str(dest)], check=True)
+    assert dest.stat().st_mtime_ns == then
+    db = sqlite3.connect(f"file:{cluster.a / 'node.db'}?mode=ro", uri=True)
+    try:
+        assert db.execute("SELECT mtime_ns FROM entries WHERE name = 'dated.txt'"
+                          ).fetchone() == (then,)
+    finally:
+        db.close()
 
 
 def test_kachery_fs_cat_on_b(cluster, tmp_path):

@@ -186,7 +186,7 @@ async def test_a_commit_that_finds_the_disk_full_loses_the_version(parts, monkey
     writer = await staging.open_write(entry_id, truncate=True)
     await staging.write(writer, 0, b"new")
 
-    def full(*args):
+    def full(*args, **kwargs):
         raise NoSpace("the disk is full")
 
     monkeypatch.setattr(db, "set_content", full)
