@@ -309,16 +309,4 @@ class Download:
             raise self.error
 
 
-async def fetch_to_store(client: httpx.AsyncClient, base_url: str, channel: str, sha1: str,
-                         store: Store) -> int:
-    """Download ``sha1`` from a channel bucket into ``store`` (verified); returns its size."""
-    url = object_url(base_url, channel, sha1)
-    size = await head_size(client, url)
-    download = Download(client, url, sha1, size, store)
-    await download.run()
-    if download.error is not None:
-        raise download.error
-    return size
-
-
-__all__ = ["Download", "NotFound", "fetch_to_store", "get_range", "head_size", "object_url"]
+__all__ = ["Download", "NotFound", "get_range", "head_size", "object_url"]

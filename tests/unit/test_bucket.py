@@ -12,7 +12,7 @@ import httpx
 import pytest
 import trio
 
-from kachery_fs.bucket import Download, fetch_to_store
+from kachery_fs.bucket import Download
 from kachery_fs.errors import DeadlineExceeded, IntegrityError, NotFound, ProtocolError
 from kachery_fs.store import Store
 
@@ -113,12 +113,9 @@ async def test_wrong_content_is_an_integrity_error(tmp_path, caplog):
     no_tracebacks(caplog)
     assert not store.has(sha1(good))
     assert not any((tmp_path / "tmp").iterdir())
-    async with client_for(ranged(bytes(bad))) as client:
-        with pytest.raises(IntegrityError):
-            await fetch_to_store(client, "http://bucket.test/kachery", "chan", sha1(good), store)
 
 
-async def test_404_through_fetch_to_store_is_not_found(tmp_path):
+async def test_a_404_during_the_download_is_not_found(tmp_path):
     store = Store(tmp_path)
     data = os.urandom(2 * CHUNK)
     answer_404 = ranged(data)
@@ -129,8 +126,10 @@ async def test_404_through_fetch_to_store_is_not_found(tmp_path):
         return httpx.Response(404)
 
     async with client_for(handler) as client:
-        with pytest.raises(NotFound):
-            await fetch_to_store(client, "http://bucket.test/kachery", "chan", sha1(data), store)
+        d = download(store, client, sha1(data), len(data))
+        await d.run()
+    assert isinstance(d.error, NotFound), repr(d.error)
+    assert not store.has(sha1(data))
 
 
 # -- every byte served is verified -----------------------------------------------------------
