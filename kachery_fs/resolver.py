@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Protocol
 
 import httpx
 import trio
@@ -21,8 +22,10 @@ from cachetools import TTLCache
 
 from .bucket import EMPTY_SHA1, Download, head_size, object_url
 from .channels import Channels
+from .chunks import ChunkedContent
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
+from .manifest import Manifest
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
 from .store import Store
@@ -38,8 +41,9 @@ BAD_OBJECT_TTL_S = 60.0
 STALL_TIMEOUT_S = 60.0
 
 
-class Content:
-    """Readable bytes of one hash. ``read`` may wait for a download."""
+class Content(Protocol):
+    """Readable bytes of one hash. ``read`` may wait for a download. (A protocol: a large
+    file read by chunk, :class:`kachery_fs.chunks.ChunkedContent`, is one too.)"""
 
     size: int
 
@@ -278,6 +282,40 @@ class Resolver:
         if local is None and await self._copy_from_sources(sha1) is not None:
             local = self._open_local(sha1)
         return local
+
+    async def open_by_manifest(self, channel: str, sha1: str, manifest_sha1: str) -> Content:
+        """``sha1`` read by chunk, through the manifest ``manifest_sha1``, which the caller
+        trusts (its hash came from the user). Only the chunks a read overlaps are fetched,
+        each verified against its SHA-1 in the manifest: from the whole object when the
+        bucket holds it, else as content objects of their own (hub-era kachery's layout)."""
+        local = await self.open_here(sha1)
+        if local is not None:
+            return local
+        manifest_content = await self.open(channel, manifest_sha1)
+        try:
+            data = await manifest_content.read(0, manifest_content.size)
+        finally:
+            manifest_content.close()
+        manifest = Manifest.parse(data, sha1=sha1)
+        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+        try:
+            with trio.fail_after(LOOKUP_DEADLINE_S):
+                whole: str | None = url if await head_size(self.client, url) == manifest.size \
+                    else None
+        except NotFound:
+            whole = None
+        except trio.TooSlowError:
+            raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")\
+                from None
+
+        async def open_chunk(chunk_sha1: str) -> bytes:
+            content = await self.open(channel, chunk_sha1)
+            try:
+                return await content.read(0, content.size)
+            finally:
+                content.close()
+
+        return ChunkedContent(manifest, self.client, whole_url=whole, open_chunk=open_chunk)
 
     def _open_local(self, sha1: str) -> LocalContent | None:
         try:

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 from functools import partial
 
 import trio
 
-from ..errors import InvalidInput, KacheryError, NotFound, leaves
+from ..chunks import ChunkedContent
+from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, leaves
 from ..requester import DEFAULT_STALL_TIMEOUT_S
-from ..uris import format_uri, parse_uri
+from ..uris import format_uri, is_sha1, parse_uri
 from . import _common
 from ._common import (
     _add_cache_size,
@@ -79,6 +81,9 @@ async def _cat(args) -> int:
     from ..parts import running
 
     uri = parse_uri(args.uri)
+    manifest = uri.query.get("manifest")
+    if manifest is not None and not is_sha1(manifest):
+        raise InvalidInput(f"manifest={manifest!r} in {args.uri!r} is not a SHA-1 hash")
     node = _common.open_node(create=True)
     try:
         _apply_cache_size(node, args)
@@ -87,7 +92,11 @@ async def _cat(args) -> int:
         async with running(node, upload_workers=0, keep_cache=False,
                            request_timeout=args.request_timeout) as parts:
             content = await _open_content(parts.resolver, uri.sha1, [args.channel] if args.channel
-                                          else [c.name for c in node.channels.all()])
+                                          else [c.name for c in node.channels.all()],
+                                          manifest=manifest and manifest.lower())
+            # Read by chunk, each chunk was verified before it was written out; the whole
+            # file's SHA-1 is checked too, at the end.
+            whole = hashlib.sha1() if isinstance(content, ChunkedContent) else None
             try:
                 out = sys.stdout.buffer
                 offset = 0
@@ -97,18 +106,27 @@ async def _cat(args) -> int:
                         raise KacheryError(f"sha1://{uri.sha1} ended at byte {offset} of"
                                            f" {content.size}")
                     out.write(chunk)
+                    if whole is not None:
+                        whole.update(chunk)
                     offset += len(chunk)
                 out.flush()
             finally:
                 content.close()
+        if whole is not None and whole.hexdigest() != uri.sha1:
+            raise IntegrityError(
+                f"the chunks of manifest {manifest} each matched, but together they are"
+                f" sha1://{whole.hexdigest()}, not sha1://{uri.sha1}: the manifest is"
+                " wrong, and what was written is not that file")
     finally:
         await node.aclose()
     return 0
 
 
-async def _open_content(resolver, sha1: str, channels: list[str]):
+async def _open_content(resolver, sha1: str, channels: list[str], *,
+                        manifest: str | None = None):
     """The verified content of ``sha1``: from this machine, else through the first of
-    ``channels`` that can get it (the mount's read path: bucket, then a request)."""
+    ``channels`` that can get it (the mount's read path: bucket, then a request); by
+    chunk through ``manifest`` when the URI names one."""
     content = await resolver.open_here(sha1)
     if content is not None:
         return content
@@ -118,6 +136,8 @@ async def _open_content(resolver, sha1: str, channels: list[str]):
     errors = []
     for channel in channels:
         try:
+            if manifest is not None:
+                return await resolver.open_by_manifest(channel, sha1, manifest)
             return await resolver.open(channel, sha1)
         except KacheryError as exc:
             errors.append(f"{channel}: {exc}")
@@ -161,8 +181,13 @@ def add_commands(sub) -> None:
              " local store, else from a kachery store on this machine (`store sources`), else"
              " from the bucket of a joined channel, else by asking the"
              " channel's other nodes through the hub; verified against its SHA-1 before any"
-             " byte is written.")
-    s.add_argument("uri", metavar="URI", help="sha1://<hash>, with or without ?label=...")
+             " byte is written. With ?manifest=<hash> (kachery's form for files over"
+             " 20,000,000 bytes) it is read by chunk: each chunk is verified against its SHA-1"
+             " in that manifest before it is written, only the chunks needed are fetched (also"
+             " from a bucket that holds only chunks), and the whole SHA-1 is checked at the"
+             " end.")
+    s.add_argument("uri", metavar="URI",
+                   help="sha1://<hash>[/<name>], with or without ?label=... or ?manifest=...")
     s.add_argument("--channel", help="look only in this channel")
     s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                    metavar="SECONDS", help="give up on a file requested from other nodes when"

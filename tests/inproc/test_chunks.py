@@ -1,0 +1,147 @@
+"""Large files read by chunk through a trusted manifest: only the chunks a read overlaps
+are fetched, each verified before a byte of it is served, from the whole object or from
+chunk objects (hub-era kachery's layout). Against a real hub and local bucket on
+127.0.0.1; the chunk size is made small so the files are."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+
+import pytest
+import trio
+
+from kachery_fs import manifest as manifest_module
+from kachery_fs import parts
+from kachery_fs.cli import data as cli_data
+from kachery_fs.errors import IntegrityError
+from kachery_fs.manifest import manifest_of
+
+from ..util import local_bucket_file, log_requests, until
+from . import test_faults
+from .test_faults import CH, in_bucket, make_node
+
+hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
+CHUNK = 256 * 1024
+WAIT_S = 30
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(manifest_module, "CHUNK_SIZE", CHUNK)
+
+
+def large_file(chunks: float = 4.5) -> tuple[bytes, str, manifest_module.Manifest]:
+    data = os.urandom(int(chunks * CHUNK))
+    sha1, manifest = manifest_of([data])
+    assert manifest is not None and len(manifest.chunks) == -(-len(data) // CHUNK)
+    return data, sha1, manifest
+
+
+async def chunked(hub, nursery, sha1, manifest):
+    node = await make_node(hub, "reader")
+    res = (await parts.start(node, nursery)).resolver
+    with trio.fail_after(WAIT_S):
+        return node, await res.open_by_manifest(CH, sha1, manifest.hash)
+
+
+async def test_a_read_fetches_only_the_chunk_it_touches_from_the_whole_object(hub, nursery):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    requests = log_requests(hub)
+    _, content = await chunked(hub, nursery, sha1, manifest)
+    assert content.size == len(data)
+    offset = 2 * CHUNK + 1000
+    with trio.fail_after(WAIT_S):
+        assert await content.read(offset, 4096) == data[offset:offset + 4096]
+    ranged = [h.get("range") for method, target, h in requests.seen
+              if method == "GET" and sha1 in target]
+    assert ranged == [f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"]  # one chunk, ranged
+    # Across a chunk boundary and into the short last chunk: two more chunks, no more.
+    with trio.fail_after(WAIT_S):
+        assert await content.read(4 * CHUNK - 10, 20) == data[4 * CHUNK - 10:4 * CHUNK + 10]
+    assert content.fetched == 3
+    content.close()
+
+
+async def test_a_bucket_holding_only_chunks_and_the_manifest_is_read(hub, nursery):
+    """Hub-era kachery stores a large file as its chunks (each under its own hash) and its
+    manifest; the whole object is not in the bucket."""
+    data, sha1, manifest = large_file(3.25)
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():
+        await in_bucket(hub, data[chunk.start:chunk.end])
+    await in_bucket(hub, manifest.to_bytes())
+    assert not local_bucket_file(hub.server, CH, sha1).exists()
+    node, content = await chunked(hub, nursery, sha1, manifest)
+    with trio.fail_after(WAIT_S):
+        assert await content.read(0, len(data)) == data
+    # The chunks are content of their own: installed in the store (just after serving).
+    await until(lambda: all(node.store.has(c.sha1) for c in manifest.chunks), within=WAIT_S,
+                what="the chunks to be installed")
+    content.close()
+
+
+async def test_a_corrupt_chunk_fails_alone(hub, nursery):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    path = local_bucket_file(hub.server, CH, sha1)
+    bad = bytearray(path.read_bytes())
+    bad[CHUNK + 5] ^= 0xFF  # in chunk 1
+    path.write_bytes(bytes(bad))
+    _, content = await chunked(hub, nursery, sha1, manifest)
+    with trio.fail_after(WAIT_S):
+        with pytest.raises(IntegrityError, match="chunk 1 .* does not match"):
+            await content.read(CHUNK, 10)
+        assert await content.read(0, 10) == data[:10]  # the others stay readable
+        assert await content.read(3 * CHUNK, 10) == data[3 * CHUNK:3 * CHUNK + 10]
+    content.close()
+
+
+async def test_a_manifest_of_another_file_is_refused(hub, nursery):
+    data, sha1, manifest = large_file()
+    _, other_sha1, _ = large_file()
+    await in_bucket(hub, manifest.to_bytes())
+    node = await make_node(hub, "reader")
+    res = (await parts.start(node, nursery)).resolver
+    with trio.fail_after(WAIT_S), pytest.raises(IntegrityError, match="is of sha1://"):
+        await res.open_by_manifest(CH, other_sha1, manifest.hash)
+
+
+async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery, monkeypatch,
+                                                                  capsysbinary):
+    data, sha1, manifest = large_file(2.5)
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():
+        await in_bucket(hub, data[chunk.start:chunk.end])
+    await in_bucket(hub, manifest.to_bytes())
+    node = await make_node(hub, "reader")
+    monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: node)
+    args = argparse.Namespace(uri=f"sha1://{sha1}/big.bin?manifest={manifest.hash}",
+                              channel=None, cache_size=None, request_timeout=WAIT_S)
+    with trio.fail_after(WAIT_S):
+        assert await cli_data._cat(args) == 0
+    assert capsysbinary.readouterr().out == data
+
+    # A manifest whose chunks are real content but not this file's: every chunk matches
+    # its hash, so each is served; the whole SHA-1 at the end does not.
+    liar = manifest_module.Manifest(manifest.size, sha1, tuple(
+        manifest_module.Chunk(c.start, c.end, c.sha1) for c in reversed_chunks(data, manifest)))
+    await in_bucket(hub, liar.to_bytes())  # its chunks are in the bucket already
+    node = await make_node(hub, "second reader")
+    monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: node)
+    args.uri = f"sha1://{sha1}?manifest={liar.hash}"
+    with trio.fail_after(WAIT_S), pytest.raises(IntegrityError, match="the manifest is wrong"):
+        await cli_data._cat(args)
+
+
+def reversed_chunks(data, manifest):
+    """Chunks of the same sizes whose bytes are other parts of ``data`` (the first two
+    swapped): each is real content under its own hash."""
+    a, b, *rest = manifest.chunks
+    swapped_a = hashlib.sha1(data[b.start:b.end]).hexdigest()
+    swapped_b = hashlib.sha1(data[a.start:a.end]).hexdigest()
+    return [manifest_module.Chunk(a.start, a.end, swapped_a),
+            manifest_module.Chunk(b.start, b.end, swapped_b), *rest]
+
