@@ -45,6 +45,7 @@ from . import settings
 from .cache import ADDED, FETCHED, WRITTEN, StoreCache
 from .errors import IntegrityError, NotFound, as_no_space
 from .layout import Layout
+from .manifest import Manifest, ManifestBuilder
 from .uris import is_sha1
 
 log = logging.getLogger(__name__)
@@ -313,6 +314,30 @@ class Store:
             raise
         size = staging.size
         return staging.commit(origin=origin, expected=expected), size
+
+    def add_file_with_manifest(self, src: Path, *, progress=None,
+                               ) -> tuple[str, int, Manifest | None]:
+        """:meth:`add_file`, and for a file over :data:`~kachery_fs.manifest.CHUNK_SIZE`
+        bytes its kachery manifest, computed in the same pass and stored as content of its
+        own (both kept whatever the store's limit)."""
+        builder = ManifestBuilder()
+        staging = self.new_staging()
+        try:
+            with open(src, "rb") as f:
+                while chunk := f.read(COPY_CHUNK):
+                    staging.write(staging.size, chunk)
+                    builder.update(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+        except BaseException:
+            staging.discard()
+            raise
+        size = staging.size
+        sha1 = staging.commit(origin=ADDED)
+        _, manifest = builder.finish()
+        if manifest is not None:
+            self.add_bytes(manifest.to_bytes())
+        return sha1, size, manifest
 
     def add_bytes(self, data: bytes, *, origin: str = ADDED) -> str:
         staging = self.new_staging()

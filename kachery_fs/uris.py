@@ -74,9 +74,14 @@ def parse_uri(text: str) -> ContentUri:
     return ContentUri(h.lower(), label, path, query)
 
 
-def format_uri(sha1: str, label: str | None = None) -> str:
-    """``sha1://<lower-case hash>`` with an optional URL-quoted ``label``."""
+def format_uri(sha1: str, label: str | None = None, *, manifest: str | None = None) -> str:
+    """``sha1://<lower-case hash>`` with an optional URL-quoted ``label``; with a
+    ``manifest`` hash, kachery's form for a large file: ``sha1://<hash>/<label>?manifest=``
+    (kachery.md §1.4)."""
     uri = f"sha1://{normalize_sha1(sha1)}"
+    if manifest is not None:
+        return (uri + (f"/{quote(label, safe='')}" if label else "")
+                + f"?manifest={normalize_sha1(manifest)}")
     if label:
         uri += "?label=" + quote(label, safe="")
     return uri

@@ -43,9 +43,10 @@ async def _put(args) -> int:
                 with tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
                           desc=f"hashing {path.name}", disable=args.quiet or None,
                           file=sys.stderr) as bar:
-                    sha1, size = await trio.to_thread.run_sync(
-                        partial(node.store.add_file, path, progress=bar.update))
-                uri = format_uri(sha1, path.name)
+                    sha1, size, manifest = await trio.to_thread.run_sync(
+                        partial(node.store.add_file_with_manifest, path, progress=bar.update))
+                uri = format_uri(sha1, path.name,
+                                 manifest=manifest.hash if manifest is not None else None)
                 with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
                           disable=args.quiet or None, file=sys.stderr) as bar:
                     def progress(committed: int, bar=bar) -> None:
@@ -53,6 +54,9 @@ async def _put(args) -> int:
                     try:
                         await parts.uploader.upload_now(channel, sha1, size,
                                                         on_progress=progress, retry=False)
+                        if manifest is not None:  # readers of the URI fetch it first
+                            await parts.uploader.upload_now(
+                                channel, manifest.hash, len(manifest.to_bytes()), retry=False)
                     except KacheryError as exc:
                         up = node.db.upload(channel, sha1)
                         if up is not None and up.state == "failed":

@@ -98,8 +98,9 @@ def cmd_store_add(args) -> int:
     store = Store.for_node(d, db)
     try:
         for path in paths:
-            sha1, _size = store.add_file(path)
-            print(format_uri(sha1, path.name))
+            sha1, _size, manifest = store.add_file_with_manifest(path)
+            print(format_uri(sha1, path.name,
+                             manifest=manifest.hash if manifest is not None else None))
     finally:
         store.close()
         db.close()

@@ -145,3 +145,30 @@ def reversed_chunks(data, manifest):
     return [manifest_module.Chunk(a.start, a.end, swapped_a),
             manifest_module.Chunk(b.start, b.end, swapped_b), *rest]
 
+
+
+async def test_put_prints_kacherys_manifest_uri_and_cat_reads_it_by_chunk(
+        hub, nursery, monkeypatch, capsysbinary, tmp_path):
+    data, sha1, manifest = large_file(2.5)
+    src = tmp_path / "big data.bin"
+    src.write_bytes(data)
+    writer = await make_node(hub, "writer")
+    monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: writer)
+    args = argparse.Namespace(files=[str(src)], channel=None, quiet=True, bwlimit=None)
+    with trio.fail_after(WAIT_S):
+        assert await cli_data._put(args) == 0
+    uri = capsysbinary.readouterr().out.decode().strip()
+    assert uri == f"sha1://{sha1}/big%20data.bin?manifest={manifest.hash}"
+    assert writer.store.path(manifest.hash).read_bytes() == manifest.to_bytes()
+    assert local_bucket_file(hub.server, CH, manifest.hash).read_bytes() == manifest.to_bytes()
+
+    reader = await make_node(hub, "reader")
+    monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: reader)
+    requests = log_requests(hub)
+    cat = argparse.Namespace(uri=uri, channel=None, cache_size=None, request_timeout=WAIT_S)
+    with trio.fail_after(WAIT_S):
+        assert await cli_data._cat(cat) == 0
+    assert capsysbinary.readouterr().out == data
+    ranged = [h.get("range") for method, target, h in requests.seen
+              if method == "GET" and sha1 in target]
+    assert len(ranged) == len(manifest.chunks) and all(ranged)  # by chunk, from the whole

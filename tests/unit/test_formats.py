@@ -184,6 +184,16 @@ def test_format_uri():
     assert format_uri(HELLO.upper()) == f"sha1://{HELLO}"
     assert format_uri(HELLO, "my file?.txt") == f"sha1://{HELLO}?label=my%20file%3F.txt"
     assert parse_uri(format_uri(HELLO, "a/b&c=d")).label == "a/b&c=d"
+
+
+def test_format_uri_with_a_manifest_is_kacherys_form():
+    m = "16c2995c8d00a8861fdd81187e2fb231240d5083"
+    uri = format_uri(HELLO, "zeros.bin", manifest=m.upper())
+    assert uri == f"sha1://{HELLO}/zeros.bin?manifest={m}"
+    parsed = parse_uri(uri)
+    assert (parsed.sha1, parsed.label, parsed.query["manifest"]) == (HELLO, "zeros.bin", m)
+    assert format_uri(HELLO, "a b", manifest=m) == f"sha1://{HELLO}/a%20b?manifest={m}"
+    assert format_uri(HELLO, manifest=m) == f"sha1://{HELLO}?manifest={m}"
     with pytest.raises(InvalidInput):
         format_uri("nothex")
 
