@@ -295,18 +295,21 @@ class Store:
         self._install(temp, expected_sha1.lower(), FETCHED)
 
     def add_file(self, src: Path, *, progress=None, origin: str = ADDED,
-                 expected: str | None = None) -> tuple[str, int]:
+                 expected: str | None = None,
+                 also: Callable[[bytes], None] | None = None) -> tuple[str, int]:
         """Copy a file into the store, hashing as it is read; returns ``(sha1, size)``.
 
         ``origin`` is recorded in the index: by default the user added it, and it is
         kept. With ``expected``, a file whose content hashes to anything else is not
-        stored: IntegrityError.
+        stored: IntegrityError. ``also(block)`` sees every block read, in order.
         """
         staging = self.new_staging()
         try:
             with open(src, "rb") as f:
                 while chunk := f.read(COPY_CHUNK):
                     staging.write(staging.size, chunk)
+                    if also is not None:
+                        also(chunk)
                     if progress is not None:
                         progress(len(chunk))
         except BaseException:
@@ -321,19 +324,7 @@ class Store:
         bytes its kachery manifest, computed in the same pass and stored as content of its
         own (both kept whatever the store's limit)."""
         builder = ManifestBuilder()
-        staging = self.new_staging()
-        try:
-            with open(src, "rb") as f:
-                while chunk := f.read(COPY_CHUNK):
-                    staging.write(staging.size, chunk)
-                    builder.update(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-        except BaseException:
-            staging.discard()
-            raise
-        size = staging.size
-        sha1 = staging.commit(origin=ADDED)
+        sha1, size = self.add_file(src, progress=progress, also=builder.update)
         _, manifest = builder.finish()
         if manifest is not None:
             self.add_bytes(manifest.to_bytes())
