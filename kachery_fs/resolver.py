@@ -166,14 +166,8 @@ class Resolver:
             return self._sizes[key]
         request = self._requests.get(key)
         if request is None:
-            ch = self.channels.get(channel)
-            url = object_url(ch.bucket_base_url, channel, sha1)
             try:
-                with trio.move_on_after(LOOKUP_DEADLINE_S) as scope:
-                    size = await head_size(self.client, url)
-                if scope.cancelled_caught:
-                    raise DeadlineExceeded(
-                        f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
+                size = await self._head(channel, sha1)
             except NotFound:
                 request = self._request(channel, sha1)
             else:
@@ -291,31 +285,30 @@ class Resolver:
         local = await self.open_here(sha1)
         if local is not None:
             return local
-        manifest_content = await self.open(channel, manifest_sha1)
+        manifest = Manifest.parse(await self._read_all(channel, manifest_sha1), sha1=sha1)
         try:
-            data = await manifest_content.read(0, manifest_content.size)
-        finally:
-            manifest_content.close()
-        manifest = Manifest.parse(data, sha1=sha1)
-        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
-        try:
-            with trio.fail_after(LOOKUP_DEADLINE_S):
-                whole: str | None = url if await head_size(self.client, url) == manifest.size \
-                    else None
+            has_whole = await self._head(channel, sha1) == manifest.size
         except NotFound:
-            whole = None
-        except trio.TooSlowError:
-            raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")\
-                from None
+            has_whole = False
+        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+        return ChunkedContent(manifest, self.client, whole_url=url if has_whole else None,
+                              open_chunk=partial(self._read_all, channel))
 
-        async def open_chunk(chunk_sha1: str) -> bytes:
-            content = await self.open(channel, chunk_sha1)
-            try:
-                return await content.read(0, content.size)
-            finally:
-                content.close()
+    async def _head(self, channel: str, sha1: str) -> int:
+        """The size of ``sha1``'s object in ``channel``'s bucket (``NotFound`` if absent),
+        within :data:`LOOKUP_DEADLINE_S`."""
+        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+        with trio.move_on_after(LOOKUP_DEADLINE_S):
+            return await head_size(self.client, url)
+        raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")
 
-        return ChunkedContent(manifest, self.client, whole_url=whole, open_chunk=open_chunk)
+    async def _read_all(self, channel: str, sha1: str) -> bytes:
+        """The verified bytes of ``sha1``, whole (a manifest, a chunk)."""
+        content = await self.open(channel, sha1)
+        try:
+            return await content.read(0, content.size)
+        finally:
+            content.close()
 
     def _open_local(self, sha1: str) -> LocalContent | None:
         try:
