@@ -129,7 +129,7 @@ class Uploader:
                 log.exception("upload of %s to %s failed unexpectedly", job.sha1, job.channel)
                 try:
                     self.db.update_upload(job.channel, job.sha1, state="failed",
-                                               error="internal error (see the log)")
+                                          error="internal error (see the log)")
                 except NoSpace as exc:
                     log.warning("could not mark the upload failed: %s", exc)
             finally:
@@ -178,7 +178,7 @@ class Uploader:
         except NotFound as exc:
             if not self.store.has(job.sha1):
                 self.db.update_upload(job.channel, job.sha1, state="failed",
-                                  error="the file is no longer in the local store")
+                                      error="the file is no longer in the local store")
                 return None
             err: KacheryError = exc
         except IntegrityError as exc:
