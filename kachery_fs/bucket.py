@@ -32,6 +32,7 @@ import logging
 import os
 from collections.abc import Callable
 from functools import partial
+from typing import Literal
 
 import httpx
 import trio
@@ -117,6 +118,16 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
     if got != end - start:
         raise IntegrityError(f"{what}: truncated ({got} of {end - start} bytes)")
     return b"".join(parts)
+
+
+async def fetch_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
+                      attempts: int = 4, on_data: Callable[[int], None] | None = None,
+                      at_deadline: Literal["raise", "wait"] = "raise") -> bytes:
+    """:func:`get_range`, tried again on a transient error or a truncated body, a few
+    times (:func:`kachery_fs.retry.retrying`; ``at_deadline`` as there)."""
+    return await retrying(partial(get_range, client, url, start, end, on_data=on_data),
+                          what=f"GET {url} bytes {start}-{end - 1}", attempts=attempts,
+                          also=(IntegrityError,), at_deadline=at_deadline)
 
 
 class Download:
@@ -280,10 +291,8 @@ class Download:
     async def _fetch_with_retry(self, start: int, end: int) -> bytes:
         # Transient, or a truncated body: try again a few times. The download's stall
         # deadline (which other chunks' progress moves on) ends a wait, and says why.
-        return await retrying(
-            partial(get_range, self.client, self.url, start, end, on_data=self._on_data),
-            what=f"GET {self.url} bytes {start}-{end - 1}", attempts=self.attempts,
-            also=(IntegrityError,), at_deadline="wait")
+        return await fetch_range(self.client, self.url, start, end, attempts=self.attempts,
+                                 on_data=self._on_data, at_deadline="wait")
 
     async def wait_readable(self, end: int, *, stall_timeout: float) -> None:
         """Wait until bytes ``[0, end)`` may be read; raise the download's error if it failed.
@@ -309,4 +318,4 @@ class Download:
             raise self.error
 
 
-__all__ = ["Download", "NotFound", "get_range", "head_size", "object_url"]
+__all__ = ["Download", "NotFound", "fetch_range", "get_range", "head_size", "object_url"]

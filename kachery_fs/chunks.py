@@ -18,15 +18,13 @@ import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from functools import partial
 
 import httpx
 import trio
 
-from .bucket import get_range
+from .bucket import fetch_range
 from .errors import IntegrityError
 from .manifest import Manifest
-from .retry import retrying
 
 log = logging.getLogger(__name__)
 
@@ -79,9 +77,7 @@ class ChunkedContent:
     async def _fetch(self, i: int) -> bytes:
         chunk = self.manifest.chunks[i]
         if self._whole_url is not None:
-            url = self._whole_url
-            data = await retrying(partial(get_range, self._client, url, chunk.start, chunk.end),
-                                  what=f"GET {url} bytes {chunk.start}-{chunk.end - 1}")
+            data = await fetch_range(self._client, self._whole_url, chunk.start, chunk.end)
         else:
             data = await self._open_chunk(chunk.sha1)
         digest = await trio.to_thread.run_sync(lambda: hashlib.sha1(data).hexdigest())
