@@ -170,10 +170,10 @@ class Hub:
         kind = body.get("type")
         if not isinstance(kind, str) or kind not in HANDLERS:
             raise InvalidInput(f"unknown request type {kind!r}")
-        handler = HANDLERS[Request(kind)]
+        request = Request(kind)
         try:
-            with self._long_poll(caller, Request(kind), body):
-                return await handler(self, caller, body)
+            with self._long_poll(caller, request, body):
+                return await HANDLERS[request](self, caller, body)
         except KacheryError as exc:
             log.info("%s from %s… refused: %s", kind, caller.node_id[:12], exc)
             raise
