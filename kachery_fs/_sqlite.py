@@ -99,7 +99,7 @@ class Schema:
         try:
             if (version := user_version(db)) > self.version:
                 raise _newer(db, self, version)  # before the journal mode is changed
-            db.execute("PRAGMA journal_mode=WAL")
+            _use_wal(db)
             if self.synchronous is not None:
                 db.execute(f"PRAGMA synchronous={self.synchronous}")
             if self.foreign_keys:
@@ -141,6 +141,28 @@ class Schema:
             log.debug("%s is at version %d", _where(db, self), version)
         if version > self.version:
             raise _newer(db, self, version)
+
+
+def _use_wal(db: sqlite3.Connection) -> None:
+    """Put the database of ``db`` in WAL mode (a setting the file keeps).
+
+    Switching a new file to WAL needs it to itself, and SQLite does not wait for that
+    with its busy timeout: while another process switches it or reads it, the switch
+    fails at once with "database is locked". It is tried again here, within the same
+    :data:`BUSY_TIMEOUT_S`; a file already in WAL mode is left as it is.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.001
+    while True:
+        try:
+            if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 def user_version(db: sqlite3.Connection) -> int:
