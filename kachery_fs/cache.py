@@ -96,10 +96,25 @@ CREATE TRIGGER IF NOT EXISTS objects_removed AFTER DELETE ON objects BEGIN
 END;
 """
 
+_V2 = """
+CREATE TABLE manifests (
+    sha1 TEXT PRIMARY KEY,          -- a large file's SHA-1
+    manifest TEXT NOT NULL,         -- the SHA-1 of its kachery manifest
+    source TEXT NOT NULL,           -- here | hub: who made it trusted (see MANIFEST_SOURCES)
+    recorded_at REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
 #: ``store.db``'s versions (see :mod:`kachery_fs._sqlite`).
 SCHEMA = Schema("store.db", synchronous="NORMAL", migrations=(
     Migration(1, "objects with size, origin and last read; totals kept by triggers", _V1),
+    Migration(2, "trusted manifests of large files", _V2),
 ))
+
+#: Where a trusted manifest came from: computed on this node from the file itself
+#: (``here``), or vouched for by the channel's hub (``hub``). A manifest the user named in
+#: a URI or a path is trusted for that read only and is not recorded.
+MANIFEST_HERE, MANIFEST_HUB = "here", "hub"
 
 # An insert never lowers an origin: added > written > fetched.
 _RECORD = (
@@ -155,6 +170,31 @@ class StoreCache:
         """Drop the row of an object that was removed from the store."""
         with self._lock:
             self._db.execute("DELETE FROM objects WHERE sha1 = ?", (sha1,))
+
+    def note_manifest(self, sha1: str, manifest_sha1: str, source: str) -> None:
+        """Record a trusted manifest of ``sha1``; one computed here is never replaced by
+        one the hub vouches for."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO manifests (sha1, manifest, source, recorded_at)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT(sha1) DO UPDATE SET"
+                " manifest = excluded.manifest, source = excluded.source,"
+                " recorded_at = excluded.recorded_at"
+                " WHERE manifests.source != 'here' OR excluded.source = 'here'",
+                (sha1, manifest_sha1, source, time.time()))
+
+    def known_manifest(self, sha1: str) -> tuple[str, str] | None:
+        """``(manifest sha1, source)`` of a trusted manifest of ``sha1``, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT manifest, source FROM manifests WHERE sha1 = ?",
+                                   (sha1,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def forget_manifest(self, sha1: str, manifest_sha1: str) -> None:
+        """Drop a recorded manifest of ``sha1`` that turned out to lie."""
+        with self._lock:
+            self._db.execute("DELETE FROM manifests WHERE sha1 = ? AND manifest = ?",
+                             (sha1, manifest_sha1))
 
     def touch(self, sha1: str) -> None:
         """Note a read, in memory (written out by :meth:`flush`)."""

@@ -42,7 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from . import settings
-from .cache import ADDED, FETCHED, WRITTEN, StoreCache
+from .cache import ADDED, FETCHED, MANIFEST_HERE, WRITTEN, StoreCache
 from .errors import IntegrityError, NotFound, as_no_space
 from .layout import Layout
 from .manifest import Manifest, ManifestBuilder
@@ -328,6 +328,7 @@ class Store:
         _, manifest = builder.finish()
         if manifest is not None:
             self.add_bytes(manifest.to_bytes())
+            self.cache.note_manifest(sha1, manifest.hash, MANIFEST_HERE)
         return sha1, size, manifest
 
     def add_bytes(self, data: bytes, *, origin: str = ADDED) -> str:

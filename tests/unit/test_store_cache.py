@@ -158,3 +158,30 @@ def test_a_store_without_an_index_is_indexed_once(node):
     assert present(store, *objects.values(), new) == {
         objects["named"], objects["uploading"], objects["put"], new}
     store.close()
+
+
+def test_a_manifest_computed_here_is_not_replaced_by_one_a_hub_vouches_for(tmp_path):
+    store = Store(tmp_path)
+    try:
+        big, m_here, m_hub, m_other = "1" * 40, "2" * 40, "3" * 40, "4" * 40
+        assert store.cache.known_manifest(big) is None
+        store.cache.note_manifest(big, m_hub, cache.MANIFEST_HUB)
+        store.cache.note_manifest(big, m_here, cache.MANIFEST_HERE)
+        store.cache.note_manifest(big, m_other, cache.MANIFEST_HUB)
+        assert store.cache.known_manifest(big) == (m_here, cache.MANIFEST_HERE)
+        store.cache.forget_manifest(big, m_other)  # not the one recorded: kept
+        assert store.cache.known_manifest(big) == (m_here, cache.MANIFEST_HERE)
+        store.cache.forget_manifest(big, m_here)
+        assert store.cache.known_manifest(big) is None
+    finally:
+        store.close()
+    reopened = Store(tmp_path)  # recorded in store.db: kept across restarts
+    try:
+        reopened.cache.note_manifest("5" * 40, m_hub, cache.MANIFEST_HUB)
+    finally:
+        reopened.close()
+    reopened = Store(tmp_path)
+    try:
+        assert reopened.cache.known_manifest("5" * 40) == (m_hub, cache.MANIFEST_HUB)
+    finally:
+        reopened.close()
