@@ -54,12 +54,14 @@ class Parts:
 async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
                 feeds: bool = False, upload_workers: int = 2, keep_cache: bool = True,
                 bwlimit: float | None = None,
-                request_timeout: float = DEFAULT_STALL_TIMEOUT_S) -> Parts:
+                request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+                strict: bool = False) -> Parts:
     """Build ``node``'s parts and start their background tasks in ``nursery``.
 
     A one-shot command (``cat``, ``put``) passes ``upload_workers=0`` (it uploads only
     what it is asked to) and ``keep_cache=False`` (the store evicts only after its own
-    inserts, not in a background pass over what is already there).
+    inserts, not in a background pass over what is already there). ``strict``: serve
+    no byte of a large file before the whole file is verified (no reads by chunk).
 
     The caller closes ``parts.feeds`` once ``nursery`` has ended and then flushes the
     download reports (:func:`running` does both)."""
@@ -72,7 +74,7 @@ async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
         workers=upload_workers, rate_limit=RateLimit(bwlimit) if bwlimit else None)
     resolver = Resolver(node.store, node.channels, node.client, sources=sources,
                         downloads=node.downloads, nursery=nursery,
-                        request_stall_timeout=request_timeout)
+                        request_stall_timeout=request_timeout, strict=strict)
     parts = Parts(node, nursery, sources, resolver, uploader)
     if provide:
         parts.provider = Provider(node.channels, node.store, uploader, sources)

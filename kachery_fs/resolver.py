@@ -6,6 +6,15 @@ request through the hub that a provider node answers by uploading to the bucket.
 reads verified bytes. However many readers want one missing hash, there is one request
 and one download (STYLE rule 9); they keep running after the readers go, so the content
 ends up in the store.
+
+A large file with a trusted manifest is read by chunk instead
+(:class:`~kachery_fs.chunks.ChunkedContent`: each chunk verified before it is served).
+A manifest is trusted when the caller names it (a URI's ``?manifest=``, the mount's
+``sha1/<hash>?manifest=<hash>``: for that read only), or when the store has one on record
+for the hash (computed on this node, or vouched for by the channel's hub). With
+``strict``, nothing is served before the whole file is verified: a manifest is then only
+a way to fetch the file (from a bucket that holds only its chunks, say), into the store.
+All the readers of one (hash, manifest) share one :class:`ChunkedContent`.
 """
 
 from __future__ import annotations
@@ -39,6 +48,8 @@ BAD_OBJECT_TTL_S = 60.0
 #: How long a read may wait without the download making any progress; the download itself
 #: fails after as long without progress, so a later read of it does not wait again.
 STALL_TIMEOUT_S = 60.0
+#: How long a manifest caught lying (its chunks matched, the whole file did not) is refused.
+LYING_MANIFEST_TTL_S = 3600.0
 
 
 class Content(Protocol):
@@ -125,11 +136,31 @@ class DownloadContent(Content):
             self._release()
 
 
+class SharedChunks(Content):
+    """One reader's handle on the :class:`ChunkedContent` that all the readers of a
+    (hash, manifest) share; the last to close it closes it."""
+
+    def __init__(self, chunked: ChunkedContent, release: Callable[[], None]):
+        self.chunked = chunked
+        self.size = chunked.size
+        self._release: Callable[[], None] | None = release
+
+    async def read(self, offset: int, size: int) -> bytes:
+        return await self.chunked.read(offset, size)
+
+    def close(self) -> None:
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class Resolver:
     def __init__(self, store: Store, channels: Channels, client: httpx.AsyncClient, *,
                  sources: Sources, downloads: DownloadReports, nursery: trio.Nursery,
-                 request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S):
+                 request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
+                 strict: bool = False):
         self.store = store
+        self.strict = strict
         self.channels = channels
         self.client = client
         self.downloads = downloads
@@ -144,17 +175,28 @@ class Resolver:
         self._disputed: TTLCache = TTLCache(maxsize=10_000, ttl=BAD_OBJECT_TTL_S)
         self.sources = sources
         self._copies: dict[str, trio.Event] = {}  # sha1 -> done, while copied from a source
+        self._manifests: TTLCache = TTLCache(maxsize=1000, ttl=3600)  # manifest sha1 -> parsed
+        # (channel, sha1, manifest sha1) -> [content, readers], while it has readers
+        self._chunked: dict[tuple[str, str, str], list] = {}
+        self._lies: TTLCache = TTLCache(maxsize=10_000, ttl=LYING_MANIFEST_TTL_S)
 
     def local_size(self, sha1: str) -> int | None:
         return self.store.size(sha1)
 
-    async def size(self, channel: str, sha1: str) -> int:
-        """The size of ``sha1``; ``NotFound`` when neither the store nor the bucket has it."""
+    async def size(self, channel: str, sha1: str, *, manifest: str | None = None) -> int:
+        """The size of ``sha1``; ``NotFound`` when neither the store nor the bucket has it.
+        ``manifest``: the hash of a manifest the caller trusts for this file."""
         local = self.store.size(sha1)
         if local is not None:
             return local
         if sha1 in self._downloads:
             return self._downloads[sha1].size
+        trusted = self._trusted_manifest(sha1, manifest)
+        if trusted is not None:
+            found = await self._manifest_or_none(channel, sha1, trusted,
+                                                 given=manifest is not None)
+            if found is not None:
+                return found.size
         # A file in a kachery store on this machine is copied in, verified, before its
         # size is told: a linked file may have changed since kachery linked it, and with
         # the writeback cache the kernel keeps the first size it hears of a file.
@@ -230,7 +272,18 @@ class Resolver:
             self.nursery.start_soon(run)
         return request
 
-    async def open(self, channel: str, sha1: str) -> Content:
+    async def open(self, channel: str, sha1: str, *, manifest: str | None = None) -> Content:
+        """Verified bytes of ``sha1`` (see the module docstring); ``manifest``: the hash of
+        a manifest the caller trusts for this file."""
+        trusted = self._trusted_manifest(sha1, manifest)
+        if trusted is not None and sha1 not in self._downloads:
+            local = self._open_local(sha1)
+            if local is not None:
+                return local
+            found = await self._manifest_or_none(channel, sha1, trusted,
+                                                 given=manifest is not None)
+            if found is not None:
+                return await self._open_chunked(channel, sha1, found)
         bad = self._bad.get((channel, sha1))
         if bad is not None and not self.store.has(sha1):
             # A bad object in the bucket: the hub checks it, deletes it if so and asks the
@@ -279,20 +332,95 @@ class Resolver:
 
     async def open_by_manifest(self, channel: str, sha1: str, manifest_sha1: str) -> Content:
         """``sha1`` read by chunk, through the manifest ``manifest_sha1``, which the caller
-        trusts (its hash came from the user). Only the chunks a read overlaps are fetched,
-        each verified against its SHA-1 in the manifest: from the whole object when the
-        bucket holds it, else as content objects of their own (hub-era kachery's layout)."""
+        trusts (its hash came from the user): :meth:`open` with ``manifest=``."""
         local = await self.open_here(sha1)
         if local is not None:
             return local
-        manifest = Manifest.parse(await self._read_all(channel, manifest_sha1), sha1=sha1)
+        return await self.open(channel, sha1, manifest=manifest_sha1)
+
+    # -- reads by chunk ----------------------------------------------------------------
+
+    def _trusted_manifest(self, sha1: str, given: str | None) -> str | None:
+        """The manifest to read ``sha1`` through: the one the caller gave, else the one on
+        record in the store; None for none (or one caught lying)."""
+        if given is not None:
+            if (sha1, given) in self._lies:
+                raise IntegrityError(self._lies[(sha1, given)])
+            return given
+        known = self.store.cache.known_manifest(sha1)
+        if known is None or (sha1, known[0]) in self._lies:
+            return None
+        return known[0]
+
+    async def _manifest_or_none(self, channel: str, sha1: str, manifest_sha1: str, *,
+                                given: bool) -> Manifest | None:
+        """The parsed manifest ``manifest_sha1`` of ``sha1``. One the caller gave must be
+        good (errors raised); one on record that cannot be had or is bad is dropped, and
+        the file is read whole (None)."""
+        manifest = self._manifests.get(manifest_sha1)
+        if manifest is not None and manifest.sha1 == sha1:
+            return manifest
         try:
-            has_whole = await self._head(channel, sha1) == manifest.size
-        except NotFound:
-            has_whole = False
-        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
-        return ChunkedContent(manifest, self.client, whole_url=url if has_whole else None,
-                              open_chunk=partial(self._read_all, channel))
+            manifest = Manifest.parse(await self._read_all(channel, manifest_sha1), sha1=sha1)
+        except KacheryError as exc:
+            if given:
+                raise
+            log.warning("sha1://%s: its manifest on record, sha1://%s, cannot be used (%s);"
+                        " reading the file whole", sha1, manifest_sha1, exc)
+            if isinstance(exc, IntegrityError):
+                self.store.cache.forget_manifest(sha1, manifest_sha1)
+            return None
+        self._manifests[manifest_sha1] = manifest
+        return manifest
+
+    async def _open_chunked(self, channel: str, sha1: str, manifest: Manifest) -> Content:
+        """A reader's handle on the one :class:`ChunkedContent` of (``sha1``, ``manifest``);
+        in strict mode, the file read whole into the store first, then opened there."""
+        key = (channel, sha1, manifest.hash)
+        shared = self._chunked.get(key)
+        if shared is None:
+            try:
+                has_whole = await self._head(channel, sha1) == manifest.size
+            except NotFound:
+                has_whole = False
+            shared = self._chunked.get(key)  # another opener may have made it meanwhile
+            if shared is None:
+                url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+                content = ChunkedContent(
+                    manifest, self.client, whole_url=url if has_whole else None,
+                    open_chunk=partial(self._read_all, channel), store=self.store,
+                    nursery=self.nursery, on_lie=partial(self._lied, channel, manifest))
+                shared = self._chunked[key] = [content, 0]
+        shared[1] += 1
+        handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))
+        if not self.strict:
+            return handle
+        try:
+            offset = 0
+            while offset < handle.size:  # each chunk verified; the whole, at the last one
+                offset += len(await handle.read(offset, manifest.chunks[0].size))
+        finally:
+            handle.close()
+        local = self._open_local(sha1)
+        if local is None:
+            raise KacheryError(f"sha1://{sha1} was read and verified whole but could not"
+                               " be kept in the local store (is the disk full?): strict mode"
+                               " serves only files that are there")
+        return local
+
+    def _release_chunked(self, key: tuple[str, str, str], shared: list) -> None:
+        shared[1] -= 1
+        if shared[1] == 0:
+            if self._chunked.get(key) is shared:
+                del self._chunked[key]
+            shared[0].close()
+
+    def _lied(self, channel: str, manifest: Manifest, actual: str) -> None:
+        """The chunks of ``manifest`` matched, but the whole file hashed to ``actual``."""
+        self._lies[(manifest.sha1, manifest.hash)] = (
+            f"manifest sha1://{manifest.hash} lies about sha1://{manifest.sha1}: its chunks"
+            f" make sha1://{actual}")
+        self.store.cache.forget_manifest(manifest.sha1, manifest.hash)
 
     async def _head(self, channel: str, sha1: str) -> int:
         """The size of ``sha1``'s object in ``channel``'s bucket (``NotFound`` if absent),

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import sys
 from functools import partial
 
 import trio
 
-from ..chunks import ChunkedContent
-from ..errors import IntegrityError, InvalidInput, KacheryError, NotFound, leaves
+from ..errors import InvalidInput, KacheryError, NotFound, leaves
 from ..requester import DEFAULT_STALL_TIMEOUT_S
 from ..uris import format_uri, is_sha1, parse_uri
 from . import _common
@@ -94,13 +92,13 @@ async def _cat(args) -> int:
         if args.channel:
             node.channels.get(args.channel)  # NotFound with advice
         async with running(node, upload_workers=0, keep_cache=False,
-                           request_timeout=args.request_timeout) as parts:
+                           request_timeout=args.request_timeout,
+                           strict=args.strict) as parts:
+            # Read by chunk (?manifest=), each chunk is verified before it is written out,
+            # and the whole file's SHA-1 before its last chunk is.
             content = await _open_content(parts.resolver, uri.sha1, [args.channel] if args.channel
                                           else [c.name for c in node.channels.all()],
                                           manifest=manifest and manifest.lower())
-            # Read by chunk, each chunk was verified before it was written out; the whole
-            # file's SHA-1 is checked too, at the end.
-            whole = hashlib.sha1() if isinstance(content, ChunkedContent) else None
             try:
                 out = sys.stdout.buffer
                 offset = 0
@@ -110,17 +108,10 @@ async def _cat(args) -> int:
                         raise KacheryError(f"sha1://{uri.sha1} ended at byte {offset} of"
                                            f" {content.size}")
                     out.write(chunk)
-                    if whole is not None:
-                        whole.update(chunk)
                     offset += len(chunk)
                 out.flush()
             finally:
                 content.close()
-        if whole is not None and whole.hexdigest() != uri.sha1:
-            raise IntegrityError(
-                f"the chunks of manifest {manifest} each matched, but together they are"
-                f" sha1://{whole.hexdigest()}, not sha1://{uri.sha1}: the manifest is"
-                " wrong, and what was written is not that file")
     finally:
         await node.aclose()
     return 0
@@ -140,9 +131,7 @@ async def _open_content(resolver, sha1: str, channels: list[str], *,
     errors = []
     for channel in channels:
         try:
-            if manifest is not None:
-                return await resolver.open_by_manifest(channel, sha1, manifest)
-            return await resolver.open(channel, sha1)
+            return await resolver.open(channel, sha1, manifest=manifest)
         except KacheryError as exc:
             errors.append(f"{channel}: {exc}")
     raise NotFound(f"could not get sha1://{sha1}: {'; '.join(errors)}")
@@ -188,14 +177,20 @@ def add_commands(sub) -> None:
              " byte is written. With ?manifest=<hash> (kachery's form for files over"
              " 20,000,000 bytes) it is read by chunk: each chunk is verified against its SHA-1"
              " in that manifest before it is written, only the chunks needed are fetched (also"
-             " from a bucket that holds only chunks), and the whole SHA-1 is checked at the"
-             " end.")
+             " from a bucket that holds only chunks), and the whole SHA-1 is checked before"
+             " the last chunk is written. So is a file whose manifest this node knows (it"
+             " computed it, or the channel's hub vouches for it); --strict writes nothing"
+             " before the whole file is verified.")
     s.add_argument("uri", metavar="URI",
                    help="sha1://<hash>[/<name>], with or without ?label=... or ?manifest=...")
     s.add_argument("--channel", help="look only in this channel")
     s.add_argument("--request-timeout", type=float, default=DEFAULT_STALL_TIMEOUT_S,
                    metavar="SECONDS", help="give up on a file requested from other nodes when"
                    f" it makes no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})")
+    s.add_argument("--strict", action="store_true",
+                   help="write nothing before the whole file is fetched and verified against"
+                   " its SHA-1, even a large file with a manifest (which is then only a way"
+                   " to fetch it)")
     _add_cache_size(s, "when adding the content to it")
     s.set_defaults(run=_cat, is_async=True)
 

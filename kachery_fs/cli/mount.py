@@ -76,7 +76,7 @@ async def _mount_foreground(args) -> int:
         _apply_cache_size(node, args)
         await run_mount(node, mountpoint, allow_other=args.allow_other,
                         debug=args.debug_fuse, request_timeout=args.request_timeout,
-                        bwlimit=args.bwlimit)
+                        bwlimit=args.bwlimit, strict=args.strict)
     finally:
         await node.aclose()
     _check_unmounted(mountpoint)
@@ -271,6 +271,9 @@ MOUNT_OPTIONS = (
     Option("--allow-other", "let other users see the mount (needs user_allow_other in"
            " /etc/fuse.conf)"),
     Option("--debug-fuse", "libfuse debug output"),
+    Option("--strict", "serve no byte of a file before the whole file is fetched and"
+           " verified against its SHA-1: no reads by chunk of large files (a first read of"
+           " a cold 2 GB file then waits for all of it)"),
     Option("--request-timeout", "give up on a file requested from other nodes when it makes"
            f" no progress for this long (default {DEFAULT_STALL_TIMEOUT_S:g})", type=float,
            default=DEFAULT_STALL_TIMEOUT_S, metavar="SECONDS", example="12.5"),

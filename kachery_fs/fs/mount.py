@@ -43,14 +43,14 @@ def check_mountpoint(mountpoint: Path) -> None:
 
 async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     debug: bool = False, request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
-                    bwlimit: float | None = None,
+                    bwlimit: float | None = None, strict: bool = False,
                     also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
     async with running(node, provide=True, feeds=True, bwlimit=bwlimit,
-                       request_timeout=request_timeout) as parts:
+                       request_timeout=request_timeout, strict=strict) as parts:
         nursery = parts.nursery
         nursery.start_soon(partial(status.keep_written, node, provider=parts.provider,
                                    resolver=parts.resolver, mountpoint=str(mountpoint)))

@@ -21,6 +21,7 @@ from ..identity import is_node_id
 from ..state import INODE_BASE, NodeDB
 from ..uris import is_sha1
 from .vnodes import (
+    MANIFEST_MARK,
     ChannelDir,
     FeedDir,
     FeedsDir,
@@ -89,8 +90,10 @@ class Namespace:
                 if name in self.channel_names():
                     return ChannelDir(name)
             case Sha1Dir(channel=channel):
-                if is_sha1(name) and name == name.lower():
-                    return HashFile(channel, name)
+                sha1, mark, manifest = name.partition(MANIFEST_MARK)
+                if (is_sha1(sha1) and sha1 == sha1.lower()
+                        and (not mark or is_sha1(manifest) and manifest == manifest.lower())):
+                    return HashFile(channel, sha1, manifest or None)
             case FeedsDir(channel=channel):
                 if is_node_id(name):
                     return FeedDir(channel, name)

@@ -23,7 +23,7 @@ from .. import status
 from ..channels import Channels
 from ..errors import Conflict, NotFound, PermissionDenied, ReadOnly
 from ..feeds import FeedFiles
-from ..resolver import Content, LocalContent, Resolver
+from ..resolver import Content, LocalContent, Resolver, SharedChunks
 from ..state import NodeDB
 from ..store import Store
 from ..uploader import Uploader
@@ -105,8 +105,8 @@ class Operations(pyfuse3.Operations):
     async def _attrs_async(self, vnode: VNode) -> pyfuse3.EntryAttributes:
         size = 0
         match vnode:
-            case HashFile(channel=channel, sha1=sha1):
-                size = await self.resolver.size(channel, sha1)
+            case HashFile(channel=channel, sha1=sha1, manifest=manifest):
+                size = await self.resolver.size(channel, sha1, manifest=manifest)
             case SubfeedFile(channel=channel, feed=feed, subfeed=subfeed):
                 size = await self._feeds().size(channel, feed, subfeed)
         return self._attrs(vnode, size=size)
@@ -328,7 +328,8 @@ class Operations(pyfuse3.Operations):
             if isinstance(vnode, HashFile):
                 if accmode != os.O_RDONLY:
                     raise ReadOnly("content under sha1/ is read-only")
-                content = await self.resolver.open(vnode.channel, vnode.sha1)
+                content = await self.resolver.open(vnode.channel, vnode.sha1,
+                                                   manifest=vnode.manifest)
                 return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, content=content)),
                                         keep_cache=True)
             if isinstance(vnode, SubfeedFile):
@@ -392,7 +393,11 @@ class Operations(pyfuse3.Operations):
             try:
                 return await handle.content.read(off, size)
             except Exception:
-                if isinstance(vnode, HashFile):
+                # A whole download that failed may have had a bad copy's size: look the
+                # name up again. A chunk that failed fails alone (the size came from a
+                # trusted manifest, and the other chunks stay readable).
+                if isinstance(vnode, HashFile) and not isinstance(handle.content,
+                                                                  SharedChunks):
                     self._invalidate(self.ns.inode(vnode))
                     self._renew(vnode)
                 raise
@@ -435,9 +440,9 @@ class Operations(pyfuse3.Operations):
         async def invalidate():
             try:
                 await trio.to_thread.run_sync(pyfuse3.invalidate_entry, parent,
-                                              os.fsencode(vnode.sha1))
+                                              os.fsencode(vnode.name))
             except Exception as exc:
-                log.debug("invalidate_entry(%d, %s): %s", parent, vnode.sha1, exc)
+                log.debug("invalidate_entry(%d, %s): %s", parent, vnode.name, exc)
 
         self.nursery.start_soon(invalidate)
 
@@ -524,9 +529,11 @@ class Operations(pyfuse3.Operations):
                 case ChannelDir(channel=channel):
                     if name == XATTR_STATUS and self.snapshot is not None:
                         return status.render(self.snapshot(), channel=channel).encode()
-                case HashFile(sha1=sha1):
+                case HashFile(sha1=sha1, manifest=manifest):
                     if name == XATTR_URI:
-                        return format_uri(sha1).encode()
+                        known = self.store.cache.known_manifest(sha1)
+                        return format_uri(sha1, manifest=manifest or (known and known[0])
+                                          ).encode()
                     if name == XATTR_STATUS:
                         return b"local" if self.store.has(sha1) else b"remote"
                 case NamedEntry(entry_id=entry_id):
@@ -534,8 +541,10 @@ class Operations(pyfuse3.Operations):
                     if not entry.is_dir and name in (XATTR_URI, XATTR_STATUS):
                         if self.staging.is_writing(entry.id) or entry.sha1 is None:
                             return b"" if name == XATTR_URI else b"writing"
-                        if name == XATTR_URI:
-                            return format_uri(entry.sha1, entry.name).encode()
+                        if name == XATTR_URI:  # kachery's form for a file with a manifest
+                            known = self.store.cache.known_manifest(entry.sha1)
+                            return format_uri(entry.sha1, entry.name, manifest=known[0]
+                                              if known is not None else None).encode()
                         return self.uploader.status(entry.channel, entry.sha1).encode()
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

@@ -5,7 +5,7 @@
     Root                      /
     ChannelDir                /<channel>
     Sha1Dir                   /<channel>/sha1
-    HashFile                  /<channel>/sha1/<hash>
+    HashFile                  /<channel>/sha1/<hash>[?manifest=<hash>]
     FeedsDir                  /<channel>/feeds
     FeedDir                   /<channel>/feeds/<feed-id>
     SubfeedFile               /<channel>/feeds/<feed-id>/<subfeed>
@@ -72,10 +72,22 @@ class FeedDir(VNode):
 
 @dataclass(frozen=True)
 class HashFile(VNode):
-    """``/<channel>/sha1/<hash>``: immutable content, read-only."""
+    """``/<channel>/sha1/<hash>``: immutable content, read-only; also
+    ``/<channel>/sha1/<hash>?manifest=<hash>``, the same content read by chunk through a
+    manifest the user names (kachery's URI form, for files over 20,000,000 bytes)."""
 
     channel: str
     sha1: str
+    manifest: str | None = None
+
+    @property
+    def name(self) -> str:
+        """The name of this node in ``sha1/``."""
+        return self.sha1 if self.manifest is None else f"{self.sha1}{MANIFEST_MARK}{self.manifest}"
+
+
+#: What joins a hash and its manifest's hash in a name under ``sha1/`` (kachery's URI query).
+MANIFEST_MARK = "?manifest="
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,24 @@ chunk objects (hub-era kachery's layout). Against a real hub and local bucket on
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import os
 
+import pyfuse3
 import pytest
 import trio
 
+from kachery_fs import cache, parts
+from kachery_fs import chunks as chunks_module
 from kachery_fs import manifest as manifest_module
-from kachery_fs import parts
 from kachery_fs.cli import data as cli_data
-from kachery_fs.errors import IntegrityError
+from kachery_fs.errors import IntegrityError, leaves
 from kachery_fs.manifest import manifest_of
 
 from ..util import local_bucket_file, log_requests, until
 from . import test_faults
-from .test_faults import CH, in_bucket, make_node
+from .test_faults import CH, CTX, fuse_errno, in_bucket, make_node, mount_in_process
 
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
 CHUNK = 256 * 1024
@@ -62,7 +65,7 @@ async def test_a_read_fetches_only_the_chunk_it_touches_from_the_whole_object(hu
     # Across a chunk boundary and into the short last chunk: two more chunks, no more.
     with trio.fail_after(WAIT_S):
         assert await content.read(4 * CHUNK - 10, 20) == data[4 * CHUNK - 10:4 * CHUNK + 10]
-    assert content.fetched == 3
+    assert content.chunked.fetched == 3
     content.close()
 
 
@@ -119,7 +122,8 @@ async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery,
     node = await make_node(hub, "reader")
     monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: node)
     args = argparse.Namespace(uri=f"sha1://{sha1}/big.bin?manifest={manifest.hash}",
-                              channel=None, cache_size=None, request_timeout=WAIT_S)
+                              channel=None, cache_size=None, request_timeout=WAIT_S,
+                              strict=False)
     with trio.fail_after(WAIT_S):
         assert await cli_data._cat(args) == 0
     assert capsysbinary.readouterr().out == data
@@ -132,8 +136,19 @@ async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery,
     node = await make_node(hub, "second reader")
     monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: node)
     args.uri = f"sha1://{sha1}?manifest={liar.hash}"
-    with trio.fail_after(WAIT_S), pytest.raises(IntegrityError, match="the manifest is wrong"):
-        await cli_data._cat(args)
+    with trio.fail_after(WAIT_S), pytest.raises(BaseExceptionGroup) as raised:
+        await cli_data._cat(args)  # raised in the parts' nursery: the CLI unwraps it
+    assert [str(e) for e in leaves(raised.value) if isinstance(e, IntegrityError)] == [
+        f"the chunks of manifest sha1://{liar.hash} each matched, but together they are"
+        f" sha1://{hashlib.sha1(b''.join(reversed_bytes(data, manifest))).hexdigest()}, not"
+        f" sha1://{sha1}: the manifest is wrong, and what was read is not that file"]
+    # Nothing of the last chunk was written out: the lie was caught before it.
+    assert len(capsysbinary.readouterr().out) <= manifest.chunks[-1].start
+
+
+def reversed_bytes(data, manifest):
+    a, b, *rest = manifest.chunks
+    return [data[b.start:b.end], data[a.start:a.end], *(data[c.start:c.end] for c in rest)]
 
 
 def reversed_chunks(data, manifest):
@@ -165,10 +180,163 @@ async def test_put_prints_kacherys_manifest_uri_and_cat_reads_it_by_chunk(
     reader = await make_node(hub, "reader")
     monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: reader)
     requests = log_requests(hub)
-    cat = argparse.Namespace(uri=uri, channel=None, cache_size=None, request_timeout=WAIT_S)
+    cat = argparse.Namespace(uri=uri, channel=None, cache_size=None, request_timeout=WAIT_S,
+                              strict=False)
     with trio.fail_after(WAIT_S):
         assert await cli_data._cat(cat) == 0
     assert capsysbinary.readouterr().out == data
     ranged = [h.get("range") for method, target, h in requests.seen
               if method == "GET" and sha1 in target]
     assert len(ranged) == len(manifest.chunks) and all(ranged)  # by chunk, from the whole
+
+
+# -- the mount's handlers ------------------------------------------------------------------
+
+
+def ranged_gets(requests, sha1: str) -> list[str | None]:
+    return [h.get("range") for method, target, h in requests.seen
+            if method == "GET" and target.endswith(sha1)]
+
+
+async def read_range(fs, inode: int, offset: int, size: int) -> bytes:
+    fh = (await fs.ops.open(inode, os.O_RDONLY, CTX)).fh
+    try:
+        return await fs.ops.read(fh, offset, size)
+    finally:
+        await fs.ops.release(fh)
+
+
+async def test_sha1_hash_with_its_manifest_in_the_name_is_read_by_chunk(hub, nursery):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        assert attrs.st_size == len(data)  # from the manifest
+        assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 7, 100) == data[
+            3 * CHUNK + 7:3 * CHUNK + 107]
+    assert ranged_gets(requests, sha1) == [f"bytes={3 * CHUNK}-{4 * CHUNK - 1}"]
+    assert await fs.ops.getxattr(attrs.st_ino, b"user.kachery.uri", CTX) == (
+        f"sha1://{sha1}?manifest={manifest.hash}".encode())
+    # The bare hash is another name: without a manifest on record it is read whole.
+    assert (await fs.lookup(sha1)).st_ino != attrs.st_ino
+    for bad in (f"{sha1}?manifest=xyz", f"{sha1}?manifest={manifest.hash.upper()}",
+                f"{sha1}?label=x", f"{sha1}?manifest="):
+        assert await fuse_errno(fs.lookup(bad)) == errno.ENOENT
+
+
+async def test_a_manifest_on_record_makes_the_bare_hash_read_by_chunk(hub, nursery):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    reader.store.cache.note_manifest(sha1, manifest.hash, cache.MANIFEST_HUB)
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        assert attrs.st_size == len(data)
+        assert await read_range(fs, attrs.st_ino, CHUNK - 2, 4) == data[CHUNK - 2:CHUNK + 2]
+    assert ranged_gets(requests, sha1) == [f"bytes=0-{CHUNK - 1}",
+                                           f"bytes={CHUNK}-{2 * CHUNK - 1}"]
+    assert await fs.ops.getxattr(attrs.st_ino, b"user.kachery.uri", CTX) == (
+        f"sha1://{sha1}?manifest={manifest.hash}".encode())
+
+
+async def test_a_corrupt_chunk_is_eio_there_only_through_the_mount(hub, nursery):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    path = local_bucket_file(hub.server, CH, sha1)
+    bad = bytearray(path.read_bytes())
+    bad[2 * CHUNK] ^= 0xFF
+    path.write_bytes(bytes(bad))
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fuse_errno(fs.ops.read(fh, 2 * CHUNK + 10, 10)) == errno.EIO
+        assert await fs.ops.read(fh, 4 * CHUNK, 10) == data[4 * CHUNK:4 * CHUNK + 10]
+        assert await fs.ops.read(fh, 0, 10) == data[:10]
+        await fs.ops.release(fh)
+    assert not reader.store.has(sha1)  # nothing wrong cached
+
+
+async def test_a_sequential_reader_gets_read_ahead_and_the_file_is_kept_once_whole(
+        hub, nursery):
+    data, sha1, manifest = large_file(4.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 4096) == data[:4096]
+        assert ranged_gets(requests, sha1) == [f"bytes=0-{CHUNK - 1}"]  # not yet sequential
+        assert await fs.ops.read(fh, 4096, 4096) == data[4096:8192]
+        # Read on from where it stopped: the next READ_AHEAD chunks are fetched for it.
+        await until(lambda: len(ranged_gets(requests, sha1)) == 1 + chunks_module.READ_AHEAD,
+                    within=WAIT_S, what="the read-ahead")
+        got, offset = [], 0
+        while offset < len(data):
+            got.append(await fs.ops.read(fh, offset, 128 * 1024))
+            offset += len(got[-1])
+        assert b"".join([data[:0], *got]) == data
+        await fs.ops.release(fh)
+    assert len(ranged_gets(requests, sha1)) == len(manifest.chunks)  # each chunk once
+    # Read whole, in order: its whole SHA-1 checked, and it is in the store now.
+    assert reader.store.path(sha1).read_bytes() == data
+    assert (await fs.ops.getxattr(attrs.st_ino, b"user.kachery.status", CTX)) == b"local"
+
+
+async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery):
+    data, sha1, manifest = large_file(2.5)
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():
+        await in_bucket(hub, data[chunk.start:chunk.end])
+    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    await in_bucket(hub, liar.to_bytes())
+    reader = await make_node(hub, "reader")
+    reader.store.cache.note_manifest(sha1, liar.hash, cache.MANIFEST_HUB)
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        # Each chunk matches the liar's hash for it, so each is served ...
+        assert await fs.ops.read(fh, 0, CHUNK) == data[CHUNK:2 * CHUNK]
+        try:  # (the read-ahead may have caught the lie already)
+            assert await fs.ops.read(fh, CHUNK, CHUNK) == data[:CHUNK]
+        except pyfuse3.FUSEError as exc:
+            assert exc.errno == errno.EIO
+        # ... until the last one, where the whole SHA-1 is checked: never served.
+        assert await fuse_errno(fs.ops.read(fh, 2 * CHUNK, CHUNK)) == errno.EIO
+        assert await fuse_errno(fs.ops.read(fh, 0, 10)) == errno.EIO
+        await fs.ops.release(fh)
+    assert reader.store.cache.known_manifest(sha1) is None
+    assert not reader.store.has(sha1)
+    with trio.fail_after(WAIT_S):  # named in a path, it is refused at once now
+        assert await fuse_errno(fs.lookup(f"{sha1}?manifest={liar.hash}")) == errno.EIO
+
+
+async def test_strict_mode_serves_nothing_before_the_whole_file_is_verified(hub, nursery):
+    data, sha1, manifest = large_file(2.5)
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():  # only chunks: hub-era
+        await in_bucket(hub, data[chunk.start:chunk.end])
+    await in_bucket(hub, manifest.to_bytes())
+    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    await in_bucket(hub, liar.to_bytes())
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery, strict=True)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={liar.hash}")
+        # The lie is caught at open: not one byte was served.
+        assert await fuse_errno(fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)) == errno.EIO
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert reader.store.path(sha1).read_bytes() == data  # whole, verified, before
+        assert await fs.ops.read(fh, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+        await fs.ops.release(fh)
