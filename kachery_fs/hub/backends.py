@@ -8,12 +8,15 @@ backend; the hub speaks to every backend through :class:`BucketBackend` only.
 
 from __future__ import annotations
 
+import hashlib
+import os
 import re
-from typing import Protocol
+from collections.abc import Sequence
+from typing import BinaryIO, Protocol
 
 import trio
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, NotFound
 from ..protocol import SignedRequest
 from .gcs import GoogleCloudStorage
 from .gcs import check_bucket_name as check_gcs_bucket_name
@@ -39,7 +42,9 @@ class BucketBackend(Protocol):
     **Content.** ``can_hash`` says whether :meth:`sha1` is cheap enough to check every
     finalized upload (the local bucket: the file is on this machine, and a resumable
     upload was hashed as it arrived). Where it is False (GCS), :meth:`sha1` reads the whole
-    object through the hub, and is used only when a reader disputes an object.
+    object through the hub, and is used only when a reader disputes an object. The same
+    goes for :meth:`range_sha1s` (a vouched manifest's chunks, checked only where
+    ``can_hash``); :meth:`read` is for small objects (manifests) on every backend.
 
     **Errors.** Only the project's errors (:mod:`kachery_fs.errors`): ``NotFound`` (the
     object, for :meth:`sha1`; the bucket itself, for any call of a backend that can tell
@@ -62,6 +67,19 @@ class BucketBackend(Protocol):
 
     async def sha1(self, key: str) -> str:
         """The lowercase SHA-1 hex digest of the object's bytes; ``NotFound`` if absent."""
+        ...
+
+    async def read(self, key: str, *, max_bytes: int) -> bytes:
+        """The bytes of a small object (a manifest, which the hub checks before vouching
+        for it): ``NotFound`` if absent, ``InvalidInput`` if it has more than
+        ``max_bytes`` (at most ``max_bytes + 1`` are read)."""
+        ...
+
+    async def range_sha1s(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[str]:
+        """The lowercase SHA-1 of the object's bytes ``[start, end)`` for each range, in
+        order (a manifest's chunks); ``NotFound`` if absent, ``InvalidInput`` if a range
+        is not within the object. Reads the ranges' bytes: the hub calls it only where
+        ``can_hash``."""
         ...
 
     async def delete(self, key: str) -> None:
@@ -105,6 +123,45 @@ class LocalBucketBackend:
 
     async def sha1(self, key: str) -> str:
         return await trio.to_thread.run_sync(self.local.sha1, self.bucket, key)
+
+    async def read(self, key: str, *, max_bytes: int) -> bytes:
+        def read() -> bytes:
+            with self._open(key) as f:
+                data = f.read(max_bytes + 1)
+            if len(data) > max_bytes:
+                raise InvalidInput(f"{self.bucket}/{key} has more than {max_bytes:,} bytes")
+            return data
+        return await trio.to_thread.run_sync(read)
+
+    async def range_sha1s(self, key: str, ranges: Sequence[tuple[int, int]]) -> list[str]:
+        def digests() -> list[str]:
+            out = []
+            with self._open(key) as f:
+                size = os.fstat(f.fileno()).st_size
+                for start, end in ranges:
+                    if not 0 <= start <= end <= size:
+                        raise InvalidInput(f"bytes {start:,} to {end:,} are not within"
+                                           f" {self.bucket}/{key} ({size:,} bytes)")
+                    f.seek(start)
+                    hasher, left = hashlib.sha1(), end - start
+                    while left:
+                        block = f.read(min(left, 1 << 20))
+                        if not block:
+                            raise NotFound(f"{self.bucket}/{key} was cut short while read")
+                        hasher.update(block)
+                        left -= len(block)
+                    out.append(hasher.hexdigest())
+            return out
+        # Not abandoned when cancelled: the read ends, and its result is still delivered.
+        return await trio.to_thread.run_sync(digests)
+
+    def _open(self, key: str) -> BinaryIO:
+        """The object's file, open for reading (blocking: on a worker thread)."""
+        try:
+            fd, _ = self.local.open_object(self.bucket, key)
+        except FileNotFoundError:
+            raise NotFound(f"no object {self.bucket}/{key} in the local bucket") from None
+        return os.fdopen(fd, "rb")
 
     async def delete(self, key: str) -> None:
         self.local.delete(self.bucket, key)

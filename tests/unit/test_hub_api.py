@@ -71,7 +71,8 @@ async def test_a_known_request_is_dispatched(hub):
 @pytest.mark.parametrize("backend", [LocalBucketBackend, GcsBucketBackend])
 def test_every_backend_keeps_the_protocol(backend):
     assert isinstance(backend.can_hash, bool)
-    for name in ("base_url", "stat", "sha1", "delete", "resumable_upload", "put"):
+    for name in ("base_url", "stat", "sha1", "read", "range_sha1s", "delete",
+                 "resumable_upload", "put"):
         want, got = getattr(BucketBackend, name), getattr(backend, name)
         assert inspect.iscoroutinefunction(got) == inspect.iscoroutinefunction(want), name
         assert [(p.name, p.kind, p.default) for p in
