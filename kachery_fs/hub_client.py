@@ -18,8 +18,13 @@ from ._http import check_response, error_for_exception
 from .errors import KacheryError, PermissionDenied, ProtocolError
 from .identity import NodeKey
 from .protocol import Request, SignedRequest
+from .uris import is_sha1
 
 log = logging.getLogger(__name__)
+
+#: The rate (bytes/s) at which a hub is assumed to read a file whose manifest it checks,
+#: at the least: a finalize with a manifest waits that long for its answer, and 30 s more.
+MANIFEST_CHECK_RATE = 50e6
 
 
 class ChannelChanges(TypedDict, total=False):
@@ -50,18 +55,21 @@ class HubClient:
         return {"body": body, "nodeId": self.key.node_id, "signature": self.key.sign(body)}
 
     async def call(self, kind: Request, *, wait_s: float = 0.0, cosign: NodeKey | None = None,
-                   **fields) -> dict:
+                   timeout_s: float | None = None, **fields) -> dict:
         """Send one signed request; returns the JSON answer or raises a project error.
 
         The one way to the hub's API: the typed methods below call it. ``wait_s`` > 0 makes
         it a long-poll: the hub may hold it that long. ``cosign``: a second key (a feed's
-        owner) signs the request too.
+        owner) signs the request too. ``timeout_s``: how long the answer may take, for a
+        request the hub works on longer than the client's timeout.
         """
         what = f"hub {self.url} {kind}"
         kwargs: dict[str, Any] = {}  # for client.post
         if wait_s > 0:
             fields["waitMs"] = int(wait_s * 1000)
             kwargs["timeout"] = httpx.Timeout(wait_s + 15, connect=10)
+        elif timeout_s is not None:
+            kwargs["timeout"] = httpx.Timeout(timeout_s, connect=10)
         try:
             response = await self.client.post(f"{self.url}/api/node",
                                               json=self.envelope(kind, fields, cosign),
@@ -135,8 +143,38 @@ class HubClient:
             return SignedRequest.from_json(answer["upload"])
         raise ProtocolError(f"hub {self.url}: unexpected initiateUpload answer {answer!r}")
 
-    async def finalize_upload(self, channel: str, sha1: str, size: int) -> None:
-        await self.call(Request.FINALIZE_UPLOAD, channel=channel, sha1=sha1, size=size)
+    async def finalize_upload(self, channel: str, sha1: str, size: int, *,
+                              manifest: str | None = None) -> str | None:
+        """The upload of ``sha1`` is in the bucket: the hub checks it and records it. With
+        ``manifest``, this node also vouches that the manifest of that SHA-1 (in the bucket
+        already) is the file's; returns the hub's word on it: ``"vouched"`` or
+        ``"refused: <why>"`` (the finalize stands either way), or None without a manifest
+        or from a hub that keeps no manifests."""
+        fields: dict[str, Any] = {"channel": channel, "sha1": sha1, "size": size}
+        kwargs: dict[str, Any] = {}
+        if manifest is not None:
+            fields["manifest"] = manifest
+            # A hub that can hash its bucket reads the whole file to check the chunks.
+            kwargs["timeout_s"] = 30.0 + size / MANIFEST_CHECK_RATE
+        answer = await self.call(Request.FINALIZE_UPLOAD, **kwargs, **fields)
+        said = answer.get("manifest") if manifest is not None else None
+        return said if isinstance(said, str) else None
+
+    async def get_manifest(self, channel: str, sha1: str) -> str | None:
+        """The SHA-1 of the manifest of ``sha1`` that the hub has on record (a node vouched
+        for it and the hub checked it), or None."""
+        answer = await self.call(Request.GET_MANIFEST, channel=channel, sha1=sha1)
+        manifest = answer.get("manifest")
+        if manifest is not None and not (isinstance(manifest, str) and is_sha1(manifest)):
+            raise ProtocolError(f"hub {self.url}: unexpected getManifest answer {answer!r}")
+        return manifest.lower() if manifest is not None else None
+
+    async def report_manifest(self, channel: str, sha1: str, manifest: str,
+                              actual_sha1: str) -> None:
+        """Tell the hub that the chunks of ``manifest`` (on record for ``sha1``) each
+        matched, yet together hash to ``actual_sha1``: it drops the record."""
+        await self.call(Request.REPORT_MANIFEST, channel=channel, sha1=sha1,
+                        manifest=manifest, actualSha1=actual_sha1)
 
     async def report_downloads(self, channel: str, downloads: Iterable[tuple[str, int]]) -> None:
         """Tell the hub how many bytes of which objects this node downloaded from the

@@ -32,6 +32,9 @@ class Request(enum.StrEnum):
     INITIATE_UPLOAD = "initiateUpload"
     FINALIZE_UPLOAD = "finalizeUpload"
     REPORT_DOWNLOADS = "reportDownloads"
+    # the manifests of large files that the hub vouches for (see hub.manifests)
+    GET_MANIFEST = "getManifest"
+    REPORT_MANIFEST = "reportManifest"
     # file requests between nodes
     REQUEST_FILE = "requestFile"
     LISTEN_REQUESTS = "listenRequests"

@@ -176,6 +176,12 @@ def render_channel_stats(stats: dict, cost: dict, prices: dict) -> str:
         line("downloads", "downloads"),
         f"  {'requests':<13}{stats['requests']['count']:>10,}",
     ]
+    if "manifests" in stats:  # a hub that keeps manifests of large files
+        out.append(f"  {'manifests':<13}{stats['manifests']:>10,}  on record (vouched for"
+                   " by nodes at upload)")
+        for node, v in stats.get("vouchers", {}).items():
+            out.append(f"    node {node[:12]}…  {v['vouched']:,} vouched, {v['refused']:,}"
+                       f" refused, {v['disputed']:,} disputed by readers")
     reuploads, uploads = stats["reuploads"]["count"], stats["uploads"]["count"]
     if uploads and reuploads / uploads > 0.1:
         out.append(f"  note: {reuploads / uploads:.0%} of uploads were of files evicted before:"
@@ -288,7 +294,9 @@ def add_commands(sub) -> None:
     c = _sub(cs, "stats", "show a channel's bucket usage, demand and cost",
              "Show what channel NAME keeps in its bucket against its allocation; the uploads,"
              " re-uploads of evicted files, evictions and downloads counted since the counts began"
-             " (when the channel was created, or when its hub was upgraded to keep them); and"
+             " (when the channel was created, or when its hub was upgraded to keep them); the"
+             " manifests of large files on record and, for each node that vouched for some,"
+             " how many of its vouches were refused or disputed by readers; and"
              " an estimate of what a month of it costs on Google Cloud Storage"
              " at list prices (change them with the price flags).")
     c.add_argument("name", metavar="NAME", help="channel name")

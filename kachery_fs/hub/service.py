@@ -2,7 +2,9 @@
 
 The hub is the control plane. It never carries file bytes: it signs URLs that let a
 node write exactly one object of exactly one size into a channel's bucket, and checks
-that object before recording it.
+that object before recording it. A node that uploads a large file may vouch for its
+manifest at the finalize; the hub checks and records that too, for readers that read by
+chunk (``hub.manifests``).
 
 Every node request is an envelope ``{"body": {...}, "nodeId": <hex>, "signature": <hex>}``
 (kachery's shape) whose body also carries ``type``, ``timestamp`` (ms) and ``nonce``:
@@ -43,6 +45,7 @@ from ..uris import is_sha1
 from .backends import BucketBackend, Buckets
 from .cache import BucketCache, parse_allocation
 from .feeds import FeedIndex
+from .manifests import ManifestRecords, check_manifest
 from .requests import FileRequests, check_wait
 
 log = logging.getLogger(__name__)
@@ -76,6 +79,12 @@ MAX_FALSE_DISPUTES = 3
 
 #: The largest file the hub signs an upload for (5 TiB, GCS's object limit).
 MAX_OBJECT_SIZE = 5 * 1024**4
+
+#: Vouched manifests whose chunks are checked against the bucket's bytes at once (each
+#: reads a whole large file on a worker thread), and how long a refused vouch is answered
+#: without checking it again.
+MANIFEST_CHECKS = 2
+REFUSED_VOUCH_TTL_S = 3600.0
 
 
 class AuthError(PermissionDenied):
@@ -127,6 +136,12 @@ class Hub:
         self._disputes: dict[tuple[str, str], trio.Event] = {}
         self._checked: TTLCache = TTLCache(maxsize=100_000, ttl=DISPUTE_TTL_S)
         self._false_disputes: TTLCache = TTLCache(maxsize=100_000, ttl=DISPUTE_TTL_S)
+        # Vouched manifests (see hub.manifests): the checks running (one at a time for a
+        # file), their bound, and the refusals of the last hour.
+        self.manifests = ManifestRecords(db.connection)
+        self._vouching: dict[tuple[str, str], trio.Event] = {}
+        self._manifest_checks = trio.CapacityLimiter(MANIFEST_CHECKS)
+        self._refused_vouches: TTLCache = TTLCache(maxsize=100_000, ttl=REFUSED_VOUCH_TTL_S)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -280,9 +295,13 @@ class Hub:
         return {"channel": name, "allocation": allocation, "lowWatermark": low}
 
     async def _on_channelStats(self, caller: Caller, body: dict) -> dict:
+        """A channel's bucket cache figures, its bucket, the manifests on record
+        (``manifests``) and each node's vouches (``vouchers``: recorded, refused,
+        disputed)."""
         self._require_owner(caller)
         name = check_channel_name(body.get("channel"))
-        return {**self.cache.stats(name), "bucket": self.db.channel(name).bucket_uri}
+        return {**self.cache.stats(name), **self.manifests.stats(name),
+                "bucket": self.db.channel(name).bucket_uri}
 
     async def _on_reportDownloads(self, caller: Caller, body: dict) -> dict:
         """A node reports what it downloaded from the bucket: the demand that decides which
@@ -349,15 +368,110 @@ class Hub:
         return {"status": "upload", "upload": signed.to_json()}
 
     async def _on_finalizeUpload(self, caller: Caller, body: dict) -> dict:
+        """The node's upload of ``sha1`` is in the bucket: check it and record it. With
+        ``manifest`` (a SHA-1), the node also vouches for that manifest as the file's:
+        the answer's ``manifest`` is ``"vouched"`` or ``"refused: <why>"`` (see
+        ``hub.manifests``); a refused vouch leaves the finalize as it is."""
         channel = check_channel_name(body.get("channel"))
         self._require(caller, channel, "provideFiles")
         sha1, size = self._sha1_and_size(body)
+        manifest = body.get("manifest")
+        if manifest is not None and (not isinstance(manifest, str) or not is_sha1(manifest)):
+            raise InvalidInput(f"invalid manifest {manifest!r}: expected the SHA-1 of the"
+                               " file's manifest")
         backend = self._backend(channel)
         actual = await backend.stat(object_key(channel, sha1))
         if actual is None:
             raise NotFound(f"sha1://{sha1} is not in the bucket of channel {channel!r}")
         await self._settle(backend, caller, channel, sha1, size, actual, uploaded=True)
-        return {"status": "finalized"}
+        if manifest is None:
+            return {"status": "finalized"}
+        return {"status": "finalized",
+                "manifest": await self._vouch(caller, channel, sha1, size, manifest.lower())}
+
+    async def _vouch(self, caller: Caller, channel: str, sha1: str, size: int,
+                     manifest: str) -> str:
+        """``caller`` vouches for ``manifest`` as that of ``sha1`` (finalized, ``size``
+        bytes): ``"vouched"`` once it is on record, or ``"refused: <why>"``. A vouch on
+        record is not checked again, nor, for :data:`REFUSED_VOUCH_TTL_S`, one refused
+        for its content; the vouches of a file are taken one at a time."""
+        key = (channel, sha1)
+        while (running := self._vouching.get(key)) is not None:
+            await running.wait()
+        on_record = self.manifests.get(channel, sha1)
+        if on_record == manifest:
+            return "vouched"
+        why: str | None
+        if on_record is not None:
+            why = f"manifest {on_record} is on record for it"
+        else:
+            why = self._refused_vouches.get((channel, sha1, manifest))
+        if why is None:
+            self._vouching[key] = done = trio.Event()
+            try:
+                try:
+                    async with self._manifest_checks:
+                        await check_manifest(self._backend(channel), channel, sha1, size,
+                                             manifest)
+                except (IntegrityError, NotFound, InvalidInput) as exc:
+                    why = str(exc)
+                    if not isinstance(exc, NotFound):  # a missing object may come yet
+                        self._refused_vouches[(channel, sha1, manifest)] = why
+                else:
+                    # At once, with no checkpoint between: a check that ran to its end is
+                    # recorded even if the finalize was cancelled meanwhile.
+                    self.manifests.record(channel, sha1, manifest, caller.node_id)
+                    log.info("channel %s: manifest %s of sha1://%s on record, vouched for by"
+                             " %s…", channel, manifest, sha1, caller.node_id[:12])
+                    return "vouched"
+            finally:
+                del self._vouching[key]
+                done.set()
+        self.manifests.refused(channel, caller.node_id)
+        log.warning("channel %s: %s… vouched for manifest %s as that of sha1://%s; refused:"
+                    " %s", channel, caller.node_id[:12], manifest, sha1, why)
+        return f"refused: {why}"
+
+    async def _on_getManifest(self, caller: Caller, body: dict) -> dict:
+        """The manifest on record for ``sha1`` (its SHA-1; ``manifest``), or null: one a
+        node vouched for at the file's finalize and the hub checked (``hub.manifests``)."""
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "requestFiles")
+        sha1 = body.get("sha1")
+        if not isinstance(sha1, str) or not is_sha1(sha1):
+            raise InvalidInput(f"invalid sha1 {sha1!r}")
+        return {"manifest": self.manifests.get(channel, sha1.lower())}
+
+    async def _on_reportManifest(self, caller: Caller, body: dict) -> dict:
+        """A reader reports that the chunks of ``manifest``, the manifest on record for
+        ``sha1``, each matched their SHA-1 but together hash to ``actualSha1``: the
+        manifest lies. The record is dropped (if it is still that manifest's), with a
+        warning that names the node that vouched for it and the reporter, and the dispute
+        is counted against the voucher (``hub channel stats``). ``dropped`` in the answer
+        says whether there was such a record.
+
+        Any member that may request files can drop a record this way, a true one too:
+        that costs readers speed only (without a manifest on record they read the whole
+        file and verify it before serving a byte), never correctness, and the dispute
+        counted shows who reported what in the log."""
+        channel = check_channel_name(body.get("channel"))
+        self._require(caller, channel, "requestFiles")
+        sha1, manifest, actual = body.get("sha1"), body.get("manifest"), body.get("actualSha1")
+        for name, value in (("sha1", sha1), ("manifest", manifest), ("actualSha1", actual)):
+            if not isinstance(value, str) or not is_sha1(value):
+                raise InvalidInput(f"invalid {name} {value!r}: expected a SHA-1")
+        assert isinstance(sha1, str) and isinstance(manifest, str) and isinstance(actual, str)
+        sha1, manifest, actual = sha1.lower(), manifest.lower(), actual.lower()
+        if actual == sha1:
+            raise InvalidInput(f"actualSha1 is sha1://{sha1} itself: the manifest made the"
+                               " file it names, there is nothing to report")
+        voucher = self.manifests.drop(channel, sha1, manifest)
+        if voucher is None:
+            return {"dropped": False}
+        log.warning("channel %s: %s… reports that manifest %s, vouched for by %s…, makes"
+                    " sha1://%s, not sha1://%s; dropped it", channel, caller.node_id[:12],
+                    manifest, voucher[:12], actual, sha1)
+        return {"dropped": True}
 
     async def _settle(self, backend: BucketBackend, caller: Caller, channel: str, sha1: str,
                       size: int, actual: int, *, uploaded: bool = False) -> bool:
@@ -642,6 +756,8 @@ HANDLERS: Mapping[Request, Handler] = {
     Request.LIST_CHANNELS: Hub._on_listChannels,
     Request.INITIATE_UPLOAD: Hub._on_initiateUpload,
     Request.FINALIZE_UPLOAD: Hub._on_finalizeUpload,
+    Request.GET_MANIFEST: Hub._on_getManifest,
+    Request.REPORT_MANIFEST: Hub._on_reportManifest,
     Request.REPORT_DOWNLOADS: Hub._on_reportDownloads,
     Request.REQUEST_FILE: Hub._on_requestFile,
     Request.LISTEN_REQUESTS: Hub._on_listenRequests,

@@ -1,9 +1,9 @@
 """The hub's state in SQLite: channels, authorizations, seen nonces, finalized objects.
 
 The schema of the whole ``hub.db`` is here (:data:`SCHEMA`, one ordered list of
-migrations), also for the tables that ``hub.requests``, ``hub.feeds`` and ``hub.cache``
-query on this connection. The objects table is kept by ``hub.cache`` (its own columns are
-migration 2).
+migrations), also for the tables that ``hub.requests``, ``hub.feeds``, ``hub.cache`` and
+``hub.manifests`` query on this connection. The objects table is kept by ``hub.cache`` (its
+own columns are migration 2); the manifests vouched for are migration 3.
 
 Short synchronous transactions, called from the hub's trio thread. Every change is
 committed at once, so a permission change is in force for the very next request.
@@ -104,6 +104,27 @@ def _add_object_cache_columns(db: sqlite3.Connection) -> None:
     db.execute("CREATE INDEX IF NOT EXISTS objects_lru ON objects (channel, stored, last_demand)")
 
 
+# Version 3: the manifests of large files that nodes vouched for (hub.manifests), and what
+# became of each node's vouches.
+_V3 = """
+CREATE TABLE manifests (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,             -- a large file's SHA-1
+    manifest TEXT NOT NULL,         -- the SHA-1 of its kachery manifest
+    vouched_by TEXT NOT NULL,       -- the node that vouched for it at its finalize
+    vouched_at REAL NOT NULL,
+    PRIMARY KEY (channel, sha1)
+) WITHOUT ROWID;
+CREATE TABLE manifest_vouchers (
+    channel TEXT NOT NULL,
+    node_id TEXT NOT NULL,
+    vouched INTEGER NOT NULL DEFAULT 0,   -- vouches recorded
+    refused INTEGER NOT NULL DEFAULT 0,   -- vouches whose check failed
+    disputed INTEGER NOT NULL DEFAULT 0,  -- recorded vouches a reader reported as lies
+    PRIMARY KEY (channel, node_id)
+) WITHOUT ROWID;
+"""
+
 #: ``hub.db``'s versions (see :mod:`kachery_fs._sqlite`), for every part of the hub: they
 #: keep their queries, the schema of the file is here. Version 2 is kachery-fs 0.1.0's.
 SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
@@ -111,6 +132,8 @@ SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
                  " bucket cache settings and counters", _V1),
     Migration(2, "objects: the bucket cache's columns (stored, last demand, downloads,"
                  " evicted at) and its eviction index", run=_add_object_cache_columns),
+    Migration(3, "manifests of large files vouched for by nodes, and each node's vouches"
+                 " (recorded, refused, disputed)", _V3),
 ))
 
 
