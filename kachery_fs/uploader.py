@@ -9,6 +9,12 @@ resumable URL) → session start → chunked PUTs (progress persisted) → ``fin
 the hub, which checks the object. Transient failures are retried with backoff without
 limit; a refusal (no permission, bad object) marks the upload failed with the reason,
 which ``user.kachery.status`` shows.
+
+A large file whose manifest this node computed from the file itself (``put``, ``store
+add``: source ``here`` in the store's index) has that manifest uploaded first, and its
+finalize vouches for it, so that the hub can tell readers which manifest to trust
+(``hub.manifests``). A manifest the hub vouched for is never vouched for again from
+here. A vouch the hub refuses is a warning: the upload is done all the same.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import httpx
 import trio
 
 from . import resumable
+from .cache import MANIFEST_HERE
 from .channels import Channels
 from .errors import (
     Conflict,
@@ -33,6 +40,7 @@ from .errors import (
     PermissionDenied,
     Unavailable,
 )
+from .hub_client import HubClient
 from .retry import background, pause
 from .state import NodeDB
 from .store import Store
@@ -246,17 +254,19 @@ class Uploader:
                 db.update_upload(job.channel, job.sha1, session_uri=None, committed=0)
             else:
                 if committed is None:
-                    await hub.finalize_upload(job.channel, job.sha1, job.size)
+                    await self._finalize(hub, job)
                     return
                 offset = committed
         if not session:
             signed = await hub.initiate_upload(job.channel, job.sha1, job.size)
-            if signed is None:
-                return  # the bucket already has it (the hub checked)
+            if signed is None:  # the bucket already has it (the hub checked)
+                if self._manifest_here(job.sha1) is not None:
+                    await self._finalize(hub, job)  # for the vouch: the hub may have none
+                return
             try:
                 session = await resumable.start_session(client, signed)
             except Conflict:
-                await hub.finalize_upload(job.channel, job.sha1, job.size)
+                await self._finalize(hub, job)
                 return
             db.update_upload(job.channel, job.sha1, session_uri=session, committed=0,
                              state="uploading")
@@ -280,5 +290,55 @@ class Uploader:
             # content): the hub's finalize checks it as if it were ours.
             log.info("sha1://%s appeared in the bucket of %s during its upload", job.sha1,
                      job.channel)
-        await hub.finalize_upload(job.channel, job.sha1, job.size)
+        await self._finalize(hub, job)
         db.update_upload(job.channel, job.sha1, session_uri=None)
+
+    def _manifest_here(self, sha1: str) -> str | None:
+        """The manifest of ``sha1`` that this node computed from the file itself, if any
+        (one the hub vouched for is not this node's to vouch for again)."""
+        known = self.store.cache.known_manifest(sha1)
+        return known[0] if known is not None and known[1] == MANIFEST_HERE else None
+
+    async def _finalize(self, hub: HubClient, job) -> None:
+        """The hub's finalize of ``job``. For a large file whose manifest this node computed
+        (:meth:`_manifest_here`), the manifest goes up first and the finalize vouches for
+        it; a vouch the hub refuses is a warning, the upload is done all the same."""
+        manifest = await self._upload_manifest(job)
+        said = await hub.finalize_upload(job.channel, job.sha1, job.size, manifest=manifest)
+        if manifest is None:
+            return
+        if said == "vouched":
+            log.info("the hub of %s has manifest %s of sha1://%s on record", job.channel,
+                     manifest, job.sha1)
+        elif said is None:
+            log.info("the hub of %s keeps no manifests: readers of sha1://%s read it whole",
+                     job.channel, job.sha1)
+        else:
+            log.warning("the hub of %s did not take this node's manifest %s of sha1://%s:"
+                        " %s (readers read the file whole; the upload is done)", job.channel,
+                        manifest, job.sha1, said.removeprefix("refused: "))
+
+    async def _upload_manifest(self, job) -> str | None:
+        """Put the manifest of ``job``'s file that this node computed in the bucket (through
+        :meth:`upload_now`, one attempt) and return its SHA-1 to vouch for; None when there
+        is none, it is gone from the store, or its upload was refused. A transient error is
+        raised: the job's finalize is tried again with it."""
+        manifest = self._manifest_here(job.sha1)
+        if manifest is None:
+            return None
+        size = self.store.size(manifest)
+        if size is None:
+            log.warning("the manifest %s of sha1://%s is no longer in the local store:"
+                        " finalizing the file without vouching for it", manifest, job.sha1)
+            return None
+        try:
+            await self.upload_now(job.channel, manifest, size, retry=False)
+        except KacheryError as exc:
+            up = self.db.upload(job.channel, manifest)
+            if up is None or up.state != "failed":
+                raise  # transient (it stays queued): the finalize waits for it
+            log.warning("the manifest %s of sha1://%s could not be uploaded (%s):"
+                        " finalizing the file without vouching for it", manifest, job.sha1,
+                        exc)
+            return None
+        return manifest
