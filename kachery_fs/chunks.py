@@ -60,12 +60,14 @@ class ChunkedContent:
                  store: Store | None = None,
                  nursery: trio.Nursery | None = None,
                  on_lie: Callable[[str], None] | None = None,
-                 on_complete: Callable[[], None] | None = None):
+                 on_complete: Callable[[], None] | None = None,
+                 on_fetched: Callable[[int], None] | None = None):
         """``whole_url``: the whole object in the bucket, or None; ``open_chunk(sha1)``:
         the verified bytes of a chunk as content of its own; ``store``: where a file read
         whole is put; ``nursery``: runs read-ahead (none without it); ``on_lie(actual)``:
         the chunks matched but the whole file hashed to ``actual``; ``on_complete()``: the
-        whole file was verified and is in ``store``."""
+        whole file was verified and is in ``store``; ``on_fetched(nbytes)``: bytes came
+        from the whole object in the bucket (demand, for the hub's cache)."""
         self.manifest = manifest
         self.size = manifest.size
         self._client = client
@@ -75,6 +77,7 @@ class ChunkedContent:
         self._nursery = nursery
         self._on_lie = on_lie
         self._on_complete = on_complete
+        self._on_fetched = on_fetched
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._locks: dict[int, trio.Lock] = {}
         self._ends: deque[int] = deque(maxlen=8)  # where recent reads ended
@@ -156,6 +159,8 @@ class ChunkedContent:
         chunk = self.manifest.chunks[i]
         if self._whole_url is not None:
             data = await fetch_range(self._client, self._whole_url, chunk.start, chunk.end)
+            if self._on_fetched is not None:
+                self._on_fetched(len(data))
         else:
             data = await self._open_chunk(chunk.sha1)
         digest = await trio.to_thread.run_sync(lambda: hashlib.sha1(data).hexdigest())

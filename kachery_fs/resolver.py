@@ -389,7 +389,8 @@ class Resolver:
                 content = ChunkedContent(
                     manifest, self.client, whole_url=url if has_whole else None,
                     open_chunk=partial(self._read_all, channel), store=self.store,
-                    nursery=self.nursery, on_lie=partial(self._lied, channel, manifest))
+                    nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
+                    on_fetched=partial(self.downloads.add, channel, sha1))
                 shared = self._chunked[key] = [content, 0]
         shared[1] += 1
         handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))

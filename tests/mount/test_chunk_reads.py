@@ -1,0 +1,89 @@
+"""Large files read by chunk through real mounts, two nodes: A puts a file of 2.5 chunks
+(kachery's 20,000,000 bytes each: the mount is a subprocess), B reads it cold through
+``sha1/<hash>?manifest=<hash>``. The reads themselves are tested in process in
+tests/inproc/test_chunks.py."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import ExitStack
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kachery_fs.manifest import CHUNK_SIZE
+
+from ..util import kfs, make_cluster, mounted, require_fuse
+
+SIZE = CHUNK_SIZE * 5 // 2
+
+
+def put_large_file(c, tmp_path) -> tuple[bytes, str, str]:
+    data = os.urandom(SIZE)
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    uri = kfs(c.a, "put", "-q", str(src)).stdout.decode().strip()
+    sha1 = hashlib.sha1(data).hexdigest()
+    assert uri.startswith(f"sha1://{sha1}/big.bin?manifest=")
+    return data, sha1, uri.rpartition("=")[2]
+
+
+def manifest_size(c, manifest: str) -> int:
+    return len(kfs(c.a, "cat", f"sha1://{manifest}").stdout)  # A has it: no download
+
+
+def downloaded_bytes(c) -> int:
+    out = kfs(c.a, "hub", "channel", "stats", c.channel, "--json", "--hub", c.hub.url).stdout
+    return json.loads(out)["downloads"]["bytes"]
+
+
+def test_random_reads_of_a_cold_large_file_match_and_fetch_only_their_chunks(tmp_path):
+    require_fuse()
+    c = make_cluster(tmp_path, channel="chunks.test")
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        data, sha1, manifest = put_large_file(c, tmp_path)
+        name = f"{sha1}?manifest={manifest}"
+        with mounted(c.b, c.mnt_b):
+            path = c.mnt_b / c.channel / "sha1" / name
+            assert path.stat().st_size == SIZE  # from the manifest
+            with open(path, "rb") as f:  # one 4 KiB read inside the second chunk
+                f.seek(CHUNK_SIZE + 12_345)
+                assert f.read(4096) == data[CHUNK_SIZE + 12_345:CHUNK_SIZE + 16_441]
+        # B reported what it fetched when it unmounted: the manifest and that one chunk.
+        assert downloaded_bytes(c) == manifest_size(c, manifest) + CHUNK_SIZE
+
+        with mounted(c.b, c.mnt_b):
+            fd = os.open(c.mnt_b / c.channel / "sha1" / name, os.O_RDONLY)
+            try:
+                @settings(max_examples=60, deadline=None, database=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+                @given(st.one_of(
+                    st.integers(0, SIZE),  # anywhere
+                    st.sampled_from([CHUNK_SIZE, 2 * CHUNK_SIZE]).flatmap(  # at a boundary
+                        lambda b: st.integers(b - 5000, b + 5000)),
+                    st.integers(SIZE - 5000, SIZE)),  # in the last partial chunk, the end
+                    st.integers(1, 300_000))
+                def read_matches(offset, length):
+                    assert os.pread(fd, length, offset) == data[offset:offset + length]
+
+                read_matches()
+            finally:
+                os.close(fd)
+
+
+def test_a_sequential_read_is_verified_whole_and_kept(tmp_path):
+    require_fuse()
+    c = make_cluster(tmp_path, channel="chunks2.test")
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        data, sha1, manifest = put_large_file(c, tmp_path)
+        with mounted(c.b, c.mnt_b):
+            path = c.mnt_b / c.channel / "sha1" / f"{sha1}?manifest={manifest}"
+            assert hashlib.sha1(path.read_bytes()).hexdigest() == sha1
+            # Read in order, it was checked whole and kept: the bare hash is local now.
+            bare = c.mnt_b / c.channel / "sha1" / sha1
+            assert os.getxattr(bare, "user.kachery.status") == b"local"
+        assert downloaded_bytes(c) == manifest_size(c, manifest) + SIZE  # each chunk once
