@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeGuard
@@ -72,6 +72,20 @@ class Manifest:
         if offset >= end:
             return range(0)
         return range(offset // CHUNK_SIZE, (end - 1) // CHUNK_SIZE + 1)
+
+    @classmethod
+    def of_chunks(cls, size: int, sha1: str, chunk_sha1s: Sequence[str]) -> Manifest | None:
+        """The manifest of a file of ``size`` bytes that hashes to ``sha1`` and whose
+        chunks, in order, hash to ``chunk_sha1s`` (None for a file of at most one chunk:
+        it has no manifest)."""
+        if size <= CHUNK_SIZE:
+            return None
+        if len(chunk_sha1s) != -(-size // CHUNK_SIZE):
+            raise ValueError(f"a file of {size:,} bytes has {-(-size // CHUNK_SIZE):,}"
+                             f" chunks, not {len(chunk_sha1s):,}")
+        return cls(size, sha1, tuple(
+            Chunk(i * CHUNK_SIZE, min((i + 1) * CHUNK_SIZE, size), chunk_sha1)
+            for i, chunk_sha1 in enumerate(chunk_sha1s)))
 
     @classmethod
     def parse(cls, data: bytes, *, sha1: str | None = None) -> Manifest:

@@ -25,6 +25,11 @@ fetched content is evicted least recently read first (:mod:`kachery_fs.cache`). 
 way in records the object there; :meth:`Store.open` notes the read and holds a shared
 ``flock`` on the file while it is open, which keeps eviction away from it.
 
+A file over 20,000,000 bytes committed from a staging file that asks for it (the mount's
+writes, ``put``, ``store add``) also gets its kachery manifest, computed while it is
+written, stored as content of its own and recorded in the index before the file is in
+place (:class:`StagingFile`).
+
 All methods here block (file I/O, hashing); async callers run the big ones in
 ``trio.to_thread.run_sync``. Several processes may use one store at once: renames are
 atomic and content-addressed, so two writers of the same hash cannot conflict.
@@ -32,25 +37,32 @@ atomic and content-addressed, so two writers of the same hash cannot conflict.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
+from . import manifest as kachery_manifest
 from . import settings
 from .cache import ADDED, FETCHED, MANIFEST_HERE, WRITTEN, StoreCache
 from .errors import IntegrityError, NotFound, as_no_space
 from .layout import Layout
-from .manifest import Manifest, ManifestBuilder
+from .manifest import Manifest
 from .uris import is_sha1
 
 log = logging.getLogger(__name__)
 
 COPY_CHUNK = 1 << 20
+#: Threads hashing the chunks of files being written (for their manifests), beside the
+#: thread that hashes each file whole: hashlib lets go of the GIL while it hashes a large
+#: buffer, as os.pread does while it reads, so the two run on two cores.
+CHUNK_HASHERS = 2
 
 
 class StagingFile:
@@ -59,9 +71,20 @@ class StagingFile:
     Sequential writes (the common case: ``cp``, ``>``) are hashed on the fly. A write
     anywhere else marks the hash stale, and :meth:`commit` re-reads the file once.
     Not thread-safe: the mount serialises access per open file.
+
+    With ``manifest``, a file over :data:`~kachery_fs.manifest.CHUNK_SIZE` bytes also gets
+    its kachery manifest. While the writes are sequential, each chunk they have written
+    past the end of is hashed on a pool thread (:data:`CHUNK_HASHERS`), which reads it
+    back from the file (the page cache has it; no chunk is held in memory); the commit
+    waits for those and hashes the last chunk itself. A write anywhere else (or a
+    truncate) makes every chunk hash taken so far stale, whether or not its job has
+    finished, and the commit computes the manifest by re-reading the file, as it does the
+    SHA-1: no manifest ever holds a chunk hashed before a rewrite of it. The commit stores
+    the manifest as content of its own (``added``: never evicted) and records it as
+    trusted (``here``) before it puts the file in place (see :meth:`commit`).
     """
 
-    def __init__(self, store: Store, path: Path, fd: int):
+    def __init__(self, store: Store, path: Path, fd: int, *, manifest: bool = False):
         self._store = store
         self.path = path
         self.fd = fd
@@ -69,11 +92,21 @@ class StagingFile:
         self._hashed = 0  # bytes [0, _hashed) are in _hasher
         self._sequential = True
         self.size = 0
+        self._chunk_size = kachery_manifest.CHUNK_SIZE  # read once: one size per file
+        #: With ``manifest``: the hashes of chunks 0, 1, … being taken on the pool (each
+        #: job reads through a descriptor of its own, which it closes). Stale once the
+        #: writes are not sequential; the commit waits for them all the same.
+        self._chunk_jobs: list[concurrent.futures.Future[str]] | None = (
+            [] if manifest else None)
+        #: The manifest the commit made and stored (None: small file, or not asked for).
+        self.manifest: Manifest | None = None
 
     @classmethod
-    def from_existing(cls, store: Store, sha1: str | None, *, truncate: bool) -> StagingFile:
-        """A new staging file, holding a copy of stored content ``sha1`` unless ``truncate``."""
-        staging = store.new_staging()
+    def from_existing(cls, store: Store, sha1: str | None, *, truncate: bool,
+                      manifest: bool = False) -> StagingFile:
+        """A new staging file, holding a copy of stored content ``sha1`` unless
+        ``truncate`` (``manifest``: see the class)."""
+        staging = store.new_staging(manifest=manifest)
         if sha1 is not None and not truncate:
             try:
                 with open(store.path(sha1), "rb") as src:
@@ -89,10 +122,22 @@ class StagingFile:
         if self._sequential and offset == self._hashed:
             self._hasher.update(data[:n])
             self._hashed += n
+            if self._chunk_jobs is not None:
+                self._hash_passed_chunks()
         else:
             self._sequential = False  # commit() re-reads the file once
         self.size = max(self.size, offset + n)
         return n
+
+    def _hash_passed_chunks(self) -> None:
+        """Start hashing, on the pool, each chunk that the sequential writes have written
+        past the end of. The chunk that ends where the writes stand is left for the
+        commit: it may be the last one (a file of exactly one chunk has no manifest)."""
+        jobs, step = self._chunk_jobs, self._chunk_size
+        assert jobs is not None
+        while (len(jobs) + 1) * step < self._hashed:
+            start = len(jobs) * step
+            jobs.append(_hash_on_pool(self.fd, start, start + step))
 
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
@@ -103,29 +148,59 @@ class StagingFile:
             self._sequential = False
         self.size = length
 
-    def _digest(self) -> str:
-        if self._sequential and self._hashed == self.size:
-            return self._hasher.hexdigest()
-        hasher = hashlib.sha1()
-        offset = 0
-        while chunk := os.pread(self.fd, COPY_CHUNK, offset):
-            hasher.update(chunk)
-            offset += len(chunk)
-        return hasher.hexdigest()
+    def _hashes(self) -> tuple[str, Manifest | None]:
+        """The SHA-1 of the file and, if it was asked for and the file is over one chunk,
+        its manifest. Waits for every chunk job (none outlives the commit)."""
+        jobs = self._chunk_jobs or []
+        step, size = self._chunk_size, self.size
+        wanted = self._chunk_jobs is not None and size > step
+        if self._sequential and self._hashed == size:
+            sha1 = self._hasher.hexdigest()
+            chunks = [job.result() for job in jobs]
+            if wanted:  # the rest (the last chunk: writes never passed its end), here
+                chunks += [_hash_range(self.fd, start, min(start + step, size))
+                           for start in range(len(jobs) * step, size, step)]
+        else:
+            log.debug("%s was not written in order: hashed again (%d bytes)", self.path, size)
+            concurrent.futures.wait(jobs)  # stale: their hashes are not used
+            fresh = [_hash_on_pool(self.fd, start, min(start + step, size))
+                     for start in range(0, size, step)] if wanted else []
+            hasher = hashlib.sha1()
+            offset = 0
+            while chunk := os.pread(self.fd, COPY_CHUNK, offset):
+                hasher.update(chunk)
+                offset += len(chunk)
+            sha1 = hasher.hexdigest()
+            chunks = [job.result() for job in fresh]
+        if not wanted:
+            return sha1, None
+        manifest = Manifest.of_chunks(size, sha1, chunks)
+        assert manifest is not None  # over one chunk
+        return sha1, manifest
 
     def commit(self, *, origin: str = WRITTEN, expected: str | None = None) -> str:
         """fsync, hash and move into the store; returns the SHA-1. Closes the staging file.
 
         ``origin`` is recorded in the store's index (see :mod:`kachery_fs.cache`). With
         ``expected``, content that hashes to anything else is discarded: IntegrityError.
+
+        A manifest (see the class) is stored as content first, then recorded as the
+        file's, and only then is the file put in place: a crash between any two steps
+        leaves at most a small manifest nothing names, or a true manifest recorded for
+        content the store does not hold; never a record of a manifest that is not stored.
+        Any failure (a full disk) fails the commit whole, as before.
         """
         try:
             os.fsync(self.fd)
-            sha1 = self._digest()
+            sha1, manifest = self._hashes()
             if expected is not None:
                 _check_hash(expected, sha1)
+            if manifest is not None:
+                self._store.add_bytes(manifest.to_bytes())
+                self._store.cache.note_manifest(sha1, manifest.hash, MANIFEST_HERE)
             # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
             self._store._install(self.path, sha1, origin)
+            self.manifest = manifest
         except BaseException as exc:
             self.discard()
             full = as_no_space(exc, "recording a written file in the store's index")
@@ -241,9 +316,10 @@ class Store:
                 raise
             os.close(fd)  # lost that race: take another name
 
-    def new_staging(self) -> StagingFile:
+    def new_staging(self, *, manifest: bool = False) -> StagingFile:
+        """A new, empty staging file (``manifest``: see :class:`StagingFile`)."""
         path, fd = self.new_temp_file()
-        return StagingFile(self, path, fd)
+        return StagingFile(self, path, fd, manifest=manifest)
 
     def _install(self, temp: Path, sha1: str, origin: str) -> None:
         """Rename a complete, fsynced, verified temp file into place (or drop it if present),
@@ -295,41 +371,40 @@ class Store:
         self._install(temp, expected_sha1.lower(), FETCHED)
 
     def add_file(self, src: Path, *, progress=None, origin: str = ADDED,
-                 expected: str | None = None,
-                 also: Callable[[bytes], None] | None = None) -> tuple[str, int]:
+                 expected: str | None = None) -> tuple[str, int]:
         """Copy a file into the store, hashing as it is read; returns ``(sha1, size)``.
 
         ``origin`` is recorded in the index: by default the user added it, and it is
         kept. With ``expected``, a file whose content hashes to anything else is not
-        stored: IntegrityError. ``also(block)`` sees every block read, in order.
+        stored: IntegrityError.
         """
-        staging = self.new_staging()
+        sha1, size, _ = self._add_file(src, progress=progress, origin=origin,
+                                       expected=expected, manifest=False)
+        return sha1, size
+
+    def add_file_with_manifest(self, src: Path, *, progress=None,
+                               ) -> tuple[str, int, Manifest | None]:
+        """:meth:`add_file`, and for a file over :data:`~kachery_fs.manifest.CHUNK_SIZE`
+        bytes its kachery manifest, computed as it is copied (see :class:`StagingFile`)
+        and stored as content of its own (both kept whatever the store's limit)."""
+        return self._add_file(src, progress=progress, origin=ADDED, expected=None,
+                              manifest=True)
+
+    def _add_file(self, src: Path, *, progress, origin: str, expected: str | None,
+                  manifest: bool) -> tuple[str, int, Manifest | None]:
+        staging = self.new_staging(manifest=manifest)
         try:
             with open(src, "rb") as f:
                 while chunk := f.read(COPY_CHUNK):
                     staging.write(staging.size, chunk)
-                    if also is not None:
-                        also(chunk)
                     if progress is not None:
                         progress(len(chunk))
         except BaseException:
             staging.discard()
             raise
         size = staging.size
-        return staging.commit(origin=origin, expected=expected), size
-
-    def add_file_with_manifest(self, src: Path, *, progress=None,
-                               ) -> tuple[str, int, Manifest | None]:
-        """:meth:`add_file`, and for a file over :data:`~kachery_fs.manifest.CHUNK_SIZE`
-        bytes its kachery manifest, computed in the same pass and stored as content of its
-        own (both kept whatever the store's limit)."""
-        builder = ManifestBuilder()
-        sha1, size = self.add_file(src, progress=progress, also=builder.update)
-        _, manifest = builder.finish()
-        if manifest is not None:
-            self.add_bytes(manifest.to_bytes())
-            self.cache.note_manifest(sha1, manifest.hash, MANIFEST_HERE)
-        return sha1, size, manifest
+        sha1 = staging.commit(origin=origin, expected=expected)
+        return sha1, size, staging.manifest
 
     def add_bytes(self, data: bytes, *, origin: str = ADDED) -> str:
         staging = self.new_staging()
@@ -390,6 +465,58 @@ class Store:
         if removed:
             log.info("removed %d temp file(s) that no process holds", removed)
         return removed
+
+
+def _hash_range(fd: int, start: int, end: int) -> str:
+    """The SHA-1 of bytes ``[start, end)`` of the file open as ``fd``, read a block at a
+    time."""
+    hasher = hashlib.sha1()
+    offset = start
+    while offset < end:
+        block = os.pread(fd, min(COPY_CHUNK, end - offset), offset)
+        if not block:
+            raise IntegrityError(f"a file being written ends at byte {offset:,}, before"
+                                 f" the {end:,} written to it")
+        hasher.update(block)
+        offset += len(block)
+    return hasher.hexdigest()
+
+
+_pool: concurrent.futures.ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _hash_on_pool(fd: int, start: int, end: int) -> concurrent.futures.Future[str]:
+    """:func:`_hash_range` on a chunk-hashing thread, through a duplicate of ``fd`` that
+    the job owns and closes: whatever becomes of ``fd`` meanwhile (a staging file
+    discarded, its number reused), the job reads the file it was given."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = concurrent.futures.ThreadPoolExecutor(CHUNK_HASHERS,
+                                                          thread_name_prefix="chunk-sha1")
+        pool = _pool
+    own = os.dup(fd)
+    try:
+        return pool.submit(_hash_range_and_close, own, start, end)
+    except BaseException:
+        os.close(own)
+        raise
+
+
+def _hash_range_and_close(fd: int, start: int, end: int) -> str:
+    try:
+        return _hash_range(fd, start, end)
+    finally:
+        os.close(fd)
+
+
+def _forget_pool() -> None:
+    global _pool, _pool_lock
+    _pool, _pool_lock = None, threading.Lock()  # a forked child has none of its threads
+
+
+os.register_at_fork(after_in_child=_forget_pool)
 
 
 def _check_hash(expected: str, actual: str) -> None:
