@@ -12,7 +12,11 @@ states and transitions:
   waits for it, so a ``cp`` that has returned has its file in the store), on ``fsync``,
   and on the last close: the staging file moves into the store and the entry points at
   it. The upload is queued at the last close only, so a file written by several
-  short-lived processes sharing one descriptor is uploaded once.
+  short-lived processes sharing one descriptor is uploaded once. A file over
+  20,000,000 bytes gets its kachery manifest, hashed chunk by chunk as it was written
+  (``StagingFile(manifest=True)``): stored, and recorded in the store's index, so that
+  its ``user.kachery.uri`` is ``sha1://<hash>/<name>?manifest=<manifest hash>`` (and
+  the uploader puts it in the bucket before the file's finalize, which vouches for it).
 - **lose** (:meth:`Staging.lose`): a full disk (``ENOSPC``, ``EDQUOT``, ``EIO`` at a write,
   or ``NoSpace`` at the commit) makes the version being written impossible to save
   whole. It is dropped, the name keeps its previous content, and every later write,
@@ -192,7 +196,8 @@ class Staging:
                     raise NotFound(f"content of {entry.name!r} is no longer in the local store")
                 writer.staging = await trio.to_thread.run_sync(
                     lambda: StagingFile.from_existing(self.store, copy_from,
-                                                      truncate=copy_from is None))
+                                                      truncate=copy_from is None,
+                                                      manifest=True))
             return writer.staging
 
     async def write(self, writer: Writer, offset: int, data: bytes) -> int:

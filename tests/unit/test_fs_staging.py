@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
 
 import pytest
 
+from kachery_fs import manifest as manifest_module
+from kachery_fs.cache import MANIFEST_HERE
 from kachery_fs.errors import NoSpace, NotFound
 from kachery_fs.fs.staging import Staging
+from kachery_fs.manifest import manifest_of
 from kachery_fs.state import NodeDB
 from kachery_fs.store import Store
 
@@ -221,3 +225,27 @@ async def test_content_gone_from_the_store_is_not_found(parts):
         await staging.write(writer, 0, b"x")
     await staging.close_write(writer)
     assert staging.get(entry_id) is None
+
+
+async def test_a_large_file_written_gets_its_manifest_stored_and_recorded(parts, monkeypatch):
+    monkeypatch.setattr(manifest_module, "CHUNK_SIZE", 64 * 1024)  # files made small
+    staging, store, db, uploads, _ = parts
+    entry_id = new_file(db, store)
+    writer = await staging.open_write(entry_id, truncate=True)
+    data = os.urandom(200_000)
+    for offset in range(0, len(data), 4096):
+        await staging.write(writer, offset, data[offset:offset + 4096])
+    await staging.close_write(writer)
+    whole, manifest = manifest_of([data])
+    assert manifest is not None and db.entry(entry_id).sha1 == whole
+    assert store.cache.known_manifest(whole) == (manifest.hash, MANIFEST_HERE)
+    assert store.path(manifest.hash).read_bytes() == manifest.to_bytes()
+    # One upload: the uploader sends the manifest itself, before the file's finalize.
+    assert uploads.queued == [(CH, whole, len(data))]
+    # A small file, written after: no manifest, one upload.
+    small = db.create_entry(CH, 0, "small", is_dir=False, mode=0o644).id
+    writer = await staging.open_write(small, truncate=True)
+    await staging.write(writer, 0, b"small")
+    await staging.close_write(writer)
+    assert store.cache.known_manifest(sha1(b"small")) is None
+    assert uploads.queued[1:] == [(CH, sha1(b"small"), 5)]
