@@ -61,13 +61,15 @@ class ChunkedContent:
                  nursery: trio.Nursery | None = None,
                  on_lie: Callable[[str], None] | None = None,
                  on_complete: Callable[[], None] | None = None,
-                 on_fetched: Callable[[int], None] | None = None):
+                 on_fetched: Callable[[int], None] | None = None,
+                 on_bad_chunk: Callable[[IntegrityError], None] | None = None):
         """``whole_url``: the whole object in the bucket, or None; ``open_chunk(sha1)``:
         the verified bytes of a chunk as content of its own; ``store``: where a file read
         whole is put; ``nursery``: runs read-ahead (none without it); ``on_lie(actual)``:
         the chunks matched but the whole file hashed to ``actual``; ``on_complete()``: the
         whole file was verified and is in ``store``; ``on_fetched(nbytes)``: bytes came
-        from the whole object in the bucket (demand, for the hub's cache)."""
+        from the whole object in the bucket (demand, for the hub's cache);
+        ``on_bad_chunk(error)``: a chunk did not match its hash."""
         self.manifest = manifest
         self.size = manifest.size
         self._client = client
@@ -78,6 +80,7 @@ class ChunkedContent:
         self._on_lie = on_lie
         self._on_complete = on_complete
         self._on_fetched = on_fetched
+        self._on_bad_chunk = on_bad_chunk
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._locks: dict[int, trio.Lock] = {}
         self._ends: deque[int] = deque(maxlen=8)  # where recent reads ended
@@ -165,9 +168,13 @@ class ChunkedContent:
             data = await self._open_chunk(chunk.sha1)
         digest = await trio.to_thread.run_sync(lambda: hashlib.sha1(data).hexdigest())
         if len(data) != chunk.size or digest != chunk.sha1:
-            raise IntegrityError(
+            error = IntegrityError(
                 f"chunk {i} (bytes {chunk.start:,}-{chunk.end - 1:,}) of"
-                f" sha1://{self.manifest.sha1} does not match its SHA-1 in the manifest")
+                f" sha1://{self.manifest.sha1} does not match its SHA-1 in the manifest"
+                f" sha1://{self.manifest.hash}")
+            if self._on_bad_chunk is not None:
+                self._on_bad_chunk(error)
+            raise error
         return data
 
     # -- the whole file ----------------------------------------------------------------

@@ -34,6 +34,8 @@ from .channels import Channels
 from .chunks import ChunkedContent
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
+from . import manifest as manifest_module
+from .cache import MANIFEST_HUB
 from .manifest import Manifest
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
@@ -222,6 +224,8 @@ class Resolver:
                     request = self._request(channel, sha1, bad=True)
                 else:
                     self._sizes[key] = size
+                    if size > manifest_module.CHUNK_SIZE and not self.strict:
+                        await self._ask_hub_for_manifest(channel, sha1)
                     return size
         # In no bucket yet: a provider has been asked; its size is known once it accepts.
         size = await request.wait_size()
@@ -340,6 +344,22 @@ class Resolver:
 
     # -- reads by chunk ----------------------------------------------------------------
 
+    async def _ask_hub_for_manifest(self, channel: str, sha1: str) -> None:
+        """Record the manifest of large file ``sha1`` that ``channel``'s hub vouches for,
+        if it has one (within :data:`LOOKUP_DEADLINE_S`; without an answer, the file is
+        read whole)."""
+        if self.store.cache.known_manifest(sha1) is not None:
+            return
+        manifest = None
+        with trio.move_on_after(LOOKUP_DEADLINE_S):
+            try:
+                manifest = await self.channels.hub_of(channel).get_manifest(channel, sha1)
+            except KacheryError as exc:
+                log.info("sha1://%s: the hub of %s gave no manifest (%s); reading it whole",
+                         sha1, channel, exc)
+        if manifest is not None and (sha1, manifest) not in self._lies:
+            self.store.cache.note_manifest(sha1, manifest, MANIFEST_HUB)
+
     def _trusted_manifest(self, sha1: str, given: str | None) -> str | None:
         """The manifest to read ``sha1`` through: the one the caller gave, else the one on
         record in the store; None for none (or one caught lying)."""
@@ -390,7 +410,8 @@ class Resolver:
                     manifest, self.client, whole_url=url if has_whole else None,
                     open_chunk=partial(self._read_all, channel), store=self.store,
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
-                    on_fetched=partial(self.downloads.add, channel, sha1))
+                    on_fetched=partial(self.downloads.add, channel, sha1),
+                    on_bad_chunk=partial(self._bad_chunk, manifest))
                 shared = self._chunked[key] = [content, 0]
         shared[1] += 1
         handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))
@@ -416,12 +437,33 @@ class Resolver:
                 del self._chunked[key]
             shared[0].close()
 
+    def _bad_chunk(self, manifest: Manifest, error: IntegrityError) -> None:
+        """A chunk of ``manifest`` failed its hash: the manifest or the bucket's object is
+        wrong. A manifest on record is dropped, so that the next open reads the file whole
+        (verified against its own SHA-1, and the bad-object path takes over from there)."""
+        known = self.store.cache.known_manifest(manifest.sha1)
+        if known is not None and known[0] == manifest.hash:
+            log.warning("%s; reading sha1://%s whole from now on", error, manifest.sha1)
+            self.store.cache.forget_manifest(manifest.sha1, manifest.hash)
+
     def _lied(self, channel: str, manifest: Manifest, actual: str) -> None:
         """The chunks of ``manifest`` matched, but the whole file hashed to ``actual``."""
         self._lies[(manifest.sha1, manifest.hash)] = (
             f"manifest sha1://{manifest.hash} lies about sha1://{manifest.sha1}: its chunks"
             f" make sha1://{actual}")
         self.store.cache.forget_manifest(manifest.sha1, manifest.hash)
+        self.nursery.start_soon(self._report_lie, channel, manifest, actual)
+
+    async def _report_lie(self, channel: str, manifest: Manifest, actual: str) -> None:
+        """Tell ``channel``'s hub (which drops the manifest if it vouched for it, and says
+        who vouched). Never raises: the readers were told already."""
+        with trio.move_on_after(LOOKUP_DEADLINE_S):
+            try:
+                await self.channels.hub_of(channel).report_manifest(
+                    channel, manifest.sha1, manifest.hash, actual)
+            except KacheryError as exc:
+                log.warning("could not tell the hub of %s that manifest sha1://%s lies: %s",
+                            channel, manifest.hash, exc)
 
     async def _head(self, channel: str, sha1: str) -> int:
         """The size of ``sha1``'s object in ``channel``'s bucket (``NotFound`` if absent),

@@ -19,6 +19,7 @@ from kachery_fs import chunks as chunks_module
 from kachery_fs import manifest as manifest_module
 from kachery_fs.cli import data as cli_data
 from kachery_fs.errors import IntegrityError, leaves
+from kachery_fs.hub import service as hub_service
 from kachery_fs.manifest import manifest_of
 
 from ..util import local_bucket_file, log_requests, until
@@ -340,3 +341,107 @@ async def test_strict_mode_serves_nothing_before_the_whole_file_is_verified(hub,
         assert reader.store.path(sha1).read_bytes() == data  # whole, verified, before
         assert await fs.ops.read(fh, CHUNK, 10) == data[CHUNK:CHUNK + 10]
         await fs.ops.release(fh)
+
+
+# -- a manifest the hub vouches for ----------------------------------------------------------
+
+
+async def put_with_manifest(hub, nursery, tmp_path, data: bytes) -> None:
+    """Store ``data`` on a writer node as put does (its manifest computed there) and upload
+    it: the writer vouches for the manifest at the finalize."""
+    writer = await make_node(hub, "writer")
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    await trio.to_thread.run_sync(writer.store.add_file_with_manifest, src)
+    uploader = (await parts.start(writer, nursery, upload_workers=0)).uploader
+    with trio.fail_after(WAIT_S):
+        await uploader.upload_now(CH, hashlib.sha1(data).hexdigest(), len(data))
+
+
+async def test_a_bare_hash_is_read_by_chunk_through_the_manifest_the_hub_vouches_for(
+        hub, nursery, tmp_path):
+    data, sha1, manifest = large_file()
+    await put_with_manifest(hub, nursery, tmp_path, data)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        assert attrs.st_size == len(data)
+        assert reader.store.cache.known_manifest(sha1) == (manifest.hash, cache.MANIFEST_HUB)
+        assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 1, 10) == data[
+            3 * CHUNK + 1:3 * CHUNK + 11]
+    assert ranged_gets(requests, sha1) == [f"bytes={3 * CHUNK}-{4 * CHUNK - 1}"]
+    # Strict: the hub is not asked, and the file is read whole before a byte is served.
+    strict_reader = await make_node(hub, "strict reader")
+    fs = await mount_in_process(strict_reader, nursery, strict=True)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        assert strict_reader.store.cache.known_manifest(sha1) is None
+        assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 1, 10) == data[
+            3 * CHUNK + 1:3 * CHUNK + 11]
+    await until(lambda: strict_reader.store.has(sha1), within=WAIT_S, what="the download")
+
+
+async def test_a_lie_the_hub_vouched_for_is_reported_and_the_hub_drops_it(
+        hub, nursery, tmp_path, monkeypatch):
+    """On GCS the hub hashes neither uploads nor chunks: a member can upload other bytes
+    under a file's hash and vouch for the manifest of those bytes. (Here the local bucket's
+    checks are switched off to stand for that.) Each chunk then matches; the whole does
+    not, and the reader finds out before it serves the last chunk."""
+    data, sha1, _ = large_file(2.5)
+    other = os.urandom(len(data))
+    _, liar = manifest_of([other])
+    assert liar is not None
+    liar = manifest_module.Manifest(liar.size, sha1, liar.chunks)  # "of" the real file
+    await in_bucket(hub, data)
+    local_bucket_file(hub.server, CH, sha1).write_bytes(other)
+    await in_bucket(hub, liar.to_bytes())
+
+    async def no_check(*args):
+        pass
+
+    monkeypatch.setattr(hub_service, "check_manifest", no_check)
+    voucher = await make_node(hub, "voucher")
+    assert await voucher.channels.hub(hub.url).finalize_upload(
+        CH, sha1, len(data), manifest=liar.hash) == "vouched"
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        offset, code = 0, None
+        while offset < len(data):
+            try:
+                offset += len(await fs.ops.read(fh, offset, CHUNK))
+            except pyfuse3.FUSEError as exc:
+                code = exc.errno
+                break
+        await fs.ops.release(fh)
+    assert code == errno.EIO and offset <= liar.chunks[-1].start  # the last chunk: never
+    await until(lambda: hub.server.hub.manifests.get(CH, sha1) is None, within=WAIT_S,
+                what="the hub to drop the lying manifest")
+    stats = await hub.owner.channel_stats(CH)
+    assert stats["vouchers"][voucher.node_id]["disputed"] == 1
+    assert reader.store.cache.known_manifest(sha1) is None
+    assert not reader.store.has(sha1)
+
+
+async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads(
+        hub, nursery):
+    """Chunk hashes that do not match the whole object (a manifest that lies, or a bad
+    object): the read fails there, and the next open reads the file whole, verified."""
+    data, sha1, manifest = large_file(2.5)
+    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    await in_bucket(hub, data)
+    await in_bucket(hub, liar.to_bytes())
+    reader = await make_node(hub, "reader")
+    reader.store.cache.note_manifest(sha1, liar.hash, cache.MANIFEST_HUB)
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fuse_errno(fs.ops.read(fh, 0, 10)) == errno.EIO
+        await fs.ops.release(fh)
+        assert reader.store.cache.known_manifest(sha1) is None
+        assert await read_range(fs, attrs.st_ino, 0, len(data)) == data
