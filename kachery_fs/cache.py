@@ -58,6 +58,8 @@ from .uris import is_sha1
 log = logging.getLogger(__name__)
 
 FETCHED, WRITTEN, ADDED = "fetched", "written", "added"
+#: What an eviction pass calls a partial file (not an origin: partials have their own table).
+PARTIAL = "partial"
 #: An eviction pass stops when the store is down to this share of its limit.
 LOW_WATERMARK = 0.9
 #: How long a committed file is kept before the entry naming it must pin it.
@@ -105,10 +107,32 @@ CREATE TABLE manifests (
 ) WITHOUT ROWID;
 """
 
+_V3 = """
+CREATE TABLE partials (
+    sha1 TEXT NOT NULL,             -- a large file of which some chunks are here
+    manifest TEXT NOT NULL,         -- the SHA-1 of the manifest that names its chunks
+    present BLOB NOT NULL,          -- one bit per chunk (chunk i: byte i // 8, bit i % 8)
+    bytes INTEGER NOT NULL,         -- the bytes of the chunks present
+    last_access REAL NOT NULL,
+    PRIMARY KEY (sha1, manifest)
+) WITHOUT ROWID;
+CREATE TRIGGER partials_added AFTER INSERT ON partials BEGIN
+    UPDATE totals SET value = value + NEW.bytes WHERE name = 'bytes';
+END;
+CREATE TRIGGER partials_grown AFTER UPDATE OF bytes ON partials BEGIN
+    UPDATE totals SET value = value + NEW.bytes - OLD.bytes WHERE name = 'bytes';
+END;
+CREATE TRIGGER partials_removed AFTER DELETE ON partials BEGIN
+    UPDATE totals SET value = value - OLD.bytes WHERE name = 'bytes';
+END;
+"""
+
 #: ``store.db``'s versions (see :mod:`kachery_fs._sqlite`).
 SCHEMA = Schema("store.db", synchronous="NORMAL", migrations=(
     Migration(1, "objects with size, origin and last read; totals kept by triggers", _V1),
     Migration(2, "trusted manifests of large files", _V2),
+    Migration(3, "partial files: the chunks of large files present, counted in the usage",
+              _V3),
 ))
 
 #: Where a trusted manifest came from: computed on this node from the file itself
@@ -195,6 +219,89 @@ class StoreCache:
         with self._lock:
             self._db.execute("DELETE FROM manifests WHERE sha1 = ? AND manifest = ?",
                              (sha1, manifest_sha1))
+
+    # -- partial files ------------------------------------------------------------------
+
+    def partial_chunks(self, sha1: str, manifest_sha1: str) -> set[int]:
+        """The chunks of the partial file of (``sha1``, ``manifest_sha1``) recorded as
+        present; its row is made (empty) if there is none."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
+                                       " manifest = ?", (sha1, manifest_sha1)).fetchone()
+                if row is None:
+                    self._db.execute(
+                        "INSERT INTO partials (sha1, manifest, present, bytes, last_access)"
+                        " VALUES (?, ?, x'', 0, ?)", (sha1, manifest_sha1, time.time()))
+                    present = b""
+                else:
+                    present = row[0]
+                    self._db.execute("UPDATE partials SET last_access = ? WHERE sha1 = ? AND"
+                                     " manifest = ?", (time.time(), sha1, manifest_sha1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return {i for i in range(len(present) * 8) if present[i // 8] >> (i % 8) & 1}
+
+    def partial_add(self, sha1: str, manifest_sha1: str, chunk: int, nbytes: int) -> bool:
+        """Record chunk ``chunk`` (``nbytes``) of the partial file of (``sha1``,
+        ``manifest_sha1``) as present; False when its row is gone (evicted meanwhile)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
+                                       " manifest = ?", (sha1, manifest_sha1)).fetchone()
+                if row is None:
+                    self._db.execute("COMMIT")
+                    return False
+                present = bytearray(row[0])
+                if len(present) <= chunk // 8:
+                    present.extend(bytes(chunk // 8 + 1 - len(present)))
+                if not present[chunk // 8] >> (chunk % 8) & 1:
+                    present[chunk // 8] |= 1 << (chunk % 8)
+                    self._db.execute("UPDATE partials SET present = ?, bytes = bytes + ?,"
+                                     " last_access = ? WHERE sha1 = ? AND manifest = ?",
+                                     (bytes(present), nbytes, time.time(), sha1,
+                                      manifest_sha1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return True
+
+    def partial_drop_chunk(self, sha1: str, manifest_sha1: str, chunk: int,
+                           nbytes: int) -> None:
+        """Chunk ``chunk`` of a partial file is not what its row said (lost in a crash,
+        say): no longer present."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
+                                       " manifest = ?", (sha1, manifest_sha1)).fetchone()
+                if row is not None and len(row[0]) > chunk // 8 and (
+                        row[0][chunk // 8] >> (chunk % 8) & 1):
+                    present = bytearray(row[0])
+                    present[chunk // 8] &= ~(1 << (chunk % 8)) & 0xFF
+                    self._db.execute("UPDATE partials SET present = ?, bytes = bytes - ?"
+                                     " WHERE sha1 = ? AND manifest = ?",
+                                     (bytes(present), nbytes, sha1, manifest_sha1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def partial_forget(self, sha1: str, manifest_sha1: str) -> None:
+        """Drop the row of a partial file that was removed, or became an object."""
+        with self._lock:
+            self._db.execute("DELETE FROM partials WHERE sha1 = ? AND manifest = ?",
+                             (sha1, manifest_sha1))
+
+    def partials(self) -> list[tuple[str, str, int]]:
+        """``(sha1, manifest sha1, bytes present)`` of every partial file on record."""
+        with self._lock:
+            return self._db.execute("SELECT sha1, manifest, bytes FROM partials").fetchall()
 
     def touch(self, sha1: str) -> None:
         """Note a read, in memory (written out by :meth:`flush`)."""
@@ -338,26 +445,36 @@ class StoreCache:
         now = time.time()
         victims: list[str] = []
         freed = 0
-        rows = self._db.execute("SELECT sha1, size, origin, last_access FROM objects"
-                                " WHERE origin != 'added' ORDER BY last_access")
+        partials: list[tuple[str, str]] = []
+        rows = self._db.execute("SELECT sha1, size, origin, last_access, NULL FROM objects"
+                                " WHERE origin != 'added' UNION ALL SELECT sha1, bytes,"
+                                f" '{PARTIAL}', last_access, manifest FROM partials"
+                                " ORDER BY last_access")
         try:
-            for sha1, size, origin, last_access in rows:
-                if usage - freed <= target or len(victims) >= EVICT_BATCH:
+            for sha1, size, origin, last_access, manifest in rows:
+                if usage - freed <= target or len(victims) + len(partials) >= EVICT_BATCH:
                     break
+                if origin == PARTIAL:
+                    if self._delete_unused(self.layout.partial_path(sha1, manifest)):
+                        partials.append((sha1, manifest))
+                        freed += size
+                    continue
                 if sha1 in pins or sha1 == self._newest:
                     continue
                 if origin == WRITTEN and now - last_access < WRITTEN_GRACE_S:
                     continue
-                if self._delete_unused(sha1):
+                if self._delete_unused(self.layout.path(sha1)):
                     victims.append(sha1)
                     freed += size
         finally:
             rows.close()
+        # Within the pass's transaction, as the objects' rows are.
+        self._db.executemany("DELETE FROM partials WHERE sha1 = ? AND manifest = ?", partials)
         return victims, freed
 
-    def _delete_unused(self, sha1: str) -> bool:
-        """Delete an object's file unless a reader holds it; True when it is gone."""
-        path = self.layout.path(sha1)
+    def _delete_unused(self, path: Path) -> bool:
+        """Delete an object's (or a partial) file unless a reader holds it; True when it is
+        gone."""
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:

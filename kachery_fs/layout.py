@@ -1,5 +1,6 @@
 """Where a store keeps its objects: kachery's layout, ``sha1/ab/cd/ef/<hash>`` under a root,
-with ``tmp/`` beside it for files being written.
+with ``tmp/`` beside it for files being written and ``partial/`` for large files of which
+only some chunks are here.
 
 Both the store (:mod:`kachery_fs.store`) and its cache index (:mod:`kachery_fs.cache`)
 find objects through this, so neither needs the other to know where a file is.
@@ -18,6 +19,7 @@ class Layout:
         self.root = Path(root)
         self.sha1_dir = self.root / "sha1"
         self.tmp_dir = self.root / "tmp"
+        self.partial_dir = self.root / "partial"
 
     def path(self, sha1: str) -> Path:
         """The path of object ``sha1`` (which need not exist)."""
@@ -25,3 +27,13 @@ class Layout:
             raise InvalidInput(f"not a SHA-1 hash: {sha1!r}")
         sha1 = sha1.lower()
         return self.sha1_dir / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1
+
+    def partial_path(self, sha1: str, manifest_sha1: str) -> Path:
+        """The path of the partial file of large file ``sha1`` read through manifest
+        ``manifest_sha1``: the chunks fetched so far, at their offsets, holes elsewhere
+        (see :mod:`kachery_fs.partial`). One per manifest: the chunks of a manifest that
+        lies never mix with another's."""
+        for h in (sha1, manifest_sha1):
+            if not is_sha1(h):
+                raise InvalidInput(f"not a SHA-1 hash: {h!r}")
+        return self.partial_dir / f"{sha1.lower()}-{manifest_sha1.lower()}"

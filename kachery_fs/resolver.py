@@ -37,6 +37,7 @@ from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from . import manifest as manifest_module
 from .cache import MANIFEST_HUB
 from .manifest import Manifest
+from .partial import PartialFile
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
 from .store import Store
@@ -403,12 +404,21 @@ class Resolver:
                 has_whole = await self._head(channel, sha1) == manifest.size
             except NotFound:
                 has_whole = False
+            try:
+                kept: PartialFile | None = await trio.to_thread.run_sync(
+                    PartialFile.open, self.store, manifest)
+            except OSError as exc:
+                log.warning("sha1://%s is read by chunk without keeping its chunks in the"
+                            " local store: %s", sha1, exc)
+                kept = None
             shared = self._chunked.get(key)  # another opener may have made it meanwhile
+            if shared is not None and kept is not None:
+                kept.close()
             if shared is None:
                 url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
                 content = ChunkedContent(
                     manifest, self.client, whole_url=url if has_whole else None,
-                    open_chunk=partial(self._read_all, channel), store=self.store,
+                    open_chunk=partial(self._read_all, channel), partial=kept,
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
                     on_bad_chunk=partial(self._bad_chunk, manifest))

@@ -353,6 +353,11 @@ class Store:
             self.cache.record(sha1, size, origin)
         self.cache.inserted(sha1)
 
+    def install_renamed(self, path: Path, sha1: str) -> None:
+        """Put a complete, fsynced file whose SHA-1 the caller checked (a partial file,
+        :mod:`kachery_fs.partial`) in place as fetched content, by renaming it."""
+        self._install(path, sha1.lower(), FETCHED)
+
     def install_verified(self, temp: Path, expected_sha1: str, *, actual_sha1: str) -> None:
         """Install a downloaded temp file whose hash the caller computed as ``actual_sha1``.
 

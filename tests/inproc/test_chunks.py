@@ -445,3 +445,101 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
         await fs.ops.release(fh)
         assert reader.store.cache.known_manifest(sha1) is None
         assert await read_range(fs, attrs.st_ino, 0, len(data)) == data
+
+
+# -- partial files in the store ---------------------------------------------------------------
+
+
+async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, nursery):
+    data, sha1, manifest = large_file(4.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    name = f"{sha1}?manifest={manifest.hash}"
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(name)
+        assert await read_range(fs, attrs.st_ino, 1 * CHUNK + 5, 10) == data[CHUNK + 5:CHUNK + 15]
+        assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 5, 10) == data[
+            3 * CHUNK + 5:3 * CHUNK + 15]
+    assert reader.store.cache.partials() == [(sha1, manifest.hash, 2 * CHUNK)]
+    usage = reader.store.cache.usage()
+    assert usage >= 2 * CHUNK  # the chunks count in the store's usage
+
+    # Another process on the same node directory (a remount) finds them there.
+    again = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await again.lookup(name)
+        fh = (await again.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await again.ops.read(fh, 3 * CHUNK, 100) == data[3 * CHUNK:3 * CHUNK + 100]
+        assert ranged_gets(requests, sha1) == []  # from the partial file, verified
+        assert await again.ops.read(fh, 2 * CHUNK, 100) == data[2 * CHUNK:2 * CHUNK + 100]
+        assert ranged_gets(requests, sha1) == [f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"]
+        # The rest, out of order: once the last chunk is there the file is checked whole
+        # and becomes an ordinary object of the store.
+        for i in (4, 0, 1):
+            assert await again.ops.read(fh, i * CHUNK, 10) == data[i * CHUNK:i * CHUNK + 10]
+        await until(lambda: reader.store.has(sha1), within=WAIT_S, what="the whole file")
+        await again.ops.release(fh)
+    assert reader.store.path(sha1).read_bytes() == data
+    assert reader.store.cache.partials() == []
+    assert reader.store.cache.usage() == usage - 2 * CHUNK + len(data)
+    assert not reader.store.layout.partial_path(sha1, manifest.hash).exists()
+
+
+async def test_a_chunk_of_a_partial_file_lost_in_a_crash_is_fetched_again(hub, nursery,
+                                                                          caplog):
+    data, sha1, manifest = large_file(2.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    name = f"{sha1}?manifest={manifest.hash}"
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(name)
+        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    # Recorded as present, but the bytes never reached the disk.
+    path = reader.store.layout.partial_path(sha1, manifest.hash)
+    with open(path, "r+b") as f:
+        f.seek(CHUNK)
+        f.write(bytes(CHUNK))
+    again = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await again.lookup(name)
+        assert await read_range(again, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    assert ranged_gets(requests, sha1) == [f"bytes={CHUNK}-{2 * CHUNK - 1}"]
+    assert any("lost in a crash?" in r.getMessage() for r in caplog.records)
+
+
+async def test_partial_files_are_evicted_least_recently_used_first_but_not_while_open(
+        hub, nursery):
+    files = [large_file(2.5) for _ in range(3)]
+    for data, _, manifest in files:
+        await in_bucket(hub, data)
+        await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    handles = []
+    with trio.fail_after(WAIT_S):
+        for data, sha1, manifest in files:
+            attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+            fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+            assert await fs.ops.read(fh, 0, 10) == data[:10]
+            handles.append(fh)
+            await trio.sleep(0.01)  # distinct access times
+    await fs.ops.release(handles[0])  # the oldest is closed; the others stay open
+    assert {p[0] for p in reader.store.cache.partials()} == {f[1] for f in files}
+    reader.store.cache.limit = reader.store.cache.usage() - 1
+    await trio.to_thread.run_sync(reader.store.cache.evict, set())
+    assert {p[0] for p in reader.store.cache.partials()} == {files[1][1], files[2][1]}
+    assert not reader.store.layout.partial_path(files[0][1], files[0][2].hash).exists()
+    # Over the limit still, but what is left is open: kept, and readable.
+    reader.store.cache.limit = 1
+    await trio.to_thread.run_sync(reader.store.cache.evict, set())
+    assert {p[0] for p in reader.store.cache.partials()} == {files[1][1], files[2][1]}
+    with trio.fail_after(WAIT_S):
+        assert await fs.ops.read(handles[1], 0, 10) == files[1][0][:10]
+    for fh in handles[1:]:
+        await fs.ops.release(fh)
