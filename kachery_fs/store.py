@@ -442,13 +442,21 @@ class Store:
         self.cache.forget(sha1.lower())
 
     def sweep_temp(self) -> int:
-        """Remove the temp files nobody holds (their ``flock`` is free); returns how many.
+        """Remove the temp files nobody holds (their ``flock`` is free), and the partial
+        files that are on no record; returns how many.
 
         A file in use by any process, this one included, is locked and left alone,
         whatever PID its name carries.
         """
         removed = 0
-        for entry in os.scandir(self.tmp_dir):
+        # Partial files without a row too (a crash between making one and recording it):
+        # a partial file being opened holds its lock before its row is made.
+        recorded = {f"{sha1}-{manifest}" for sha1, manifest, _ in self.cache.partials()}
+        entries = list(os.scandir(self.tmp_dir))
+        if self.layout.partial_dir.is_dir():
+            entries += [e for e in os.scandir(self.layout.partial_dir)
+                        if e.name not in recorded]
+        for entry in entries:
             if not entry.is_file(follow_symlinks=False):
                 continue
             try:

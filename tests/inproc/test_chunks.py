@@ -16,6 +16,7 @@ import trio
 
 from kachery_fs import cache, parts
 from kachery_fs import chunks as chunks_module
+from kachery_fs import partial as partial_module
 from kachery_fs import manifest as manifest_module
 from kachery_fs.cli import data as cli_data
 from kachery_fs.errors import IntegrityError, leaves
@@ -543,3 +544,16 @@ async def test_partial_files_are_evicted_least_recently_used_first_but_not_while
         assert await fs.ops.read(handles[1], 0, 10) == files[1][0][:10]
     for fh in handles[1:]:
         await fs.ops.release(fh)
+
+
+async def test_a_partial_file_on_no_record_is_swept_unless_held(hub, nursery):
+    data, sha1, manifest = large_file(2.5)
+    reader = await make_node(hub, "reader")
+    held = partial_module.PartialFile.open(reader.store, manifest)  # recorded, held
+    orphan = reader.store.layout.partial_path("1" * 40, "2" * 40)
+    orphan.write_bytes(b"left by a crash before its row")
+    assert reader.store.sweep_temp() == 1
+    assert not orphan.exists() and held.path.exists()
+    held.close()
+    assert reader.store.sweep_temp() == 0  # on record: kept for the next reader
+    assert held.path.exists()
