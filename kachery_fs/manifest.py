@@ -95,6 +95,8 @@ class Manifest:
             doc = json.loads(data)
         except (ValueError, UnicodeDecodeError):
             raise IntegrityError("not a kachery manifest: not JSON") from None
+        except RecursionError:  # [[[[...]]]]: nested past what the parser follows
+            raise IntegrityError("not a kachery manifest: JSON nested too deeply") from None
         if not isinstance(doc, dict):
             raise IntegrityError("not a kachery manifest: not a JSON object")
         size, whole, chunks = doc.get("size"), doc.get("sha1"), doc.get("chunks")

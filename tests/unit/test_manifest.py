@@ -74,6 +74,7 @@ def _doc(size=ZEROS, sha1="a" * 40, chunks=None):
                   {"start": 20_000_000, "end": 40_000_000, "sha1": "x"},
                   {"start": 40_000_000, "end": ZEROS, "sha1": "b" * 40}]), "chunk 1"),
     (_doc(size=10 ** 18, chunks=[]), "chunks, not 0"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
 ])
 def test_a_malformed_manifest_is_refused(data, why):
     with pytest.raises(IntegrityError, match=why):
