@@ -76,7 +76,7 @@ class StagingFile:
     its kachery manifest. While the writes are sequential, each chunk they have written
     past the end of is hashed on a pool thread (:data:`CHUNK_HASHERS`), which reads it
     back from the file (the page cache has it; no chunk is held in memory); the commit
-    waits for those and hashes the last chunk itself. A write anywhere else (or a
+    starts the last chunk's there too, before its fsync, and waits for them all. A write anywhere else (or a
     truncate) makes every chunk hash taken so far stale, whether or not its job has
     finished, and the commit computes the manifest by re-reading the file, as it does the
     SHA-1: no manifest ever holds a chunk hashed before a rewrite of it. The commit stores
@@ -139,6 +139,16 @@ class StagingFile:
             start = len(jobs) * step
             jobs.append(_hash_on_pool(self.fd, start, start + step))
 
+    def _hash_last_chunk(self) -> None:
+        """At the commit of a file written in order and over one chunk: start hashing the
+        chunk the writes did not pass the end of (the last one) on the pool as well."""
+        jobs, step, size = self._chunk_jobs, self._chunk_size, self.size
+        if jobs is None or size <= step or not (self._sequential and self._hashed == size):
+            return
+        while len(jobs) * step < size:
+            start = len(jobs) * step
+            jobs.append(_hash_on_pool(self.fd, start, min(start + step, size)))
+
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
@@ -156,10 +166,7 @@ class StagingFile:
         wanted = self._chunk_jobs is not None and size > step
         if self._sequential and self._hashed == size:
             sha1 = self._hasher.hexdigest()
-            chunks = [job.result() for job in jobs]
-            if wanted:  # the rest (the last chunk: writes never passed its end), here
-                chunks += [_hash_range(self.fd, start, min(start + step, size))
-                           for start in range(len(jobs) * step, size, step)]
+            chunks = [job.result() for job in jobs]  # the last one too: see commit()
         else:
             log.debug("%s was not written in order: hashed again (%d bytes)", self.path, size)
             concurrent.futures.wait(jobs)  # stale: their hashes are not used
@@ -191,6 +198,7 @@ class StagingFile:
         Any failure (a full disk) fails the commit whole, as before.
         """
         try:
+            self._hash_last_chunk()  # on the pool, while the file is synced
             os.fsync(self.fd)
             sha1, manifest = self._hashes()
             if expected is not None:
