@@ -42,7 +42,7 @@ import httpx
 import trio
 
 from .bucket import fetch_range
-from .errors import IntegrityError, KacheryError
+from .errors import DeadlineExceeded, IntegrityError, KacheryError
 from .manifest import Manifest
 from .partial import PartialFile
 
@@ -52,6 +52,11 @@ log = logging.getLogger(__name__)
 KEPT_CHUNKS = 3
 #: How many chunks past the one being read a sequential reader has fetched for it.
 READ_AHEAD = 2
+#: How long a chunk's transfer may go without a byte arriving (as a whole download's).
+STALL_TIMEOUT_S = 60.0
+#: How long after a chunk failed to arrive a read of it fails at once, with the same error
+#: (the kernel reads a page again after a failed read: it must not wait a second deadline).
+FAILED_CHUNK_TTL_S = 10.0
 
 
 class ChunkedContent:
@@ -86,6 +91,7 @@ class ChunkedContent:
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._verified: set[int] = set()  # in the partial file, hashed by this object
         self._locks: dict[int, trio.Lock] = {}
+        self._failed: dict[int, tuple[KacheryError, float]] = {}  # chunk -> (error, when)
         self._ends: deque[int] = deque(maxlen=8)  # where recent reads ended
         self._ahead: dict[int, trio.CancelScope] = {}  # read-ahead in flight
         self._whole = hashlib.sha1()
@@ -151,7 +157,15 @@ class ChunkedContent:
             if data is not None:
                 self._kept.move_to_end(i)
             elif i not in self._verified:
-                data = await self._fetch(i)
+                failed = self._failed.get(i)
+                if failed is not None and trio.current_time() - failed[1] < FAILED_CHUNK_TTL_S:
+                    raise failed[0]
+                try:
+                    data = await self._fetch(i)
+                except KacheryError as exc:
+                    self._failed[i] = (exc, trio.current_time())
+                    raise
+                self._failed.pop(i, None)
                 fresh = True
                 if not self._closed:
                     self._kept[i] = data
@@ -184,7 +198,7 @@ class ChunkedContent:
             await self._on_thread(partial.drop_chunk, i)
         chunk = self.manifest.chunks[i]
         if self._whole_url is not None:
-            data = await fetch_range(self._client, self._whole_url, chunk.start, chunk.end)
+            data = await self._fetch_range(chunk.start, chunk.end)
             if self._on_fetched is not None:
                 self._on_fetched(len(data))
         else:
@@ -207,6 +221,20 @@ class ChunkedContent:
             else:
                 self._verified.add(i)
         return data
+
+    async def _fetch_range(self, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)`` of the whole object; ``DeadlineExceeded`` once
+        :data:`STALL_TIMEOUT_S` pass without a byte arriving (a bucket that trickles)."""
+        assert self._whole_url is not None
+        with trio.CancelScope(deadline=trio.current_time() + STALL_TIMEOUT_S) as scope:
+
+            def progressed(_n: int) -> None:
+                scope.deadline = trio.current_time() + STALL_TIMEOUT_S
+
+            return await fetch_range(self._client, self._whole_url, start, end,
+                                     on_data=progressed)
+        raise DeadlineExceeded(f"GET {self._whole_url} bytes {start}-{end - 1}: nothing"
+                               f" arrived for {STALL_TIMEOUT_S:.0f} s")
 
     async def _matches(self, i: int, data: bytes) -> bool:
         chunk = self.manifest.chunks[i]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import math
 import os
 
 import pyfuse3
@@ -28,6 +29,7 @@ from . import test_faults
 from .test_faults import CH, CTX, fuse_errno, in_bucket, make_node, mount_in_process
 
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
+clock = test_faults.clock  # trio's MockClock at real speed, for the tests that ask for it
 CHUNK = 256 * 1024
 WAIT_S = 30
 
@@ -557,3 +559,27 @@ async def test_a_partial_file_on_no_record_is_swept_unless_held(hub, nursery):
     held.close()
     assert reader.store.sweep_temp() == 0  # on record: kept for the next reader
     assert held.path.exists()
+
+
+async def test_a_stalled_chunk_read_times_out_at_its_deadline(hub, nursery, clock):
+    data, sha1, manifest = large_file(2.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+    fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+    # The bucket accepts ranged reads of the file and never answers them.
+    hub.faults.add(lambda method, path, kind: method == "GET" and path.endswith(sha1), None,
+                   on_hit=test_faults.autojump_from_here(clock))
+    start = trio.current_time()
+    assert await fuse_errno(fs.ops.read(fh, CHUNK, 4096)) == errno.ETIMEDOUT
+    assert trio.current_time() - start <= chunks_module.STALL_TIMEOUT_S + 5
+    # The kernel reads the page again: no second deadline for the same chunk.
+    assert await fuse_errno(fs.ops.read(fh, CHUNK, 4096)) == errno.ETIMEDOUT
+    assert trio.current_time() - start <= chunks_module.STALL_TIMEOUT_S + 5
+    hub.faults.clear()
+    clock.autojump_threshold = math.inf
+    clock.jump(chunks_module.FAILED_CHUNK_TTL_S)
+    with trio.fail_after(WAIT_S):  # answered again: read
+        assert await fs.ops.read(fh, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]
+    await fs.ops.release(fh)
