@@ -76,12 +76,13 @@ class StagingFile:
     its kachery manifest. While the writes are sequential, each chunk they have written
     past the end of is hashed on a pool thread (:data:`CHUNK_HASHERS`), which reads it
     back from the file (the page cache has it; no chunk is held in memory); the commit
-    starts the last chunk's there too, before its fsync, and waits for them all. A write anywhere else (or a
-    truncate) makes every chunk hash taken so far stale, whether or not its job has
-    finished, and the commit computes the manifest by re-reading the file, as it does the
-    SHA-1: no manifest ever holds a chunk hashed before a rewrite of it. The commit stores
-    the manifest as content of its own (``added``: never evicted) and records it as
-    trusted (``here``) before it puts the file in place (see :meth:`commit`).
+    starts the last chunk's there too, before its fsync, and waits for them all. A write
+    anywhere else (or a truncate) makes every chunk hash taken so far stale, whether or
+    not its job has finished, and the commit computes the manifest by re-reading the
+    file, as it does the SHA-1: no manifest ever holds a chunk hashed before a rewrite of
+    it. The commit stores the manifest as content of its own (``added``: never evicted)
+    and records it as trusted (``here``) before it puts the file in place (see
+    :meth:`commit`).
     """
 
     def __init__(self, store: Store, path: Path, fd: int, *, manifest: bool = False):
