@@ -178,13 +178,14 @@ def unmount(mountpoint: Path) -> list[str]:
 
 def start_mount(node_dir: Path, mountpoint: Path, *, log: Path, verbosity: str = "-vv",
                 timeout: float = 30, new_session: bool = False,
-                what: str = "mount") -> subprocess.Popen:
-    """``kachery-fs mount --foreground`` of node ``node_dir`` in a subprocess, logging to
-    ``log``, once ``mountpoint`` is mounted. If it is not, the process is ended (and
-    unmounted) and ProcessFailed says why; else the caller unmounts and ends it."""
+                what: str = "mount", options: tuple[str, ...] = ()) -> subprocess.Popen:
+    """``kachery-fs mount --foreground`` (with ``options``) of node ``node_dir`` in a
+    subprocess, logging to ``log``, once ``mountpoint`` is mounted. If it is not, the
+    process is ended (and unmounted) and ProcessFailed says why; else the caller unmounts
+    and ends it."""
     mountpoint.mkdir(parents=True, exist_ok=True)
     proc = subprocess.Popen([*KFS, verbosity, "mount", "--foreground", "--log-file", str(log),
-                             str(mountpoint)],
+                             *options, str(mountpoint)],
                             env=node_env(node_dir), stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             start_new_session=new_session)

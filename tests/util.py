@@ -75,14 +75,14 @@ def _check_mount_tier() -> None:
 
 
 @contextmanager
-def mounted(node_dir: Path, mountpoint: Path):
-    """Mount ``node_dir``'s channels in a subprocess; always unmount and end it. The
-    mount's log (``-vv``) goes to ``node_dir/mount-test.log``, recorded in
-    :data:`MOUNT_LOGS`."""
+def mounted(node_dir: Path, mountpoint: Path, *options: str):
+    """Mount ``node_dir``'s channels in a subprocess (with ``options`` of ``mount``);
+    always unmount and end it. The mount's log (``-vv``) goes to
+    ``node_dir/mount-test.log``, recorded in :data:`MOUNT_LOGS`."""
     _check_mount_tier()
     log = node_dir / "mount-test.log"
     MOUNT_LOGS.append((log, log.stat().st_size if log.exists() else 0))
-    proc = start_mount(node_dir, mountpoint, log=log, what="mount process")
+    proc = start_mount(node_dir, mountpoint, log=log, what="mount process", options=options)
     try:
         yield proc
     finally:

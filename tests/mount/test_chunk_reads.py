@@ -87,3 +87,42 @@ def test_a_sequential_read_is_verified_whole_and_kept(tmp_path):
             bare = c.mnt_b / c.channel / "sha1" / sha1
             assert os.getxattr(bare, "user.kachery.status") == b"local"
         assert downloaded_bytes(c) == manifest_size(c, manifest) + SIZE  # each chunk once
+
+
+def test_a_remount_reads_the_chunks_it_kept_and_strict_mode_reads_whole(tmp_path):
+    require_fuse()
+    c = make_cluster(tmp_path, channel="chunks3.test")
+    with ExitStack() as stack:
+        stack.callback(c.hub.stop)
+        data, sha1, manifest = put_large_file(c, tmp_path)
+        before = manifest_size(c, manifest)
+        name = f"{sha1}?manifest={manifest}"
+
+        def read_at(offset: int) -> bytes:
+            with open(c.mnt_b / c.channel / "sha1" / name, "rb") as f:
+                f.seek(offset)
+                return f.read(4096)
+
+        with mounted(c.b, c.mnt_b):
+            assert read_at(10) == data[10:4106]
+        assert downloaded_bytes(c) == before + CHUNK_SIZE
+        with mounted(c.b, c.mnt_b):  # chunk 0 is in B's partial file: not fetched again
+            assert read_at(20) == data[20:4116]
+            assert read_at(CHUNK_SIZE + 5) == data[CHUNK_SIZE + 5:CHUNK_SIZE + 4101]
+        assert downloaded_bytes(c) == before + 2 * CHUNK_SIZE
+
+        # Strict: the same 4 KiB read waits for the whole file, verified, in the store.
+        strict = tmp_path / "node-c"
+        c_id = kfs(strict, "init").stdout.decode().strip()
+        kfs(c.a, "hub", "channel", "authorize", c.channel, c_id, "--permissions",
+            "requestFiles", "--hub", c.hub.url)
+        kfs(strict, "join", c.hub.url, c.channel)
+        mnt_c = tmp_path / "mnt-c"
+        with mounted(strict, mnt_c, "--strict"):
+            path = mnt_c / c.channel / "sha1" / name
+            with open(path, "rb") as f:
+                f.seek(2 * CHUNK_SIZE + 7)
+                assert f.read(4096) == data[2 * CHUNK_SIZE + 7:2 * CHUNK_SIZE + 4103]
+            assert os.getxattr(mnt_c / c.channel / "sha1" / sha1,
+                               "user.kachery.status") == b"local"
+        assert downloaded_bytes(c) == 2 * before + 2 * CHUNK_SIZE + SIZE
