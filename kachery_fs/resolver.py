@@ -400,10 +400,7 @@ class Resolver:
         key = (channel, sha1, manifest.hash)
         shared = self._chunked.get(key)
         if shared is None:
-            try:
-                has_whole = await self._head(channel, sha1) == manifest.size
-            except NotFound:
-                has_whole = False
+            has_whole = await self._has_whole_or_chunks(channel, sha1, manifest)
             try:
                 kept: PartialFile | None = await trio.to_thread.run_sync(
                     PartialFile.open, self.store, manifest)
@@ -439,6 +436,25 @@ class Resolver:
                                " be kept in the local store (is the disk full?): strict mode"
                                " serves only files that are there")
         return local
+
+    async def _has_whole_or_chunks(self, channel: str, sha1: str, manifest: Manifest) -> bool:
+        """Whether chunks are to be read from the whole object (True) or from chunk objects
+        (False): the bucket holds one or the other. When it holds neither (evicted, or
+        never uploaded), the file is requested from the channel's nodes first: a provider
+        uploads it whole."""
+        try:
+            if await self._head(channel, sha1) == manifest.size:
+                return True
+        except NotFound:
+            pass
+        try:
+            await self._head(channel, manifest.chunks[0].sha1)
+            return False  # hub-era kachery's layout: chunks and manifest only
+        except NotFound:
+            pass
+        request = self._request(channel, sha1)
+        await request.wait_done()
+        return True
 
     def _release_chunked(self, key: tuple[str, str, str], shared: list) -> None:
         shared[1] -= 1

@@ -24,7 +24,7 @@ from kachery_fs.errors import IntegrityError, leaves
 from kachery_fs.hub import service as hub_service
 from kachery_fs.manifest import manifest_of
 
-from ..util import local_bucket_file, log_requests, until
+from ..util import local_bucket_file, log_requests, past_startup_grace, until
 from . import test_faults
 from .test_faults import CH, CTX, fuse_errno, in_bucket, make_node, mount_in_process
 
@@ -583,3 +583,26 @@ async def test_a_stalled_chunk_read_times_out_at_its_deadline(hub, nursery, cloc
     with trio.fail_after(WAIT_S):  # answered again: read
         assert await fs.ops.read(fh, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]
     await fs.ops.release(fh)
+
+
+async def test_a_large_file_gone_from_the_bucket_is_requested_then_read_by_chunk(
+        hub, nursery, tmp_path):
+    data, sha1, manifest = large_file()
+    writer = await make_node(hub, "writer")
+    src = tmp_path / "big.bin"
+    src.write_bytes(data)
+    await trio.to_thread.run_sync(writer.store.add_file_with_manifest, src)
+    writer_parts = await parts.start(writer, nursery, provide=True, upload_workers=0)
+    with trio.fail_after(WAIT_S):
+        await writer_parts.uploader.upload_now(CH, sha1, len(data))
+    local_bucket_file(hub.server, CH, sha1).unlink()  # evicted, say; the manifest stays
+    past_startup_grace(hub.server)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        assert await read_range(fs, attrs.st_ino, 2 * CHUNK + 3, 10) == data[
+            2 * CHUNK + 3:2 * CHUNK + 13]
+    assert local_bucket_file(hub.server, CH, sha1).exists()  # the writer uploaded it again
+    assert ranged_gets(requests, sha1)[-1] == f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"
