@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import sqlite3
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -97,7 +98,9 @@ class ChunkedContent:
         self._whole = hashlib.sha1()
         self._whole_next = 0  # chunks [0, _whole_next) are in _whole
         self._whole_lock = trio.Lock()
-        self._in_order: dict[int, bytes] = {}  # fetched chunks the whole check needs soon
+        self._in_order: dict[int, bytes] = {}  # a fetched chunk the whole check takes next
+        self._served: set[int] = set()  # chunks served to readers (not read-ahead)
+        self._whole_failed: Exception | None = None  # a background whole check broke
         self._lie: IntegrityError | None = None
         self._busy = 0  # worker threads using the partial file's descriptor
         self._closed = False
@@ -140,16 +143,26 @@ class ChunkedContent:
     async def _fetch_ahead(self, i: int, scope: trio.CancelScope) -> None:
         with scope:
             try:
-                await self._chunk(i)
+                await self._chunk(i, ahead=True)
             except KacheryError as exc:  # the read of that chunk will try again and say
                 log.debug("read-ahead of chunk %d of sha1://%s: %s", i, self.manifest.sha1,
                           exc)
+            except Exception:  # noqa: BLE001 - never into the mount's nursery
+                log.exception("read-ahead of chunk %d of sha1://%s failed", i,
+                              self.manifest.sha1)
         if self._ahead.get(i) is scope:
             del self._ahead[i]
 
-    async def _chunk(self, i: int) -> bytes | None:
+    async def _check_whole_in_background(self) -> None:
+        try:
+            await self._check_whole()
+        except Exception as exc:  # noqa: BLE001 - never into the mount's nursery
+            self._whole_failed = exc
+            log.exception("checking sha1://%s whole failed", self.manifest.sha1)
+
+    async def _chunk(self, i: int, *, ahead: bool = False) -> bytes | None:
         """Chunk ``i``, verified: its bytes, or None when they are to be read from the
-        partial file."""
+        partial file. ``ahead``: for read-ahead (a failure is not remembered for readers)."""
         lock = self._locks.setdefault(i, trio.Lock())
         fresh = False
         async with lock:  # concurrent readers of one chunk fetch it once
@@ -163,21 +176,27 @@ class ChunkedContent:
                 try:
                     data = await self._fetch(i)
                 except KacheryError as exc:
-                    self._failed[i] = (exc, trio.current_time())
+                    if not ahead:
+                        self._failed[i] = (exc, trio.current_time())
                     raise
                 self._failed.pop(i, None)
                 fresh = True
                 if not self._closed:
-                    self._kept[i] = data
-                    while len(self._kept) > KEPT_CHUNKS:
-                        self._kept.popitem(last=False)
-                    if self._whole_next <= i <= self._whole_next + READ_AHEAD + 1:
-                        self._in_order[i] = data  # for the whole check, until it is in
-        if i == self._last:
-            await self._check_whole()  # the last chunk is served after the whole check
+                    if i == self._whole_next:
+                        self._in_order[i] = data  # the whole check takes it next
+                    if i not in self._verified:  # not in the partial file: in memory
+                        self._kept[i] = data
+                        while len(self._kept) > KEPT_CHUNKS:
+                            self._kept.popitem(last=False)
+        if not ahead:
+            self._served.add(i)
+        if i == self._last and not ahead:
+            # The last chunk is served after the whole check, to a reader that read the
+            # others (one that jumps to the end reads by chunk only).
+            await self._check_whole(final=True)
         elif fresh:
             if self._nursery is not None:
-                self._nursery.start_soon(self._check_whole)
+                self._nursery.start_soon(self._check_whole_in_background)
             else:
                 await self._check_whole()
         if self._lie is not None:
@@ -215,7 +234,7 @@ class ChunkedContent:
         if partial is not None and not self._closed:
             try:
                 await self._on_thread(partial.add_chunk, i, data)
-            except OSError as exc:  # a full disk: serve on from memory, keep nothing
+            except (OSError, sqlite3.Error) as exc:  # a full disk: serve on from memory
                 log.warning("chunk %d of sha1://%s is served without being kept in the local"
                             " store: %s", i, self.manifest.sha1, exc)
             else:
@@ -256,27 +275,45 @@ class ChunkedContent:
 
     # -- the whole file ----------------------------------------------------------------
 
-    async def _check_whole(self) -> None:
+    async def _check_whole(self, *, final: bool = False) -> None:
         """Add the chunks that are here, in order, to the running SHA-1; once all are in,
-        compare, and install or condemn (see the module docstring)."""
+        compare, and install or condemn (see the module docstring).
+
+        ``final``: the last chunk is about to be served. Every chunk a reader was served
+        is then added even if it must be fetched again (it left memory, and the partial
+        file could not keep it): a reader that read all the others never gets the last
+        chunk of a file whose whole SHA-1 does not match. ``IntegrityError`` when that
+        cannot be done."""
         async with self._whole_lock:
             while self._whole_next <= self._last and not self._closed:
                 i = self._whole_next
-                data = self._in_order.pop(i, None)
-                if data is None:
-                    if self._partial is None or i not in self._partial.present:
-                        return  # not here yet
+                data = self._in_order.pop(i, None) or self._kept.get(i)
+                if data is None and self._partial is not None and i in self._partial.present:
                     data = await self._on_thread(self._partial.read_chunk, i)
                     if i not in self._verified:  # written before a crash, maybe
                         if not await self._matches(i, data):
                             await self._on_thread(self._partial.drop_chunk, i)
-                            return
-                        self._verified.add(i)
+                            data = None
+                        else:
+                            self._verified.add(i)
+                if data is None and final and i in self._served:
+                    try:
+                        data = await self._fetch(i)
+                    except KacheryError as exc:
+                        raise IntegrityError(
+                            f"sha1://{self.manifest.sha1}: its last chunk is served only"
+                            f" once the whole file is verified, and chunk {i} could not be"
+                            f" had again for that: {exc}") from None
+                if data is None:
+                    return  # not here (yet): a reader that skipped it reads by chunk only
                 await trio.to_thread.run_sync(self._whole.update, data)
                 self._whole_next += 1
             if self._whole_next == self._last + 1 and not self._closed:
                 self._whole_next += 1  # checked once
                 await self._finish_whole()
+        if final and self._whole_failed is not None and self._lie is None:
+            raise IntegrityError(f"sha1://{self.manifest.sha1}: its whole check failed"
+                                 f" ({self._whole_failed!r}): the last chunk is not served")
 
     async def _finish_whole(self) -> None:
         actual = self._whole.hexdigest()
@@ -300,7 +337,7 @@ class ChunkedContent:
             return  # verified, but a chunk could not be kept: nothing to install
         try:
             await self._on_thread(self._partial.install)
-        except (OSError, KacheryError) as exc:
+        except (OSError, sqlite3.Error, KacheryError) as exc:
             log.warning("sha1://%s was read whole and verified but not kept in the local"
                         " store: %s", self.manifest.sha1, exc)
         else:

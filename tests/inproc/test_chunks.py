@@ -10,6 +10,7 @@ import errno
 import hashlib
 import math
 import os
+import sqlite3
 
 import pyfuse3
 import pytest
@@ -606,3 +607,83 @@ async def test_a_large_file_gone_from_the_bucket_is_requested_then_read_by_chunk
             2 * CHUNK + 3:2 * CHUNK + 13]
     assert local_bucket_file(hub.server, CH, sha1).exists()  # the writer uploaded it again
     assert ranged_gets(requests, sha1)[-1] == f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"
+
+
+# -- what a fault or a liar can and cannot do ---------------------------------------------------
+
+
+def chunks_only_liar(data, manifest):
+    """A lying manifest of ``data``'s hash whose chunks are real content (two swapped)."""
+    return manifest_module.Manifest(manifest.size, manifest.sha1,
+                                    tuple(reversed_chunks(data, manifest)))
+
+
+async def test_a_reader_of_every_chunk_never_gets_the_last_of_a_lie_without_a_partial_file(
+        hub, nursery, monkeypatch):
+    data, sha1, manifest = large_file(4.5)
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():
+        await in_bucket(hub, data[chunk.start:chunk.end])
+    liar = chunks_only_liar(data, manifest)
+    await in_bucket(hub, liar.to_bytes())
+
+    def no_room(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(partial_module.PartialFile, "open", no_room)  # nothing kept on disk
+    monkeypatch.setattr(chunks_module, "KEPT_CHUNKS", 1)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={liar.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        await fs.ops.read(fh, 3 * CHUNK, 10)  # out of order: before the whole check is there
+        served, code = 0, None
+        while served < len(data):
+            try:
+                served += len(await fs.ops.read(fh, served, CHUNK))
+            except pyfuse3.FUSEError as exc:
+                code = exc.errno
+                break
+        await fs.ops.release(fh)
+    assert code == errno.EIO and served == liar.chunks[-1].start
+
+
+async def test_a_broken_index_or_disk_in_the_background_never_takes_the_mount_down(
+        hub, nursery, monkeypatch, caplog):
+    data, sha1, manifest = large_file(2.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+
+    def index_full(self, i, chunk):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(partial_module.PartialFile, "add_chunk", index_full)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 100) == data[:100]
+        assert await fs.ops.read(fh, 100, 100) == data[100:200]  # read-ahead runs too
+        got, offset = [], 0
+        while offset < len(data):
+            got.append(await fs.ops.read(fh, offset, CHUNK))
+            offset += len(got[-1])
+        assert b"".join(got) == data  # served from memory, checked whole
+        await fs.ops.release(fh)
+    assert any("without being kept" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_failed_read_ahead_does_not_fail_the_read_that_follows(hub, nursery):
+    data, sha1, manifest = large_file(4.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 100) == data[:100]
+        rule = hub.faults.add(lambda method, path, kind: method == "GET"
+                              and path.endswith(sha1), 503, times=8)
+        assert await fs.ops.read(fh, 100, 100) == data[100:200]  # read-ahead of 1, 2: fails
+        await until(lambda: rule.hits == 8, within=WAIT_S, what="the read-ahead to fail")
+        assert await fs.ops.read(fh, CHUNK, 100) == data[CHUNK:CHUNK + 100]  # tried again
+        await fs.ops.release(fh)
