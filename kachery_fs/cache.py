@@ -102,7 +102,7 @@ _V2 = """
 CREATE TABLE manifests (
     sha1 TEXT PRIMARY KEY,          -- a large file's SHA-1
     manifest TEXT NOT NULL,         -- the SHA-1 of its kachery manifest
-    source TEXT NOT NULL,           -- here | hub: who made it trusted (see MANIFEST_SOURCES)
+    source TEXT NOT NULL,           -- here | hub:<channel>: who made it trusted
     recorded_at REAL NOT NULL
 ) WITHOUT ROWID;
 """
@@ -136,9 +136,15 @@ SCHEMA = Schema("store.db", synchronous="NORMAL", migrations=(
 ))
 
 #: Where a trusted manifest came from: computed on this node from the file itself
-#: (``here``), or vouched for by the channel's hub (``hub``). A manifest the user named in
-#: a URI or a path is trusted for that read only and is not recorded.
-MANIFEST_HERE, MANIFEST_HUB = "here", "hub"
+#: (``here``), or vouched for by a channel's hub (:func:`vouched_by_hub`). A manifest the
+#: user named in a URI or a path is trusted for that read only and is not recorded.
+MANIFEST_HERE = "here"
+
+
+def vouched_by_hub(channel: str) -> str:
+    """The source of a manifest that ``channel``'s hub vouches for: trusted for reads
+    through that channel only."""
+    return f"hub:{channel}"
 
 # An insert never lowers an origin: added > written > fetched.
 _RECORD = (

@@ -33,6 +33,9 @@ CHUNK_SIZE = 20_000_000
 #: A manifest of a file this size has this many chunks; past it, a "manifest" is no
 #: kachery manifest (and parsing one must not cost unbounded memory).
 MAX_CHUNKS = 10_000_000
+#: The largest manifest a reader or the hub fetches (about 160,000 chunks: files of 3 TB);
+#: an object named as a manifest that is larger is refused before it is read.
+MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)

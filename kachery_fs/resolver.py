@@ -29,13 +29,13 @@ import httpx
 import trio
 from cachetools import TTLCache
 
+from . import manifest as manifest_module
 from .bucket import EMPTY_SHA1, Download, head_size, object_url
+from .cache import MANIFEST_HERE, vouched_by_hub
 from .channels import Channels
 from .chunks import ChunkedContent
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
-from . import manifest as manifest_module
-from .cache import MANIFEST_HUB
 from .manifest import Manifest
 from .partial import PartialFile
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
@@ -194,7 +194,7 @@ class Resolver:
             return local
         if sha1 in self._downloads:
             return self._downloads[sha1].size
-        trusted = self._trusted_manifest(sha1, manifest)
+        trusted = self._trusted_manifest(channel, sha1, manifest)
         if trusted is not None:
             found = await self._manifest_or_none(channel, sha1, trusted,
                                                  given=manifest is not None)
@@ -280,7 +280,7 @@ class Resolver:
     async def open(self, channel: str, sha1: str, *, manifest: str | None = None) -> Content:
         """Verified bytes of ``sha1`` (see the module docstring); ``manifest``: the hash of
         a manifest the caller trusts for this file."""
-        trusted = self._trusted_manifest(sha1, manifest)
+        trusted = self._trusted_manifest(channel, sha1, manifest)
         if trusted is not None and sha1 not in self._downloads:
             local = self._open_local(sha1)
             if local is not None:
@@ -359,17 +359,19 @@ class Resolver:
                 log.info("sha1://%s: the hub of %s gave no manifest (%s); reading it whole",
                          sha1, channel, exc)
         if manifest is not None and (sha1, manifest) not in self._lies:
-            self.store.cache.note_manifest(sha1, manifest, MANIFEST_HUB)
+            self.store.cache.note_manifest(sha1, manifest, vouched_by_hub(channel))
 
-    def _trusted_manifest(self, sha1: str, given: str | None) -> str | None:
+    def _trusted_manifest(self, channel: str, sha1: str, given: str | None) -> str | None:
         """The manifest to read ``sha1`` through: the one the caller gave, else the one on
-        record in the store; None for none (or one caught lying)."""
+        record in the store (computed here, or vouched for by ``channel``'s hub, not
+        another's); None for none (or one caught lying)."""
         if given is not None:
             if (sha1, given) in self._lies:
                 raise IntegrityError(self._lies[(sha1, given)])
             return given
         known = self.store.cache.known_manifest(sha1)
-        if known is None or (sha1, known[0]) in self._lies:
+        if (known is None or known[1] not in (MANIFEST_HERE, vouched_by_hub(channel))
+                or (sha1, known[0]) in self._lies):
             return None
         return known[0]
 
@@ -382,6 +384,10 @@ class Resolver:
         if manifest is not None and manifest.sha1 == sha1:
             return manifest
         try:
+            size = await self.size(channel, manifest_sha1)
+            if size > manifest_module.MAX_BYTES:  # before a byte of it is fetched
+                raise IntegrityError(f"sha1://{manifest_sha1} has {size:,} bytes: not a"
+                                     f" manifest (at most {manifest_module.MAX_BYTES:,})")
             manifest = Manifest.parse(await self._read_all(channel, manifest_sha1), sha1=sha1)
         except KacheryError as exc:
             if given:
@@ -448,7 +454,8 @@ class Resolver:
         except NotFound:
             pass
         try:
-            await self._head(channel, manifest.chunks[0].sha1)
+            for chunk in {manifest.chunks[0], manifest.chunks[-1]}:
+                await self._head(channel, chunk.sha1)
             return False  # hub-era kachery's layout: chunks and manifest only
         except NotFound:
             pass

@@ -31,13 +31,14 @@ import hashlib
 import sqlite3
 import time
 
+from .. import manifest as manifest_module
 from ..errors import IntegrityError, InvalidInput, NotFound
 from ..manifest import Manifest
 from ..protocol import object_key
 from .backends import BucketBackend
 
-#: The largest manifest object the hub reads (about 12,000 chunks: a file of 240 GB).
-MAX_MANIFEST_BYTES = 1 << 20
+#: The largest manifest object the hub reads (as a reader: :data:`kachery_fs.manifest.MAX_BYTES`).
+MAX_MANIFEST_BYTES = manifest_module.MAX_BYTES
 
 
 async def check_manifest(backend: BucketBackend, channel: str, sha1: str, size: int,

@@ -18,8 +18,8 @@ import trio
 
 from kachery_fs import cache, parts
 from kachery_fs import chunks as chunks_module
-from kachery_fs import partial as partial_module
 from kachery_fs import manifest as manifest_module
+from kachery_fs import partial as partial_module
 from kachery_fs.cli import data as cli_data
 from kachery_fs.errors import IntegrityError, leaves
 from kachery_fs.hub import service as hub_service
@@ -237,7 +237,7 @@ async def test_a_manifest_on_record_makes_the_bare_hash_read_by_chunk(hub, nurse
     await in_bucket(hub, data)
     await in_bucket(hub, manifest.to_bytes())
     reader = await make_node(hub, "reader")
-    reader.store.cache.note_manifest(sha1, manifest.hash, cache.MANIFEST_HUB)
+    reader.store.cache.note_manifest(sha1, manifest.hash, cache.vouched_by_hub(CH))
     fs = await mount_in_process(reader, nursery)
     requests = log_requests(hub)
     with trio.fail_after(WAIT_S):
@@ -306,7 +306,7 @@ async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery
     liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
     await in_bucket(hub, liar.to_bytes())
     reader = await make_node(hub, "reader")
-    reader.store.cache.note_manifest(sha1, liar.hash, cache.MANIFEST_HUB)
+    reader.store.cache.note_manifest(sha1, liar.hash, cache.vouched_by_hub(CH))
     fs = await mount_in_process(reader, nursery)
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(sha1)
@@ -372,7 +372,7 @@ async def test_a_bare_hash_is_read_by_chunk_through_the_manifest_the_hub_vouches
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(sha1)
         assert attrs.st_size == len(data)
-        assert reader.store.cache.known_manifest(sha1) == (manifest.hash, cache.MANIFEST_HUB)
+        assert reader.store.cache.known_manifest(sha1) == (manifest.hash, cache.vouched_by_hub(CH))
         assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 1, 10) == data[
             3 * CHUNK + 1:3 * CHUNK + 11]
     assert ranged_gets(requests, sha1) == [f"bytes={3 * CHUNK}-{4 * CHUNK - 1}"]
@@ -440,7 +440,7 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
     await in_bucket(hub, data)
     await in_bucket(hub, liar.to_bytes())
     reader = await make_node(hub, "reader")
-    reader.store.cache.note_manifest(sha1, liar.hash, cache.MANIFEST_HUB)
+    reader.store.cache.note_manifest(sha1, liar.hash, cache.vouched_by_hub(CH))
     fs = await mount_in_process(reader, nursery)
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(sha1)
@@ -505,9 +505,9 @@ async def test_a_chunk_of_a_partial_file_lost_in_a_crash_is_fetched_again(hub, n
         assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
     # Recorded as present, but the bytes never reached the disk.
     path = reader.store.layout.partial_path(sha1, manifest.hash)
-    with open(path, "r+b") as f:
-        f.seek(CHUNK)
-        f.write(bytes(CHUNK))
+    fd = os.open(path, os.O_WRONLY)
+    os.pwrite(fd, bytes(CHUNK), CHUNK)
+    os.close(fd)
     again = await mount_in_process(reader, nursery)
     requests = log_requests(hub)
     with trio.fail_after(WAIT_S):
@@ -687,3 +687,32 @@ async def test_a_failed_read_ahead_does_not_fail_the_read_that_follows(hub, nurs
         await until(lambda: rule.hits == 8, within=WAIT_S, what="the read-ahead to fail")
         assert await fs.ops.read(fh, CHUNK, 100) == data[CHUNK:CHUNK + 100]  # tried again
         await fs.ops.release(fh)
+
+
+async def test_a_named_manifest_too_large_to_be_one_is_refused_before_it_is_fetched(
+        hub, nursery, monkeypatch):
+    data, sha1, manifest = large_file(2.5)
+    await in_bucket(hub, data)
+    big = await in_bucket(hub, os.urandom(300_000))
+    monkeypatch.setattr(manifest_module, "MAX_BYTES", 100_000)
+    fs = await mount_in_process(await make_node(hub, "reader"), nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        assert await fuse_errno(fs.lookup(f"{sha1}?manifest={big}")) == errno.EIO
+    assert not [t for method, t, _ in requests.seen if method == "GET" and t.endswith(big)]
+
+
+async def test_a_manifest_another_channels_hub_vouched_for_is_not_trusted_here(hub, nursery):
+    data, sha1, manifest = large_file(2.5)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    reader = await make_node(hub, "reader")
+    reader.store.cache.note_manifest(sha1, manifest.hash, cache.vouched_by_hub("elsewhere"))
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    # Read whole (ranged GETs of the download's own pieces), not by the manifest's chunks.
+    assert f"bytes={CHUNK}-{2 * CHUNK - 1}" not in ranged_gets(requests, sha1)
+    await until(lambda: reader.store.has(sha1), within=WAIT_S, what="the download")

@@ -18,7 +18,7 @@ import trio
 
 from kachery_fs import manifest as manifest_module
 from kachery_fs import parts, resumable
-from kachery_fs.cache import MANIFEST_HERE, MANIFEST_HUB
+from kachery_fs.cache import MANIFEST_HERE, vouched_by_hub
 from kachery_fs.cli.hub import render_channel_stats
 from kachery_fs.errors import InvalidInput, PermissionDenied
 from kachery_fs.hub import service
@@ -272,7 +272,7 @@ async def test_an_upload_with_a_manifest_from_the_hub_or_gone_vouches_for_nothin
     data, sha1, manifest = large_file(2.5)
     node.store.add_bytes(data)
     node.store.add_bytes(manifest.to_bytes())
-    node.store.cache.note_manifest(sha1, manifest.hash, MANIFEST_HUB)
+    node.store.cache.note_manifest(sha1, manifest.hash, vouched_by_hub(CH))
     with trio.fail_after(WAIT_S):
         await uploader.upload_now(CH, sha1, len(data))
     assert hub.server.hub.cache.size_of(CH, sha1) == len(data)

@@ -165,9 +165,9 @@ def test_a_manifest_computed_here_is_not_replaced_by_one_a_hub_vouches_for(tmp_p
     try:
         big, m_here, m_hub, m_other = "1" * 40, "2" * 40, "3" * 40, "4" * 40
         assert store.cache.known_manifest(big) is None
-        store.cache.note_manifest(big, m_hub, cache.MANIFEST_HUB)
+        store.cache.note_manifest(big, m_hub, cache.vouched_by_hub("lab"))
         store.cache.note_manifest(big, m_here, cache.MANIFEST_HERE)
-        store.cache.note_manifest(big, m_other, cache.MANIFEST_HUB)
+        store.cache.note_manifest(big, m_other, cache.vouched_by_hub("lab"))
         assert store.cache.known_manifest(big) == (m_here, cache.MANIFEST_HERE)
         store.cache.forget_manifest(big, m_other)  # not the one recorded: kept
         assert store.cache.known_manifest(big) == (m_here, cache.MANIFEST_HERE)
@@ -177,11 +177,11 @@ def test_a_manifest_computed_here_is_not_replaced_by_one_a_hub_vouches_for(tmp_p
         store.close()
     reopened = Store(tmp_path)  # recorded in store.db: kept across restarts
     try:
-        reopened.cache.note_manifest("5" * 40, m_hub, cache.MANIFEST_HUB)
+        reopened.cache.note_manifest("5" * 40, m_hub, cache.vouched_by_hub("lab"))
     finally:
         reopened.close()
     reopened = Store(tmp_path)
     try:
-        assert reopened.cache.known_manifest("5" * 40) == (m_hub, cache.MANIFEST_HUB)
+        assert reopened.cache.known_manifest("5" * 40) == (m_hub, cache.vouched_by_hub("lab"))
     finally:
         reopened.close()
