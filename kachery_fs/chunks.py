@@ -111,6 +111,11 @@ class ChunkedContent:
         #: The whole file was verified and is an object of the store now.
         self.complete = False
 
+    @property
+    def lied(self) -> bool:
+        """The whole file did not match: what was served is another file's bytes."""
+        return self._lie is not None
+
     async def read(self, offset: int, size: int) -> bytes:
         if self._lie is not None:
             raise self._lie

@@ -395,9 +395,20 @@ class Operations(pyfuse3.Operations):
             except Exception:
                 # A whole download that failed may have had a bad copy's size: look the
                 # name up again. A chunk that failed fails alone (the size came from a
-                # trusted manifest, and the other chunks stay readable).
-                if isinstance(vnode, HashFile) and not isinstance(handle.content,
-                                                                  SharedChunks):
+                # trusted manifest, and the other chunks stay readable), unless the
+                # manifest lied: then the pages served from it are another file's bytes,
+                # and every name of that content is looked up and read again.
+                content = handle.content
+                if isinstance(content, SharedChunks):
+                    if content.chunked.lied:
+                        self._invalidate(self.ns.inode(vnode))
+                        if isinstance(vnode, HashFile):
+                            for name in (HashFile(vnode.channel, vnode.sha1),
+                                         HashFile(vnode.channel, vnode.sha1,
+                                                  content.chunked.manifest.hash)):
+                                self._invalidate(self.ns.inode(name))
+                                self._renew(name)
+                elif isinstance(vnode, HashFile):
                     self._invalidate(self.ns.inode(vnode))
                     self._renew(vnode)
                 raise

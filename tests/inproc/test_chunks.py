@@ -22,6 +22,7 @@ from kachery_fs import manifest as manifest_module
 from kachery_fs import partial as partial_module
 from kachery_fs.cli import data as cli_data
 from kachery_fs.errors import IntegrityError, leaves
+from kachery_fs.fs.vnodes import HashFile
 from kachery_fs.hub import service as hub_service
 from kachery_fs.manifest import manifest_of
 
@@ -226,7 +227,7 @@ async def test_sha1_hash_with_its_manifest_in_the_name_is_read_by_chunk(hub, nur
     assert await fs.ops.getxattr(attrs.st_ino, b"user.kachery.uri", CTX) == (
         f"sha1://{sha1}?manifest={manifest.hash}".encode())
     # The bare hash is another name: without a manifest on record it is read whole.
-    assert (await fs.lookup(sha1)).st_ino != attrs.st_ino
+    assert fs.ops.ns.inode(HashFile(CH, sha1)) != attrs.st_ino
     for bad in (f"{sha1}?manifest=xyz", f"{sha1}?manifest={manifest.hash.upper()}",
                 f"{sha1}?label=x", f"{sha1}?manifest="):
         assert await fuse_errno(fs.lookup(bad)) == errno.ENOENT
@@ -299,7 +300,12 @@ async def test_a_sequential_reader_gets_read_ahead_and_the_file_is_kept_once_who
     assert (await fs.ops.getxattr(attrs.st_ino, b"user.kachery.status", CTX)) == b"local"
 
 
-async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery):
+async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery,
+                                                                   monkeypatch):
+    invalidated = []
+    monkeypatch.setattr(pyfuse3, "invalidate_inode",
+                        lambda inode, attr_only: invalidated.append(inode))
+    monkeypatch.setattr(pyfuse3, "invalidate_entry", lambda parent, name: None)
     data, sha1, manifest = large_file(2.5)
     for chunk in {c.sha1: c for c in manifest.chunks}.values():
         await in_bucket(hub, data[chunk.start:chunk.end])
@@ -321,6 +327,10 @@ async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery
         assert await fuse_errno(fs.ops.read(fh, 2 * CHUNK, CHUNK)) == errno.EIO
         assert await fuse_errno(fs.ops.read(fh, 0, 10)) == errno.EIO
         await fs.ops.release(fh)
+    # The kernel drops the pages it cached from the liar, and looks the name up again,
+    # into a new inode: the next read is of the file itself.
+    await until(lambda: attrs.st_ino in invalidated, within=WAIT_S, what="invalidation")
+    assert fs.ops.ns.inode(HashFile(CH, sha1)) != attrs.st_ino
     assert reader.store.cache.known_manifest(sha1) is None
     assert not reader.store.has(sha1)
     with trio.fail_after(WAIT_S):  # named in a path, it is refused at once now
