@@ -430,9 +430,12 @@ class StoreCache:
             victims: list[str] = []
             freed = 0
             if usage > self.limit:
-                victims, freed = self._choose_and_delete(usage, pins)
+                victims, partials, freed = self._choose_and_delete(usage, pins)
                 self._db.executemany("DELETE FROM objects WHERE sha1 = ?",
                                      [(v,) for v in victims])
+                self._db.executemany("DELETE FROM partials WHERE sha1 = ? AND manifest = ?",
+                                     partials)
+                victims += [f"{sha1} (partial)" for sha1, _ in partials]
                 self._db.execute("UPDATE totals SET value = value + ? WHERE name = 'evictions'",
                                  (len(victims),))
                 self._db.execute("UPDATE totals SET value = value + ? WHERE name ="
@@ -443,9 +446,11 @@ class StoreCache:
             raise
         return usage, victims, freed
 
-    def _choose_and_delete(self, usage: int, pins: set[str]) -> tuple[list[str], int]:
+    def _choose_and_delete(self, usage: int, pins: set[str],
+                           ) -> tuple[list[str], list[tuple[str, str]], int]:
         """Within the pass's transaction: delete files in LRU order, skipping the pinned,
-        the fresh and the open ones, until the low watermark; the hashes deleted."""
+        the fresh and the open ones, until the low watermark: ``(objects deleted, partial
+        files deleted (sha1, manifest), bytes freed)``."""
         assert self.limit is not None  # evict() returns early without a limit
         target = int(self.limit * LOW_WATERMARK)
         now = time.time()
@@ -474,9 +479,7 @@ class StoreCache:
                     freed += size
         finally:
             rows.close()
-        # Within the pass's transaction, as the objects' rows are.
-        self._db.executemany("DELETE FROM partials WHERE sha1 = ? AND manifest = ?", partials)
-        return victims, freed
+        return victims, partials, freed
 
     def _delete_unused(self, path: Path) -> bool:
         """Delete an object's (or a partial) file unless a reader holds it; True when it is

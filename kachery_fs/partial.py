@@ -30,6 +30,7 @@ import fcntl
 import logging
 import os
 
+from .errors import IntegrityError
 from .manifest import Manifest
 from .store import Store
 
@@ -107,11 +108,17 @@ class PartialFile:
 
     def install(self) -> None:
         """Make the complete file, whose whole SHA-1 the caller checked, an ordinary object
-        of the store (this descriptor then reads the object)."""
+        of the store (this descriptor then reads the object).
+
+        The row goes first: a crash before the rename leaves a partial file on no record,
+        which the next sweep removes, never bytes counted twice."""
         os.fsync(self.fd)
-        os.chmod(self.path, 0o600)
-        self.store.install_renamed(self.path, self.sha1)
+        st, held = os.stat(self.path), os.fstat(self.fd)
+        if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+            raise IntegrityError(f"the partial file of sha1://{self.sha1} was replaced while"
+                                 " it was read: not installed")
         self.store.cache.partial_forget(self.sha1, self.manifest.hash)
+        self.store.install_renamed(self.path, self.sha1)
 
     def discard(self) -> None:
         """Delete the partial file and its row (its chunks make another file)."""
