@@ -31,6 +31,9 @@ EXPECTED = {
     "bucket_read": {"mount_MiB_per_s", "curl_cold_MiB_per_s", "ratio_to_curl_cold",
                     "mount_ttfb_s", "in_store_b_after_read", "rounds"},
     "memory": {"pid", "VmHWM_after_MiB", "VmRSS_sampled_peak_MiB", "stream_MiB_per_s"},
+    "chunks": {"bytes", "chunks", "first_byte_median_s", "bare_first_byte",
+               "random_read_median_s", "random_read_max_s", "random_chunks_per_read_max",
+               "random_reads", "sequential", "vouched"},
     "request_latency": {"request_seconds", "request_median_s", "request_max_s",
                         "bucket_seconds", "bucket_median_s", "ratio_median_to_bucket",
                         "split_median_s", "in_store_b_after_read"},
@@ -93,6 +96,10 @@ def test_bench_smoke(tmp_path):
     # The phase split comes from the mount and hub logs: every boundary was found.
     assert None not in flow["split_s"].values(), flow["split_s"]
     assert "mount --foreground" in data["memory"]["pid_cmdline"]
+    chunks = data["chunks"]
+    assert chunks["chunks"] >= 3  # large enough to be read by chunk, even in the smoke run
+    assert chunks["sequential"]["in_store_b_after_read"] is True  # verified whole, kept
+    assert "?manifest=" in chunks["vouched"]["b_uri"]  # B knows the manifest A vouched for
     appended, cold = data["feed_append"], data["feed_cold_read"]
     assert appended["messages"] == data["meta"]["feed_append_messages"] == 50
     assert appended["lines_on_b"] == 51 and appended["content_on_b_ok"] is True
@@ -108,6 +115,9 @@ def test_bench_smoke(tmp_path):
                    data["bucket_read"]["mount_MiB_per_s"], data["memory"]["VmHWM_after_MiB"],
                    latency["request_median_s"], latency["bucket_median_s"],
                    flow["MiB_per_s"], flow["bucket_read_MiB_per_s"], appended["seconds"],
+                   chunks["first_byte_median_s"], chunks["random_read_median_s"],
+                   chunks["sequential"]["mount_MiB_per_s"], chunks["sequential"]["VmHWM_MiB"],
+                   chunks["vouched"]["seconds"],
                    cold["seconds"], cold["warm_cat_seconds"], cold["node_c_feed_read_seconds"]):
         assert isinstance(figure, (int, float)) and figure > 0
     assert data["table"], "no table rows"
@@ -116,9 +126,12 @@ def test_bench_smoke(tmp_path):
 
     # Every target is judged beside its ratio (the feed targets apply to full sizes only).
     targets = ["into mount A, until committed", "sequential read", "the same again",
-               "from the bucket via mount B", "ls -l of"]
+               "from the bucket via mount B", "ls -l of",
+               "by chunk (sha1/<hash>?manifest=)", "4 KiB read at a random offset",
+               "the slowest of them", "chunks the bucket read per 4 KiB read",
+               "by chunk via mount B", "peak memory, streaming"]
     if shutil.which("rclone"):
-        targets.append("peer: rclone mount of :http:")
+        targets += ["peer: rclone mount of :http:"] * 2  # the bucket's and by chunk
     whats = [t["what"] for t in data["targets"]]
     assert len(whats) == len(targets), whats
     assert all(any(target in what for what in whats) for target in targets), whats
