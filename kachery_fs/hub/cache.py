@@ -183,6 +183,20 @@ class BucketCache:
         prior = self._in_flight.get((channel, sha1))
         return prior is not None and self._clock() - prior[0] <= UPLOAD_IN_FLIGHT_S
 
+    def finalized_by(self, channel: str, sha1: str) -> str | None:
+        """The node whose finalize put the verified object on record, or None."""
+        row = self._db.execute("SELECT finalized_by FROM objects WHERE channel = ? AND"
+                               " sha1 = ? AND stored = 1", (channel, sha1)).fetchone()
+        return row[0] if row else None
+
+    def uploading_node(self, channel: str, sha1: str) -> str | None:
+        """The node this hub signed the unfinished upload of the object for, if any (see
+        :meth:`upload_in_flight`)."""
+        prior = self._in_flight.get((channel, sha1))
+        if prior is None or self._clock() - prior[0] > UPLOAD_IN_FLIGHT_S:
+            return None
+        return prior[1]
+
     def requested(self, channel: str, sha1: str) -> None:
         """A node asked for the object: its requesters are about to download it, whether it
         is in the bucket already or a provider is about to upload it."""

@@ -383,18 +383,26 @@ class Hub:
         actual = await backend.stat(object_key(channel, sha1))
         if actual is None:
             raise NotFound(f"sha1://{sha1} is not in the bucket of channel {channel!r}")
+        # Only the node whose upload put the file there may vouch for a manifest: on GCS
+        # the hub cannot check the chunks, and another member must not be able to name a
+        # manifest for a file it never put there. (Its upload lands in this finalize, or
+        # its own earlier finalize put the file on record.)
+        own_upload = caller.node_id in (self.cache.uploading_node(channel, sha1),
+                                        self.cache.finalized_by(channel, sha1))
         await self._settle(backend, caller, channel, sha1, size, actual, uploaded=True)
         if manifest is None:
             return {"status": "finalized"}
         return {"status": "finalized",
-                "manifest": await self._vouch(caller, channel, sha1, size, manifest.lower())}
+                "manifest": await self._vouch(caller, channel, sha1, size, manifest.lower(),
+                                              own_upload=own_upload)}
 
     async def _vouch(self, caller: Caller, channel: str, sha1: str, size: int,
-                     manifest: str) -> str:
+                     manifest: str, *, own_upload: bool) -> str:
         """``caller`` vouches for ``manifest`` as that of ``sha1`` (finalized, ``size``
         bytes): ``"vouched"`` once it is on record, or ``"refused: <why>"``. A vouch on
         record is not checked again, nor, for :data:`REFUSED_VOUCH_TTL_S`, one refused
-        for its content; the vouches of a file are taken one at a time."""
+        for its content; the vouches of a file are taken one at a time. A new one is
+        taken only with ``own_upload``: the caller's own upload put the file there."""
         key = (channel, sha1)
         while (running := self._vouching.get(key)) is not None:
             await running.wait()
@@ -404,6 +412,8 @@ class Hub:
         why: str | None
         if on_record is not None:
             why = f"manifest {on_record} is on record for it"
+        elif not own_upload:
+            why = "only the node whose upload put the file there may vouch for its manifest"
         else:
             why = self._refused_vouches.get((channel, sha1, manifest))
         if why is None:

@@ -16,13 +16,14 @@ import pyfuse3
 import pytest
 import trio
 
-from kachery_fs import cache, parts
+from kachery_fs import cache, parts, resumable
 from kachery_fs import chunks as chunks_module
 from kachery_fs import manifest as manifest_module
 from kachery_fs import partial as partial_module
 from kachery_fs.cli import data as cli_data
 from kachery_fs.errors import IntegrityError, leaves
 from kachery_fs.fs.vnodes import HashFile
+from kachery_fs.hub import backends as hub_backends
 from kachery_fs.hub import service as hub_service
 from kachery_fs.manifest import manifest_of
 
@@ -408,17 +409,23 @@ async def test_a_lie_the_hub_vouched_for_is_reported_and_the_hub_drops_it(
     _, liar = manifest_of([other])
     assert liar is not None
     liar = manifest_module.Manifest(liar.size, sha1, liar.chunks)  # "of" the real file
-    await in_bucket(hub, data)
-    local_bucket_file(hub.server, CH, sha1).write_bytes(other)
     await in_bucket(hub, liar.to_bytes())
 
     async def no_check(*args):
         pass
 
     monkeypatch.setattr(hub_service, "check_manifest", no_check)
+    monkeypatch.setattr(hub_backends.LocalBucketBackend, "can_hash", False)
     voucher = await make_node(hub, "voucher")
-    assert await voucher.channels.hub(hub.url).finalize_upload(
-        CH, sha1, len(data), manifest=liar.hash) == "vouched"
+    client = voucher.channels.hub(hub.url)
+    signed = await client.initiate_upload(CH, sha1, len(data))  # other bytes, its own upload
+    session = await resumable.start_session(client.client, signed)
+    (tmp_path / "other").write_bytes(other)
+    await resumable.upload(client.client, session, tmp_path / "other", len(other))
+    assert await client.finalize_upload(CH, sha1, len(data), manifest=liar.hash) == "vouched"
+    bystander = (await make_node(hub, "bystander")).channels.hub(hub.url)
+    assert (await bystander.finalize_upload(CH, sha1, len(data), manifest="3" * 40)
+            ).startswith("refused: manifest")  # on record; and not its upload anyway
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery)
     with trio.fail_after(WAIT_S):

@@ -331,3 +331,18 @@ async def test_on_gcs_the_manifest_object_is_checked_not_the_chunks(gcs_hub, tmp
     assert await owner.get_manifest(channel, sha1) == liar.hash
     await owner.report_manifest(channel, sha1, liar.hash, "4" * 40)
     assert await owner.get_manifest(channel, sha1) is None
+
+
+async def test_only_the_node_whose_upload_put_the_file_there_may_vouch(hub, caplog):
+    data, sha1, manifest = large_file()
+    await in_bucket(hub, manifest.to_bytes())
+    await in_bucket(hub, data)  # put there by the owner, without a manifest
+    other_id, other = await writer(hub)
+    said = await other.finalize_upload(CH, sha1, len(data), manifest=manifest.hash)
+    assert said == "refused: only the node whose upload put the file there may vouch for" \
+        " its manifest"
+    assert await other.get_manifest(CH, sha1) is None
+    assert refusals(caplog, other_id)
+    # The owner, whose finalize put it on record, may.
+    assert await hub.owner.finalize_upload(CH, sha1, len(data), manifest=manifest.hash) == \
+        "vouched"
