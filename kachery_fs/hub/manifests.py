@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import time
+from collections.abc import MutableMapping
 
 from .. import manifest as manifest_module
 from ..errors import IntegrityError, InvalidInput, NotFound
@@ -42,11 +43,13 @@ MAX_MANIFEST_BYTES = manifest_module.MAX_BYTES
 
 
 async def check_manifest(backend: BucketBackend, channel: str, sha1: str, size: int,
-                         manifest: str) -> None:
+                         manifest: str, *, digests: MutableMapping | None = None) -> None:
     """Check that the manifest object ``manifest`` in the channel's bucket is that of
     ``sha1`` (``size`` bytes): see the module docstring. ``IntegrityError`` says which
     check failed; ``NotFound`` if the manifest or the file is not in the bucket (now);
-    ``Unavailable`` and the backend's other errors as they come."""
+    ``Unavailable`` and the backend's other errors as they come. ``digests`` keeps the
+    chunk hashes of files read for a check (objects never change): a second manifest
+    for the same file is checked without reading it again."""
     key = object_key(channel, manifest)
     stored = await backend.stat(key)
     if stored is None:
@@ -71,9 +74,15 @@ async def check_manifest(backend: BucketBackend, channel: str, sha1: str, size: 
                              f" {size:,}")
     if not backend.can_hash:
         return
-    digests = await backend.range_sha1s(object_key(channel, sha1),
-                                        [(c.start, c.end) for c in parsed.chunks])
-    for i, (chunk, actual) in enumerate(zip(parsed.chunks, digests, strict=True)):
+    ranges = tuple((c.start, c.end) for c in parsed.chunks)
+    known = digests.get((channel, sha1)) if digests is not None else None
+    if known is not None and known[0] == ranges:
+        found = known[1]
+    else:
+        found = await backend.range_sha1s(object_key(channel, sha1), list(ranges))
+        if digests is not None:
+            digests[(channel, sha1)] = (ranges, found)
+    for i, (chunk, actual) in enumerate(zip(parsed.chunks, found, strict=True)):
         if actual != chunk.sha1:
             raise IntegrityError(f"chunk {i} (bytes {chunk.start:,} to {chunk.end:,}) of"
                                  f" sha1://{sha1} hashes to {actual}, not {chunk.sha1}")

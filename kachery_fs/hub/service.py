@@ -142,6 +142,9 @@ class Hub:
         self._vouching: dict[tuple[str, str], trio.Event] = {}
         self._manifest_checks = trio.CapacityLimiter(MANIFEST_CHECKS)
         self._refused_vouches: TTLCache = TTLCache(maxsize=100_000, ttl=REFUSED_VOUCH_TTL_S)
+        # (channel, sha1) -> (chunk ranges, their SHA-1s): a file read for one vouch's
+        # check is not read again for the next (another manifest, a lie, say).
+        self._chunk_digests: TTLCache = TTLCache(maxsize=10_000, ttl=REFUSED_VOUCH_TTL_S)
 
     # -- authentication ---------------------------------------------------------------
 
@@ -422,7 +425,7 @@ class Hub:
                 try:
                     async with self._manifest_checks:
                         await check_manifest(self._backend(channel), channel, sha1, size,
-                                             manifest)
+                                             manifest, digests=self._chunk_digests)
                 except (IntegrityError, NotFound, InvalidInput) as exc:
                     why = str(exc)
                     if not isinstance(exc, NotFound):  # a missing object may come yet

@@ -346,3 +346,31 @@ async def test_only_the_node_whose_upload_put_the_file_there_may_vouch(hub, capl
     # The owner, whose finalize put it on record, may.
     assert await hub.owner.finalize_upload(CH, sha1, len(data), manifest=manifest.hash) == \
         "vouched"
+
+
+async def test_the_file_is_read_once_for_the_checks_of_several_manifests(hub, monkeypatch):
+    from kachery_fs.hub import backends
+
+    reads = []
+    real = backends.LocalBucketBackend.range_sha1s
+
+    async def counted(self, key, ranges):
+        reads.append(key)
+        return await real(self, key, ranges)
+
+    monkeypatch.setattr(backends.LocalBucketBackend, "range_sha1s", counted)
+    data, sha1, manifest = large_file()
+    liars = [lying(data, manifest)]
+    a, b = manifest.chunks[:2]
+    liars.append(Manifest(manifest.size, sha1, (Chunk(a.start, a.end, b.sha1),
+                                                *manifest.chunks[1:])))
+    _, client = await writer(hub)
+    for liar in liars:
+        await in_bucket(hub, liar.to_bytes())
+    await in_bucket(hub, manifest.to_bytes())
+    assert (await upload(client, hub.base, data, manifest=liars[0].hash)).startswith("refused")
+    assert (await client.finalize_upload(CH, sha1, len(data), manifest=liars[1].hash)
+            ).startswith("refused: chunk 0")
+    assert await client.finalize_upload(CH, sha1, len(data), manifest=manifest.hash) == \
+        "vouched"
+    assert len(reads) == 1
