@@ -129,6 +129,7 @@ def test_bench_smoke(tmp_path):
                "from the bucket via mount B", "ls -l of",
                "by chunk (sha1/<hash>?manifest=)", "4 KiB read at a random offset",
                "the slowest of them", "chunks the bucket read per 4 KiB read",
+               "4 KiB in the last chunk",
                "by chunk via mount B", "peak memory, streaming"]
     if shutil.which("rclone"):
         targets += ["peer: rclone mount of :http:"] * 2  # the bucket's and by chunk
