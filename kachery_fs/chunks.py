@@ -36,7 +36,8 @@ import hashlib
 import logging
 import sqlite3
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
@@ -60,6 +61,30 @@ STALL_TIMEOUT_S = 60.0
 FAILED_CHUNK_TTL_S = 10.0
 
 
+class BufferPool:
+    """Chunk-sized buffers, reused: a fetch writes a chunk into one as it arrives, and it
+    goes back once the chunk is in the partial file. At most ``count`` are out at once
+    (fetches wait for one), so a node's chunk transfers hold a bounded amount of memory,
+    and no 20 MB allocation is made and freed per chunk (which the allocator keeps)."""
+
+    def __init__(self, count: int, size: int):
+        self.size = size
+        self._free: list[bytearray] = []
+        self._slots = trio.Semaphore(count)
+
+    @asynccontextmanager
+    async def buffer(self, size: int) -> AsyncIterator[bytearray]:
+        if size > self.size:  # not a kachery chunk size: a buffer of its own
+            yield bytearray(size)
+            return
+        async with self._slots:
+            buf = self._free.pop() if self._free else bytearray(self.size)
+            try:
+                yield buf
+            finally:
+                self._free.append(buf)
+
+
 class ChunkedContent:
     """Readable bytes of one large file, chunk by chunk (the resolver's ``Content``)."""
 
@@ -70,14 +95,16 @@ class ChunkedContent:
                  nursery: trio.Nursery | None = None,
                  on_lie: Callable[[str], None] | None = None,
                  on_fetched: Callable[[int], None] | None = None,
-                 on_bad_chunk: Callable[[IntegrityError], None] | None = None):
+                 on_bad_chunk: Callable[[IntegrityError], None] | None = None,
+                 buffers: BufferPool | None = None):
         """``whole_url``: the whole object in the bucket, or None; ``open_chunk(sha1)``:
         the verified bytes of a chunk as content of its own; ``partial``: the file's
         partial file (None: nothing is kept); ``nursery``: runs read-ahead and the whole
         check (inline without it, and no read-ahead); ``on_lie(actual)``: the chunks
         matched but the whole file hashed to ``actual``; ``on_fetched(nbytes)``: bytes
         came from the whole object in the bucket (demand, for the hub's cache);
-        ``on_bad_chunk(error)``: a fetched chunk did not match its hash."""
+        ``on_bad_chunk(error)``: a fetched chunk did not match its hash; ``buffers``: where
+        chunks are fetched into (shared by a resolver's reads; one of its own without)."""
         self.manifest = manifest
         self.size = manifest.size
         self._client = client
@@ -88,6 +115,8 @@ class ChunkedContent:
         self._on_lie = on_lie
         self._on_fetched = on_fetched
         self._on_bad_chunk = on_bad_chunk
+        self._buffers = buffers or BufferPool(
+            READ_AHEAD + 2, max(c.size for c in manifest.chunks))
         self._last = len(manifest.chunks) - 1
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._verified: set[int] = set()  # in the partial file, hashed by this object
@@ -186,13 +215,12 @@ class ChunkedContent:
                     raise
                 self._failed.pop(i, None)
                 fresh = True
-                if not self._closed:
+                if data is not None and not self._closed:  # not in the partial file
                     if i == self._whole_next:
                         self._in_order[i] = data  # the whole check takes it next
-                    if i not in self._verified:  # not in the partial file: in memory
-                        self._kept[i] = data
-                        while len(self._kept) > KEPT_CHUNKS:
-                            self._kept.popitem(last=False)
+                    self._kept[i] = data
+                    while len(self._kept) > KEPT_CHUNKS:
+                        self._kept.popitem(last=False)
         if not ahead:
             self._served.add(i)
         if i == self._last and not ahead:
@@ -208,26 +236,35 @@ class ChunkedContent:
             raise self._lie
         return data
 
-    async def _fetch(self, i: int) -> bytes:
+    async def _fetch(self, i: int) -> bytes | None:
+        """Chunk ``i``, verified: None when it is in the partial file (read it there),
+        else its bytes (nothing could be kept on disk)."""
         partial = self._partial
         if partial is not None and i in partial.present:
-            data = await self._on_thread(partial.read_chunk, i)
-            if await self._matches(i, data):
-                self._verified.add(i)
-                self.from_partial += 1
-                return data
+            async with self._buffers.buffer(self.manifest.chunks[i].size) as buf:
+                view = await self._on_thread(partial.read_chunk_into, i, buf)
+                if await self._matches(i, view):
+                    self._verified.add(i)
+                    self.from_partial += 1
+                    return None
             log.warning("chunk %d of sha1://%s in the local store's partial file does not"
                         " match its SHA-1 (lost in a crash?): fetching it again", i,
                         self.manifest.sha1)
             await self._on_thread(partial.drop_chunk, i)
         chunk = self.manifest.chunks[i]
-        if self._whole_url is not None:
-            data = await self._fetch_range(chunk.start, chunk.end)
+        if self._whole_url is None:
+            return await self._keep(i, await self._open_chunk(chunk.sha1))
+        async with self._buffers.buffer(chunk.size) as buf:  # no chunk-sized allocation
+            view = await self._fetch_range(chunk.start, chunk.end, into=buf)
             if self._on_fetched is not None:
-                self._on_fetched(len(data))
-        else:
-            data = await self._open_chunk(chunk.sha1)
+                self._on_fetched(len(view))
+            return await self._keep(i, view)
+
+    async def _keep(self, i: int, data: bytes | memoryview) -> bytes | None:
+        """Verify fetched chunk ``i`` and write it to the partial file: None, or its bytes
+        when it could not be kept there."""
         if not await self._matches(i, data):
+            chunk = self.manifest.chunks[i]
             error = IntegrityError(
                 f"chunk {i} (bytes {chunk.start:,}-{chunk.end - 1:,}) of"
                 f" sha1://{self.manifest.sha1} does not match its SHA-1 in the manifest"
@@ -236,6 +273,7 @@ class ChunkedContent:
                 self._on_bad_chunk(error)
             raise error
         self.fetched += 1
+        partial = self._partial
         if partial is not None and not self._closed:
             try:
                 await self._on_thread(partial.add_chunk, i, data)
@@ -244,11 +282,14 @@ class ChunkedContent:
                             " store: %s", i, self.manifest.sha1, exc)
             else:
                 self._verified.add(i)
-        return data
+                return None
+        return bytes(data)
 
-    async def _fetch_range(self, start: int, end: int) -> bytes:
-        """Bytes ``[start, end)`` of the whole object; ``DeadlineExceeded`` once
-        :data:`STALL_TIMEOUT_S` pass without a byte arriving (a bucket that trickles)."""
+    async def _fetch_range(self, start: int, end: int, *,
+                           into: bytearray) -> bytes | memoryview:
+        """Bytes ``[start, end)`` of the whole object, into ``into``; ``DeadlineExceeded``
+        once :data:`STALL_TIMEOUT_S` pass without a byte arriving (a bucket that
+        trickles)."""
         assert self._whole_url is not None
         with trio.CancelScope(deadline=trio.current_time() + STALL_TIMEOUT_S) as scope:
 
@@ -256,11 +297,11 @@ class ChunkedContent:
                 scope.deadline = trio.current_time() + STALL_TIMEOUT_S
 
             return await fetch_range(self._client, self._whole_url, start, end,
-                                     on_data=progressed)
+                                     on_data=progressed, into=into)
         raise DeadlineExceeded(f"GET {self._whole_url} bytes {start}-{end - 1}: nothing"
                                f" arrived for {STALL_TIMEOUT_S:.0f} s")
 
-    async def _matches(self, i: int, data: bytes) -> bool:
+    async def _matches(self, i: int, data: bytes | memoryview) -> bool:
         chunk = self.manifest.chunks[i]
         if len(data) != chunk.size:
             return False
@@ -292,26 +333,8 @@ class ChunkedContent:
         async with self._whole_lock:
             while self._whole_next <= self._last and not self._closed:
                 i = self._whole_next
-                data = self._in_order.pop(i, None) or self._kept.get(i)
-                if data is None and self._partial is not None and i in self._partial.present:
-                    data = await self._on_thread(self._partial.read_chunk, i)
-                    if i not in self._verified:  # written before a crash, maybe
-                        if not await self._matches(i, data):
-                            await self._on_thread(self._partial.drop_chunk, i)
-                            data = None
-                        else:
-                            self._verified.add(i)
-                if data is None and final and i in self._served:
-                    try:
-                        data = await self._fetch(i)
-                    except KacheryError as exc:
-                        raise IntegrityError(
-                            f"sha1://{self.manifest.sha1}: its last chunk is served only"
-                            f" once the whole file is verified, and chunk {i} could not be"
-                            f" had again for that: {exc}") from None
-                if data is None:
+                if not await self._add_to_whole(i, final=final):
                     return  # not here (yet): a reader that skipped it reads by chunk only
-                await trio.to_thread.run_sync(self._whole.update, data)
                 self._whole_next += 1
             if self._whole_next == self._last + 1 and not self._closed:
                 self._whole_next += 1  # checked once
@@ -319,6 +342,36 @@ class ChunkedContent:
         if final and self._whole_failed is not None and self._lie is None:
             raise IntegrityError(f"sha1://{self.manifest.sha1}: its whole check failed"
                                  f" ({self._whole_failed!r}): the last chunk is not served")
+
+    async def _add_to_whole(self, i: int, *, final: bool) -> bool:
+        """Add chunk ``i`` to the running SHA-1, from memory or the partial file (or,
+        ``final``, fetched again if a reader was served it); False if it is not here."""
+        data = self._in_order.pop(i, None) or self._kept.get(i)
+        if data is not None:
+            await trio.to_thread.run_sync(self._whole.update, data)
+            return True
+        partial = self._partial
+        if partial is not None and i in partial.present:
+            async with self._buffers.buffer(self.manifest.chunks[i].size) as buf:
+                view = await self._on_thread(partial.read_chunk_into, i, buf)
+                if i in self._verified or await self._matches(i, view):
+                    self._verified.add(i)
+                    await trio.to_thread.run_sync(self._whole.update, view)
+                    return True
+            await self._on_thread(partial.drop_chunk, i)  # written before a crash, maybe
+        if not (final and i in self._served):
+            return False
+        try:
+            data = await self._fetch(i)
+        except KacheryError as exc:
+            raise IntegrityError(
+                f"sha1://{self.manifest.sha1}: its last chunk is served only once the whole"
+                f" file is verified, and chunk {i} could not be had again for that: {exc}"
+            ) from None
+        if data is None:  # in the partial file now
+            return await self._add_to_whole(i, final=False)
+        await trio.to_thread.run_sync(self._whole.update, data)
+        return True
 
     async def _finish_whole(self) -> None:
         actual = self._whole.hexdigest()

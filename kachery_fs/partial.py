@@ -83,9 +83,17 @@ class PartialFile:
     def read(self, offset: int, size: int) -> bytes:
         return os.pread(self.fd, size, offset)
 
-    def read_chunk(self, i: int) -> bytes:
+    def read_chunk_into(self, i: int, buf: bytearray) -> memoryview:
+        """Chunk ``i`` as the file holds it, read into ``buf``: a view of it."""
         chunk = self.manifest.chunks[i]
-        return os.pread(self.fd, chunk.size, chunk.start)
+        view = memoryview(buf)[:chunk.size]
+        got = 0
+        while got < chunk.size:
+            n = os.preadv(self.fd, [view[got:]], chunk.start + got)
+            if n == 0:
+                break  # cut short: a chunk of the wrong size, which fails its hash
+            got += n
+        return view[:got]
 
     def add_chunk(self, i: int, data: bytes) -> None:
         """Write verified chunk ``i`` and record it (a worker thread may call this)."""

@@ -33,7 +33,7 @@ from . import manifest as manifest_module
 from .bucket import EMPTY_SHA1, Download, head_size, object_url
 from .cache import MANIFEST_HERE, vouched_by_hub
 from .channels import Channels
-from .chunks import ChunkedContent
+from .chunks import BufferPool, ChunkedContent
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
@@ -53,6 +53,9 @@ BAD_OBJECT_TTL_S = 60.0
 STALL_TIMEOUT_S = 60.0
 #: How long a manifest caught lying (its chunks matched, the whole file did not) is refused.
 LYING_MANIFEST_TTL_S = 3600.0
+#: How many chunks (20,000,000 bytes each) a node's reads by chunk fetch at once: one
+#: reader's chunk and its read-ahead, and the whole check's.
+CHUNK_BUFFERS = 5
 
 
 class Content(Protocol):
@@ -182,6 +185,8 @@ class Resolver:
         # (channel, sha1, manifest sha1) -> [content, readers], while it has readers
         self._chunked: dict[tuple[str, str, str], list] = {}
         self._lies: TTLCache = TTLCache(maxsize=10_000, ttl=LYING_MANIFEST_TTL_S)
+        # What every read by chunk fetches into: at most CHUNK_BUFFERS chunks in memory.
+        self._buffers = BufferPool(CHUNK_BUFFERS, manifest_module.CHUNK_SIZE)
 
     def local_size(self, sha1: str) -> int | None:
         return self.store.size(sha1)
@@ -424,7 +429,7 @@ class Resolver:
                     open_chunk=partial(self._read_all, channel), partial=kept,
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
-                    on_bad_chunk=partial(self._bad_chunk, manifest))
+                    on_bad_chunk=partial(self._bad_chunk, manifest), buffers=self._buffers)
                 shared = self._chunked[key] = [content, 0]
         shared[1] += 1
         handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))
