@@ -95,6 +95,16 @@ def mounted(node_dir: Path, mountpoint: Path, *options: str):
         assert not os.path.ismount(mountpoint)
 
 
+def uri_of(data: bytes, name: str) -> str:
+    """The ``user.kachery.uri`` of a file named ``name`` holding ``data``: kachery's form
+    with ``?manifest=`` for one over 20,000,000 bytes."""
+    from kachery_fs.manifest import manifest_of
+    from kachery_fs.uris import format_uri
+
+    sha1, manifest = manifest_of([data])
+    return format_uri(sha1, name, manifest=manifest.hash if manifest else None)
+
+
 def xattr(path: Path, name: str) -> str:
     return os.getxattr(path, name).decode()
 

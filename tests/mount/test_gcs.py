@@ -29,6 +29,7 @@ from ..util import (
     kfs,
     mounted,
     require_fuse,
+    uri_of,
     wait_for,
     xattr,
 )
@@ -95,7 +96,7 @@ def written_on_a(c: GcsCluster, size: int) -> tuple[str, bytes]:
     data, sha1 = random_file(src, size)
     target = c.mnt_a / CH / f"file-{sha1[:8]}.bin"
     shutil.copyfile(src, target)
-    assert xattr(target, "user.kachery.uri") == f"sha1://{sha1}?label={target.name}"
+    assert xattr(target, "user.kachery.uri") == uri_of(data, target.name)
     wait_for(lambda: xattr(target, "user.kachery.status") == "in bucket", timeout=60,
              what="A's upload to the emulator")
     assert c.in_bucket(sha1) == data

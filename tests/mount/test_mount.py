@@ -22,7 +22,7 @@ import pytest
 from kachery_fs.protocol import object_key
 from kachery_fs.state import NodeDB
 
-from ..util import kfs, make_cluster, mounted, require_fuse, wait_for, xattr
+from ..util import kfs, make_cluster, mounted, require_fuse, uri_of, wait_for, xattr
 
 CHANNEL = "ch1"
 
@@ -332,7 +332,8 @@ def test_concurrent_writes_to_an_existing_file_are_all_kept(cluster, tmp_path):
         expected[24 * 1024 * 1024:24 * 1024 * 1024 + 4096] = b"B" * 4096
         expected[40 * 1024 * 1024 + 5:40 * 1024 * 1024 + 4101] = b"C" * 4096
         sha1 = hashlib.sha1(expected).hexdigest()
-        assert xattr(path, "user.kachery.uri") == f"sha1://{sha1}?label=patched.bin", attempt
+        assert xattr(path, "user.kachery.uri") == uri_of(bytes(expected), "patched.bin"), \
+            attempt
         stored = cluster.a / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
         assert stored.read_bytes() == expected
         base = bytes(expected)
