@@ -99,8 +99,9 @@ class FeedSync:
         object and the index, then tell the hub (watching nodes fetch at once). Then, with
         ``singles``, the single-message objects that kachery's own readers use (else the
         caller runs :meth:`upload_singles` itself, when it suits). Returns the message
-        counts in the bucket before and after. ``on_announced(start, end)`` is called as
-        each batch is announced (so that a caller can remember the single objects due)."""
+        counts in the bucket before and after. ``on_announced(start, end)`` is called just
+        before each batch is announced (so that a caller remembers the single objects due,
+        even if it is stopped while the hub takes the announce)."""
         ch = self.channels.get(channel)
         hub = self.channels.hub(ch.hub_url)
         key = self.store.key(feed_id)
@@ -135,9 +136,11 @@ class FeedSync:
                                               batch=(start, end, len(batch_body)))
             await _put(self.client, SignedRequest.from_json(urls["batch"]), batch_body)
             await _put(self.client, SignedRequest.from_json(urls["index"]), index)
-            await hub.feed_updated(*sub, owner=key, message_count=end, batch_start=start)
             if on_announced is not None:
+                # Before the announce: a stop during it (the hub may count the batch while
+                # this end never hears so) must not leave the single objects forgotten.
                 on_announced(start, end)
+            await hub.feed_updated(*sub, owner=key, message_count=end, batch_start=start)
         log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
                   subfeed_hash[:12], local, channel)
         if singles:
