@@ -46,6 +46,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import trio
@@ -228,75 +229,62 @@ class StoreCache:
 
     # -- partial files ------------------------------------------------------------------
 
-    def partial_chunks(self, sha1: str, manifest_sha1: str) -> set[int]:
-        """The chunks of the partial file of (``sha1``, ``manifest_sha1``) recorded as
-        present; its row is made (empty) if there is none."""
+    @contextmanager
+    def _partial_row(self, sha1: str, manifest_sha1: str) -> Iterator[bytes | None]:
+        """The ``present`` bitmap of a partial file's row (None: no row), in a write
+        transaction that the body may add to."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
                                        " manifest = ?", (sha1, manifest_sha1)).fetchone()
-                if row is None:
-                    self._db.execute(
-                        "INSERT INTO partials (sha1, manifest, present, bytes, last_access)"
-                        " VALUES (?, ?, x'', 0, ?)", (sha1, manifest_sha1, time.time()))
-                    present = b""
-                else:
-                    present = row[0]
-                    self._db.execute("UPDATE partials SET last_access = ? WHERE sha1 = ? AND"
-                                     " manifest = ?", (time.time(), sha1, manifest_sha1))
+                yield row[0] if row else None
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
-        return {i for i in range(len(present) * 8) if present[i // 8] >> (i % 8) & 1}
+
+    def partial_chunks(self, sha1: str, manifest_sha1: str) -> set[int]:
+        """The chunks of the partial file of (``sha1``, ``manifest_sha1``) recorded as
+        present; its row is made (empty) if there is none."""
+        with self._partial_row(sha1, manifest_sha1) as present:
+            if present is None:
+                self._db.execute(
+                    "INSERT INTO partials (sha1, manifest, present, bytes, last_access)"
+                    " VALUES (?, ?, x'', 0, ?)", (sha1, manifest_sha1, time.time()))
+                present = b""
+            else:
+                self._db.execute("UPDATE partials SET last_access = ? WHERE sha1 = ? AND"
+                                 " manifest = ?", (time.time(), sha1, manifest_sha1))
+        return {i for i in range(len(present) * 8) if _has_bit(present, i)}
 
     def partial_add(self, sha1: str, manifest_sha1: str, chunk: int, nbytes: int) -> bool:
         """Record chunk ``chunk`` (``nbytes``) of the partial file of (``sha1``,
         ``manifest_sha1``) as present; False when its row is gone (evicted meanwhile)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
-                                       " manifest = ?", (sha1, manifest_sha1)).fetchone()
-                if row is None:
-                    self._db.execute("COMMIT")
-                    return False
-                present = bytearray(row[0])
+        with self._partial_row(sha1, manifest_sha1) as row:
+            if row is None:
+                return False
+            if not _has_bit(row, chunk):
+                present = bytearray(row)
                 if len(present) <= chunk // 8:
                     present.extend(bytes(chunk // 8 + 1 - len(present)))
-                if not present[chunk // 8] >> (chunk % 8) & 1:
-                    present[chunk // 8] |= 1 << (chunk % 8)
-                    self._db.execute("UPDATE partials SET present = ?, bytes = bytes + ?,"
-                                     " last_access = ? WHERE sha1 = ? AND manifest = ?",
-                                     (bytes(present), nbytes, time.time(), sha1,
-                                      manifest_sha1))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+                present[chunk // 8] |= 1 << (chunk % 8)
+                self._db.execute("UPDATE partials SET present = ?, bytes = bytes + ?,"
+                                 " last_access = ? WHERE sha1 = ? AND manifest = ?",
+                                 (bytes(present), nbytes, time.time(), sha1, manifest_sha1))
         return True
 
     def partial_drop_chunk(self, sha1: str, manifest_sha1: str, chunk: int,
                            nbytes: int) -> None:
         """Chunk ``chunk`` of a partial file is not what its row said (lost in a crash,
         say): no longer present."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                row = self._db.execute("SELECT present FROM partials WHERE sha1 = ? AND"
-                                       " manifest = ?", (sha1, manifest_sha1)).fetchone()
-                if row is not None and len(row[0]) > chunk // 8 and (
-                        row[0][chunk // 8] >> (chunk % 8) & 1):
-                    present = bytearray(row[0])
-                    present[chunk // 8] &= ~(1 << (chunk % 8)) & 0xFF
-                    self._db.execute("UPDATE partials SET present = ?, bytes = bytes - ?"
-                                     " WHERE sha1 = ? AND manifest = ?",
-                                     (bytes(present), nbytes, sha1, manifest_sha1))
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
+        with self._partial_row(sha1, manifest_sha1) as row:
+            if row is not None and _has_bit(row, chunk):
+                present = bytearray(row)
+                present[chunk // 8] &= ~(1 << (chunk % 8)) & 0xFF
+                self._db.execute("UPDATE partials SET present = ?, bytes = bytes - ?"
+                                 " WHERE sha1 = ? AND manifest = ?",
+                                 (bytes(present), nbytes, sha1, manifest_sha1))
 
     def partial_forget(self, sha1: str, manifest_sha1: str) -> None:
         """Drop the row of a partial file that was removed, or became an object."""
@@ -590,6 +578,11 @@ class StoreCache:
         if rows and not done:
             log.info("indexed the %d object(s), %s, that the local store held",
                      len(rows), format_size(sum(r[1] for r in rows)))
+
+
+def _has_bit(bitmap: bytes, i: int) -> bool:
+    """Whether chunk ``i`` is marked in a ``partials.present`` bitmap."""
+    return len(bitmap) > i // 8 and bool(bitmap[i // 8] >> (i % 8) & 1)
 
 
 def _walk(directory: Path) -> Iterator[tuple[str, os.stat_result]]:

@@ -205,6 +205,18 @@ def ranged_gets(requests, sha1: str) -> list[str | None]:
             if method == "GET" and target.endswith(sha1)]
 
 
+async def read_in_order(fs, fh: int, size: int) -> tuple[int, int | None]:
+    """Read an open file from its start, a chunk at a time, until the end or an error:
+    how many bytes were served, and the errno that stopped it (None: none)."""
+    served = 0
+    while served < size:
+        try:
+            served += len(await fs.ops.read(fh, served, CHUNK))
+        except pyfuse3.FUSEError as exc:
+            return served, exc.errno
+    return served, None
+
+
 async def read_range(fs, inode: int, offset: int, size: int) -> bytes:
     fh = (await fs.ops.open(inode, os.O_RDONLY, CTX)).fh
     try:
@@ -431,13 +443,7 @@ async def test_a_lie_the_hub_vouched_for_is_reported_and_the_hub_drops_it(
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(sha1)
         fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
-        offset, code = 0, None
-        while offset < len(data):
-            try:
-                offset += len(await fs.ops.read(fh, offset, CHUNK))
-            except pyfuse3.FUSEError as exc:
-                code = exc.errno
-                break
+        offset, code = await read_in_order(fs, fh, len(data))
         await fs.ops.release(fh)
     assert code == errno.EIO and offset <= liar.chunks[-1].start  # the last chunk: never
     await until(lambda: hub.server.hub.manifests.get(CH, sha1) is None, within=WAIT_S,
@@ -653,13 +659,7 @@ async def test_a_reader_of_every_chunk_never_gets_the_last_of_a_lie_without_a_pa
         attrs = await fs.lookup(f"{sha1}?manifest={liar.hash}")
         fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
         await fs.ops.read(fh, 3 * CHUNK, 10)  # out of order: before the whole check is there
-        served, code = 0, None
-        while served < len(data):
-            try:
-                served += len(await fs.ops.read(fh, served, CHUNK))
-            except pyfuse3.FUSEError as exc:
-                code = exc.errno
-                break
+        served, code = await read_in_order(fs, fh, len(data))
         await fs.ops.release(fh)
     assert code == errno.EIO and served == liar.chunks[-1].start
 
