@@ -49,6 +49,14 @@ def large_file(chunks: float = 4.5) -> tuple[bytes, str, manifest_module.Manifes
     return data, sha1, manifest
 
 
+async def large_file_in_bucket(hub, chunks: float = 4.5):
+    """A large file in the bucket whole, with its manifest (as kachery-fs uploads one)."""
+    data, sha1, manifest = large_file(chunks)
+    await in_bucket(hub, data)
+    await in_bucket(hub, manifest.to_bytes())
+    return data, sha1, manifest
+
+
 async def chunked(hub, nursery, sha1, manifest):
     node = await make_node(hub, "reader")
     res = (await parts.start(node, nursery)).resolver
@@ -57,9 +65,7 @@ async def chunked(hub, nursery, sha1, manifest):
 
 
 async def test_a_read_fetches_only_the_chunk_it_touches_from_the_whole_object(hub, nursery):
-    data, sha1, manifest = large_file()
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub)
     requests = log_requests(hub)
     _, content = await chunked(hub, nursery, sha1, manifest)
     assert content.size == len(data)
@@ -94,9 +100,7 @@ async def test_a_bucket_holding_only_chunks_and_the_manifest_is_read(hub, nurser
 
 
 async def test_a_corrupt_chunk_fails_alone(hub, nursery):
-    data, sha1, manifest = large_file()
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub)
     path = local_bucket_file(hub.server, CH, sha1)
     bad = bytearray(path.read_bytes())
     bad[CHUNK + 5] ^= 0xFF  # in chunk 1
@@ -226,9 +230,7 @@ async def read_range(fs, inode: int, offset: int, size: int) -> bytes:
 
 
 async def test_sha1_hash_with_its_manifest_in_the_name_is_read_by_chunk(hub, nursery):
-    data, sha1, manifest = large_file()
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub)
     fs = await mount_in_process(await make_node(hub, "reader"), nursery)
     requests = log_requests(hub)
     with trio.fail_after(WAIT_S):
@@ -247,9 +249,7 @@ async def test_sha1_hash_with_its_manifest_in_the_name_is_read_by_chunk(hub, nur
 
 
 async def test_a_manifest_on_record_makes_the_bare_hash_read_by_chunk(hub, nursery):
-    data, sha1, manifest = large_file()
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub)
     reader = await make_node(hub, "reader")
     reader.store.cache.note_manifest(sha1, manifest.hash, cache.vouched_by_hub(CH))
     fs = await mount_in_process(reader, nursery)
@@ -265,9 +265,7 @@ async def test_a_manifest_on_record_makes_the_bare_hash_read_by_chunk(hub, nurse
 
 
 async def test_a_corrupt_chunk_is_eio_there_only_through_the_mount(hub, nursery):
-    data, sha1, manifest = large_file()
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub)
     path = local_bucket_file(hub.server, CH, sha1)
     bad = bytearray(path.read_bytes())
     bad[2 * CHUNK] ^= 0xFF
@@ -286,9 +284,7 @@ async def test_a_corrupt_chunk_is_eio_there_only_through_the_mount(hub, nursery)
 
 async def test_a_sequential_reader_gets_read_ahead_and_the_file_is_kept_once_whole(
         hub, nursery):
-    data, sha1, manifest = large_file(4.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 4.5)
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery)
     requests = log_requests(hub)
@@ -478,9 +474,7 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
 
 
 async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, nursery):
-    data, sha1, manifest = large_file(4.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 4.5)
     reader = await make_node(hub, "reader")
     name = f"{sha1}?manifest={manifest.hash}"
     fs = await mount_in_process(reader, nursery)
@@ -517,9 +511,7 @@ async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, n
 
 async def test_a_chunk_of_a_partial_file_lost_in_a_crash_is_fetched_again(hub, nursery,
                                                                           caplog):
-    data, sha1, manifest = large_file(2.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
     reader = await make_node(hub, "reader")
     name = f"{sha1}?manifest={manifest.hash}"
     fs = await mount_in_process(reader, nursery)
@@ -586,9 +578,7 @@ async def test_a_partial_file_on_no_record_is_swept_unless_held(hub, nursery):
 
 
 async def test_a_stalled_chunk_read_times_out_at_its_deadline(hub, nursery, clock):
-    data, sha1, manifest = large_file(2.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
     fs = await mount_in_process(await make_node(hub, "reader"), nursery)
     attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
     fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
@@ -666,9 +656,7 @@ async def test_a_reader_of_every_chunk_never_gets_the_last_of_a_lie_without_a_pa
 
 async def test_a_broken_index_or_disk_in_the_background_never_takes_the_mount_down(
         hub, nursery, monkeypatch, caplog):
-    data, sha1, manifest = large_file(2.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
 
     def index_full(self, i, chunk):
         raise sqlite3.OperationalError("database or disk is full")
@@ -690,9 +678,7 @@ async def test_a_broken_index_or_disk_in_the_background_never_takes_the_mount_do
 
 
 async def test_a_failed_read_ahead_does_not_fail_the_read_that_follows(hub, nursery):
-    data, sha1, manifest = large_file(4.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 4.5)
     fs = await mount_in_process(await make_node(hub, "reader"), nursery)
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
@@ -720,9 +706,7 @@ async def test_a_named_manifest_too_large_to_be_one_is_refused_before_it_is_fetc
 
 
 async def test_a_manifest_another_channels_hub_vouched_for_is_not_trusted_here(hub, nursery):
-    data, sha1, manifest = large_file(2.5)
-    await in_bucket(hub, data)
-    await in_bucket(hub, manifest.to_bytes())
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
     reader = await make_node(hub, "reader")
     reader.store.cache.note_manifest(sha1, manifest.hash, cache.vouched_by_hub("elsewhere"))
     fs = await mount_in_process(reader, nursery)
