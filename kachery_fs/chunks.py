@@ -61,6 +61,11 @@ STALL_TIMEOUT_S = 60.0
 FAILED_CHUNK_TTL_S = 10.0
 
 
+class _Closed(Exception):
+    """The content was closed (its last reader went) while a background task of it ran:
+    the task ends, quietly."""
+
+
 class BufferPool:
     """Chunk-sized buffers, reused: a fetch writes a chunk into one as it arrives, and it
     goes back once the chunk is in the partial file. At most ``count`` are out at once
@@ -181,6 +186,8 @@ class ChunkedContent:
             except KacheryError as exc:  # the read of that chunk will try again and say
                 log.debug("read-ahead of chunk %d of sha1://%s: %s", i, self.manifest.sha1,
                           exc)
+            except _Closed:
+                pass
             except Exception:  # noqa: BLE001 - never into the mount's nursery
                 log.exception("read-ahead of chunk %d of sha1://%s failed", i,
                               self.manifest.sha1)
@@ -190,6 +197,8 @@ class ChunkedContent:
     async def _check_whole_in_background(self) -> None:
         try:
             await self._check_whole()
+        except _Closed:
+            pass
         except Exception as exc:  # noqa: BLE001 - never into the mount's nursery
             self._whole_failed = exc
             log.exception("checking sha1://%s whole failed", self.manifest.sha1)
@@ -310,7 +319,10 @@ class ChunkedContent:
 
     async def _on_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` on a worker thread, the partial file kept open until it is done
-        (:meth:`close` leaves the descriptor to the last such call)."""
+        (:meth:`close` leaves the descriptor to the last such call). ``_Closed`` once the
+        descriptor is closed: a background task that outlived the last reader."""
+        if self._partial is not None and self._partial.fd < 0:
+            raise _Closed()
         self._busy += 1
         try:
             return await trio.to_thread.run_sync(fn, *args)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import errno
 import hashlib
+import logging
 import math
 import os
 import sqlite3
@@ -717,3 +718,24 @@ async def test_a_manifest_another_channels_hub_vouched_for_is_not_trusted_here(h
     # Read whole (ranged GETs of the download's own pieces), not by the manifest's chunks.
     assert f"bytes={CHUNK}-{2 * CHUNK - 1}" not in ranged_gets(requests, sha1)
     await until(lambda: reader.store.has(sha1), within=WAIT_S, what="the download")
+
+
+async def test_a_background_task_that_outlives_the_last_reader_ends_quietly(hub, nursery,
+                                                                           caplog):
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
+    reader = await make_node(hub, "reader")
+    name = f"{sha1}?manifest={manifest.hash}"
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(name)
+        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    # Another process: chunk 1 is in the partial file, not yet read back by this one.
+    res = (await parts.start(reader, nursery)).resolver
+    with trio.fail_after(WAIT_S):
+        handle = await res.open(CH, sha1, manifest=manifest.hash)
+    content = handle.chunked
+    handle.close()  # the last reader: the partial file's descriptor is closed
+    with trio.fail_after(WAIT_S):  # a read-ahead or a whole check that starts only now
+        await content._fetch_ahead(1, trio.CancelScope())
+        await content._check_whole_in_background()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
