@@ -340,14 +340,6 @@ class Resolver:
             local = self._open_local(sha1)
         return local
 
-    async def open_by_manifest(self, channel: str, sha1: str, manifest_sha1: str) -> Content:
-        """``sha1`` read by chunk, through the manifest ``manifest_sha1``, which the caller
-        trusts (its hash came from the user): :meth:`open` with ``manifest=``."""
-        local = await self.open_here(sha1)
-        if local is not None:
-            return local
-        return await self.open(channel, sha1, manifest=manifest_sha1)
-
     # -- reads by chunk ----------------------------------------------------------------
 
     async def _ask_hub_for_manifest(self, channel: str, sha1: str) -> None:

@@ -173,12 +173,7 @@ class StagingFile:
             concurrent.futures.wait(jobs)  # stale: their hashes are not used
             fresh = [_hash_on_pool(self.fd, start, min(start + step, size))
                      for start in range(0, size, step)] if wanted else []
-            hasher = hashlib.sha1()
-            offset = 0
-            while chunk := os.pread(self.fd, COPY_CHUNK, offset):
-                hasher.update(chunk)
-                offset += len(chunk)
-            sha1 = hasher.hexdigest()
+            sha1 = _hash_range(self.fd, 0, size)
             chunks = [job.result() for job in fresh]
         if not wanted:
             return sha1, None

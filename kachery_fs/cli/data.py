@@ -50,11 +50,9 @@ async def _put(args) -> int:
                     def progress(committed: int, bar=bar) -> None:
                         bar.update(committed - bar.n)
                     try:
+                        # (A manifest goes up first, with the file's finalize: the uploader.)
                         await parts.uploader.upload_now(channel, sha1, size,
                                                         on_progress=progress, retry=False)
-                        if manifest is not None:  # readers of the URI fetch it first
-                            await parts.uploader.upload_now(
-                                channel, manifest.hash, len(manifest.to_bytes()), retry=False)
                     except KacheryError as exc:
                         up = node.db.upload(channel, sha1)
                         if up is not None and up.state == "failed":

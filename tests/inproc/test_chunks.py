@@ -62,7 +62,7 @@ async def chunked(hub, nursery, sha1, manifest):
     node = await make_node(hub, "reader")
     res = (await parts.start(node, nursery)).resolver
     with trio.fail_after(WAIT_S):
-        return node, await res.open_by_manifest(CH, sha1, manifest.hash)
+        return node, await res.open(CH, sha1, manifest=manifest.hash)
 
 
 async def test_a_read_fetches_only_the_chunk_it_touches_from_the_whole_object(hub, nursery):
@@ -122,7 +122,7 @@ async def test_a_manifest_of_another_file_is_refused(hub, nursery):
     node = await make_node(hub, "reader")
     res = (await parts.start(node, nursery)).resolver
     with trio.fail_after(WAIT_S), pytest.raises(IntegrityError, match="is of sha1://"):
-        await res.open_by_manifest(CH, other_sha1, manifest.hash)
+        await res.open(CH, other_sha1, manifest=manifest.hash)
 
 
 async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery, monkeypatch,
