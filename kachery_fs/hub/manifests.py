@@ -65,10 +65,7 @@ async def check_manifest(backend: BucketBackend, channel: str, sha1: str, size: 
     digest = hashlib.sha1(data).hexdigest()
     if digest != manifest:
         raise IntegrityError(f"the manifest object hashes to {digest}, not to its name")
-    try:
-        parsed = Manifest.parse(data, sha1=sha1)
-    except RecursionError:  # json's answer to deeply nested arrays
-        raise IntegrityError("not a kachery manifest: JSON nested too deep") from None
+    parsed = Manifest.parse(data, sha1=sha1)  # IntegrityError for anything else
     if parsed.size != size:
         raise IntegrityError(f"it is a manifest of {parsed.size:,} bytes, not of"
                              f" {size:,}")
