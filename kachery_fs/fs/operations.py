@@ -542,9 +542,7 @@ class Operations(pyfuse3.Operations):
                         return status.render(self.snapshot(), channel=channel).encode()
                 case HashFile(sha1=sha1, manifest=manifest):
                     if name == XATTR_URI:
-                        known = self.store.cache.known_manifest(sha1)
-                        return format_uri(sha1, manifest=manifest or (known and known[0])
-                                          ).encode()
+                        return self._uri(sha1, manifest=manifest)
                     if name == XATTR_STATUS:
                         return b"local" if self.store.has(sha1) else b"remote"
                 case NamedEntry(entry_id=entry_id):
@@ -552,12 +550,19 @@ class Operations(pyfuse3.Operations):
                     if not entry.is_dir and name in (XATTR_URI, XATTR_STATUS):
                         if self.staging.is_writing(entry.id) or entry.sha1 is None:
                             return b"" if name == XATTR_URI else b"writing"
-                        if name == XATTR_URI:  # kachery's form for a file with a manifest
-                            known = self.store.cache.known_manifest(entry.sha1)
-                            return format_uri(entry.sha1, entry.name, manifest=known[0]
-                                              if known is not None else None).encode()
+                        if name == XATTR_URI:
+                            return self._uri(entry.sha1, entry.name)
                         return self.uploader.status(entry.channel, entry.sha1).encode()
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+
+    def _uri(self, sha1: str, label: str | None = None, *,
+             manifest: str | None = None) -> bytes:
+        """``user.kachery.uri``: kachery's form with ``?manifest=`` for a file with one (the
+        one named, else one on record)."""
+        if manifest is None:
+            known = self.store.cache.known_manifest(sha1)
+            manifest = known[0] if known is not None else None
+        return format_uri(sha1, label, manifest=manifest).encode()
 
     async def setxattr(self, inode, name, value, ctx):
         raise pyfuse3.FUSEError(errno.ENOTSUP)
