@@ -474,6 +474,19 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
 # -- partial files in the store ---------------------------------------------------------------
 
 
+async def chunk_1_kept(hub, nursery):
+    """A large file in the bucket, and a reader whose partial file holds its chunk 1 (read
+    through the mount's path with the manifest): ``data, sha1, manifest, reader, name``."""
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
+    reader = await make_node(hub, "reader")
+    name = f"{sha1}?manifest={manifest.hash}"
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(name)
+        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    return data, sha1, manifest, reader, name
+
+
 async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, nursery):
     data, sha1, manifest = await large_file_in_bucket(hub, 4.5)
     reader = await make_node(hub, "reader")
@@ -512,13 +525,7 @@ async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, n
 
 async def test_a_chunk_of_a_partial_file_lost_in_a_crash_is_fetched_again(hub, nursery,
                                                                           caplog):
-    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
-    reader = await make_node(hub, "reader")
-    name = f"{sha1}?manifest={manifest.hash}"
-    fs = await mount_in_process(reader, nursery)
-    with trio.fail_after(WAIT_S):
-        attrs = await fs.lookup(name)
-        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    data, sha1, manifest, reader, name = await chunk_1_kept(hub, nursery)
     # Recorded as present, but the bytes never reached the disk.
     path = reader.store.layout.partial_path(sha1, manifest.hash)
     fd = os.open(path, os.O_WRONLY)
@@ -722,13 +729,7 @@ async def test_a_manifest_another_channels_hub_vouched_for_is_not_trusted_here(h
 
 async def test_a_background_task_that_outlives_the_last_reader_ends_quietly(hub, nursery,
                                                                            caplog):
-    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
-    reader = await make_node(hub, "reader")
-    name = f"{sha1}?manifest={manifest.hash}"
-    fs = await mount_in_process(reader, nursery)
-    with trio.fail_after(WAIT_S):
-        attrs = await fs.lookup(name)
-        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    data, sha1, manifest, reader, name = await chunk_1_kept(hub, nursery)
     # Another process: chunk 1 is in the partial file, not yet read back by this one.
     res = (await parts.start(reader, nursery)).resolver
     with trio.fail_after(WAIT_S):

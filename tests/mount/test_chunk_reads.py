@@ -8,8 +8,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import ExitStack
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +30,18 @@ def put_large_file(c, tmp_path) -> tuple[bytes, str, str]:
     return data, sha1, uri.rpartition("=")[2]
 
 
+@pytest.fixture
+def large(tmp_path):
+    """A hub, nodes A and B on one channel, and a file of 2.5 chunks A put:
+    ``(cluster, data, sha1, manifest sha1)``; the hub stopped at the end."""
+    require_fuse()
+    c = make_cluster(tmp_path, channel="chunks.test")
+    try:
+        yield (c, *put_large_file(c, tmp_path))
+    finally:
+        c.hub.stop()
+
+
 def manifest_size(c, manifest: str) -> int:
     return len(kfs(c.a, "cat", f"sha1://{manifest}").stdout)  # A has it: no download
 
@@ -39,90 +51,78 @@ def downloaded_bytes(c) -> int:
     return json.loads(out)["downloads"]["bytes"]
 
 
-def test_random_reads_of_a_cold_large_file_match_and_fetch_only_their_chunks(tmp_path):
-    require_fuse()
-    c = make_cluster(tmp_path, channel="chunks.test")
-    with ExitStack() as stack:
-        stack.callback(c.hub.stop)
-        data, sha1, manifest = put_large_file(c, tmp_path)
-        name = f"{sha1}?manifest={manifest}"
-        with mounted(c.b, c.mnt_b):
-            path = c.mnt_b / c.channel / "sha1" / name
-            assert path.stat().st_size == SIZE  # from the manifest
-            with open(path, "rb") as f:  # one 4 KiB read inside the second chunk
-                f.seek(CHUNK_SIZE + 12_345)
-                assert f.read(4096) == data[CHUNK_SIZE + 12_345:CHUNK_SIZE + 16_441]
-        # B reported what it fetched when it unmounted: the manifest and that one chunk.
-        assert downloaded_bytes(c) == manifest_size(c, manifest) + CHUNK_SIZE
+def test_random_reads_of_a_cold_large_file_match_and_fetch_only_their_chunks(large):
+    c, data, sha1, manifest = large
+    name = f"{sha1}?manifest={manifest}"
+    with mounted(c.b, c.mnt_b):
+        path = c.mnt_b / c.channel / "sha1" / name
+        assert path.stat().st_size == SIZE  # from the manifest
+        with open(path, "rb") as f:  # one 4 KiB read inside the second chunk
+            f.seek(CHUNK_SIZE + 12_345)
+            assert f.read(4096) == data[CHUNK_SIZE + 12_345:CHUNK_SIZE + 16_441]
+    # B reported what it fetched when it unmounted: the manifest and that one chunk.
+    assert downloaded_bytes(c) == manifest_size(c, manifest) + CHUNK_SIZE
 
-        with mounted(c.b, c.mnt_b):
-            fd = os.open(c.mnt_b / c.channel / "sha1" / name, os.O_RDONLY)
-            try:
-                @settings(max_examples=60, deadline=None, database=None,
-                          suppress_health_check=[HealthCheck.function_scoped_fixture])
-                @given(st.one_of(
-                    st.integers(0, SIZE),  # anywhere
-                    st.sampled_from([CHUNK_SIZE, 2 * CHUNK_SIZE]).flatmap(  # at a boundary
-                        lambda b: st.integers(b - 5000, b + 5000)),
-                    st.integers(SIZE - 5000, SIZE)),  # in the last partial chunk, the end
-                    st.integers(1, 300_000))
-                def read_matches(offset, length):
-                    assert os.pread(fd, length, offset) == data[offset:offset + length]
+    with mounted(c.b, c.mnt_b):
+        fd = os.open(c.mnt_b / c.channel / "sha1" / name, os.O_RDONLY)
+        try:
+            @settings(max_examples=60, deadline=None, database=None,
+                      suppress_health_check=[HealthCheck.function_scoped_fixture])
+            @given(st.one_of(
+                st.integers(0, SIZE),  # anywhere
+                st.sampled_from([CHUNK_SIZE, 2 * CHUNK_SIZE]).flatmap(  # at a boundary
+                    lambda b: st.integers(b - 5000, b + 5000)),
+                st.integers(SIZE - 5000, SIZE)),  # in the last partial chunk, the end
+                st.integers(1, 300_000))
+            def read_matches(offset, length):
+                assert os.pread(fd, length, offset) == data[offset:offset + length]
 
-                read_matches()
-            finally:
-                os.close(fd)
+            read_matches()
+        finally:
+            os.close(fd)
 
 
-def test_a_sequential_read_is_verified_whole_and_kept(tmp_path):
-    require_fuse()
-    c = make_cluster(tmp_path, channel="chunks2.test")
-    with ExitStack() as stack:
-        stack.callback(c.hub.stop)
-        data, sha1, manifest = put_large_file(c, tmp_path)
-        with mounted(c.b, c.mnt_b):
-            path = c.mnt_b / c.channel / "sha1" / f"{sha1}?manifest={manifest}"
-            assert hashlib.sha1(path.read_bytes()).hexdigest() == sha1
-            # Read in order, it was checked whole and kept: the bare hash is local now.
-            bare = c.mnt_b / c.channel / "sha1" / sha1
-            assert os.getxattr(bare, "user.kachery.status") == b"local"
-        assert downloaded_bytes(c) == manifest_size(c, manifest) + SIZE  # each chunk once
+def test_a_sequential_read_is_verified_whole_and_kept(large):
+    c, data, sha1, manifest = large
+    with mounted(c.b, c.mnt_b):
+        path = c.mnt_b / c.channel / "sha1" / f"{sha1}?manifest={manifest}"
+        assert hashlib.sha1(path.read_bytes()).hexdigest() == sha1
+        # Read in order, it was checked whole and kept: the bare hash is local now.
+        bare = c.mnt_b / c.channel / "sha1" / sha1
+        assert os.getxattr(bare, "user.kachery.status") == b"local"
+    assert downloaded_bytes(c) == manifest_size(c, manifest) + SIZE  # each chunk once
 
 
-def test_a_remount_reads_the_chunks_it_kept_and_strict_mode_reads_whole(tmp_path):
-    require_fuse()
-    c = make_cluster(tmp_path, channel="chunks3.test")
-    with ExitStack() as stack:
-        stack.callback(c.hub.stop)
-        data, sha1, manifest = put_large_file(c, tmp_path)
-        before = manifest_size(c, manifest)
-        name = f"{sha1}?manifest={manifest}"
+def test_a_remount_reads_the_chunks_it_kept_and_strict_mode_reads_whole(large, tmp_path):
+    c, data, sha1, manifest = large
+    before = manifest_size(c, manifest)
+    name = f"{sha1}?manifest={manifest}"
 
-        def read_at(offset: int) -> bytes:
-            with open(c.mnt_b / c.channel / "sha1" / name, "rb") as f:
-                f.seek(offset)
-                return f.read(4096)
+    def read_at(offset: int) -> bytes:
+        with open(c.mnt_b / c.channel / "sha1" / name, "rb") as f:
+            f.seek(offset)
+            return f.read(4096)
 
-        with mounted(c.b, c.mnt_b):
-            assert read_at(10) == data[10:4106]
-        assert downloaded_bytes(c) == before + CHUNK_SIZE
-        with mounted(c.b, c.mnt_b):  # chunk 0 is in B's partial file: not fetched again
-            assert read_at(20) == data[20:4116]
-            assert read_at(CHUNK_SIZE + 5) == data[CHUNK_SIZE + 5:CHUNK_SIZE + 4101]
-        assert downloaded_bytes(c) == before + 2 * CHUNK_SIZE
+    with mounted(c.b, c.mnt_b):
+        assert read_at(10) == data[10:4106]
+    assert downloaded_bytes(c) == before + CHUNK_SIZE
+    with mounted(c.b, c.mnt_b):  # chunk 0 is in B's partial file: not fetched again
+        assert read_at(20) == data[20:4116]
+        assert read_at(CHUNK_SIZE + 5) == data[CHUNK_SIZE + 5:CHUNK_SIZE + 4101]
+    assert downloaded_bytes(c) == before + 2 * CHUNK_SIZE
 
-        # Strict: the same 4 KiB read waits for the whole file, verified, in the store.
-        strict = tmp_path / "node-c"
-        c_id = kfs(strict, "init").stdout.decode().strip()
-        kfs(c.a, "hub", "channel", "authorize", c.channel, c_id, "--permissions",
-            "requestFiles", "--hub", c.hub.url)
-        kfs(strict, "join", c.hub.url, c.channel)
-        mnt_c = tmp_path / "mnt-c"
-        with mounted(strict, mnt_c, "--strict"):
-            path = mnt_c / c.channel / "sha1" / name
-            with open(path, "rb") as f:
-                f.seek(2 * CHUNK_SIZE + 7)
-                assert f.read(4096) == data[2 * CHUNK_SIZE + 7:2 * CHUNK_SIZE + 4103]
-            assert os.getxattr(mnt_c / c.channel / "sha1" / sha1,
-                               "user.kachery.status") == b"local"
-        assert downloaded_bytes(c) == 2 * before + 2 * CHUNK_SIZE + SIZE
+    # Strict: the same 4 KiB read waits for the whole file, verified, in the store.
+    strict = tmp_path / "node-c"
+    c_id = kfs(strict, "init").stdout.decode().strip()
+    kfs(c.a, "hub", "channel", "authorize", c.channel, c_id, "--permissions",
+        "requestFiles", "--hub", c.hub.url)
+    kfs(strict, "join", c.hub.url, c.channel)
+    mnt_c = tmp_path / "mnt-c"
+    with mounted(strict, mnt_c, "--strict"):
+        path = mnt_c / c.channel / "sha1" / name
+        with open(path, "rb") as f:
+            f.seek(2 * CHUNK_SIZE + 7)
+            assert f.read(4096) == data[2 * CHUNK_SIZE + 7:2 * CHUNK_SIZE + 4103]
+        assert os.getxattr(mnt_c / c.channel / "sha1" / sha1,
+                           "user.kachery.status") == b"local"
+    assert downloaded_bytes(c) == 2 * before + 2 * CHUNK_SIZE + SIZE
