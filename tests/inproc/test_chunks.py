@@ -142,8 +142,7 @@ async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery,
 
     # A manifest whose chunks are real content but not this file's: every chunk matches
     # its hash, so each is served; the whole SHA-1 at the end does not.
-    liar = manifest_module.Manifest(manifest.size, sha1, tuple(
-        manifest_module.Chunk(c.start, c.end, c.sha1) for c in reversed_chunks(data, manifest)))
+    liar = swapped_liar(data, manifest)
     await in_bucket(hub, liar.to_bytes())  # its chunks are in the bucket already
     node = await make_node(hub, "second reader")
     monkeypatch.setattr(cli_data._common, "open_node", lambda create=False: node)
@@ -156,6 +155,12 @@ async def test_cat_with_a_manifest_in_the_uri_and_a_lying_manifest(hub, nursery,
         f" sha1://{sha1}: the manifest is wrong, and what was read is not that file"]
     # Nothing of the last chunk was written out: the lie was caught before it.
     assert len(capsysbinary.readouterr().out) <= manifest.chunks[-1].start
+
+
+def swapped_liar(data, manifest):
+    """A lying manifest of ``data``'s hash whose chunks are real content (two swapped)."""
+    return manifest_module.Manifest(manifest.size, manifest.sha1,
+                                    tuple(reversed_chunks(data, manifest)))
 
 
 def reversed_bytes(data, manifest):
@@ -319,7 +324,7 @@ async def test_a_manifest_that_lies_is_caught_forgotten_and_refused(hub, nursery
     data, sha1, manifest = large_file(2.5)
     for chunk in {c.sha1: c for c in manifest.chunks}.values():
         await in_bucket(hub, data[chunk.start:chunk.end])
-    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    liar = swapped_liar(data, manifest)
     await in_bucket(hub, liar.to_bytes())
     reader = await make_node(hub, "reader")
     reader.store.cache.note_manifest(sha1, liar.hash, cache.vouched_by_hub(CH))
@@ -352,7 +357,7 @@ async def test_strict_mode_serves_nothing_before_the_whole_file_is_verified(hub,
     for chunk in {c.sha1: c for c in manifest.chunks}.values():  # only chunks: hub-era
         await in_bucket(hub, data[chunk.start:chunk.end])
     await in_bucket(hub, manifest.to_bytes())
-    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    liar = swapped_liar(data, manifest)
     await in_bucket(hub, liar.to_bytes())
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery, strict=True)
@@ -456,7 +461,7 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
     """Chunk hashes that do not match the whole object (a manifest that lies, or a bad
     object): the read fails there, and the next open reads the file whole, verified."""
     data, sha1, manifest = large_file(2.5)
-    liar = manifest_module.Manifest(manifest.size, sha1, tuple(reversed_chunks(data, manifest)))
+    liar = swapped_liar(data, manifest)
     await in_bucket(hub, data)
     await in_bucket(hub, liar.to_bytes())
     reader = await make_node(hub, "reader")
@@ -633,10 +638,6 @@ async def test_a_large_file_gone_from_the_bucket_is_requested_then_read_by_chunk
 # -- what a fault or a liar can and cannot do ---------------------------------------------------
 
 
-def chunks_only_liar(data, manifest):
-    """A lying manifest of ``data``'s hash whose chunks are real content (two swapped)."""
-    return manifest_module.Manifest(manifest.size, manifest.sha1,
-                                    tuple(reversed_chunks(data, manifest)))
 
 
 async def test_a_reader_of_every_chunk_never_gets_the_last_of_a_lie_without_a_partial_file(
@@ -644,7 +645,7 @@ async def test_a_reader_of_every_chunk_never_gets_the_last_of_a_lie_without_a_pa
     data, sha1, manifest = large_file(4.5)
     for chunk in {c.sha1: c for c in manifest.chunks}.values():
         await in_bucket(hub, data[chunk.start:chunk.end])
-    liar = chunks_only_liar(data, manifest)
+    liar = swapped_liar(data, manifest)
     await in_bucket(hub, liar.to_bytes())
 
     def no_room(*args):
