@@ -3,10 +3,12 @@
 :class:`ChunkedContent` serves ``[offset, offset + size)`` of a file by fetching only the
 chunks that range overlaps, and verifies each chunk against its SHA-1 in the manifest
 before it serves a byte of it. A chunk comes from the file's partial file in the local
-store (:mod:`kachery_fs.partial`) when an earlier read fetched it, else from a ranged
-``GET`` of the whole object when the bucket holds it (as kachery-fs uploads a file), else
-as a content object of its own, through the resolver (the bucket under the chunk's hash,
-as hub-era kachery stores large files, or a request to the channel's nodes).
+store (:mod:`kachery_fs.partial`) when an earlier read fetched it, else from where its
+:class:`ChunkSource` says: a ranged ``GET`` of the whole object when the bucket holds it
+(:class:`WholeObject`, as kachery-fs uploads a file), or the chunk's own object as a
+provider streams it for a request (:class:`StreamedChunks`); without a source, as a
+content object of its own, through the resolver (the bucket under the chunk's hash, as
+hub-era kachery stores large files, or a request to the channel's nodes).
 
 Contracts:
 
@@ -38,15 +40,16 @@ import sqlite3
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 import trio
 
 from .bucket import fetch_range
-from .errors import DeadlineExceeded, IntegrityError, KacheryError
+from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
+from .requester import FileRequest
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +93,58 @@ class BufferPool:
                 self._free.append(buf)
 
 
+class ChunkSource(Protocol):
+    """Where the chunks of one file are fetched from by ranged ``GET``."""
+
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+        """The URL of an object that holds chunk ``i`` and where the chunk starts in it,
+        once it can be fetched (this may wait). ``gone``: the last answer's object was not
+        there: another, or the error that says why not."""
+        raise NotImplementedError
+
+
+class WholeObject(ChunkSource):
+    """Chunks as ranges of the file's whole object in the bucket."""
+
+    def __init__(self, manifest: Manifest, url: str):
+        self.manifest = manifest
+        self.url = url
+
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+        if gone:
+            raise NotFound(f"{self.url} is no longer in the bucket")
+        return self.url, self.manifest.chunks[i].start
+
+
+class StreamedChunks(ChunkSource):
+    """Chunks of a file a provider is streaming for a file request: each one's own object
+    (``chunk_url(sha1)``) once the request says it is in the bucket, and the whole object
+    once the request has finished without it. Every wait is the request's, under its stall
+    deadline; the request's error is raised."""
+
+    def __init__(self, manifest: Manifest, request: FileRequest,
+                 chunk_url: Callable[[str], str], whole: WholeObject):
+        self.manifest = manifest
+        self.request = request
+        self.chunk_url = chunk_url
+        self.whole = whole
+
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+        if not gone and await self.request.wait_chunk(self.manifest.hash, i):
+            return self.chunk_url(self.manifest.chunks[i].sha1), 0
+        if gone:  # said to be there and not (evicted?): the whole object, at the end
+            log.info("chunk %d of sha1://%s is not in the bucket as the provider said; it"
+                     " is read from the whole object once it is there", i,
+                     self.manifest.sha1)
+        await self.request.wait_done()
+        return await self.whole.locate(i)
+
+
 class ChunkedContent:
     """Readable bytes of one large file, chunk by chunk (the resolver's ``Content``)."""
 
     def __init__(self, manifest: Manifest, client: httpx.AsyncClient, *,
-                 whole_url: str | None,
+                 source: ChunkSource | None,
                  open_chunk: Callable[[str], Awaitable[bytes]],
                  partial: PartialFile | None = None,
                  nursery: trio.Nursery | None = None,
@@ -102,18 +152,18 @@ class ChunkedContent:
                  on_fetched: Callable[[int], None] | None = None,
                  on_bad_chunk: Callable[[IntegrityError], None] | None = None,
                  buffers: BufferPool | None = None):
-        """``whole_url``: the whole object in the bucket, or None; ``open_chunk(sha1)``:
+        """``source``: where chunks are fetched by ranged GET, or None: ``open_chunk(sha1)``,
         the verified bytes of a chunk as content of its own; ``partial``: the file's
         partial file (None: nothing is kept); ``nursery``: runs read-ahead and the whole
         check (inline without it, and no read-ahead); ``on_lie(actual)``: the chunks
         matched but the whole file hashed to ``actual``; ``on_fetched(nbytes)``: bytes
-        came from the whole object in the bucket (demand, for the hub's cache);
+        came from the bucket by ``source`` (demand, for the hub's cache);
         ``on_bad_chunk(error)``: a fetched chunk did not match its hash; ``buffers``: where
         chunks are fetched into (shared by a resolver's reads; one of its own without)."""
         self.manifest = manifest
         self.size = manifest.size
         self._client = client
-        self._whole_url = whole_url
+        self._source = source
         self._open_chunk = open_chunk
         self._partial = partial
         self._nursery = nursery
@@ -261,10 +311,15 @@ class ChunkedContent:
                         self.manifest.sha1)
             await self._on_thread(partial.drop_chunk, i)
         chunk = self.manifest.chunks[i]
-        if self._whole_url is None:
+        if self._source is None:
             return await self._keep(i, await self._open_chunk(chunk.sha1))
+        url, start = await self._source.locate(i)  # before a buffer is taken: it may wait
         async with self._buffers.buffer(chunk.size) as buf:  # no chunk-sized allocation
-            view = await self._fetch_range(chunk.start, chunk.end, into=buf)
+            try:
+                view = await self._fetch_range(url, start, start + chunk.size, into=buf)
+            except NotFound:
+                url, start = await self._source.locate(i, gone=True)
+                view = await self._fetch_range(url, start, start + chunk.size, into=buf)
             if self._on_fetched is not None:
                 self._on_fetched(len(view))
             return await self._keep(i, view)
@@ -294,21 +349,20 @@ class ChunkedContent:
                 return None
         return bytes(data)
 
-    async def _fetch_range(self, start: int, end: int, *,
+    async def _fetch_range(self, url: str, start: int, end: int, *,
                            into: bytearray) -> bytes | memoryview:
-        """Bytes ``[start, end)`` of the whole object, into ``into``; ``DeadlineExceeded``
-        once :data:`STALL_TIMEOUT_S` pass without a byte arriving (a bucket that
-        trickles)."""
-        assert self._whole_url is not None
+        """Bytes ``[start, end)`` of the object at ``url``, into ``into``;
+        ``DeadlineExceeded`` once :data:`STALL_TIMEOUT_S` pass without a byte arriving (a
+        bucket that trickles)."""
         with trio.CancelScope(deadline=trio.current_time() + STALL_TIMEOUT_S) as scope:
 
             def progressed(_n: int) -> None:
                 scope.deadline = trio.current_time() + STALL_TIMEOUT_S
 
-            return await fetch_range(self._client, self._whole_url, start, end,
-                                     on_data=progressed, into=into)
-        raise DeadlineExceeded(f"GET {self._whole_url} bytes {start}-{end - 1}: nothing"
-                               f" arrived for {STALL_TIMEOUT_S:.0f} s")
+            return await fetch_range(self._client, url, start, end, on_data=progressed,
+                                     into=into)
+        raise DeadlineExceeded(f"GET {url} bytes {start}-{end - 1}: nothing arrived for"
+                               f" {STALL_TIMEOUT_S:.0f} s")
 
     async def _matches(self, i: int, data: bytes | memoryview) -> bool:
         chunk = self.manifest.chunks[i]

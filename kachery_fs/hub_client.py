@@ -204,18 +204,28 @@ class HubClient:
         return offers
 
     async def answer_request(self, channel: str, sha1: str, *, accept: bool,
-                             size: int | None = None, reason: str | None = None) -> None:
+                             size: int | None = None, reason: str | None = None,
+                             manifest: str | None = None) -> None:
+        """Accept or decline an offer; ``manifest``: the file's chunks are streamed (the
+        manifest is in the bucket, its chunks follow as objects: ``chunks`` in
+        :meth:`report_progress`)."""
         fields: dict[str, Any] = {"channel": channel, "sha1": sha1, "accept": accept}
         if size is not None:
             fields["size"] = size
+        if manifest is not None:
+            fields["manifest"] = manifest
         if reason is not None:
             fields["reason"] = reason
         await self.call(Request.ANSWER_REQUEST, **fields)
 
-    async def report_progress(self, channel: str, sha1: str, nbytes: int) -> bool:
-        """Report upload progress; False means the hub gave the request to another node."""
-        answer = await self.call(Request.REQUEST_PROGRESS, channel=channel, sha1=sha1,
-                                 bytes=nbytes)
+    async def report_progress(self, channel: str, sha1: str, nbytes: int,
+                              chunks: int | None = None) -> bool:
+        """Report upload progress (``chunks``: of a streamed file, how many chunks from the
+        first are in the bucket); False means the hub gave the request to another node."""
+        fields: dict[str, Any] = {"channel": channel, "sha1": sha1, "bytes": nbytes}
+        if chunks is not None:
+            fields["chunks"] = chunks
+        answer = await self.call(Request.REQUEST_PROGRESS, **fields)
         return bool(answer.get("continue", False))
 
     async def my_requests(self) -> list[dict]:

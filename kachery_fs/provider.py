@@ -7,6 +7,15 @@ through the same resumable, verified path as its own writes (``Uploader.upload_n
 reporting progress to the hub, which relays it to the requesters. If the hub gives the
 request to another provider meanwhile, the upload here is stopped.
 
+A large file whose manifest this node has (computed here, or trusted when it was read by
+chunk) is **streamed**: the manifest object goes to the bucket before the node accepts,
+with its hash; then the file's chunks go up as objects of their own
+(:data:`STREAM_PARALLEL` at a time, in order), each reported to the hub as soon as it and
+every chunk before it are in the bucket, so that requesters read verified chunks while
+the rest is still coming; then the whole object, as for any file (cloud-era readers look
+for it, and the hub checks the manifest's vouch against it). A chunk that cannot be
+uploaded ends the streaming, not the request: requesters wait for the whole object.
+
 When a hub is unreachable the listener retries with backoff and reconnects by itself;
 its state is in :attr:`Provider.connections` for ``status``.
 """
@@ -20,8 +29,10 @@ from dataclasses import dataclass
 
 import trio
 
+from . import manifest as manifest_module
 from .channels import Channels
 from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
+from .manifest import Manifest
 from .retry import foreground, pause
 from .sources import Sources
 from .store import Store
@@ -39,6 +50,8 @@ PROGRESS_INTERVAL_S = 0.5
 KEEPALIVE_S = 5.0
 #: How often the set of hubs (from joined channels) is re-read.
 HUBS_RESCAN_S = 5.0
+#: How many chunk objects of a streamed file are uploaded at once.
+STREAM_PARALLEL = 2
 
 
 @dataclass
@@ -58,6 +71,10 @@ class Provider:
         self.connections: dict[str, Connection] = {}
         #: Offers being served now: (channel, sha1) -> bytes committed so far.
         self.serving: dict[tuple[str, str], int] = {}
+        #: Of a streamed file: how many chunks from the first are in the bucket.
+        self.streamed: dict[tuple[str, str], int] = {}
+        #: Set when there is news for the hub sooner than the next report (a chunk).
+        self._news: dict[tuple[str, str], trio.Event] = {}
 
     async def run(self) -> None:
         """Listen to every hub of a joined channel, until cancelled."""
@@ -128,14 +145,20 @@ class Provider:
                 await hub.answer_request(channel, sha1, accept=False,
                                          reason="has not joined the channel")
                 return
-            await hub.answer_request(channel, sha1, accept=True, size=size)
-            log.info("providing sha1://%s (%d bytes) to channel %s on request", sha1, size,
-                     channel)
+            manifest = None if in_sources else await self._manifest_to_stream(channel, sha1,
+                                                                                size)
+            await hub.answer_request(channel, sha1, accept=True, size=size,
+                                     manifest=manifest.hash if manifest else None)
+            log.info("providing sha1://%s (%d bytes) to channel %s on request%s", sha1, size,
+                     channel, f", streaming its {len(manifest.chunks)} chunks" if manifest
+                     else "")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._report_progress, hub, channel, sha1, nursery)
 
                 def on_progress(committed: int) -> None:
-                    self.serving[key] = committed
+                    # After streamed chunks the count does not go back: the hub takes a
+                    # smaller one for no progress.
+                    self.serving[key] = max(self.serving.get(key, 0), committed)
 
                 try:
                     if in_sources:
@@ -144,6 +167,8 @@ class Provider:
                         if size is None:
                             raise IntegrityError("its copy in a kachery store on the node"
                                                  " is bad")
+                    if manifest is not None:
+                        await self._stream_chunks(channel, sha1, manifest)
                     await self.uploader.upload_now(channel, sha1, size, on_progress=on_progress)
                 except KacheryError as exc:
                     log.warning("could not provide sha1://%s to %s: %s", sha1, channel, exc)
@@ -153,18 +178,90 @@ class Provider:
             log.info("file request for sha1://%s on %s: %s", sha1, channel, exc)
         finally:
             self.serving.pop(key, None)
+            self.streamed.pop(key, None)
+            self._news.pop(key, None)
+
+    async def _manifest_to_stream(self, channel: str, sha1: str, size: int) -> Manifest | None:
+        """The manifest of stored file ``sha1`` that this node has, put in ``channel``'s
+        bucket; None when the file is not large, no manifest is on record, or it cannot be
+        read or uploaded (the file then goes up whole only)."""
+        known = self.store.cache.known_manifest(sha1)
+        if size <= manifest_module.CHUNK_SIZE or known is None:
+            return None
+        mhash = known[0]
+        try:
+            data = await trio.to_thread.run_sync(self.store.read_small, mhash,
+                                                 manifest_module.MAX_BYTES)
+            manifest = Manifest.parse(data, sha1=sha1)
+            if manifest.size != size or manifest.hash != mhash:
+                raise IntegrityError(f"it is not the manifest of the {size:,}-byte file")
+            await self.uploader.upload_now(channel, mhash, len(data), retry=False)
+        except (KacheryError, OSError) as exc:
+            log.info("sha1://%s goes up whole, not by chunk: its manifest sha1://%s cannot"
+                     " be used (%s)", sha1, mhash, exc)
+            return None
+        return manifest
+
+    async def _stream_chunks(self, channel: str, sha1: str, manifest: Manifest) -> None:
+        """Upload the chunks of ``sha1`` as objects of their own, :data:`STREAM_PARALLEL` at
+        a time in order, and tell the hub each time the chunks in the bucket from the first
+        grow. Never raises a chunk's error: the streaming stops and the whole upload that
+        follows brings the file."""
+        key = (channel, sha1)
+        chunks = manifest.chunks
+        there: set[int] = set()
+        slots = trio.Semaphore(STREAM_PARALLEL)
+        failed: list[str] = []
+
+        async def upload(i: int) -> None:
+            chunk = chunks[i]
+            try:
+                await self.uploader.upload_part(channel, chunk.sha1, chunk.size, source=sha1,
+                                                start=chunk.start)
+            except (KacheryError, OSError) as exc:
+                failed.append(f"chunk {i}: {exc}")
+                if isinstance(exc, IntegrityError):  # the file is verified: the manifest lies
+                    self.store.cache.forget_manifest(sha1, manifest.hash)
+                return
+            finally:
+                slots.release()
+            there.add(i)
+            ready = self.streamed.get(key, 0)
+            while ready in there:
+                ready += 1
+            if ready > self.streamed.get(key, 0):
+                self.streamed[key] = ready
+                self.serving[key] = max(self.serving.get(key, 0), chunks[ready - 1].end)
+                self._news.setdefault(key, trio.Event()).set()
+
+        async with trio.open_nursery() as nursery:
+            for i in range(len(chunks)):
+                await slots.acquire()
+                if failed:
+                    slots.release()
+                    break
+                nursery.start_soon(upload, i)
+        if failed:
+            log.warning("streaming sha1://%s to %s stopped at %s; it goes up whole", sha1,
+                        channel, failed[0])
 
     async def _report_progress(self, hub, channel: str, sha1: str,
                                upload: trio.Nursery) -> None:
+        key = (channel, sha1)
         last, last_sent = -1, 0.0
         while True:
-            await trio.sleep(PROGRESS_INTERVAL_S)
-            nbytes = self.serving.get((channel, sha1), 0)
+            news = self._news.setdefault(key, trio.Event())
+            with trio.move_on_after(PROGRESS_INTERVAL_S):
+                await news.wait()
+            if self._news.get(key) is news and news.is_set():
+                self._news[key] = trio.Event()
+            nbytes = self.serving.get(key, 0)
             if nbytes == last and trio.current_time() - last_sent < KEEPALIVE_S:
                 continue
             last, last_sent = nbytes, trio.current_time()
             try:
-                go_on = await hub.report_progress(channel, sha1, nbytes)
+                go_on = await hub.report_progress(channel, sha1, nbytes,
+                                                  self.streamed.get(key))
             except KacheryError as exc:
                 log.debug("progress report failed: %s", exc)
                 continue

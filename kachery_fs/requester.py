@@ -15,6 +15,11 @@ If the hub is unreachable when the request starts, the request is retried a few 
 backoff (one transient failure is not an error) and then fails with a clear error; if the
 hub goes away during a request, the request keeps retrying until the stall timeout, so a
 hub restart does not break a transfer in progress.
+
+A provider that streams a large file (:mod:`kachery_fs.provider`) names its manifest when
+it accepts (:attr:`FileRequest.manifest`) and reports how many chunks from the first are
+in the bucket as objects of their own; :meth:`FileRequest.wait_chunk` waits for one, so
+that a reader can fetch it before the request has finished.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from .errors import (
     Unavailable,
 )
 from .retry import foreground, pause, retrying
+from .uris import is_sha1
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +65,11 @@ class FileRequest:
         self.error: KacheryError | None = None
         self.size_known = trio.Event()
         self.done = trio.Event()
+        #: A streaming provider's manifest of the file, and how many chunks from the first
+        #: it has put in the bucket (only ever grows, for that manifest).
+        self.manifest: str | None = None
+        self.chunks = 0
+        self._news = trio.Event()
 
     def __repr__(self) -> str:
         return f"<FileRequest {self.channel}/{self.sha1[:12]} {self.state.get('state')}>"
@@ -69,6 +80,20 @@ class FileRequest:
             assert self.error is not None
             raise self.error
         return self.size
+
+    async def wait_chunk(self, manifest: str, i: int) -> bool:
+        """Wait until chunk ``i`` of the file by ``manifest`` is in the bucket as an object
+        of its own (True), or the request has finished without that (False: the whole
+        object is there, read the chunk from it). Raises the request's error; bounded by
+        the request's stall deadline, as every wait of it is."""
+        while True:
+            if self.manifest == manifest and self.chunks > i:
+                return True
+            if self.done.is_set():
+                if self.error is not None:
+                    raise self.error
+                return False
+            await self._news.wait()
 
     async def wait_done(self) -> int:
         await self.done.wait()
@@ -92,16 +117,25 @@ class FileRequest:
         finally:
             self.size_known.set()
             self.done.set()
+            self._news.set()
 
     def _update(self, state: dict) -> bool:
         """Adopt a state answer; True if it shows progress."""
         old = self.state
         self.state = state
         size = state.get("size")
+        manifest, chunks = state.get("manifest"), state.get("chunks")
         if isinstance(size, int) and size >= 0 and self.size is None:
+            if isinstance(manifest, str) and is_sha1(manifest):
+                self.manifest = manifest.lower()  # known with the size: before an open
             self.size = size
             self.size_known.set()
-        keys = ("state", "bytes", "provider", "version")
+        if isinstance(manifest, str) and manifest.lower() == self.manifest and \
+                isinstance(chunks, int) and chunks > self.chunks:
+            self.chunks = chunks
+            self._news.set()
+            self._news = trio.Event()
+        keys = ("state", "bytes", "provider", "version", "chunks")
         return any(old.get(k) != state.get(k) for k in keys)
 
     async def _follow(self) -> int:

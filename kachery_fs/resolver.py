@@ -33,7 +33,7 @@ from . import manifest as manifest_module
 from .bucket import EMPTY_SHA1, Download, head_size, object_url
 from .cache import MANIFEST_HERE, vouched_by_hub
 from .channels import Channels
-from .chunks import BufferPool, ChunkedContent
+from .chunks import BufferPool, ChunkedContent, ChunkSource, StreamedChunks, WholeObject
 from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
@@ -311,6 +311,9 @@ class Resolver:
         local = self._open_local(sha1)
         if local is not None:
             return local
+        reading = self._chunked_of(channel, sha1)
+        if reading is not None:  # streamed for a request that has ended: read on there
+            return await self._open_chunked(channel, sha1, reading)
         download = self._downloads.get(sha1)
         if download is None:
             size = await self.size(channel, sha1)
@@ -319,8 +322,11 @@ class Resolver:
             if local is not None:
                 return local
             request = self._requests.get((channel, sha1))
-            if request is not None:
-                await request.wait_done()  # a provider is uploading it to the bucket
+            if request is not None:  # a provider is uploading it to the bucket
+                streamed = await self._open_streamed(channel, sha1, request)
+                if streamed is not None:
+                    return streamed
+                await request.wait_done()
             # The await above may have let another opener start the download.
             download = self._downloads.get(sha1)
             if download is None:
@@ -389,21 +395,35 @@ class Resolver:
         except KacheryError as exc:
             if given:
                 raise
-            log.warning("sha1://%s: its manifest on record, sha1://%s, cannot be used (%s);"
-                        " reading the file whole", sha1, manifest_sha1, exc)
+            log.warning("sha1://%s: its manifest sha1://%s cannot be used (%s); reading the"
+                        " file whole", sha1, manifest_sha1, exc)
             if isinstance(exc, IntegrityError):
                 self.store.cache.forget_manifest(sha1, manifest_sha1)
             return None
         self._manifests[manifest_sha1] = manifest
         return manifest
 
-    async def _open_chunked(self, channel: str, sha1: str, manifest: Manifest) -> Content:
+    async def _open_streamed(self, channel: str, sha1: str,
+                             request: FileRequest) -> Content | None:
+        """``sha1`` read by chunk as the provider of ``request`` streams it, if it does
+        (it named a manifest, which must be ``sha1``'s); None otherwise."""
+        if request.manifest is None or (sha1, request.manifest) in self._lies:
+            return None
+        manifest = await self._manifest_or_none(channel, sha1, request.manifest, given=False)
+        if manifest is None:
+            return None
+        return await self._open_chunked(channel, sha1, manifest, request=request)
+
+    async def _open_chunked(self, channel: str, sha1: str, manifest: Manifest, *,
+                            request: FileRequest | None = None) -> Content:
         """A reader's handle on the one :class:`ChunkedContent` of (``sha1``, ``manifest``);
-        in strict mode, the file read whole into the store first, then opened there."""
+        in strict mode, the file read whole into the store first, then opened there.
+        ``request``: a file request whose provider streams the file by that manifest."""
         key = (channel, sha1, manifest.hash)
         shared = self._chunked.get(key)
         if shared is None:
-            has_whole = await self._has_whole_or_chunks(channel, sha1, manifest)
+            source = (self._streamed(channel, manifest, request) if request is not None else
+                      await self._chunk_source(channel, sha1, manifest))
             try:
                 kept: PartialFile | None = await trio.to_thread.run_sync(
                     PartialFile.open, self.store, manifest)
@@ -415,9 +435,8 @@ class Resolver:
             if shared is not None and kept is not None:
                 kept.close()
             if shared is None:
-                url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
                 content = ChunkedContent(
-                    manifest, self.client, whole_url=url if has_whole else None,
+                    manifest, self.client, source=source,
                     open_chunk=partial(self._read_all, channel), partial=kept,
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
@@ -440,25 +459,46 @@ class Resolver:
                                " serves only files that are there")
         return local
 
-    async def _has_whole_or_chunks(self, channel: str, sha1: str, manifest: Manifest) -> bool:
-        """Whether chunks are to be read from the whole object (True) or from chunk objects
-        (False): the bucket holds one or the other. When it holds neither (evicted, or
-        never uploaded), the file is requested from the channel's nodes first: a provider
-        uploads it whole."""
+    async def _chunk_source(self, channel: str, sha1: str,
+                            manifest: Manifest) -> ChunkSource | None:
+        """Where the chunks of ``sha1`` are read from: the whole object, or chunk objects as
+        content of their own (None): the bucket holds one or the other. When it holds
+        neither (evicted, or never uploaded), the file is requested from the channel's
+        nodes: its chunks as a provider streams them, or the whole object once it is
+        there."""
+        whole = WholeObject(manifest, self._url(channel, sha1))
         try:
             if await self._head(channel, sha1) == manifest.size:
-                return True
+                return whole
         except NotFound:
             pass
         try:
             for chunk in {manifest.chunks[0], manifest.chunks[-1]}:
                 await self._head(channel, chunk.sha1)
-            return False  # hub-era kachery's layout: chunks and manifest only
+            return None  # hub-era kachery's layout: chunks and manifest only
         except NotFound:
             pass
         request = self._request(channel, sha1)
+        await request.wait_size()
+        if request.manifest == manifest.hash:
+            return self._streamed(channel, manifest, request)
         await request.wait_done()
-        return True
+        return whole
+
+    def _streamed(self, channel: str, manifest: Manifest,
+                  request: FileRequest) -> StreamedChunks:
+        return StreamedChunks(manifest, request, partial(self._url, channel),
+                              WholeObject(manifest, self._url(channel, manifest.sha1)))
+
+    def _url(self, channel: str, sha1: str) -> str:
+        return object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+
+    def _chunked_of(self, channel: str, sha1: str) -> Manifest | None:
+        """The manifest of a :class:`ChunkedContent` of ``sha1`` that readers have open."""
+        for (c, h, _), shared in self._chunked.items():
+            if (c, h) == (channel, sha1) and not shared[0].lied:
+                return shared[0].manifest
+        return None
 
     def _release_chunked(self, key: tuple[str, str, str], shared: list) -> None:
         shared[1] -= 1
@@ -498,7 +538,7 @@ class Resolver:
     async def _head(self, channel: str, sha1: str) -> int:
         """The size of ``sha1``'s object in ``channel``'s bucket (``NotFound`` if absent),
         within :data:`LOOKUP_DEADLINE_S`."""
-        url = object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+        url = self._url(channel, sha1)
         with trio.move_on_after(LOOKUP_DEADLINE_S):
             return await head_size(self.client, url)
         raise DeadlineExceeded(f"HEAD {url}: no answer within {LOOKUP_DEADLINE_S:.0f} s")

@@ -124,8 +124,10 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
                  offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  on_progress: Callable[[int], None] | None = None,
                  stall_timeout: float = 60, sha1: str | None = None,
-                 rate_limit: RateLimit | None = None) -> None:
+                 rate_limit: RateLimit | None = None, base: int = 0) -> None:
     """Send bytes ``offset..size`` of ``path`` to the session, in ``chunk_size`` chunks.
+    With ``base``, the object is the ``size`` bytes of ``path`` from ``base`` on (a chunk
+    of a large file, uploaded as an object of its own).
 
     ``offset`` is what the session had committed (from :func:`query_offset` or a
     persisted ``on_progress`` value). ``on_progress(committed)`` is called after every
@@ -149,7 +151,8 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
         raise InvalidInput(f"offset {offset} is outside the {size}-byte upload")
     await _Upload(client, session_uri, path, size, committed=offset, chunk_size=chunk_size,
                   on_progress=on_progress, stall_timeout=stall_timeout,
-                  verifier=_Verifier(path, sha1) if sha1 else None, rate_limit=rate_limit).run()
+                  verifier=_Verifier(path, sha1, base) if sha1 else None, rate_limit=rate_limit,
+                  base=base).run()
 
 
 class _Upload:
@@ -158,8 +161,9 @@ class _Upload:
     def __init__(self, client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
                  committed: int, chunk_size: int, on_progress: Callable[[int], None] | None,
                  stall_timeout: float, verifier: _Verifier | None = None,
-                 rate_limit: RateLimit | None = None):
+                 rate_limit: RateLimit | None = None, base: int = 0):
         self.verifier = verifier
+        self.base = base
         self.rate_limit = rate_limit
         self.client = client
         self.session_uri = session_uri
@@ -188,7 +192,8 @@ class _Upload:
         while not self.complete:
             end = min(self.committed + self.chunk_size, self.size)
             if self.verifier is None:
-                data = await trio.to_thread.run_sync(_read_range, self.path, self.committed,
+                data = await trio.to_thread.run_sync(_read_range, self.path,
+                                                     self.base + self.committed,
                                                      end - self.committed)
             else:
                 data = await trio.to_thread.run_sync(self.verifier.read, self.committed,
@@ -233,8 +238,9 @@ class _Upload:
 class _Verifier:
     """Hashes a file in order as it is read for upload; checks the digest before the end."""
 
-    def __init__(self, path: Path, sha1: str):
+    def __init__(self, path: Path, sha1: str, base: int = 0):
         self.path = path
+        self.base = base  # where the object starts in the file
         self.expected = sha1.lower()
         self.hasher = hashlib.sha1()
         self.hashed = 0
@@ -243,17 +249,19 @@ class _Verifier:
         """Bytes ``offset..offset+length`` (blocking). Raises IntegrityError before
         handing out the last bytes of a file whose SHA-1 is not the expected one."""
         while self.hashed < offset:  # the session is ahead of us (a resumed upload)
-            self.hasher.update(_read_range(self.path, self.hashed,
+            self.hasher.update(_read_range(self.path, self.base + self.hashed,
                                            min(DEFAULT_CHUNK_SIZE, offset - self.hashed)))
             self.hashed = min(self.hashed + DEFAULT_CHUNK_SIZE, offset)
-        data = _read_range(self.path, offset, length)
+        data = _read_range(self.path, self.base + offset, length)
         end = offset + length
         if end > self.hashed:
             self.hasher.update(memoryview(data)[self.hashed - offset:])
             self.hashed = end
         if end == size and self.hasher.hexdigest() != self.expected:
-            raise CorruptLocalFile(f"{self.path} does not match its SHA-1 {self.expected}"
-                                 f" (it hashes to {self.hasher.hexdigest()}); not uploading it")
+            what = (f"{self.path}" if not self.base else
+                    f"the chunk at bytes {self.base:,}-{self.base + size - 1:,} of {self.path}")
+            raise CorruptLocalFile(f"{what} does not match its SHA-1 {self.expected} (it"
+                                   f" hashes to {self.hasher.hexdigest()}); not uploading it")
         return data
 
 

@@ -51,7 +51,7 @@ from pathlib import Path
 from . import manifest as kachery_manifest
 from . import settings
 from .cache import ADDED, FETCHED, MANIFEST_HERE, WRITTEN, StoreCache
-from .errors import IntegrityError, NotFound, as_no_space
+from .errors import IntegrityError, InvalidInput, NotFound, as_no_space
 from .layout import Layout
 from .manifest import Manifest
 from .uris import is_sha1
@@ -286,6 +286,19 @@ class Store:
             pass
         self.cache.touch(sha1.lower())
         return fd
+
+    def read_small(self, sha1: str, limit: int) -> bytes:
+        """The whole of stored content ``sha1`` (a manifest, say) if it has at most
+        ``limit`` bytes; NotFound if it is not here, InvalidInput if it is larger. Blocks."""
+        fd = self.open(sha1)
+        try:
+            size = os.fstat(fd).st_size
+            if size > limit:
+                raise InvalidInput(f"sha1://{sha1} has {size:,} bytes, more than the"
+                                   f" {limit:,} expected")
+            return os.pread(fd, size, 0)
+        finally:
+            os.close(fd)
 
     def iter_hashes(self):
         """Every hash stored here (walks the fan-out directories)."""

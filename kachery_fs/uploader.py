@@ -41,7 +41,7 @@ from .errors import (
     Unavailable,
 )
 from .hub_client import HubClient
-from .retry import background, pause
+from .retry import background, pause, retrying
 from .state import NodeDB
 from .store import Store
 
@@ -237,6 +237,33 @@ class Uploader:
         up = self.db.upload(channel, sha1)
         if up is None or up.state != "done":
             raise KacheryError(up.error if up is not None and up.error else "upload failed")
+
+    async def upload_part(self, channel: str, sha1: str, size: int, *, source: str,
+                          start: int) -> None:
+        """Upload the ``size`` bytes of stored file ``source`` from ``start`` on as object
+        ``sha1`` (a chunk of a large file, for a file request that streams: see
+        :mod:`kachery_fs.provider`); return when it is in the bucket. The bytes are hashed
+        as they are read and the last of them is sent only if they are ``sha1``'s.
+
+        Not queued: a chunk object serves the readers of one request, and if the upload
+        is cut short the file's own upload (queued) still brings the file. Transient
+        errors are tried again a few times (:func:`kachery_fs.retry.retrying`)."""
+        hub = self.channels.hub_of(channel)
+        path = self.store.path(source)
+
+        async def attempt() -> None:
+            signed = await hub.initiate_upload(channel, sha1, size)
+            if signed is None:  # the bucket has it already
+                return
+            try:
+                session = await resumable.start_session(self.client, signed)
+                await resumable.upload(self.client, session, path, size, base=start,
+                                       sha1=sha1, rate_limit=self.rate_limit)
+            except Conflict:
+                pass  # it appeared meanwhile: the hub's finalize checks it
+            await hub.finalize_upload(channel, sha1, size)
+
+        await retrying(attempt, what=f"uploading chunk sha1://{sha1} of sha1://{source}")
 
     async def _attempt(self, job) -> None:
         db, client = self.db, self.client

@@ -18,6 +18,14 @@ State of a request: ``pending`` (looking for a provider) → ``offered`` (one pr
 → ``uploading`` (it accepted; ``bytes`` grows) → ``finished`` (the object is in the bucket
 and finalized) or ``failed`` (with the reasons). A failed or finished record is kept a while
 for requesters still watching it; a new request for the same hash starts it afresh.
+
+**Requests that stream.** A provider that holds the manifest of a large file accepts with
+its hash (``manifest``; the manifest object is in the bucket by then), and uploads the
+file's chunks as objects of their own, in order, before the whole object. Its progress
+reports then say how many chunks, from the first, are in the bucket (``chunks``), and the
+hub relays both in the request's state, so that requesters read each chunk (verified
+against the manifest) as soon as it is there rather than at ``finished``. The hub takes
+both as the provider's word: requesters verify every chunk, and the whole file at the end.
 """
 
 from __future__ import annotations
@@ -62,6 +70,10 @@ class FileRequest:
     provider: str | None = None
     size: int | None = None
     bytes: int = 0
+    #: A streaming provider's manifest of the file, and how many chunks from the first it
+    #: has put in the bucket as objects of their own.
+    manifest: str | None = None
+    chunks: int = 0
     version: int = 0
     tried: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -78,6 +90,9 @@ class FileRequest:
             out["size"] = self.size
         if self.provider:
             out["provider"] = self.provider
+        if self.manifest:
+            out["manifest"] = self.manifest
+            out["chunks"] = self.chunks
         if self.errors:
             out["errors"] = self.errors[-5:]
         if self.state == "failed":
@@ -229,7 +244,9 @@ class FileRequests:
         return req
 
     def answer(self, node_id: str, channel: str, sha1: str, *, accept: bool,
-               size: int | None, reason: str | None) -> None:
+               size: int | None, reason: str | None, manifest: str | None = None) -> None:
+        """A provider's answer to its offer; ``manifest``: it streams the file's chunks
+        (see the module docstring)."""
         req = self._current(node_id, channel, sha1)
         if accept:
             if req.state == "offered":
@@ -237,14 +254,18 @@ class FileRequests:
                 req.progress_at = self._clock()
                 if isinstance(size, int) and size >= 0:
                     req.size = size
+                if manifest is not None and manifest != req.manifest:
+                    req.manifest, req.chunks = manifest, 0
                 log.info("request %s/%s accepted by %s…", channel, sha1[:12], node_id[:12])
                 self._changed(req)
             return
         self._advance(req, reason or "declined")
 
-    def progress(self, node_id: str, channel: str, sha1: str, nbytes: object) -> bool:
-        """A provider's progress report (``nbytes`` as sent: ignored unless a byte count);
-        False tells it the request was given to another."""
+    def progress(self, node_id: str, channel: str, sha1: str, nbytes: object,
+                 chunks: object = None) -> bool:
+        """A provider's progress report (``nbytes`` as sent: ignored unless a byte count;
+        ``chunks``: of a streaming provider, how many chunks from the first are in the
+        bucket); False tells it the request was given to another."""
         try:
             req = self._current(node_id, channel, sha1)
         except NotFound:
@@ -252,6 +273,9 @@ class FileRequests:
         if req.state == "uploading" and isinstance(nbytes, int) and nbytes >= req.bytes:
             req.bytes = nbytes
             req.progress_at = self._clock()
+            if (req.manifest and isinstance(chunks, int) and not isinstance(chunks, bool)
+                    and chunks > req.chunks):
+                req.chunks = chunks
             self._changed(req, state_change=False)
         return True
 

@@ -621,9 +621,13 @@ class Hub:
         if not isinstance(sha1, str) or not is_sha1(sha1) or not isinstance(accept, bool):
             raise InvalidInput("answerRequest needs sha1 and accept (true or false)")
         reason = body.get("reason")
+        manifest = body.get("manifest")
+        if manifest is not None and (not isinstance(manifest, str) or not is_sha1(manifest)):
+            raise InvalidInput(f"invalid manifest {manifest!r}: expected a SHA-1")
         self.requests.answer(caller.node_id, channel, sha1.lower(), accept=accept,
                              size=body.get("size"),
-                             reason=str(reason)[:300] if reason is not None else None)
+                             reason=str(reason)[:300] if reason is not None else None,
+                             manifest=manifest.lower() if manifest else None)
         return {}
 
     async def _on_requestProgress(self, caller: Caller, body: dict) -> dict:
@@ -631,7 +635,8 @@ class Hub:
         sha1 = body.get("sha1")
         if not isinstance(sha1, str) or not is_sha1(sha1):
             raise InvalidInput(f"invalid sha1 {sha1!r}")
-        go_on = self.requests.progress(caller.node_id, channel, sha1.lower(), body.get("bytes"))
+        go_on = self.requests.progress(caller.node_id, channel, sha1.lower(), body.get("bytes"),
+                                       body.get("chunks"))
         return {"continue": go_on}
 
     async def _on_myRequests(self, caller: Caller, body: dict) -> dict:

@@ -612,18 +612,73 @@ async def test_a_stalled_chunk_read_times_out_at_its_deadline(hub, nursery, cloc
     await fs.ops.release(fh)
 
 
-async def test_a_large_file_gone_from_the_bucket_is_requested_then_read_by_chunk(
-        hub, nursery, tmp_path):
-    data, sha1, manifest = large_file()
+# -- requests that stream ---------------------------------------------------------------------
+
+
+async def streaming_writer(hub, nursery, tmp_path, data: bytes):
+    """A node that holds ``data`` (added with its manifest), providing, its own upload of
+    the whole object held until the returned event is set."""
     writer = await make_node(hub, "writer")
     src = tmp_path / "big.bin"
     src.write_bytes(data)
     await trio.to_thread.run_sync(writer.store.add_file_with_manifest, src)
     writer_parts = await parts.start(writer, nursery, provide=True, upload_workers=0)
-    with trio.fail_after(WAIT_S):
-        await writer_parts.uploader.upload_now(CH, sha1, len(data))
-    local_bucket_file(hub.server, CH, sha1).unlink()  # evicted, say; the manifest stays
+    sha1 = hashlib.sha1(data).hexdigest()
+    release = trio.Event()
+    upload_now = writer_parts.uploader.upload_now
+
+    async def held(channel, h, size, **kwargs):
+        if h == sha1:
+            await release.wait()
+        return await upload_now(channel, h, size, **kwargs)
+
+    writer_parts.uploader.upload_now = held  # type: ignore[method-assign]
     past_startup_grace(hub.server)
+    return writer_parts, release
+
+
+async def test_a_requested_large_file_is_read_by_chunk_as_its_provider_streams_it(
+        hub, nursery, tmp_path):
+    data, sha1, manifest = large_file()
+    _, release = await streaming_writer(hub, nursery, tmp_path, data)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    served: list[bytes] = [b"", b""]
+
+    async def read_all(k: int) -> None:
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        try:
+            while len(served[k]) < len(data):
+                served[k] += await fs.ops.read(fh, len(served[k]), 100_000)
+        finally:
+            await fs.ops.release(fh)
+
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)  # by bare hash: the reader knows no manifest
+        assert attrs.st_size == len(data)
+        async with trio.open_nursery() as readers:  # two readers, one request
+            readers.start_soon(read_all, 0)
+            readers.start_soon(read_all, 1)
+    # Every byte came, verified, while the whole object was not in the bucket.
+    assert served == [data, data]
+    assert not local_bucket_file(hub.server, CH, sha1).exists()
+    assert ranged_gets(requests, sha1) == []
+    for chunk in {c.sha1: c for c in manifest.chunks}.values():  # each chunk object once
+        assert len(ranged_gets(requests, chunk.sha1)) == 1
+    # Verified whole: an ordinary object of the reader's store.
+    await until(lambda: reader.store.has(sha1), within=WAIT_S, what="the reader's copy")
+    release.set()  # and the whole object follows, for cloud-era readers
+    await until(lambda: local_bucket_file(hub.server, CH, sha1).exists(), within=WAIT_S,
+                what="the whole object in the bucket")
+
+
+async def test_a_large_file_gone_from_the_bucket_is_requested_and_streamed_by_chunk(
+        hub, nursery, tmp_path):
+    """A reader that knows the manifest (given in the path) and finds the bucket empty
+    requests the file, and reads its chunks as they come."""
+    data, sha1, manifest = large_file()
+    _, release = await streaming_writer(hub, nursery, tmp_path, data)
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery)
     requests = log_requests(hub)
@@ -631,8 +686,36 @@ async def test_a_large_file_gone_from_the_bucket_is_requested_then_read_by_chunk
         attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
         assert await read_range(fs, attrs.st_ino, 2 * CHUNK + 3, 10) == data[
             2 * CHUNK + 3:2 * CHUNK + 13]
-    assert local_bucket_file(hub.server, CH, sha1).exists()  # the writer uploaded it again
-    assert ranged_gets(requests, sha1)[-1] == f"bytes={2 * CHUNK}-{3 * CHUNK - 1}"
+    assert ranged_gets(requests, manifest.chunks[2].sha1) == [f"bytes=0-{CHUNK - 1}"]
+    assert ranged_gets(requests, sha1) == []
+    release.set()
+
+
+async def test_a_stream_cut_short_is_read_on_from_the_whole_object(
+        hub, nursery, tmp_path, monkeypatch):
+    data, sha1, manifest = large_file()
+    writer_parts, release = await streaming_writer(hub, nursery, tmp_path, data)
+    upload_part = writer_parts.uploader.upload_part
+
+    async def failing(channel, h, size, *, source, start):
+        if start >= 2 * CHUNK:
+            raise IntegrityError("the bucket refused it")  # the streaming stops
+        return await upload_part(channel, h, size, source=source, start=start)
+
+    monkeypatch.setattr(writer_parts.uploader, "upload_part", failing)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    requests = log_requests(hub)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 2 * CHUNK) == data[:2 * CHUNK]  # streamed
+        assert ranged_gets(requests, sha1) == []
+        release.set()  # the whole upload: the rest is read from there
+        assert await fs.ops.read(fh, 2 * CHUNK, len(data)) == data[2 * CHUNK:]
+        await fs.ops.release(fh)
+    assert ranged_gets(requests, sha1) == [
+        f"bytes={c.start}-{c.end - 1}" for c in manifest.chunks[2:]]
 
 
 # -- what a fault or a liar can and cannot do ---------------------------------------------------
