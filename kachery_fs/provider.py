@@ -266,8 +266,8 @@ class Provider:
                 log.debug("progress report failed: %s", exc)
                 continue
             if not go_on:
-                log.info("the hub gave the request for sha1://%s to another node; stopping",
-                         sha1)
+                log.info("the hub no longer needs this node's upload of sha1://%s (the"
+                         " request has finished, or another node has it); stopping", sha1)
                 upload.cancel_scope.cancel()
                 return
 

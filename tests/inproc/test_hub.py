@@ -124,3 +124,13 @@ async def test_info_is_public(env):
     server, owner, _, client = env
     r = await client.get("/api/info")
     assert r.json()["ownerId"] == owner.key.node_id
+
+
+@pytest.mark.parametrize("manifest", ["nope", "ab" * 19, 5, ["ab" * 20]])
+async def test_an_answer_with_a_bad_manifest_is_refused(env, manifest):
+    _, owner, other, _ = env
+    await owner.create_channel("chan")
+    await owner.authorize_node("chan", other.key.node_id, ["provideFiles"])
+    with pytest.raises(InvalidInput, match="invalid manifest"):
+        await other.call("answerRequest", channel="chan", sha1="ab" * 20, accept=True,
+                         size=5, manifest=manifest)

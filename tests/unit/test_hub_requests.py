@@ -175,6 +175,33 @@ async def test_waiters_wake_on_progress(world):
     assert seen[0]["state"] == "uploading" and seen[0]["size"] == 7
 
 
+async def test_a_streaming_provider_relays_its_manifest_and_chunks(world):
+    await world.connect(P1, P2)
+    state = await world.broker.request(R, CH, H, version=None, wait_s=0)
+    provider, other = state["provider"], ({P1, P2} - {state["provider"]}).pop()
+    assert "manifest" not in state
+    world.broker.answer(provider, CH, H, accept=True, size=50, reason=None, manifest="cd" * 20)
+    state = await world.broker.request(R, CH, H, version=state["version"], wait_s=0)
+    assert (state["manifest"], state["chunks"]) == ("cd" * 20, 0)
+    assert world.broker.progress(provider, CH, H, 20, 1)
+    state = await world.broker.request(R, CH, H, version=state["version"], wait_s=0)
+    assert (state["bytes"], state["chunks"]) == (20, 1)
+    # Never backwards, never a non-count, never from a node the request is not given to.
+    assert world.broker.progress(provider, CH, H, 20, 0)
+    assert world.broker.progress(provider, CH, H, 20, True)
+    assert not world.broker.progress(other, CH, H, 50, 3)
+    assert world.broker._requests[(CH, H)].chunks == 1
+
+
+async def test_chunks_count_only_with_a_manifest(world):
+    await world.connect(P1)
+    state = await world.broker.request(R, CH, H, version=None, wait_s=0)
+    world.broker.answer(state["provider"], CH, H, accept=True, size=50, reason=None)
+    assert world.broker.progress(state["provider"], CH, H, 20, 2)
+    state = await world.broker.request(R, CH, H, version=state["version"], wait_s=0)
+    assert "manifest" not in state and "chunks" not in state
+
+
 async def test_listen_wakes_on_a_new_offer(world):
     got = []
 
