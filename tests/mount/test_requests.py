@@ -11,6 +11,9 @@ from contextlib import ExitStack
 
 import pytest
 
+from kachery_fs.manifest import CHUNK_SIZE, manifest_of
+from kachery_fs.protocol import object_key
+
 from ..clusters import REQUESTS_CH as CH
 from ..clusters import authorize, in_store, request_nodes, serving, stored
 from ..util import PERMS_ALL, kfs, mounted, require_fuse, wait_for, xattr
@@ -142,3 +145,29 @@ def test_a_bad_object_of_another_size_is_refused_once_then_the_file_reads_whole(
         wait_for(lambda: path.stat().st_size == len(data), timeout=20,
                  what="the true size to be seen")
         assert path.read_bytes() == data
+
+
+def test_a_large_file_requested_is_read_by_chunk_while_its_provider_uploads_it(nodes):
+    """A streams a file of 2.5 chunks (kachery's 20,000,000 bytes: the nodes are
+    subprocesses) on a slow link: B's mount reads its first chunk, verified, before A has
+    uploaded the rest (the whole object comes last), then reads it all."""
+    h, data = stored(nodes.a, CHUNK_SIZE * 5 // 2)
+    _, manifest = manifest_of([data])
+    assert manifest is not None
+    bucket = nodes.hub.bucket_dir()
+    mnt = nodes.base / "mnt-b"
+    # 20 MB/s: each chunk takes a second to go up, and the whole object 2.5 s more.
+    with serving(nodes.a, "--bwlimit", "20M"), mounted(nodes.b, mnt):
+        with open(mnt / CH / "sha1" / h, "rb") as f:
+            assert f.read(1 << 20) == data[:1 << 20]
+            assert not (bucket / object_key(CH, manifest.chunks[2].sha1)).exists()
+            assert not (bucket / object_key(CH, h)).exists()
+            assert f.read() == data[1 << 20:]
+        wait_for(in_store(nodes.b, h).exists, timeout=30, what="B to keep the file")
+        wait_for((bucket / object_key(CH, h)).exists, timeout=60,
+                 what="A to upload the whole object after its chunks")
+    for chunk in manifest.chunks:
+        assert (bucket / object_key(CH, chunk.sha1)).stat().st_size == chunk.size
+    assert (bucket / object_key(CH, manifest.hash)).read_bytes() == manifest.to_bytes()
+    assert "streaming its 3 chunks" in (nodes.a / "serve.log").read_text()
+    assert in_store(nodes.b, h).read_bytes() == data
