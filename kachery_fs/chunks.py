@@ -42,13 +42,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
-import httpx
 import trio
 
-from .bucket import fetch_range
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
+from .ranges import RangeReader
 from .requester import FileRequest
 
 log = logging.getLogger(__name__)
@@ -143,7 +142,7 @@ class StreamedChunks(ChunkSource):
 class ChunkedContent:
     """Readable bytes of one large file, chunk by chunk (the resolver's ``Content``)."""
 
-    def __init__(self, manifest: Manifest, client: httpx.AsyncClient, *,
+    def __init__(self, manifest: Manifest, ranges: RangeReader, *,
                  source: ChunkSource | None,
                  open_chunk: Callable[[str], Awaitable[bytes]],
                  partial: PartialFile | None = None,
@@ -162,7 +161,7 @@ class ChunkedContent:
         chunks are fetched into (shared by a resolver's reads; one of its own without)."""
         self.manifest = manifest
         self.size = manifest.size
-        self._client = client
+        self._ranges = ranges
         self._source = source
         self._open_chunk = open_chunk
         self._partial = partial
@@ -359,8 +358,7 @@ class ChunkedContent:
             def progressed(_n: int) -> None:
                 scope.deadline = trio.current_time() + STALL_TIMEOUT_S
 
-            return await fetch_range(self._client, url, start, end, on_data=progressed,
-                                     into=into)
+            return await self._ranges.read_into(url, start, end, into, on_data=progressed)
         raise DeadlineExceeded(f"GET {url} bytes {start}-{end - 1}: nothing arrived for"
                                f" {STALL_TIMEOUT_S:.0f} s")
 

@@ -18,6 +18,7 @@ from .config import private_directory, private_files
 from .demand import DownloadReports
 from .errors import NotFound
 from .identity import NodeKey
+from .ranges import RangeReader
 from .state import NodeDB
 from .store import Store
 
@@ -54,6 +55,7 @@ class Node:
         private_files(self.db.path)
         self.store = Store.for_node(self.dir, self.db)
         self.client = client or _http.create_client()
+        self.ranges = RangeReader()  # large ranged GETs (chunks), on worker threads
         self.channels = Channels(self.db, self.key, self.client)
         self.downloads = DownloadReports(self.channels)
 
@@ -63,5 +65,6 @@ class Node:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        self.ranges.close()
         self.store.close()
         self.db.close()

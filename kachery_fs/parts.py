@@ -72,7 +72,8 @@ async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
     uploader = await Uploader.create(
         node.db, node.store, node.channels, node.client, nursery=nursery,
         workers=upload_workers, rate_limit=RateLimit(bwlimit) if bwlimit else None)
-    resolver = Resolver(node.store, node.channels, node.client, sources=sources,
+    resolver = Resolver(node.store, node.channels, node.client, ranges=node.ranges,
+                        sources=sources,
                         downloads=node.downloads, nursery=nursery,
                         request_stall_timeout=request_timeout, strict=strict)
     parts = Parts(node, nursery, sources, resolver, uploader)

@@ -38,6 +38,7 @@ from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
+from .ranges import RangeReader
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
 from .store import Store
@@ -162,13 +163,17 @@ class SharedChunks(Content):
 
 class Resolver:
     def __init__(self, store: Store, channels: Channels, client: httpx.AsyncClient, *,
-                 sources: Sources, downloads: DownloadReports, nursery: trio.Nursery,
+                 ranges: RangeReader, sources: Sources, downloads: DownloadReports,
+                 nursery: trio.Nursery,
                  request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
                  strict: bool = False):
+        """``client`` for every request but the chunks of large files, which ``ranges``
+        fetches."""
         self.store = store
         self.strict = strict
         self.channels = channels
         self.client = client
+        self.ranges = ranges
         self.downloads = downloads
         self.nursery = nursery
         self.request_stall_timeout = request_stall_timeout
@@ -436,7 +441,7 @@ class Resolver:
                 kept.close()
             if shared is None:
                 content = ChunkedContent(
-                    manifest, self.client, source=source,
+                    manifest, self.ranges, source=source,
                     open_chunk=partial(self._read_all, channel), partial=kept,
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
