@@ -169,15 +169,20 @@ def _cause(exc: BaseException | None, kind: type[_E]) -> _E | None:
     return None
 
 
+def untrusted(cause: ssl.SSLCertVerificationError, what: str) -> PermissionDenied:
+    """The error of a server whose TLS certificate is not trusted here, saying what to do."""
+    return PermissionDenied(
+        f"{what}: the server's TLS certificate is not trusted here"
+        f" ({cause.verify_message or cause}); if a private authority signed it, add that"
+        " to the system's (update-ca-certificates) or point SSL_CERT_FILE at it")
+
+
 def error_for_exception(exc: httpx.HTTPError, what: str) -> KacheryError:
     """Translate a transport-level httpx exception (no response) into our tree: all are
     transient (:class:`Unavailable`) but an untrusted TLS certificate."""
     cause = _cause(exc, ssl.SSLCertVerificationError)
     if cause is not None:  # retrying cannot help
-        return PermissionDenied(
-            f"{what}: the server's TLS certificate is not trusted here"
-            f" ({cause.verify_message or cause}); if a private authority signed it, add that"
-            " to the system's (update-ca-certificates) or point SSL_CERT_FILE at it")
+        return untrusted(cause, what)
     if isinstance(exc, httpx.TimeoutException):
         return DeadlineExceeded(f"{what}: timed out ({type(exc).__name__})")
     return Unavailable(f"{what}: {type(exc).__name__}: {exc}")

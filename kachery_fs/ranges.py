@@ -182,6 +182,9 @@ class _Read:
         except KacheryError:
             conn.close()
             raise
+        except ssl.SSLCertVerificationError as exc:
+            conn.close()
+            raise _http.untrusted(exc, self.what) from None
         except (OSError, http.client.HTTPException) as exc:
             conn.close()
             if self.aborted:

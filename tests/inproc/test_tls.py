@@ -6,12 +6,15 @@ from __future__ import annotations
 import datetime
 import hashlib
 import ipaddress
+import os
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from kachery_fs.manifest import CHUNK_SIZE
 
 from ..util import HubProcess, kfs
 
@@ -87,6 +90,12 @@ def test_a_hub_over_https_is_trusted_only_through_its_authority(tmp_path, monkey
             "requestFiles", "--hub", hub.url)
         kfs(reader, "join", hub.url, CH)
         assert kfs(reader, "cat", uri.split("?")[0]).stdout == data
+        # a large file, read by chunk: its chunks come over https too
+        big = os.urandom(CHUNK_SIZE + 1000)
+        src.write_bytes(big)
+        uri = kfs(owner, "put", "-q", str(src)).stdout.decode().strip()
+        assert "?manifest=" in uri
+        assert kfs(reader, "cat", uri, timeout=60).stdout == big
     finally:
         hub.stop()
 
