@@ -51,7 +51,7 @@ KEEPALIVE_S = 5.0
 #: How often the set of hubs (from joined channels) is re-read.
 HUBS_RESCAN_S = 5.0
 #: How many chunk objects of a streamed file are uploaded at once.
-STREAM_PARALLEL = 2
+STREAM_PARALLEL = 4
 
 
 @dataclass
