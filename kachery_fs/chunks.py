@@ -79,17 +79,25 @@ class BufferPool:
         self._free: list[bytearray] = []
         self._slots = trio.Semaphore(count)
 
+    async def acquire(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes, to :meth:`release` (waits for one)."""
+        if size > self.size:  # not a kachery chunk size: a buffer of its own
+            return bytearray(size)
+        await self._slots.acquire()
+        return self._free.pop() if self._free else bytearray(self.size)
+
+    def release(self, buf: bytearray) -> None:
+        if len(buf) == self.size:
+            self._free.append(buf)
+            self._slots.release()
+
     @asynccontextmanager
     async def buffer(self, size: int) -> AsyncIterator[bytearray]:
-        if size > self.size:  # not a kachery chunk size: a buffer of its own
-            yield bytearray(size)
-            return
-        async with self._slots:
-            buf = self._free.pop() if self._free else bytearray(self.size)
-            try:
-                yield buf
-            finally:
-                self._free.append(buf)
+        buf = await self.acquire(size)
+        try:
+            yield buf
+        finally:
+            self.release(buf)
 
 
 class ChunkSource(Protocol):
@@ -174,6 +182,11 @@ class ChunkedContent:
         self._last = len(manifest.chunks) - 1
         self._kept: OrderedDict[int, bytes] = OrderedDict()
         self._verified: set[int] = set()  # in the partial file, hashed by this object
+        # Verified chunks in a pool buffer while they are written to the partial file:
+        # readers copy their bytes from here meanwhile (without an await between the look
+        # and the copy: the buffer goes back to the pool when the write ends, and the event
+        # is set).
+        self._writing: dict[int, tuple[memoryview, trio.Event]] = {}
         self._locks: dict[int, trio.Lock] = {}
         self._failed: dict[int, tuple[KacheryError, float]] = {}  # chunk -> (error, when)
         self._ends: deque[int] = deque(maxlen=8)  # where recent reads ended
@@ -212,13 +225,26 @@ class ChunkedContent:
         for i in indexes:
             chunk = self.manifest.chunks[i]
             lo, hi = max(offset, chunk.start), min(end, chunk.end)
-            data = await self._chunk(i)
-            if data is None:  # verified, in the partial file: from the page cache
-                assert self._partial is not None
-                pieces.append(self._partial.read(lo, hi - lo))
-            else:
-                pieces.append(data[lo - chunk.start:hi - chunk.start])
+            piece = None
+            while piece is None:
+                piece = self._piece(i, await self._chunk(i), lo - chunk.start, hi - lo)
+            pieces.append(piece)
         return b"".join(pieces)
+
+    def _piece(self, i: int, data: bytes | memoryview | None, at: int,
+               n: int) -> bytes | None:
+        """``n`` bytes at ``at`` in chunk ``i``, which :meth:`_chunk` just verified, copied
+        out at once (a buffer being written goes back to the pool when the write ends);
+        None when it is no longer here (it left memory meanwhile): fetch it again."""
+        if isinstance(data, bytes):
+            return data[at:at + n]
+        writing = self._writing.get(i)
+        if writing is not None:
+            return bytes(writing[0][at:at + n])
+        if i in self._verified:  # in the partial file: from the page cache
+            assert self._partial is not None
+            return self._partial.read(self.manifest.chunks[i].start + at, n)
+        return None
 
     def _read_ahead(self, offset: int, last: int) -> None:
         if offset not in self._ends or self._nursery is None:
@@ -252,15 +278,19 @@ class ChunkedContent:
             self._whole_failed = exc
             log.exception("checking sha1://%s whole failed", self.manifest.sha1)
 
-    async def _chunk(self, i: int, *, ahead: bool = False) -> bytes | None:
-        """Chunk ``i``, verified: its bytes, or None when they are to be read from the
-        partial file. ``ahead``: for read-ahead (a failure is not remembered for readers)."""
+    async def _chunk(self, i: int, *, ahead: bool = False) -> bytes | memoryview | None:
+        """Chunk ``i``, verified: its bytes, a view of the buffer it is being written from
+        (see :meth:`_piece`), or None when they are to be read from the partial file.
+        ``ahead``: for read-ahead (a failure is not remembered for readers)."""
         lock = self._locks.setdefault(i, trio.Lock())
         fresh = False
+        data: bytes | memoryview | None
         async with lock:  # concurrent readers of one chunk fetch it once
             data = self._kept.get(i)
             if data is not None:
                 self._kept.move_to_end(i)
+            elif i in self._writing:
+                data = self._writing[i][0]
             elif i not in self._verified:
                 failed = self._failed.get(i)
                 if failed is not None and trio.current_time() - failed[1] < FAILED_CHUNK_TTL_S:
@@ -273,7 +303,7 @@ class ChunkedContent:
                     raise
                 self._failed.pop(i, None)
                 fresh = True
-                if data is not None and not self._closed:  # not in the partial file
+                if isinstance(data, bytes) and not self._closed:  # not in the partial file
                     if i == self._whole_next:
                         self._in_order[i] = data  # the whole check takes it next
                     self._kept[i] = data
@@ -294,9 +324,10 @@ class ChunkedContent:
             raise self._lie
         return data
 
-    async def _fetch(self, i: int) -> bytes | None:
-        """Chunk ``i``, verified: None when it is in the partial file (read it there),
-        else its bytes (nothing could be kept on disk)."""
+    async def _fetch(self, i: int) -> bytes | memoryview | None:
+        """Chunk ``i``, verified: None when it is in the partial file (read it there), a
+        view of its buffer while it is written there in the background, else its bytes
+        (nothing could be kept on disk)."""
         partial = self._partial
         if partial is not None and i in partial.present:
             async with self._buffers.buffer(self.manifest.chunks[i].size) as buf:
@@ -313,19 +344,73 @@ class ChunkedContent:
         if self._source is None:
             return await self._keep(i, await self._open_chunk(chunk.sha1))
         url, start = await self._source.locate(i)  # before a buffer is taken: it may wait
-        async with self._buffers.buffer(chunk.size) as buf:  # no chunk-sized allocation
+        into = await self._buffers.acquire(chunk.size)  # no chunk-sized allocation
+        owned = True  # until a write behind takes it
+        try:
             try:
-                view = await self._fetch_range(url, start, start + chunk.size, into=buf)
+                view = await self._fetch_range(url, start, start + chunk.size, into=into)
             except NotFound:
                 url, start = await self._source.locate(i, gone=True)
-                view = await self._fetch_range(url, start, start + chunk.size, into=buf)
+                view = await self._fetch_range(url, start, start + chunk.size, into=into)
             if self._on_fetched is not None:
                 self._on_fetched(len(view))
-            return await self._keep(i, view)
+            await self._verify(i, view)
+            if (self._partial is not None and self._nursery is not None and not self._closed
+                    and i not in self._writing):
+                # Served from the buffer at once; written to the partial file meanwhile.
+                self._writing[i] = (memoryview(view), trio.Event())
+                self._busy += 1  # the partial file stays open for the write (see close)
+                self._nursery.start_soon(self._write_behind, i, into)
+                owned = False
+                return self._writing[i][0]
+            return await self._store(i, view)
+        finally:
+            if owned:
+                self._buffers.release(into)
+
+    async def _write_behind(self, i: int, buf: bytearray) -> None:
+        """Write verified chunk ``i`` from ``buf`` to the partial file (also after the last
+        reader went: the chunk is kept for the next), then give the buffer back; if it
+        cannot be kept there, its bytes are kept in memory instead. The caller counted this
+        write in ``_busy``."""
+        partial = self._partial
+        assert partial is not None
+        view, done = self._writing[i]
+        data: bytes | None = None  # kept in memory instead
+        try:
+            await trio.to_thread.run_sync(partial.add_chunk, i, view)
+            self._verified.add(i)
+        except (OSError, sqlite3.Error) as exc:  # a full disk: serve on from memory
+            log.warning("chunk %d of sha1://%s is served without being kept in the local"
+                        " store: %s", i, self.manifest.sha1, exc)
+            data = bytes(view)
+        except Exception:  # noqa: BLE001 - never into the mount's nursery
+            log.exception("keeping chunk %d of sha1://%s failed", i, self.manifest.sha1)
+        finally:
+            if data is not None and not self._closed:
+                self._kept[i] = data
+                while len(self._kept) > KEPT_CHUNKS:
+                    self._kept.popitem(last=False)
+            if self._writing.get(i, (view, None))[1] is done:
+                del self._writing[i]
+            self._buffers.release(buf)
+            done.set()
+            self._busy -= 1
+            if self._closed and self._busy == 0:
+                partial.close()
+        if (i in self._verified and self._whole_next == i and not self._closed
+                and self._nursery is not None):
+            self._nursery.start_soon(self._check_whole_in_background)
 
     async def _keep(self, i: int, data: bytes | memoryview) -> bytes | None:
         """Verify fetched chunk ``i`` and write it to the partial file: None, or its bytes
         when it could not be kept there."""
+        await self._verify(i, data)
+        return await self._store(i, data)
+
+    async def _verify(self, i: int, data: bytes | memoryview) -> None:
+        """Fetched chunk ``i`` matches its SHA-1 in the manifest, else ``IntegrityError``
+        (and ``on_bad_chunk`` is told)."""
         if not await self._matches(i, data):
             chunk = self.manifest.chunks[i]
             error = IntegrityError(
@@ -336,6 +421,10 @@ class ChunkedContent:
                 self._on_bad_chunk(error)
             raise error
         self.fetched += 1
+
+    async def _store(self, i: int, data: bytes | memoryview) -> bytes | None:
+        """Write verified chunk ``i`` to the partial file: None, or its bytes when it could
+        not be kept there."""
         partial = self._partial
         if partial is not None and not self._closed:
             try:
@@ -410,6 +499,12 @@ class ChunkedContent:
     async def _add_to_whole(self, i: int, *, final: bool) -> bool:
         """Add chunk ``i`` to the running SHA-1, from memory or the partial file (or,
         ``final``, fetched again if a reader was served it); False if it is not here."""
+        writing = self._writing.get(i)
+        if writing is not None:  # here in a moment: its write ends, then in the partial file
+            if not final:
+                return False
+            await writing[1].wait()
+            return await self._add_to_whole(i, final=final)
         data = self._in_order.pop(i, None) or self._kept.get(i)
         if data is not None:
             await trio.to_thread.run_sync(self._whole.update, data)
@@ -426,15 +521,22 @@ class ChunkedContent:
         if not (final and i in self._served):
             return False
         try:
-            data = await self._fetch(i)
+            fetched = await self._fetch(i)
         except KacheryError as exc:
             raise IntegrityError(
                 f"sha1://{self.manifest.sha1}: its last chunk is served only once the whole"
                 f" file is verified, and chunk {i} could not be had again for that: {exc}"
             ) from None
-        if data is None:  # in the partial file now
-            return await self._add_to_whole(i, final=False)
-        await trio.to_thread.run_sync(self._whole.update, data)
+        if not isinstance(fetched, bytes):  # in the partial file now, or in a moment
+            writing = self._writing.get(i)
+            if writing is not None:
+                await writing[1].wait()
+            if await self._add_to_whole(i, final=False):
+                return True
+            raise IntegrityError(
+                f"sha1://{self.manifest.sha1}: its last chunk is served only once the whole"
+                f" file is verified, and chunk {i} could not be kept for that")
+        await trio.to_thread.run_sync(self._whole.update, fetched)
         return True
 
     async def _finish_whole(self) -> None:

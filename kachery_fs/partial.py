@@ -95,7 +95,7 @@ class PartialFile:
             got += n
         return view[:got]
 
-    def add_chunk(self, i: int, data: bytes) -> None:
+    def add_chunk(self, i: int, data: bytes | memoryview) -> None:
         """Write verified chunk ``i`` and record it (a worker thread may call this)."""
         chunk = self.manifest.chunks[i]
         view = memoryview(data)

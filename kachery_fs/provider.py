@@ -50,7 +50,9 @@ PROGRESS_INTERVAL_S = 0.5
 KEEPALIVE_S = 5.0
 #: How often the set of hubs (from joined channels) is re-read.
 HUBS_RESCAN_S = 5.0
-#: How many chunk objects of a streamed file are uploaded at once.
+#: How many chunk objects of a streamed file are uploaded at once (after the first, which
+#: goes up alone). More hide each upload's round trips and commits (an fsync each on the
+#: local bucket); on a link that is the limit they share it, so none comes sooner.
 STREAM_PARALLEL = 4
 
 
@@ -203,9 +205,9 @@ class Provider:
         return manifest
 
     async def _stream_chunks(self, channel: str, sha1: str, manifest: Manifest) -> None:
-        """Upload the chunks of ``sha1`` as objects of their own, :data:`STREAM_PARALLEL` at
-        a time in order, and tell the hub each time the chunks in the bucket from the first
-        grow. Never raises a chunk's error: the streaming stops and the whole upload that
+        """Upload the chunks of ``sha1`` as objects of their own, the first alone, then
+        :data:`STREAM_PARALLEL` at a time in order, and tell the hub each time the chunks in
+        the bucket from the first grow. Never raises a chunk's error: the streaming stops and the whole upload that
         follows brings the file."""
         key = (channel, sha1)
         chunks = manifest.chunks
@@ -240,7 +242,10 @@ class Provider:
                 if failed:
                     slots.release()
                     break
-                nursery.start_soon(upload, i)
+                if i == 0:  # alone, on all the bandwidth: readers' first byte comes soonest
+                    await upload(0)
+                else:
+                    nursery.start_soon(upload, i)
         if failed:
             log.warning("streaming sha1://%s to %s stopped at %s; it goes up whole", sha1,
                         channel, failed[0])

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 
 import pyfuse3
 import pytest
@@ -479,6 +480,13 @@ async def test_a_manifest_on_record_whose_chunks_fail_is_dropped_for_whole_reads
 # -- partial files in the store ---------------------------------------------------------------
 
 
+async def kept(node, sha1: str, manifest, nbytes: int) -> None:
+    """Wait until ``node``'s partial file of ``sha1`` holds ``nbytes`` (a chunk read is
+    served from memory while it is written there)."""
+    await until(lambda: node.store.cache.partials() == [(sha1, manifest.hash, nbytes)],
+                within=WAIT_S, what=f"{nbytes} bytes in the partial file")
+
+
 async def chunk_1_kept(hub, nursery):
     """A large file in the bucket, and a reader whose partial file holds its chunk 1 (read
     through the mount's path with the manifest): ``data, sha1, manifest, reader, name``."""
@@ -489,6 +497,7 @@ async def chunk_1_kept(hub, nursery):
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(name)
         assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+    await kept(reader, sha1, manifest, CHUNK)
     return data, sha1, manifest, reader, name
 
 
@@ -502,7 +511,7 @@ async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, n
         assert await read_range(fs, attrs.st_ino, 1 * CHUNK + 5, 10) == data[CHUNK + 5:CHUNK + 15]
         assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 5, 10) == data[
             3 * CHUNK + 5:3 * CHUNK + 15]
-    assert reader.store.cache.partials() == [(sha1, manifest.hash, 2 * CHUNK)]
+    await kept(reader, sha1, manifest, 2 * CHUNK)
     usage = reader.store.cache.usage()
     assert usage >= 2 * CHUNK  # the chunks count in the store's usage
 
@@ -610,6 +619,33 @@ async def test_a_stalled_chunk_read_times_out_at_its_deadline(hub, nursery, cloc
     with trio.fail_after(WAIT_S):  # answered again: read
         assert await fs.ops.read(fh, CHUNK, 4096) == data[CHUNK:CHUNK + 4096]
     await fs.ops.release(fh)
+
+
+async def test_a_chunk_is_served_while_it_is_written_and_kept_after_its_reader_goes(
+        hub, nursery, monkeypatch):
+    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    disk = threading.Event()  # the disk is slow: no chunk reaches it until this is set
+    add_chunk = partial_module.PartialFile.add_chunk
+
+    def slow_add_chunk(self, i, chunk):
+        assert disk.wait(WAIT_S)
+        return add_chunk(self, i, chunk)
+
+    monkeypatch.setattr(partial_module.PartialFile, "add_chunk", slow_add_chunk)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 5, 100) == data[5:105]  # from memory
+        assert await fs.ops.read(fh, CHUNK - 50, 100) == data[CHUNK - 50:CHUNK + 50]
+        await fs.ops.release(fh)  # the last reader goes before the writes end
+    assert reader.store.cache.partials() == [(sha1, manifest.hash, 0)]
+    disk.set()
+    await kept(reader, sha1, manifest, 2 * CHUNK)  # written all the same
+    with trio.fail_after(WAIT_S):  # and served from there, with the rest: checked whole
+        assert await read_range(fs, attrs.st_ino, 0, len(data)) == data
+    await until(lambda: reader.store.has(sha1), within=WAIT_S, what="the file installed")
 
 
 # -- requests that stream ---------------------------------------------------------------------
