@@ -54,9 +54,10 @@ BAD_OBJECT_TTL_S = 60.0
 STALL_TIMEOUT_S = 60.0
 #: How long a manifest caught lying (its chunks matched, the whole file did not) is refused.
 LYING_MANIFEST_TTL_S = 3600.0
-#: How many chunks (20,000,000 bytes each) a node's reads by chunk fetch at once: one
-#: reader's chunk and its read-ahead, and the whole check's.
-CHUNK_BUFFERS = 5
+#: How many chunks (20,000,000 bytes each) a node's reads by chunk hold in memory at once,
+#: being fetched or written to their partial file: one reader's chunk and its read-ahead,
+#: and one still being written. The mount's memory is about 100 MiB plus these.
+CHUNK_BUFFERS = 4
 
 
 class Content(Protocol):
