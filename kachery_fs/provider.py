@@ -249,6 +249,9 @@ class Provider:
         if failed:
             log.warning("streaming sha1://%s to %s stopped at %s; it goes up whole", sha1,
                         channel, failed[0])
+        else:
+            log.info("streamed sha1://%s to %s: its %d chunks are in the bucket; the whole"
+                     " object follows", sha1, channel, len(chunks))
 
     async def _report_progress(self, hub, channel: str, sha1: str,
                                upload: trio.Nursery) -> None:
