@@ -127,16 +127,22 @@ class StreamedChunks(ChunkSource):
     """Chunks of a file a provider is streaming for a file request: each one's own object
     (``chunk_url(sha1)``) once the request says it is in the bucket, and the whole object
     once the request has finished without it. Every wait is the request's, under its stall
-    deadline; the request's error is raised."""
+    deadline. A request that failed is not the end: the next chunk asks again
+    (``request_again()``: the file's request, a new one if none runs; the hub answers at
+    once if the whole object is in the bucket by then), and raises that one's error."""
 
     def __init__(self, manifest: Manifest, request: FileRequest,
-                 chunk_url: Callable[[str], str], whole: WholeObject):
+                 chunk_url: Callable[[str], str], whole: WholeObject,
+                 request_again: Callable[[], FileRequest] | None = None):
         self.manifest = manifest
         self.request = request
         self.chunk_url = chunk_url
         self.whole = whole
+        self.request_again = request_again
 
     async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+        if self.request.error is not None and self.request_again is not None:
+            self.request = self.request_again()
         if not gone and await self.request.wait_chunk(self.manifest.hash, i):
             return self.chunk_url(self.manifest.chunks[i].sha1), 0
         if gone:  # said to be there and not (evicted?): the whole object, at the end
@@ -349,8 +355,12 @@ class ChunkedContent:
         try:
             try:
                 view = await self._fetch_range(url, start, start + chunk.size, into=into)
-            except NotFound:
+            except NotFound:  # elsewhere, maybe later: no buffer is held while it waits
+                owned = False
+                self._buffers.release(into)
                 url, start = await self._source.locate(i, gone=True)
+                into = await self._buffers.acquire(chunk.size)
+                owned = True
                 view = await self._fetch_range(url, start, start + chunk.size, into=into)
             if self._on_fetched is not None:
                 self._on_fetched(len(view))
@@ -358,11 +368,16 @@ class ChunkedContent:
             if (self._partial is not None and self._nursery is not None and not self._closed
                     and i not in self._writing):
                 # Served from the buffer at once; written to the partial file meanwhile.
-                self._writing[i] = (memoryview(view), trio.Event())
+                writing = self._writing[i] = (memoryview(view), trio.Event())
                 self._busy += 1  # the partial file stays open for the write (see close)
-                self._nursery.start_soon(self._write_behind, i, into)
+                try:
+                    self._nursery.start_soon(self._write_behind, i, into)
+                except BaseException:  # the nursery is closing: nothing was handed over
+                    del self._writing[i]
+                    self._busy -= 1
+                    raise
                 owned = False
-                return self._writing[i][0]
+                return writing[0]
             return await self._store(i, view)
         finally:
             if owned:

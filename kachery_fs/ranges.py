@@ -42,9 +42,11 @@ log = logging.getLogger(__name__)
 POLL_S = 0.25
 #: How much one ``readinto`` asks for: the granularity of progress.
 READ_STEP = 1 << 20
-#: The longest one network wait of a thread may take (connect, a ``recv``); reads are
-#: judged by progress on trio's clock, this only bounds a thread that nobody cancels.
+#: The longest one network wait of a thread may take (a ``recv``); reads are judged by
+#: progress on trio's clock, this only bounds a thread that nobody cancels.
 SOCKET_TIMEOUT_S = 120.0
+#: The longest a connect may take (a cancel is seen only after it).
+CONNECT_TIMEOUT_S = 15.0
 #: Idle connections kept per host.
 MAX_IDLE = 8
 
@@ -128,9 +130,9 @@ class RangeReader:
         if scheme == "https":
             if self._tls is None:
                 self._tls = _http._tls_context()
-            return http.client.HTTPSConnection(host, port, timeout=SOCKET_TIMEOUT_S,
+            return http.client.HTTPSConnection(host, port, timeout=CONNECT_TIMEOUT_S,
                                                context=self._tls), False
-        return http.client.HTTPConnection(host, port, timeout=SOCKET_TIMEOUT_S), False
+        return http.client.HTTPConnection(host, port, timeout=CONNECT_TIMEOUT_S), False
 
     def _release(self, key: _Key, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -196,7 +198,7 @@ class _Read:
         except BaseException:
             conn.close()
             raise
-        if response.will_close:
+        if response.will_close or self.aborted:
             conn.close()
         else:
             self.reader._release(self.key, conn)
@@ -204,6 +206,11 @@ class _Read:
 
     def _send(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
         self.conn = conn
+        if conn.sock is None:
+            conn.connect()  # here, so that a cancel during the connect is seen after it
+            sock = conn.sock
+            assert sock is not None  # connected
+            sock.settimeout(SOCKET_TIMEOUT_S)
         if self.aborted:
             raise Unavailable(f"{self.what}: cancelled")
         conn.request("GET", self.target, headers={
@@ -229,6 +236,9 @@ class _Read:
             response.close()
             raise ProtocolError(f"{self.what}: Content-Length {length}, not {size}")
         while self.got < size:
+            if self.aborted:
+                response.close()
+                raise Unavailable(f"{self.what}: cancelled")
             n = response.readinto(self.view[self.got:min(size, self.got + READ_STEP)])
             if not n:
                 break

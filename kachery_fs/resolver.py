@@ -447,7 +447,8 @@ class Resolver:
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
                     on_bad_chunk=partial(self._bad_chunk, manifest), buffers=self._buffers)
-                shared = self._chunked[key] = [content, 0]
+                # [content, readers, opened as a request streams it]
+                shared = self._chunked[key] = [content, 0, request is not None]
         shared[1] += 1
         handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))
         if not self.strict:
@@ -494,15 +495,18 @@ class Resolver:
     def _streamed(self, channel: str, manifest: Manifest,
                   request: FileRequest) -> StreamedChunks:
         return StreamedChunks(manifest, request, partial(self._url, channel),
-                              WholeObject(manifest, self._url(channel, manifest.sha1)))
+                              WholeObject(manifest, self._url(channel, manifest.sha1)),
+                              request_again=partial(self._request, channel, manifest.sha1))
 
     def _url(self, channel: str, sha1: str) -> str:
         return object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
 
     def _chunked_of(self, channel: str, sha1: str) -> Manifest | None:
-        """The manifest of a :class:`ChunkedContent` of ``sha1`` that readers have open."""
+        """The manifest of a :class:`ChunkedContent` of ``sha1`` that readers have open as
+        a request streamed it (not one a reader named: that is trusted for its reads
+        only)."""
         for (c, h, _), shared in self._chunked.items():
-            if (c, h) == (channel, sha1) and not shared[0].lied:
+            if (c, h) == (channel, sha1) and shared[2] and not shared[0].lied:
                 return shared[0].manifest
         return None
 

@@ -23,11 +23,12 @@ from kachery_fs import chunks as chunks_module
 from kachery_fs import manifest as manifest_module
 from kachery_fs import partial as partial_module
 from kachery_fs.cli import data as cli_data
-from kachery_fs.errors import IntegrityError, leaves
+from kachery_fs.errors import IntegrityError, KacheryError, leaves
 from kachery_fs.fs.vnodes import HashFile
 from kachery_fs.hub import backends as hub_backends
 from kachery_fs.hub import service as hub_service
 from kachery_fs.manifest import manifest_of
+from kachery_fs.resolver import SharedChunks
 
 from ..util import local_bucket_file, log_requests, past_startup_grace, until
 from . import test_faults
@@ -752,6 +753,95 @@ async def test_a_stream_cut_short_is_read_on_from_the_whole_object(
         await fs.ops.release(fh)
     assert ranged_gets(requests, sha1) == [
         f"bytes={c.start}-{c.end - 1}" for c in manifest.chunks[2:]]
+
+
+async def test_a_streamed_request_that_fails_is_asked_again_by_the_next_chunk_read(
+        hub, nursery, tmp_path, monkeypatch):
+    data, sha1, manifest = large_file()
+    writer_parts, _ = await streaming_writer(hub, nursery, tmp_path, data)
+    upload_part = writer_parts.uploader.upload_part
+
+    async def failing_part(channel, h, size, *, source, start):
+        if start >= 2 * CHUNK:
+            raise IntegrityError("the bucket refused it")
+        return await upload_part(channel, h, size, source=source, start=start)
+
+    fail = trio.Event()
+    upload_now = writer_parts.uploader.upload_now
+
+    async def failing_whole(channel, h, size, **kwargs):
+        if h != sha1:  # the manifest
+            return await upload_now(channel, h, size, **kwargs)
+        await fail.wait()
+        raise KacheryError("the provider's disk went away")
+
+    monkeypatch.setattr(writer_parts.uploader, "upload_part", failing_part)
+    monkeypatch.setattr(writer_parts.uploader, "upload_now", failing_whole)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 100) == data[:100]  # streamed
+        fail.set()
+        # No provider can bring the rest: the request fails, and so does a read of it.
+        assert await fuse_errno(fs.ops.read(fh, 2 * CHUNK, 100)) == errno.ENOENT
+        await in_bucket(hub, data)  # later, the file comes into the bucket another way
+        # The open file reads on: its next chunk asks again, and the hub says it is there.
+        assert await fs.ops.read(fh, 3 * CHUNK, 100) == data[3 * CHUNK:3 * CHUNK + 100]
+        await fs.ops.release(fh)
+
+
+async def test_readers_of_chunks_gone_from_the_bucket_hold_no_buffer_while_they_wait(
+        hub, nursery, tmp_path):
+    data, sha1, manifest = large_file()
+    _, release = await streaming_writer(hub, nursery, tmp_path, data)
+    other, other_sha1, other_manifest = await large_file_in_bucket(hub)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        attrs = await fs.lookup(sha1)
+        fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh, 0, 10) == data[:10]
+    gone = manifest.chunks[1:5]  # reported in the bucket, and then not there (evicted)
+    [request] = fs.ops.resolver.requests()
+    await until(lambda: request.chunks == len(manifest.chunks), within=WAIT_S,
+                what="every chunk reported in the bucket")
+    for chunk in gone:
+        local_bucket_file(hub.server, CH, chunk.sha1).unlink()
+    served = {}
+
+    async def read(chunk):
+        served[chunk.start] = await fs.ops.read(fh, chunk.start, 10)
+
+    async with trio.open_nursery() as readers:
+        for chunk in gone:  # as many waiting reads as the resolver has chunk buffers
+            readers.start_soon(read, chunk)
+        await trio.sleep(0.5)
+        with trio.fail_after(WAIT_S):  # another large file reads by chunk meanwhile
+            name = f"{other_sha1}?manifest={other_manifest.hash}"
+            other_attrs = await fs.lookup(name)
+            assert await read_range(fs, other_attrs.st_ino, CHUNK, 10) == other[
+                CHUNK:CHUNK + 10]
+        release.set()  # the whole object: the waiting reads are served from it
+    assert served == {c.start: data[c.start:c.start + 10] for c in gone}
+    await fs.ops.release(fh)
+
+
+async def test_a_manifest_named_for_one_read_is_not_used_by_a_plain_open(hub, nursery):
+    data, sha1, manifest = await large_file_in_bucket(hub)
+    reader = await make_node(hub, "reader")
+    fs = await mount_in_process(reader, nursery)
+    with trio.fail_after(WAIT_S):
+        named = await fs.lookup(f"{sha1}?manifest={manifest.hash}")
+        fh_named = (await fs.ops.open(named.st_ino, os.O_RDONLY, CTX)).fh
+        assert await fs.ops.read(fh_named, 0, 10) == data[:10]
+        plain = await fs.lookup(sha1)
+        fh = (await fs.ops.open(plain.st_ino, os.O_RDONLY, CTX)).fh
+        assert not isinstance(fs.ops._handles[fh].content, SharedChunks)  # read whole
+        assert await fs.ops.read(fh, CHUNK, 10) == data[CHUNK:CHUNK + 10]
+        await fs.ops.release(fh)
+        await fs.ops.release(fh_named)
 
 
 # -- what a fault or a liar can and cannot do ---------------------------------------------------
