@@ -728,18 +728,23 @@ async def test_a_large_file_gone_from_the_bucket_is_requested_and_streamed_by_ch
     release.set()
 
 
-async def test_a_stream_cut_short_is_read_on_from_the_whole_object(
-        hub, nursery, tmp_path, monkeypatch):
-    data, sha1, manifest = large_file()
-    writer_parts, release = await streaming_writer(hub, nursery, tmp_path, data)
+def cut_stream_at_chunk_2(writer_parts, monkeypatch) -> None:
+    """The writer's upload of chunk 2 on fails: its streaming stops there."""
     upload_part = writer_parts.uploader.upload_part
 
     async def failing(channel, h, size, *, source, start):
         if start >= 2 * CHUNK:
-            raise IntegrityError("the bucket refused it")  # the streaming stops
+            raise IntegrityError("the bucket refused it")
         return await upload_part(channel, h, size, source=source, start=start)
 
     monkeypatch.setattr(writer_parts.uploader, "upload_part", failing)
+
+
+async def test_a_stream_cut_short_is_read_on_from_the_whole_object(
+        hub, nursery, tmp_path, monkeypatch):
+    data, sha1, manifest = large_file()
+    writer_parts, release = await streaming_writer(hub, nursery, tmp_path, data)
+    cut_stream_at_chunk_2(writer_parts, monkeypatch)
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery)
     requests = log_requests(hub)
@@ -759,13 +764,7 @@ async def test_a_streamed_request_that_fails_is_asked_again_by_the_next_chunk_re
         hub, nursery, tmp_path, monkeypatch):
     data, sha1, manifest = large_file()
     writer_parts, _ = await streaming_writer(hub, nursery, tmp_path, data)
-    upload_part = writer_parts.uploader.upload_part
-
-    async def failing_part(channel, h, size, *, source, start):
-        if start >= 2 * CHUNK:
-            raise IntegrityError("the bucket refused it")
-        return await upload_part(channel, h, size, source=source, start=start)
-
+    cut_stream_at_chunk_2(writer_parts, monkeypatch)
     fail = trio.Event()
     upload_now = writer_parts.uploader.upload_now
 
@@ -775,7 +774,6 @@ async def test_a_streamed_request_that_fails_is_asked_again_by_the_next_chunk_re
         await fail.wait()
         raise KacheryError("the provider's disk went away")
 
-    monkeypatch.setattr(writer_parts.uploader, "upload_part", failing_part)
     monkeypatch.setattr(writer_parts.uploader, "upload_now", failing_whole)
     reader = await make_node(hub, "reader")
     fs = await mount_in_process(reader, nursery)
