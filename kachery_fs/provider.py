@@ -9,8 +9,8 @@ request to another provider meanwhile, the upload here is stopped.
 
 A large file whose manifest this node has (computed here, or trusted when it was read by
 chunk) is **streamed**: the manifest object goes to the bucket before the node accepts,
-with its hash; then the file's chunks go up as objects of their own
-(:data:`STREAM_PARALLEL` at a time, in order), each reported to the hub as soon as it and
+with its hash; then the file's chunks go up as objects of their own (the first alone,
+then :data:`STREAM_PARALLEL` at a time, in order), each reported to the hub as soon as it and
 every chunk before it are in the bucket, so that requesters read verified chunks while
 the rest is still coming; then the whole object, as for any file (cloud-era readers look
 for it, and the hub checks the manifest's vouch against it). A chunk that cannot be
@@ -207,8 +207,8 @@ class Provider:
     async def _stream_chunks(self, channel: str, sha1: str, manifest: Manifest) -> None:
         """Upload the chunks of ``sha1`` as objects of their own, the first alone, then
         :data:`STREAM_PARALLEL` at a time in order, and tell the hub each time the chunks in
-        the bucket from the first grow. Never raises a chunk's error: the streaming stops and the whole upload that
-        follows brings the file."""
+        the bucket from the first grow. Never raises a chunk's error: the streaming stops,
+        and the whole upload that follows brings the file."""
         key = (channel, sha1)
         chunks = manifest.chunks
         there: set[int] = set()
