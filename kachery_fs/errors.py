@@ -22,6 +22,10 @@ class InvalidInput(KacheryError):
     """The caller gave something malformed: a bad hash, URI, name or argument."""
 
 
+class NameTooLong(InvalidInput):
+    """A file name over :data:`kachery_fs.state.NAME_MAX` bytes (``ENAMETOOLONG``)."""
+
+
 class NotFound(KacheryError):
     """The thing asked for does not exist (in this source, or anywhere we looked)."""
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._sqlite import Migration, Schema
-from .errors import Conflict, InvalidInput, NotFound, as_no_space
+from .errors import Conflict, InvalidInput, NameTooLong, NotFound, as_no_space
 
 log = logging.getLogger(__name__)
 
@@ -372,5 +373,14 @@ class NodeDB:
 def _check_name(name: str) -> None:
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise InvalidInput(f"invalid file name {name!r}")
-    if len(name.encode()) > 255:
-        raise InvalidInput("file name longer than 255 bytes")
+    check_name_length(name)
+
+
+#: The longest file name, in bytes, as on ext4 and every POSIX file system programs meet.
+NAME_MAX = 255
+
+
+def check_name_length(name: str) -> None:
+    """``NameTooLong`` for a name over :data:`NAME_MAX` bytes."""
+    if len(os.fsencode(name)) > NAME_MAX:
+        raise NameTooLong(f"file name longer than {NAME_MAX} bytes")

@@ -17,6 +17,7 @@ from ..errors import (
     DeadlineExceeded,
     IntegrityError,
     InvalidInput,
+    NameTooLong,
     NoSpace,
     NotFound,
     PermissionDenied,
@@ -39,6 +40,7 @@ _ERRNO = [
     (NoSpace, errno.ENOSPC),
     (ReadOnly, errno.EROFS),
     (Conflict, errno.EEXIST),
+    (NameTooLong, errno.ENAMETOOLONG),
     (InvalidInput, errno.EINVAL),
 ]
 

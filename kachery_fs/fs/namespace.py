@@ -18,7 +18,7 @@ from __future__ import annotations
 from ..errors import InvalidInput, NotFound
 from ..feeds import subfeed_hash
 from ..identity import is_node_id
-from ..state import INODE_BASE, NodeDB
+from ..state import INODE_BASE, NodeDB, check_name_length
 from ..uris import is_sha1
 from .vnodes import (
     MANIFEST_MARK,
@@ -82,7 +82,10 @@ class Namespace:
 
     def lookup(self, parent: VNode, name: str) -> VNode:
         """The child ``name`` of ``parent``. For ``sha1/<hash>`` only the form is checked
-        here: whether the content exists anywhere is the resolver's question."""
+        here: whether the content exists anywhere is the resolver's question. A name over
+        :data:`~kachery_fs.state.NAME_MAX` bytes is ``NameTooLong``, as on any file
+        system, wherever it is looked up."""
+        check_name_length(name)
         if name == ".":
             return parent
         match parent:

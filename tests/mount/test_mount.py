@@ -116,6 +116,20 @@ def test_invalid_names_give_enoent(cluster):
         os.stat(cluster.mnt_b / "no-such-channel")
 
 
+def test_a_name_over_255_bytes_is_enametoolong(cluster):
+    channel = cluster.mnt_a / CHANNEL
+    long_name = "é" * 128  # 256 bytes
+    for call in (lambda: open(channel / long_name, "wb"), lambda: os.stat(channel / long_name),
+                 lambda: os.mkdir(channel / long_name),
+                 lambda: os.stat(channel / "sha1" / long_name)):
+        with pytest.raises(OSError) as caught:
+            call()
+        assert caught.value.errno == errno.ENAMETOOLONG
+    (channel / ("x" * 255)).write_bytes(b"at the limit")
+    assert (channel / ("x" * 255)).read_bytes() == b"at the limit"
+    (channel / ("x" * 255)).unlink()
+
+
 def test_sha1_dir_is_read_only(cluster):
     with pytest.raises(OSError) as info:
         (cluster.mnt_a / CHANNEL / "sha1" / "new").write_bytes(b"x")

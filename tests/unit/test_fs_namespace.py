@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kachery_fs.errors import NotFound
+from kachery_fs.errors import NameTooLong, NotFound
 from kachery_fs.fs import vnodes as v
 from kachery_fs.fs.namespace import ROOT_INODE, Namespace
 from kachery_fs.state import INODE_BASE, NodeDB
@@ -82,3 +82,12 @@ def test_renumber_gives_a_new_inode_and_the_old_one_still_names_the_node(ns):
     e = v.NamedEntry("ch", 5)
     ns.renumber(e)  # named entries keep theirs
     assert ns.inode(e) == INODE_BASE + 5
+
+
+def test_a_name_over_255_bytes_is_too_long_wherever_it_is_looked_up(ns):
+    channel = ns.lookup(v.Root(), "ch")
+    for parent in (v.Root(), channel, v.Sha1Dir("ch"), v.FeedsDir("ch")):
+        with pytest.raises(NameTooLong):
+            ns.lookup(parent, "é" * 128)  # 256 bytes, 128 characters
+        with pytest.raises(NotFound):
+            ns.lookup(parent, "x" * 255)  # long, not too long: just absent
