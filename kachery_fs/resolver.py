@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import Protocol
 
@@ -162,6 +163,17 @@ class SharedChunks(Content):
             release()
 
 
+@dataclass
+class _Shared:
+    """The one :class:`ChunkedContent` of a (channel, hash, manifest) and how many readers
+    hold it; ``streamed``: opened as a request streams the file (a manifest a reader named
+    is trusted for that reader's reads only, so only these are shared with other opens)."""
+
+    content: ChunkedContent
+    readers: int = 0
+    streamed: bool = False
+
+
 class Resolver:
     def __init__(self, store: Store, channels: Channels, client: httpx.AsyncClient, *,
                  ranges: RangeReader, sources: Sources, downloads: DownloadReports,
@@ -188,8 +200,8 @@ class Resolver:
         self.sources = sources
         self._copies: dict[str, trio.Event] = {}  # sha1 -> done, while copied from a source
         self._manifests: TTLCache = TTLCache(maxsize=1000, ttl=3600)  # manifest sha1 -> parsed
-        # (channel, sha1, manifest sha1) -> [content, readers], while it has readers
-        self._chunked: dict[tuple[str, str, str], list] = {}
+        # (channel, sha1, manifest sha1) -> its one content, while it has readers
+        self._chunked: dict[tuple[str, str, str], _Shared] = {}
         self._lies: TTLCache = TTLCache(maxsize=10_000, ttl=LYING_MANIFEST_TTL_S)
         # What every read by chunk fetches into: at most CHUNK_BUFFERS chunks in memory.
         self._buffers = BufferPool(CHUNK_BUFFERS, manifest_module.CHUNK_SIZE)
@@ -447,10 +459,9 @@ class Resolver:
                     nursery=self.nursery, on_lie=partial(self._lied, channel, manifest),
                     on_fetched=partial(self.downloads.add, channel, sha1),
                     on_bad_chunk=partial(self._bad_chunk, manifest), buffers=self._buffers)
-                # [content, readers, opened as a request streams it]
-                shared = self._chunked[key] = [content, 0, request is not None]
-        shared[1] += 1
-        handle = SharedChunks(shared[0], partial(self._release_chunked, key, shared))
+                shared = self._chunked[key] = _Shared(content, streamed=request is not None)
+        shared.readers += 1
+        handle = SharedChunks(shared.content, partial(self._release_chunked, key, shared))
         if not self.strict:
             return handle
         try:
@@ -506,16 +517,16 @@ class Resolver:
         a request streamed it (not one a reader named: that is trusted for its reads
         only)."""
         for (c, h, _), shared in self._chunked.items():
-            if (c, h) == (channel, sha1) and shared[2] and not shared[0].lied:
-                return shared[0].manifest
+            if (c, h) == (channel, sha1) and shared.streamed and not shared.content.lied:
+                return shared.content.manifest
         return None
 
-    def _release_chunked(self, key: tuple[str, str, str], shared: list) -> None:
-        shared[1] -= 1
-        if shared[1] == 0:
+    def _release_chunked(self, key: tuple[str, str, str], shared: _Shared) -> None:
+        shared.readers -= 1
+        if shared.readers == 0:
             if self._chunked.get(key) is shared:
                 del self._chunked[key]
-            shared[0].close()
+            shared.content.close()
 
     def _bad_chunk(self, manifest: Manifest, error: IntegrityError) -> None:
         """A chunk of ``manifest`` failed its hash: the manifest or the bucket's object is

@@ -488,31 +488,31 @@ async def kept(node, sha1: str, manifest, nbytes: int) -> None:
                 within=WAIT_S, what=f"{nbytes} bytes in the partial file")
 
 
-async def chunk_1_kept(hub, nursery):
-    """A large file in the bucket, and a reader whose partial file holds its chunk 1 (read
-    through the mount's path with the manifest): ``data, sha1, manifest, reader, name``."""
-    data, sha1, manifest = await large_file_in_bucket(hub, 2.5)
+async def reader_of_kept_chunks(hub, nursery, chunks: float, read: list[int]):
+    """A large file of ``chunks`` chunks in the bucket, and a reader that read 10 bytes in
+    each chunk of ``read`` through the mount's path with the manifest, kept in its partial
+    file: ``data, sha1, manifest, reader, name``."""
+    data, sha1, manifest = await large_file_in_bucket(hub, chunks)
     reader = await make_node(hub, "reader")
     name = f"{sha1}?manifest={manifest.hash}"
     fs = await mount_in_process(reader, nursery)
     with trio.fail_after(WAIT_S):
         attrs = await fs.lookup(name)
-        assert await read_range(fs, attrs.st_ino, CHUNK, 10) == data[CHUNK:CHUNK + 10]
-    await kept(reader, sha1, manifest, CHUNK)
+        for i in read:
+            at = i * CHUNK + 5
+            assert await read_range(fs, attrs.st_ino, at, 10) == data[at:at + 10]
+    await kept(reader, sha1, manifest, len(read) * CHUNK)
     return data, sha1, manifest, reader, name
 
 
+async def chunk_1_kept(hub, nursery):
+    """A large file in the bucket, and a reader whose partial file holds its chunk 1 (read
+    through the mount's path with the manifest): ``data, sha1, manifest, reader, name``."""
+    return await reader_of_kept_chunks(hub, nursery, 2.5, [1])
+
+
 async def test_chunks_fetched_are_kept_in_a_partial_file_across_a_restart(hub, nursery):
-    data, sha1, manifest = await large_file_in_bucket(hub, 4.5)
-    reader = await make_node(hub, "reader")
-    name = f"{sha1}?manifest={manifest.hash}"
-    fs = await mount_in_process(reader, nursery)
-    with trio.fail_after(WAIT_S):
-        attrs = await fs.lookup(name)
-        assert await read_range(fs, attrs.st_ino, 1 * CHUNK + 5, 10) == data[CHUNK + 5:CHUNK + 15]
-        assert await read_range(fs, attrs.st_ino, 3 * CHUNK + 5, 10) == data[
-            3 * CHUNK + 5:3 * CHUNK + 15]
-    await kept(reader, sha1, manifest, 2 * CHUNK)
+    data, sha1, manifest, reader, name = await reader_of_kept_chunks(hub, nursery, 4.5, [1, 3])
     usage = reader.store.cache.usage()
     assert usage >= 2 * CHUNK  # the chunks count in the store's usage
 
