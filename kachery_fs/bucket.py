@@ -88,13 +88,12 @@ async def head_size(client: httpx.AsyncClient, url: str) -> int:
 
 
 async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
-                    on_data: Callable[[int], None] | None = None,
-                    into: bytearray | None = None) -> bytes | memoryview:
+                    on_data: Callable[[int], None] | None = None) -> bytes:
     """Bytes ``[start, end)`` of an object; anything but an exact ``206`` is an error.
 
     ``on_data(n)`` is called as each piece of ``n`` bytes arrives (progress, unverified).
-    With ``into`` (at least ``end - start`` bytes long), the pieces are written there as
-    they arrive, and a view of them is returned: no copy, no allocation.
+    (The chunks of large files are fetched into buffers by :mod:`kachery_fs.ranges`,
+    which checks the answer the same way.)
     """
     what = f"GET {url} bytes {start}-{end - 1}"
     try:
@@ -109,14 +108,10 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
                 raise ProtocolError(f"{what}: wrong Content-Range {r.headers.get('content-range')!r}")
             parts = []
             got = 0
-            target = memoryview(into) if into is not None else None
             async for piece in r.aiter_raw():
                 if got + len(piece) > end - start:
                     raise IntegrityError(f"{what}: server sent more bytes than asked for")
-                if target is not None:
-                    target[got:got + len(piece)] = piece
-                else:
-                    parts.append(piece)
+                parts.append(piece)
                 got += len(piece)
                 if on_data is not None:
                     on_data(len(piece))
@@ -124,17 +119,15 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
         raise error_for_exception(exc, what) from None
     if got != end - start:
         raise IntegrityError(f"{what}: truncated ({got} of {end - start} bytes)")
-    return target[:got] if target is not None else b"".join(parts)
+    return b"".join(parts)
 
 
 async def fetch_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
                       attempts: int = 4, on_data: Callable[[int], None] | None = None,
-                      at_deadline: Literal["raise", "wait"] = "raise",
-                      into: bytearray | None = None) -> bytes | memoryview:
+                      at_deadline: Literal["raise", "wait"] = "raise") -> bytes:
     """:func:`get_range`, tried again on a transient error or a truncated body, a few
     times (:func:`kachery_fs.retry.retrying`; ``at_deadline`` as there)."""
-    return await retrying(partial(get_range, client, url, start, end, on_data=on_data,
-                                  into=into),
+    return await retrying(partial(get_range, client, url, start, end, on_data=on_data),
                           what=f"GET {url} bytes {start}-{end - 1}", attempts=attempts,
                           also=(IntegrityError,), at_deadline=at_deadline)
 
@@ -300,10 +293,8 @@ class Download:
     async def _fetch_with_retry(self, start: int, end: int) -> bytes:
         # Transient, or a truncated body: try again a few times. The download's stall
         # deadline (which other chunks' progress moves on) ends a wait, and says why.
-        data = await fetch_range(self.client, self.url, start, end, attempts=self.attempts,
+        return await fetch_range(self.client, self.url, start, end, attempts=self.attempts,
                                  on_data=self._on_data, at_deadline="wait")
-        assert isinstance(data, bytes)  # without ``into``
-        return data
 
     async def wait_readable(self, end: int, *, stall_timeout: float) -> None:
         """Wait until bytes ``[0, end)`` may be read; raise the download's error if it failed.
