@@ -26,12 +26,29 @@ class NameTooLong(InvalidInput):
     """A file name over :data:`kachery_fs.state.NAME_MAX` bytes (``ENAMETOOLONG``)."""
 
 
+class NotADirectory(InvalidInput):
+    """A path's directory part names something else (``ENOTDIR``)."""
+
+
+class IsADirectory(InvalidInput):
+    """A file operation on a directory (``EISDIR``)."""
+
+
+class CrossDevice(InvalidInput):
+    """A rename or link between channels, which are separate file systems (``EXDEV``)."""
+
+
 class NotFound(KacheryError):
     """The thing asked for does not exist (in this source, or anywhere we looked)."""
 
 
 class PermissionDenied(KacheryError):
     """The node is not allowed to do this (hub permission, signature refused, EACCES)."""
+
+
+class NotPermitted(PermissionDenied):
+    """An operation no one may do here, whatever the permission bits (``EPERM``): a hard
+    link to a directory, a change to a built-in directory."""
 
 
 class IntegrityError(KacheryError):
@@ -48,6 +65,10 @@ class ProtocolError(KacheryError):
 
 class Conflict(KacheryError):
     """A precondition failed: the object already exists, a generation did not match."""
+
+
+class NotEmpty(Conflict):
+    """A directory to remove or replace still has names in it (``ENOTEMPTY``)."""
 
 
 class Unavailable(KacheryError):

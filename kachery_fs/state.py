@@ -1,12 +1,15 @@
-"""A node's persistent state in SQLite: channel memberships, the upload queue, named entries.
+"""A node's persistent state in SQLite: channel memberships, the upload queue, the user's files.
 
 One database file (``node.db``) per node directory. Every method is a short synchronous
 transaction: cheap enough to call from the trio thread (STYLE rule 7), and safe with
 several processes on one node (WAL mode, busy timeout), e.g. a mount and ``kachery-fs put``.
 
-Named entries are the files and directories a user made under ``<mount>/<channel>/``.
-Each has a stable inode number (its row id plus :data:`INODE_BASE`) so names persist
-across remounts with the same numbers.
+The files, directories, symbolic links and special files a user made under
+``<mount>/<channel>/`` are modelled as a file system models them: a table of inodes
+(type and mode, owner, link count, content, times) and a table of names, each a
+(directory, name) pointing at an inode. A file may have several names (hard links) or,
+while it is open after its last name went, none. Each inode has a stable number (its
+row id plus :data:`INODE_BASE`), the same across remounts.
 """
 
 from __future__ import annotations
@@ -15,7 +18,9 @@ import json
 import logging
 import os
 import sqlite3
+import stat
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,9 +75,63 @@ CREATE TABLE IF NOT EXISTS feed_singles (
 );
 """
 
+_V2 = """
+CREATE TABLE inodes (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    channel TEXT NOT NULL,
+    mode INTEGER NOT NULL,        -- st_mode: the file type and the permission bits
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,       -- names; a directory 2 + its subdirectories; 0: unlinked, still open
+    sha1 TEXT,                    -- a regular file's committed content (NULL: empty)
+    size INTEGER NOT NULL DEFAULT 0,
+    rdev INTEGER NOT NULL DEFAULT 0,
+    target BLOB,                  -- a symbolic link's target
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL
+);
+CREATE TABLE names (
+    channel TEXT NOT NULL,
+    parent INTEGER NOT NULL,      -- an inode id; 0 = the channel directory itself
+    name TEXT NOT NULL,
+    inode INTEGER NOT NULL,
+    PRIMARY KEY (channel, parent, name)
+) WITHOUT ROWID;
+CREATE INDEX names_inode ON names (inode);
+ALTER TABLE channels ADD COLUMN mtime_ns INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;
+"""
+
+
+def _v2_inodes(db) -> None:
+    """Each row of version 1's ``entries`` becomes an inode with the same id (so inode
+    numbers stay as they were) and one name; its owner is whoever runs this (the node's
+    user: version 1 kept no owners)."""
+    uid, gid = os.getuid(), os.getgid()
+    db.execute(
+        "INSERT INTO inodes (id, channel, mode, uid, gid, nlink, sha1, size, atime_ns,"
+        " mtime_ns, ctime_ns) SELECT id, channel, (mode & 4095) | (CASE WHEN is_dir THEN ?"
+        " ELSE ? END), ?, ?, CASE WHEN is_dir THEN 2 + (SELECT COUNT(*) FROM entries c"
+        " WHERE c.parent = e.id AND c.is_dir) ELSE 1 END, sha1, size, mtime_ns, mtime_ns,"
+        " mtime_ns FROM entries e", (stat.S_IFDIR, stat.S_IFREG, uid, gid))
+    db.execute("INSERT INTO names (channel, parent, name, inode) SELECT channel, parent, name,"
+               " id FROM entries")
+    # Ids are never reused, also those of entries deleted before this version.
+    seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
+    if seq is not None:
+        db.execute("DELETE FROM sqlite_sequence WHERE name = 'inodes'")
+        db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('inodes', ?)", seq)
+    db.execute("DROP TABLE entries")
+    db.execute("UPDATE channels SET mtime_ns = CAST(joined_at * 1e9 AS INTEGER),"
+               " ctime_ns = CAST(joined_at * 1e9 AS INTEGER)")
+
+
 #: ``node.db``'s versions (see :mod:`kachery_fs._sqlite`).
 SCHEMA = Schema("node.db", synchronous="NORMAL", migrations=(
     Migration(1, "channels, upload queue, named entries, feed single-message objects", _V1),
+    Migration(2, "inodes apart from names: owners, link counts, times, links and special"
+                 " files", _V2, _v2_inodes),
 ))
 
 
@@ -98,28 +157,44 @@ class Upload:
 
 
 @dataclass
-class Entry:
+class Inode:
+    """A file, directory, symbolic link or special file the user made: one row of
+    ``inodes``, under any number of names (``nlink``; none while it is open after its
+    last name went)."""
+
     id: int
     channel: str
-    parent: int
-    name: str
-    is_dir: bool
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
     sha1: str | None
     size: int
-    mode: int
+    rdev: int
+    target: bytes | None
+    atime_ns: int
     mtime_ns: int
+    ctime_ns: int
 
     @property
     def inode(self) -> int:
         return INODE_BASE + self.id
 
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
 
-def _entry(row) -> Entry:
-    return Entry(id=row[0], channel=row[1], parent=row[2], name=row[3], is_dir=bool(row[4]),
-                 sha1=row[5], size=row[6], mode=row[7], mtime_ns=row[8])
+    @property
+    def is_file(self) -> bool:
+        return stat.S_ISREG(self.mode)
 
 
-_ENTRY_COLS = "id, channel, parent, name, is_dir, sha1, size, mode, mtime_ns"
+_INODE_COLS = ("id, channel, mode, uid, gid, nlink, sha1, size, rdev, target, atime_ns,"
+               " mtime_ns, ctime_ns")
+_S_IFMT = 0o170000  # the file type bits of st_mode
+#: The columns of an inode that :meth:`NodeDB.update_inode` may set.
+_SETTABLE = frozenset({"mode", "uid", "gid", "nlink", "sha1", "size", "atime_ns", "mtime_ns",
+                       "ctime_ns"})
 
 
 class _Connection(sqlite3.Connection):
@@ -157,12 +232,13 @@ class NodeDB:
     def add_channel(self, name: str, hub_url: str, bucket_base_url: str,
                     permissions: set[str] | frozenset[str]) -> None:
         self._db.execute(
-            "INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at, joined_at)"
-            " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT(name) DO UPDATE SET hub_url=excluded.hub_url,"
+            "INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at,"
+            " joined_at, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET hub_url=excluded.hub_url,"
             " bucket_base_url=excluded.bucket_base_url, permissions=excluded.permissions,"
             " checked_at=excluded.checked_at",
             (name, hub_url, bucket_base_url, json.dumps(sorted(permissions)), time.time(),
-             time.time()))
+             time.time(), time.time_ns(), time.time_ns()))
 
     def remove_channel(self, name: str) -> None:
         self._db.execute("DELETE FROM channels WHERE name = ?", (name,))
@@ -225,9 +301,9 @@ class NodeDB:
         """(channel, sha1, size) of written files whose content has no upload record: a
         process that ended between committing a file and queuing its upload."""
         rows = self._db.execute(
-            "SELECT DISTINCT e.channel, e.sha1, e.size FROM entries e WHERE e.sha1 IS NOT NULL"
-            " AND NOT EXISTS (SELECT 1 FROM uploads u WHERE u.channel = e.channel"
-            " AND u.sha1 = e.sha1)")
+            "SELECT DISTINCT e.channel, e.sha1, e.size FROM inodes e WHERE e.sha1 IS NOT NULL"
+            " AND e.nlink > 0 AND NOT EXISTS (SELECT 1 FROM uploads u"
+            " WHERE u.channel = e.channel AND u.sha1 = e.sha1)")
         return rows.fetchall()
 
     # -- feed single-message objects still to upload --------------------------------------
@@ -278,71 +354,20 @@ class NodeDB:
         self._db.execute(f"UPDATE uploads SET {sets}, updated_at = ? WHERE channel = ? AND sha1 = ?",
                          (*fields.values(), time.time(), channel, sha1))
 
-    # -- named entries ------------------------------------------------------------------
+    # -- inodes and names -------------------------------------------------------------
+    #
+    # Primitives only: the rules of a file system (what may be linked, renamed, removed)
+    # are kachery_fs.fs.namespace's, which groups these in transactions.
 
-    def entry(self, entry_id: int) -> Entry:
-        row = self._db.execute(f"SELECT {_ENTRY_COLS} FROM entries WHERE id = ?",
-                               (entry_id,)).fetchone()
-        if row is None:
-            raise NotFound(f"no entry {entry_id}")
-        return _entry(row)
-
-    def lookup(self, channel: str, parent: int, name: str) -> Entry | None:
-        row = self._db.execute(
-            f"SELECT {_ENTRY_COLS} FROM entries WHERE channel = ? AND parent = ? AND name = ?",
-            (channel, parent, name)).fetchone()
-        return _entry(row) if row else None
-
-    def children(self, channel: str, parent: int) -> list[Entry]:
-        rows = self._db.execute(
-            f"SELECT {_ENTRY_COLS} FROM entries WHERE channel = ? AND parent = ? ORDER BY id",
-            (channel, parent)).fetchall()
-        return [_entry(r) for r in rows]
-
-    def create_entry(self, channel: str, parent: int, name: str, *, is_dir: bool, mode: int,
-                     sha1: str | None = None, size: int = 0) -> Entry:
-        _check_name(name)
-        try:
-            cur = self._db.execute(
-                "INSERT INTO entries (channel, parent, name, is_dir, sha1, size, mode, mtime_ns)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (channel, parent, name, int(is_dir), sha1, size, mode, time.time_ns()))
-        except sqlite3.IntegrityError:
-            raise Conflict(f"{name!r} already exists") from None
-        assert cur.lastrowid is not None  # set by the INSERT
-        return self.entry(cur.lastrowid)
-
-    def set_content(self, entry_id: int, sha1: str, size: int, *,
-                    mtime_ns: int | None = None) -> None:
-        """Point the entry at committed content; its modification time is ``mtime_ns``
-        (one a program set while writing), else now."""
-        self._db.execute("UPDATE entries SET sha1 = ?, size = ?, mtime_ns = ? WHERE id = ?",
-                         (sha1, size, time.time_ns() if mtime_ns is None else mtime_ns,
-                          entry_id))
-
-    def set_mode(self, entry_id: int, mode: int) -> None:
-        self._db.execute("UPDATE entries SET mode = ? WHERE id = ?", (mode, entry_id))
-
-    def set_mtime(self, entry_id: int, mtime_ns: int) -> None:
-        self._db.execute("UPDATE entries SET mtime_ns = ? WHERE id = ?", (mtime_ns, entry_id))
-
-    def rename_entry(self, entry_id: int, new_parent: int, new_name: str) -> None:
-        """Move an entry; an existing target file is replaced (POSIX rename semantics)."""
-        _check_name(new_name)
+    @contextmanager
+    def transaction(self):
+        """One ``BEGIN IMMEDIATE`` transaction around the block; nested blocks join it."""
+        if self._db.in_transaction:
+            yield
+            return
         self._db.execute("BEGIN IMMEDIATE")
         try:
-            target = self._db.execute(
-                "SELECT id, is_dir, channel FROM entries WHERE parent = ? AND name = ? AND channel ="
-                " (SELECT channel FROM entries WHERE id = ?)",
-                (new_parent, new_name, entry_id)).fetchone()
-            if target is not None and target[0] != entry_id:
-                if target[1]:
-                    if self._db.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1",
-                                        (target[0],)).fetchone():
-                        raise Conflict(f"{new_name!r} is a non-empty directory")
-                self._db.execute("DELETE FROM entries WHERE id = ?", (target[0],))
-            self._db.execute("UPDATE entries SET parent = ?, name = ? WHERE id = ?",
-                             (new_parent, new_name, entry_id))
+            yield
             self._db.execute("COMMIT")
         except BaseException:
             # A full disk may have rolled the transaction back already (SQLite does so
@@ -351,21 +376,141 @@ class NodeDB:
                 self._db.execute("ROLLBACK")
             raise
 
-    def delete_entry(self, entry_id: int) -> None:
-        if self._db.execute("SELECT 1 FROM entries WHERE parent = ? LIMIT 1",
-                            (entry_id,)).fetchone():
-            raise Conflict("directory not empty")
-        self._db.execute("DELETE FROM entries WHERE id = ?", (entry_id,))
+    def inode(self, inode_id: int) -> Inode:
+        row = self._db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?",
+                               (inode_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no inode {inode_id}")
+        return Inode(*row)
+
+    def lookup(self, channel: str, parent: int, name: str) -> Inode | None:
+        """The inode named ``name`` in directory ``parent`` (0: the channel directory)."""
+        row = self._db.execute(
+            f"SELECT {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))} FROM names n"
+            " JOIN inodes i ON i.id = n.inode WHERE n.channel = ? AND n.parent = ?"
+            " AND n.name = ?", (channel, parent, name)).fetchone()
+        return Inode(*row) if row else None
+
+    def children(self, channel: str, parent: int) -> list[tuple[str, Inode]]:
+        """The names in directory ``parent`` and their inodes, by name."""
+        rows = self._db.execute(
+            f"SELECT n.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            " FROM names n JOIN inodes i ON i.id = n.inode WHERE n.channel = ?"
+            " AND n.parent = ? ORDER BY n.name", (channel, parent)).fetchall()
+        return [(r[0], Inode(*r[1:])) for r in rows]
+
+    def has_children(self, channel: str, parent: int) -> bool:
+        return self._db.execute("SELECT 1 FROM names WHERE channel = ? AND parent = ? LIMIT 1",
+                                (channel, parent)).fetchone() is not None
+
+    def subdirectories(self, channel: str, parent: int) -> int:
+        """How many directories directory ``parent`` holds."""
+        return self._db.execute(
+            "SELECT COUNT(*) FROM names n JOIN inodes i ON i.id = n.inode WHERE n.channel = ?"
+            " AND n.parent = ? AND i.mode & ? = ?",
+            (channel, parent, _S_IFMT, stat.S_IFDIR)).fetchone()[0]
+
+    def name_of(self, inode_id: int) -> tuple[int, str] | None:
+        """(parent, name) of one name of ``inode_id`` (a directory has one), or None."""
+        row = self._db.execute("SELECT parent, name FROM names WHERE inode = ? LIMIT 1",
+                               (inode_id,)).fetchone()
+        return (row[0], row[1]) if row else None
+
+    def new_inode(self, channel: str, *, mode: int, uid: int, gid: int, nlink: int = 1,
+                  rdev: int = 0, target: bytes | None = None, sha1: str | None = None,
+                  size: int = 0, now_ns: int | None = None) -> int:
+        """A new inode, with no name yet (see :meth:`add_name`); its id."""
+        now = time.time_ns() if now_ns is None else now_ns
+        cur = self._db.execute(
+            "INSERT INTO inodes (channel, mode, uid, gid, nlink, sha1, size, rdev, target,"
+            " atime_ns, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (channel, mode, uid, gid, nlink, sha1, size, rdev, target, now, now, now))
+        assert cur.lastrowid is not None  # set by the INSERT
+        return cur.lastrowid
+
+    def add_name(self, channel: str, parent: int, name: str, inode_id: int) -> None:
+        """Name ``inode_id`` ``name`` in ``parent``; ``Conflict`` if the name is taken."""
+        _check_name(name)
+        try:
+            self._db.execute("INSERT INTO names (channel, parent, name, inode) VALUES"
+                             " (?, ?, ?, ?)", (channel, parent, name, inode_id))
+        except sqlite3.IntegrityError:
+            raise Conflict(f"{name!r} already exists") from None
+
+    def remove_name(self, channel: str, parent: int, name: str) -> None:
+        self._db.execute("DELETE FROM names WHERE channel = ? AND parent = ? AND name = ?",
+                         (channel, parent, name))
+
+    def move_name(self, channel: str, parent: int, name: str, new_parent: int,
+                  new_name: str) -> None:
+        """Give the name ``name`` in ``parent`` a new place (the target must be free)."""
+        _check_name(new_name)
+        self._db.execute("UPDATE names SET parent = ?, name = ? WHERE channel = ?"
+                         " AND parent = ? AND name = ?",
+                         (new_parent, new_name, channel, parent, name))
+
+    def point_name(self, channel: str, parent: int, name: str, inode_id: int) -> None:
+        """Make an existing name name another inode."""
+        self._db.execute("UPDATE names SET inode = ? WHERE channel = ? AND parent = ?"
+                         " AND name = ?", (inode_id, channel, parent, name))
+
+    def update_inode(self, inode_id: int, **fields) -> None:
+        """Set columns of an inode (``mode``, ``uid``, ``gid``, ``nlink``, ``sha1``,
+        ``size``, ``atime_ns``, ``mtime_ns``, ``ctime_ns``)."""
+        if not fields or not set(fields) <= _SETTABLE:
+            raise ValueError(f"bad inode fields: {sorted(fields)}")
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self._db.execute(f"UPDATE inodes SET {sets} WHERE id = ?", (*fields.values(), inode_id))
+
+    def add_links(self, inode_id: int, delta: int, *, ctime_ns: int | None = None) -> None:
+        if ctime_ns is None:
+            self._db.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?",
+                             (delta, inode_id))
+        else:
+            self._db.execute("UPDATE inodes SET nlink = nlink + ?, ctime_ns = ? WHERE id = ?",
+                             (delta, ctime_ns, inode_id))
+
+    def delete_inode(self, inode_id: int) -> None:
+        """Remove an inode that has no name left (kept while it was open)."""
+        self._db.execute("DELETE FROM inodes WHERE id = ? AND nlink = 0", (inode_id,))
+
+    def delete_unlinked(self) -> int:
+        """Remove every inode without a name: left by a mount that ended while they were
+        open (the kernel forgets them at once then). How many."""
+        cur = self._db.execute("DELETE FROM inodes WHERE nlink = 0 AND NOT EXISTS"
+                               " (SELECT 1 FROM names WHERE inode = inodes.id)")
+        return cur.rowcount
+
+    def set_content(self, inode_id: int, sha1: str, size: int, *,
+                    mtime_ns: int | None = None) -> None:
+        """Point the file at committed content; its modification time is ``mtime_ns``
+        (one a program set while writing), else now; its change time is now."""
+        now = time.time_ns()
+        self._db.execute("UPDATE inodes SET sha1 = ?, size = ?, mtime_ns = ?, ctime_ns = ?"
+                         " WHERE id = ?",
+                         (sha1, size, now if mtime_ns is None else mtime_ns, now, inode_id))
+
+    def channel_times(self, channel: str) -> tuple[int, int]:
+        """(mtime, ctime) of a channel directory, in ns."""
+        row = self._db.execute("SELECT mtime_ns, ctime_ns FROM channels WHERE name = ?",
+                               (channel,)).fetchone()
+        return (row[0], row[1]) if row else (0, 0)
+
+    def touch_channel(self, channel: str, now_ns: int) -> None:
+        """A name was added to or removed from a channel directory."""
+        self._db.execute("UPDATE channels SET mtime_ns = ?, ctime_ns = ? WHERE name = ?",
+                         (now_ns, now_ns, channel))
 
     def uploaded_sha1s(self) -> set[str]:
         """Hashes this node has uploaded or queued for upload, in any state."""
         return {r[0] for r in self._db.execute("SELECT DISTINCT sha1 FROM uploads")}
 
     def pinned_sha1s(self) -> set[str]:
-        """Hashes the local store may not evict: the content of named entries, and of
+        """Hashes the local store may not evict: the content of files (also those open
+        after their last name went), and of
         uploads in any state but done."""
         rows = self._db.execute(
-            "SELECT sha1 FROM entries WHERE sha1 IS NOT NULL"
+            "SELECT sha1 FROM inodes WHERE sha1 IS NOT NULL"
             " UNION SELECT sha1 FROM uploads WHERE state != 'done'")
         return {r[0] for r in rows}
 

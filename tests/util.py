@@ -372,3 +372,21 @@ def past_startup_grace(server) -> None:
     from kachery_fs.hub.requests import STARTUP_GRACE_S
 
     server.hub.requests._started -= STARTUP_GRACE_S + 1
+
+
+def make_entry(db, channel: str, parent: int, name: str, *, is_dir: bool, mode: int,
+               sha1: str | None = None, size: int = 0):
+    """A file or directory made as the mount makes one (by the namespace), owned by this
+    process; ``parent`` 0 is the channel directory. Its inode row."""
+    import stat
+
+    from kachery_fs.fs.namespace import Namespace
+    from kachery_fs.fs.vnodes import ChannelDir, UserInode
+
+    ns = Namespace(db)
+    where = ChannelDir(channel) if parent == 0 else UserInode(channel, parent)
+    row = ns.make(where, name, mode=(stat.S_IFDIR if is_dir else stat.S_IFREG) | mode,
+                  uid=os.getuid(), gid=os.getgid())
+    if sha1 is not None:
+        db.set_content(row.id, sha1, size)
+    return db.inode(row.id)

@@ -14,12 +14,17 @@ import pyfuse3
 
 from ..errors import (
     Conflict,
+    CrossDevice,
     DeadlineExceeded,
     IntegrityError,
     InvalidInput,
+    IsADirectory,
     NameTooLong,
     NoSpace,
+    NotADirectory,
+    NotEmpty,
     NotFound,
+    NotPermitted,
     PermissionDenied,
     ProtocolError,
     ReadOnly,
@@ -30,8 +35,9 @@ from ..errors import (
 
 log = logging.getLogger(__name__)
 
-_ERRNO = [
+_ERRNO = [  # a class comes before its bases
     (NotFound, errno.ENOENT),
+    (NotPermitted, errno.EPERM),
     (PermissionDenied, errno.EACCES),
     (IntegrityError, errno.EIO),
     (ProtocolError, errno.EIO),
@@ -39,8 +45,12 @@ _ERRNO = [
     (Unavailable, errno.EIO),
     (NoSpace, errno.ENOSPC),
     (ReadOnly, errno.EROFS),
+    (NotEmpty, errno.ENOTEMPTY),
     (Conflict, errno.EEXIST),
     (NameTooLong, errno.ENAMETOOLONG),
+    (NotADirectory, errno.ENOTDIR),
+    (IsADirectory, errno.EISDIR),
+    (CrossDevice, errno.EXDEV),
     (InvalidInput, errno.EINVAL),
 ]
 

@@ -3,22 +3,51 @@
 ::
 
     /                         one directory per joined channel
-    /<channel>/sha1/<hash>    any content by hash (read-only; listing shows what is local)
+    /<channel>/sha1/<hash>    any content by hash (read-only; the listing is empty)
     /<channel>/feeds/<feed-id>/<subfeed>
                               signed append-only logs, one JSON message per line
-    /<channel>/<name>...      files and directories the user made (rows of ``entries``)
+    /<channel>/<name>...      what the user made: files, directories, symbolic links,
+                              special files (rows of ``inodes``, named by ``names``)
 
-Inodes: 1 is the root; named entries have ``INODE_BASE + row id`` (stable across
+The user's part is modelled as a file system models it: inodes (type, mode, owner, link
+count, content, times) apart from names, with the rules of POSIX for making, linking,
+renaming and removing them here (:meth:`Namespace.make`, :meth:`~Namespace.link`,
+:meth:`~Namespace.unlink`, :meth:`~Namespace.rmdir`, :meth:`~Namespace.rename`,
+:meth:`~Namespace.set_attributes`). An inode lives while it has a name or the kernel
+still knows it (an open file whose names all went): the kernel's lookups are counted
+(:meth:`~Namespace.remember`, :meth:`~Namespace.forget`), and an inode with no name is
+removed when the kernel forgets it.
+
+``sha1/`` lists nothing, as CernVM-FS and autofs do for what they resolve on demand: every
+hash resolves on lookup, but ``du``, ``find`` and ``rsync -a`` of a channel directory
+count each file once, under its own name, not again under its hash.
+
+Inodes: 1 is the root; the user's inodes have ``INODE_BASE + row id`` (stable across
 remounts); every other node gets a number from a counter the first time it is seen,
 kept for the life of the mount, so an inode never changes meaning while mounted.
 """
 
 from __future__ import annotations
 
-from ..errors import InvalidInput, NotFound
+import stat
+import time
+
+from ..errors import (
+    Conflict,
+    CrossDevice,
+    InvalidInput,
+    IsADirectory,
+    NoSpace,
+    NotADirectory,
+    NotEmpty,
+    NotFound,
+    NotPermitted,
+    PermissionDenied,
+    ReadOnly,
+)
 from ..feeds import subfeed_hash
 from ..identity import is_node_id
-from ..state import INODE_BASE, NodeDB, check_name_length
+from ..state import INODE_BASE, Inode, NodeDB, check_name_length
 from ..uris import is_sha1
 from .vnodes import (
     MANIFEST_MARK,
@@ -26,15 +55,18 @@ from .vnodes import (
     FeedDir,
     FeedsDir,
     HashFile,
-    NamedEntry,
     Root,
     Sha1Dir,
     SubfeedFile,
+    UserInode,
     VNode,
 )
 
 ROOT_INODE = 1
 RESERVED_NAMES = frozenset({"sha1", "feeds"})
+#: atime is kept as Linux's ``relatime`` keeps it: a read sets it when it is older than
+#: the last change, or than this.
+ATIME_AGE_NS = 24 * 3600 * 10**9
 
 
 class Namespace:
@@ -43,15 +75,18 @@ class Namespace:
         self._inodes: dict[VNode, int] = {Root(): ROOT_INODE}
         self._vnodes: dict[int, VNode] = {ROOT_INODE: Root()}
         self._next = ROOT_INODE + 1
+        #: The kernel's lookup count of each of the user's inodes it holds.
+        self._lookups: dict[int, int] = {}
 
     @staticmethod
-    def entry_inode(entry_id: int) -> int:
-        """The inode of named entry ``entry_id`` (whether or not it still exists)."""
-        return INODE_BASE + entry_id
+    def inode_number(inode_id: int) -> int:
+        """The inode number of row ``inode_id`` of ``inodes`` (whether or not it still
+        exists)."""
+        return INODE_BASE + inode_id
 
     def inode(self, vnode: VNode) -> int:
-        if isinstance(vnode, NamedEntry):
-            return self.entry_inode(vnode.entry_id)
+        if isinstance(vnode, UserInode):
+            return self.inode_number(vnode.inode_id)
         ino = self._inodes.get(vnode)
         if ino is None:
             ino = self._next
@@ -65,13 +100,13 @@ class Namespace:
         for whoever holds it. With the writeback cache the kernel keeps the size it first
         heard of an inode, whatever we answer later: a file whose first size was wrong (a
         bad object's, in the bucket) gets its true size only in a new inode."""
-        if not isinstance(vnode, NamedEntry):
+        if not isinstance(vnode, UserInode):
             self._inodes.pop(vnode, None)
 
     def vnode(self, inode: int) -> VNode:
         if inode >= INODE_BASE:
-            entry = self.db.entry(inode - INODE_BASE)  # NotFound if deleted
-            return NamedEntry(entry.channel, entry.id)
+            row = self.db.inode(inode - INODE_BASE)  # NotFound if it is gone
+            return UserInode(row.channel, row.id)
         try:
             return self._vnodes[inode]
         except KeyError:
@@ -107,18 +142,31 @@ class Namespace:
                     pass
                 else:
                     return SubfeedFile(channel, feed, name)
-            case ChannelDir() | NamedEntry():
+            case ChannelDir() | UserInode():
                 if isinstance(parent, ChannelDir) and name in RESERVED_NAMES:
                     return (Sha1Dir if name == "sha1" else FeedsDir)(parent.channel)
-                entry = self.db.lookup(parent.channel, self.entry_parent(parent), name)
-                if entry is not None:
-                    return NamedEntry(entry.channel, entry.id)
+                channel, parent_id = self.directory(parent)
+                row = self.db.lookup(channel, parent_id, name)
+                if row is not None:
+                    return UserInode(row.channel, row.id)
+            case _:
+                raise NotADirectory(f"{parent} is not a directory")
         raise NotFound(f"{name!r} not found")
 
-    @staticmethod
-    def entry_parent(vnode: ChannelDir | NamedEntry) -> int:
-        """The ``entries.parent`` value for children of a channel dir or entry dir."""
-        return 0 if isinstance(vnode, ChannelDir) else vnode.entry_id
+    def directory(self, vnode: VNode) -> tuple[str, int]:
+        """(channel, ``names.parent`` of its children) of a directory the user may
+        change: a channel directory or one of the user's; ``NotADirectory`` for a user's
+        file, ``ReadOnly`` for ``sha1/`` and ``feeds/``, ``PermissionDenied`` for the root."""
+        match vnode:
+            case ChannelDir(channel=channel):
+                return channel, 0
+            case UserInode(channel=channel, inode_id=inode_id):
+                if not self.db.inode(inode_id).is_dir:
+                    raise NotADirectory("not a directory")
+                return channel, inode_id
+            case Root():
+                raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
+        raise ReadOnly(f"{vnode} is read-only")
 
     def parent_of(self, vnode: VNode) -> VNode:
         match vnode:
@@ -132,31 +180,305 @@ class Namespace:
                 return FeedsDir(channel)
             case SubfeedFile(channel=channel, feed=feed):
                 return FeedDir(channel, feed)
-            case NamedEntry(entry_id=entry_id):
-                entry = self.db.entry(entry_id)
-                if entry.parent == 0:
-                    return ChannelDir(entry.channel)
-                return NamedEntry(entry.channel, entry.parent)
+            case UserInode(channel=channel, inode_id=inode_id):
+                place = self.db.name_of(inode_id)
+                if place is None or place[0] == 0:  # no name left: the channel, as good as any
+                    return ChannelDir(channel)
+                return UserInode(channel, place[0])
         raise TypeError(f"not a node of the tree: {vnode!r}")
 
-    def children(self, vnode: VNode, local_hashes=(), feed_names=()) -> list[tuple[str, VNode]]:
-        """``local_hashes`` lists ``sha1/``; ``feed_names`` lists ``feeds/`` (feed ids) and
-        ``feeds/<feed-id>/`` (subfeed names)."""
+    def children(self, vnode: VNode, feed_names=()) -> list[tuple[str, VNode]]:
+        """``feed_names`` lists ``feeds/`` (feed ids) and ``feeds/<feed-id>/`` (subfeed
+        names). ``sha1/`` lists nothing (see the module docstring)."""
         match vnode:
             case Root():
                 return [(name, ChannelDir(name)) for name in self.channel_names()]
-            case Sha1Dir(channel=channel):
-                return [(h, HashFile(channel, h)) for h in sorted(local_hashes)]
+            case Sha1Dir():
+                return []
             case FeedsDir(channel=channel):
                 return [(f, FeedDir(channel, f)) for f in feed_names]
             case FeedDir(channel=channel, feed=feed):
                 return [(n, SubfeedFile(channel, feed, n)) for n in feed_names]
             case HashFile() | SubfeedFile():
-                raise TypeError(f"not a directory: {vnode!r}")
-        assert isinstance(vnode, ChannelDir | NamedEntry)
+                raise NotADirectory(f"not a directory: {vnode!r}")
+        channel, parent_id = self.directory(vnode)
         out: list[tuple[str, VNode]] = []
         if isinstance(vnode, ChannelDir):
-            out += [("sha1", Sha1Dir(vnode.channel)), ("feeds", FeedsDir(vnode.channel))]
-        for entry in self.db.children(vnode.channel, self.entry_parent(vnode)):
-            out.append((entry.name, NamedEntry(entry.channel, entry.id)))
+            out += [("sha1", Sha1Dir(channel)), ("feeds", FeedsDir(channel))]
+        for name, row in self.db.children(channel, parent_id):
+            out.append((name, UserInode(row.channel, row.id)))
         return out
+
+    def directory_links(self, vnode: ChannelDir) -> int:
+        """``st_nlink`` of a channel directory: its ``.``, its name, and the ``..`` of each
+        directory in it (``sha1/``, ``feeds/`` and the user's)."""
+        return 4 + self.db.subdirectories(vnode.channel, 0)
+
+    # -- the kernel's references ------------------------------------------------------------
+
+    def remember(self, inode: int) -> None:
+        """The kernel was told of ``inode`` once more (a lookup, create, link or listing
+        entry): it holds it until it forgets as many."""
+        if inode >= INODE_BASE:
+            self._lookups[inode] = self._lookups.get(inode, 0) + 1
+
+    def forget(self, inode: int, count: int) -> bool:
+        """The kernel forgot ``count`` of its references to ``inode``. True if that was
+        the last, and the inode, having no name, is removed now."""
+        if inode < INODE_BASE:
+            return False
+        left = self._lookups.get(inode, 0) - count
+        if left > 0:
+            self._lookups[inode] = left
+            return False
+        self._lookups.pop(inode, None)
+        return self._drop_if_unlinked(inode - INODE_BASE)
+
+    def known(self, inode: int) -> bool:
+        """Whether the kernel holds ``inode`` (it may still be read, written, stat'ed)."""
+        return self._lookups.get(inode, 0) > 0
+
+    def _drop_if_unlinked(self, inode_id: int) -> bool:
+        try:
+            row = self.db.inode(inode_id)
+        except NotFound:
+            return False
+        if row.nlink > 0 or self.known(INODE_BASE + inode_id):
+            return False
+        self.db.delete_inode(inode_id)
+        return True
+
+    def drop_unlinked(self) -> int:
+        """Remove the inodes a mount that ended left without a name (at the start of a
+        mount, when the kernel holds none)."""
+        return self.db.delete_unlinked()
+
+    # -- changes --------------------------------------------------------------------------
+
+    def make(self, parent: VNode, name: str, *, mode: int, uid: int, gid: int, rdev: int = 0,
+             target: bytes | None = None) -> Inode:
+        """A new file, directory, symbolic link or special file (the type is in ``mode``)
+        named ``name`` in ``parent``. ``Conflict`` if the name is taken. In a directory
+        with the set-group-ID bit, it gets the directory's group (and a directory the
+        bit), as on Linux."""
+        channel, parent_id = self.directory(parent)
+        check_name_length(name)
+        if self._taken(parent, channel, parent_id, name):
+            raise Conflict(f"{name!r} already exists")
+        is_dir = stat.S_ISDIR(mode)
+        if parent_id:
+            above = self.db.inode(parent_id)
+            if above.mode & stat.S_ISGID:
+                gid = above.gid
+                if is_dir:
+                    mode |= stat.S_ISGID
+        now = time.time_ns()
+        with self.db.transaction():
+            inode_id = self.db.new_inode(channel, mode=mode, uid=uid, gid=gid,
+                                         nlink=2 if is_dir else 1, rdev=rdev, target=target,
+                                         size=len(target) if target is not None else 0,
+                                         now_ns=now)
+            self.db.add_name(channel, parent_id, name, inode_id)
+            if is_dir and parent_id:
+                self.db.add_links(parent_id, 1)
+            self._changed(channel, parent_id, now)
+        return self.db.inode(inode_id)
+
+    def link(self, vnode: VNode, parent: VNode, name: str) -> Inode:
+        """One more name for the inode of ``vnode`` (not a directory)."""
+        if not isinstance(vnode, UserInode):
+            raise NotPermitted("only what was made here can be linked (sha1/ and feeds/ are"
+                               " built in)")
+        row = self.db.inode(vnode.inode_id)
+        if row.is_dir:
+            raise NotPermitted("a directory cannot have a second name")
+        channel, parent_id = self.directory(parent)
+        if channel != row.channel:
+            raise CrossDevice("each channel is a file system of its own")
+        check_name_length(name)
+        if self._taken(parent, channel, parent_id, name):
+            raise Conflict(f"{name!r} already exists")
+        now = time.time_ns()
+        with self.db.transaction():
+            self.db.add_name(channel, parent_id, name, row.id)
+            self.db.add_links(row.id, 1, ctime_ns=now)
+            self._changed(channel, parent_id, now)
+        return self.db.inode(row.id)
+
+    def unlink(self, parent: VNode, name: str) -> Inode:
+        """Remove the name ``name`` (not a directory's) from ``parent``; the inode goes
+        with its last name unless the kernel still holds it (an open file). Its row as
+        it was after the change."""
+        row = self._user_child(parent, name, "removed")
+        if row.is_dir:
+            raise IsADirectory(f"{name!r} is a directory (rmdir removes one)")
+        channel, parent_id = self.directory(parent)
+        now = time.time_ns()
+        with self.db.transaction():
+            self.db.remove_name(channel, parent_id, name)
+            self.db.add_links(row.id, -1, ctime_ns=now)
+            self._changed(channel, parent_id, now)
+        after = self.db.inode(row.id)
+        self._drop_if_unlinked(row.id)
+        return after
+
+    def rmdir(self, parent: VNode, name: str) -> None:
+        row = self._user_child(parent, name, "removed")
+        if not row.is_dir:
+            raise NotADirectory(f"{name!r} is not a directory")
+        channel, parent_id = self.directory(parent)
+        if self.db.has_children(channel, row.id):
+            raise NotEmpty(f"{name!r} is not empty")
+        now = time.time_ns()
+        with self.db.transaction():
+            self._remove_dir(channel, parent_id, name, row, now)
+            self._changed(channel, parent_id, now)
+        self._drop_if_unlinked(row.id)
+
+    def rename(self, old_parent: VNode, old_name: str, new_parent: VNode, new_name: str, *,
+               noreplace: bool = False, exchange: bool = False) -> None:
+        """``rename(2)``, with ``renameat2``'s ``RENAME_NOREPLACE`` and
+        ``RENAME_EXCHANGE``. A name that is replaced loses its inode as :meth:`unlink`
+        would (a reader of it keeps reading it)."""
+        src = self._user_child(old_parent, old_name, "renamed")
+        channel, old_id = self.directory(old_parent)
+        new_channel, new_id = self.directory(new_parent)
+        if new_channel != channel:
+            raise CrossDevice("each channel is a file system of its own")
+        check_name_length(new_name)
+        if isinstance(new_parent, ChannelDir) and new_name in RESERVED_NAMES:
+            raise Conflict(f"{new_name!r} is built in")
+        dst = self.db.lookup(channel, new_id, new_name)
+        if exchange and dst is None:
+            raise NotFound(f"{new_name!r} not found")
+        if noreplace and dst is not None:
+            raise Conflict(f"{new_name!r} already exists")
+        if dst is not None and dst.id == src.id:
+            return  # two names of one inode: POSIX says nothing happens
+        if src.is_dir and self._within(channel, new_id, src.id):
+            raise InvalidInput("a directory cannot be moved into itself")
+        if exchange:
+            assert dst is not None  # checked above
+            if dst.is_dir and self._within(channel, old_id, dst.id):
+                raise InvalidInput("a directory cannot be moved into itself")
+        elif dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise NotADirectory(f"{new_name!r} is not a directory")
+            if dst.is_dir and not src.is_dir:
+                raise IsADirectory(f"{new_name!r} is a directory")
+            if dst.is_dir and self.db.has_children(channel, dst.id):
+                raise NotEmpty(f"{new_name!r} is not empty")
+        now = time.time_ns()
+        with self.db.transaction():
+            if exchange:
+                assert dst is not None
+                self.db.point_name(channel, old_id, old_name, dst.id)
+                self.db.point_name(channel, new_id, new_name, src.id)
+                if old_id != new_id and src.is_dir != dst.is_dir:
+                    self._move_dir_link(old_id if src.is_dir else new_id,
+                                        new_id if src.is_dir else old_id)
+                self.db.update_inode(dst.id, ctime_ns=now)
+            else:
+                if dst is not None:
+                    if dst.is_dir:
+                        self._remove_dir(channel, new_id, new_name, dst, now)
+                    else:
+                        self.db.remove_name(channel, new_id, new_name)
+                        self.db.add_links(dst.id, -1, ctime_ns=now)
+                self.db.move_name(channel, old_id, old_name, new_id, new_name)
+                if src.is_dir and old_id != new_id:
+                    self._move_dir_link(old_id, new_id)
+            self.db.update_inode(src.id, ctime_ns=now)
+            self._changed(channel, old_id, now)
+            if new_id != old_id:
+                self._changed(channel, new_id, now)
+        if dst is not None and not exchange:
+            self._drop_if_unlinked(dst.id)
+
+    def set_attributes(self, vnode: VNode, *, mode: int | None = None, uid: int | None = None,
+                       gid: int | None = None, atime_ns: int | None = None,
+                       mtime_ns: int | None = None, ctime_ns: int | None = None) -> None:
+        """``chmod``, ``chown`` and ``utimensat`` of one of the user's inodes (the kernel
+        has checked the caller may: the mount uses ``default_permissions``). A change of
+        mode or owner sets the change time, unless one is given. The built-in nodes
+        cannot be changed (``ReadOnly``)."""
+        if not isinstance(vnode, UserInode):
+            raise ReadOnly(f"{vnode} cannot be changed")
+        fields: dict[str, int] = {}
+        row = self.db.inode(vnode.inode_id)
+        if mode is not None:
+            fields["mode"] = stat.S_IFMT(row.mode) | (mode & 0o7777)
+        if uid is not None:
+            fields["uid"] = uid
+        if gid is not None:
+            fields["gid"] = gid
+        if atime_ns is not None:
+            fields["atime_ns"] = atime_ns
+        if mtime_ns is not None:
+            fields["mtime_ns"] = mtime_ns
+        if ctime_ns is not None:
+            fields["ctime_ns"] = ctime_ns
+        elif fields.keys() & {"mode", "uid", "gid"}:
+            fields["ctime_ns"] = time.time_ns()
+        if fields:
+            self.db.update_inode(row.id, **fields)
+
+    def accessed(self, vnode: VNode) -> None:
+        """A file of the user's was read: its access time, as ``relatime`` keeps it."""
+        if not isinstance(vnode, UserInode):
+            return
+        row = self.db.inode(vnode.inode_id)
+        now = time.time_ns()
+        if (row.atime_ns <= row.mtime_ns or row.atime_ns <= row.ctime_ns
+                or now - row.atime_ns >= ATIME_AGE_NS):
+            try:
+                self.db.update_inode(row.id, atime_ns=now)
+            except NoSpace:  # a full disk fails no read for the sake of an access time
+                pass
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def _taken(self, parent: VNode, channel: str, parent_id: int, name: str) -> bool:
+        return (isinstance(parent, ChannelDir) and name in RESERVED_NAMES
+                or name in (".", "..")
+                or self.db.lookup(channel, parent_id, name) is not None)
+
+    def _user_child(self, parent: VNode, name: str, verb: str) -> Inode:
+        child = self.lookup(parent, name)
+        if not isinstance(child, UserInode):
+            if isinstance(parent, Sha1Dir):
+                raise ReadOnly(f"content under sha1/ cannot be {verb} through the mount")
+            raise NotPermitted(f"{name!r} is built in and cannot be {verb}")
+        return self.db.inode(child.inode_id)
+
+    def _remove_dir(self, channel: str, parent_id: int, name: str, row: Inode,
+                    now: int) -> None:
+        self.db.remove_name(channel, parent_id, name)
+        self.db.update_inode(row.id, nlink=0, ctime_ns=now)
+        if parent_id:
+            self.db.add_links(parent_id, -1)
+
+    def _move_dir_link(self, from_id: int, to_id: int) -> None:
+        """A directory moved from directory ``from_id`` to ``to_id``: its ``..`` too."""
+        if from_id:
+            self.db.add_links(from_id, -1)
+        if to_id:
+            self.db.add_links(to_id, 1)
+
+    def _changed(self, channel: str, parent_id: int, now: int) -> None:
+        """A name was added to or removed from a directory: its mtime and ctime."""
+        if parent_id:
+            self.db.update_inode(parent_id, mtime_ns=now, ctime_ns=now)
+        else:
+            self.db.touch_channel(channel, now)
+
+    def _within(self, channel: str, dir_id: int, ancestor_id: int) -> bool:
+        """Whether directory ``dir_id`` is ``ancestor_id`` or inside it."""
+        while dir_id:
+            if dir_id == ancestor_id:
+                return True
+            place = self.db.name_of(dir_id)
+            if place is None:
+                return False
+            dir_id = place[0]
+        return False

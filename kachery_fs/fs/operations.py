@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,15 @@ import trio
 
 from .. import status
 from ..channels import Channels
-from ..errors import Conflict, NotFound, PermissionDenied, ReadOnly
+from ..errors import (
+    Conflict,
+    InvalidInput,
+    IsADirectory,
+    NotADirectory,
+    NotFound,
+    PermissionDenied,
+    ReadOnly,
+)
 from ..feeds import FeedFiles
 from ..resolver import Content, LocalContent, Resolver, SharedChunks
 from ..state import NodeDB
@@ -33,9 +42,12 @@ from .attrs import BLOCK_SIZE, attributes
 from .errno_map import fuse_errors
 from .namespace import ROOT_INODE, Namespace
 from .staging import Staging, Writer
-from .vnodes import ChannelDir, FeedDir, HashFile, NamedEntry, SubfeedFile, VNode
+from .vnodes import ChannelDir, FeedDir, HashFile, SubfeedFile, UserInode, VNode
 
 log = logging.getLogger(__name__)
+
+RENAME_NOREPLACE = getattr(pyfuse3, "RENAME_NOREPLACE", 1)
+RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
 XATTR_URI = b"user.kachery.uri"
 XATTR_STATUS = b"user.kachery.status"
@@ -47,6 +59,8 @@ class Handle:
     content: Content | None = None
     writer: Writer | None = None
     writes: bool = False
+    #: Whether a read through it has set the file's access time (once per handle).
+    accessed: bool = False
     #: For a subfeed file opened for appending: bytes written but not yet a whole line.
     pending: bytearray | None = None
 
@@ -74,6 +88,10 @@ class Operations(pyfuse3.Operations):
         self.feeds = feeds
         self.snapshot = snapshot
         self.ns = Namespace(db)
+        # The kernel holds no inode yet: those a mount that ended left open and unnamed go.
+        if dropped := self.ns.drop_unlinked():
+            log.info("removed %d files that were unlinked while open when the last mount"
+                     " ended", dropped)
         self.staging = Staging(store, db, uploader, on_lost=self._entry_lost)
         self.uid = os.getuid()
         self.gid = os.getgid()
@@ -84,19 +102,28 @@ class Operations(pyfuse3.Operations):
     # -- attributes -------------------------------------------------------------------
 
     def _attrs(self, vnode: VNode, *, size: int = 0) -> pyfuse3.EntryAttributes:
-        entry, staged_size, owned = None, None, False
+        row, staged_size, owned, nlink, times = None, None, False, 2, None
         match vnode:
-            case NamedEntry(entry_id=entry_id):
-                entry = self.db.entry(entry_id)
-                staged_size = self.staging.staged_size(entry_id)
+            case UserInode(inode_id=inode_id):
+                row = self.db.inode(inode_id)
+                staged_size = self.staging.staged_size(inode_id)
             case FeedDir(feed=feed) | SubfeedFile(feed=feed):
                 owned = self.feeds is not None and self.feeds.owned(feed)
-        p = attributes(vnode, start_ns=self._start_ns, size=size, entry=entry,
-                       staged_size=staged_size, owned=owned)
+            case ChannelDir(channel=channel):
+                nlink = self.ns.directory_links(vnode)
+                times = self.db.channel_times(channel)
+            case vnodes.Root():
+                nlink = 2 + len(self.ns.channel_names())
+            case vnodes.FeedsDir():
+                nlink = 1  # not counted: "unknown" to find(1), which then looks
+        p = attributes(vnode, start_ns=self._start_ns, size=size, inode=row,
+                       staged_size=staged_size, owned=owned, nlink=nlink, times=times)
         a = pyfuse3.EntryAttributes()
         a.st_ino = self.ns.inode(vnode)
         a.st_mode, a.st_nlink, a.st_size, a.st_blocks = p.mode, p.nlink, p.size, p.blocks
-        a.st_uid, a.st_gid = self.uid, self.gid
+        a.st_uid = self.uid if p.uid is None else p.uid
+        a.st_gid = self.gid if p.gid is None else p.gid
+        a.st_rdev = p.rdev
         a.st_blksize = BLOCK_SIZE
         a.st_atime_ns, a.st_mtime_ns, a.st_ctime_ns = p.atime_ns, p.mtime_ns, p.ctime_ns
         a.entry_timeout = a.attr_timeout = p.timeout
@@ -111,6 +138,12 @@ class Operations(pyfuse3.Operations):
                 size = await self._feeds().size(channel, feed, subfeed)
         return self._attrs(vnode, size=size)
 
+    def _entry(self, attrs: pyfuse3.EntryAttributes) -> pyfuse3.EntryAttributes:
+        """``attrs`` as the answer to a request that gives the kernel an inode (lookup,
+        create, mkdir, mknod, symlink, link): it holds the inode until it forgets it."""
+        self.ns.remember(attrs.st_ino)
+        return attrs
+
     def _feeds(self) -> FeedFiles:
         if self.feeds is None:
             raise NotFound("feeds are not served by this mount")
@@ -123,59 +156,76 @@ class Operations(pyfuse3.Operations):
             parent = self.ns.vnode(parent_inode)
             text = os.fsdecode(name)
             if text == "..":
-                return await self._attrs_async(self.ns.parent_of(parent))
-            return await self._attrs_async(self.ns.lookup(parent, text))
+                return self._entry(await self._attrs_async(self.ns.parent_of(parent)))
+            return self._entry(await self._attrs_async(self.ns.lookup(parent, text)))
 
     async def getattr(self, inode, ctx):
         with fuse_errors("getattr"):
             return await self._attrs_async(self.ns.vnode(inode))
 
     async def forget(self, inode_list):
-        pass  # inodes are cheap and stable for the life of the mount
+        for inode, count in inode_list:
+            try:
+                if self.ns.forget(inode, count):
+                    log.debug("inode %d had no name left and is forgotten: removed", inode)
+            except Exception:  # forget has no answer: a failure here is only logged
+                log.exception("forget(%d)", inode)
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         with fuse_errors("setattr"):
             vnode = self.ns.vnode(inode)
-            if not isinstance(vnode, NamedEntry):
-                if fields.update_size or fields.update_mode:
-                    raise ReadOnly("read-only")
-                return await self._attrs_async(vnode)
-            entry = self.db.entry(vnode.entry_id)
+            if not isinstance(vnode, UserInode):
+                if isinstance(vnode, SubfeedFile) and not (
+                        fields.update_size or fields.update_mode or fields.update_uid
+                        or fields.update_gid):
+                    # The kernel's own times after an append: subfeed files keep none.
+                    return await self._attrs_async(vnode)
+                raise ReadOnly(f"{vnode} cannot be changed")
+            row = self.db.inode(vnode.inode_id)
             if fields.update_size:
-                if entry.is_dir:
-                    raise pyfuse3.FUSEError(errno.EISDIR)
-                await self.staging.truncate(entry.id, attr.st_size)
-            if fields.update_mode:
-                self.db.set_mode(entry.id, attr.st_mode)
+                if row.is_dir:
+                    raise IsADirectory("a directory has no size to set")
+                await self.staging.truncate(row.id, attr.st_size)
             if fields.update_mtime:
-                self.staging.set_mtime(entry.id, attr.st_mtime_ns)
+                self.staging.set_mtime(row.id, attr.st_mtime_ns)
+            self.ns.set_attributes(
+                vnode,
+                mode=attr.st_mode if fields.update_mode else None,
+                uid=attr.st_uid if fields.update_uid else None,
+                gid=attr.st_gid if fields.update_gid else None,
+                atime_ns=attr.st_atime_ns if fields.update_atime else None,
+                mtime_ns=attr.st_mtime_ns if fields.update_mtime else None,
+                ctime_ns=attr.st_ctime_ns if fields.update_ctime else None)
             return self._attrs(vnode)
+
+    async def readlink(self, inode, ctx):
+        with fuse_errors("readlink"):
+            vnode = self.ns.vnode(inode)
+            target = (self.db.inode(vnode.inode_id).target
+                      if isinstance(vnode, UserInode) else None)
+            if target is None:
+                raise InvalidInput("not a symbolic link")
+            return target
 
     # -- directories ---------------------------------------------------------------------
 
     async def opendir(self, inode, ctx):
         with fuse_errors("opendir"):
             vnode = self.ns.vnode(inode)
-            if not vnode.is_dir and not (isinstance(vnode, NamedEntry)
-                                         and self.db.entry(vnode.entry_id).is_dir):
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            local: Iterable[str] = ()
+            if not vnode.is_dir and not (isinstance(vnode, UserInode)
+                                         and self.db.inode(vnode.inode_id).is_dir):
+                raise NotADirectory("not a directory")
             names: Iterable[str] = ()
             match vnode:
-                case vnodes.Sha1Dir():
-                    local = await trio.to_thread.run_sync(lambda: list(self.store.iter_hashes()))
                 case vnodes.FeedsDir():
                     names = self._feeds().feed_ids()
                 case FeedDir(feed=feed):
                     names = self._feeds().subfeed_names(feed)
             entries = []
-            for name, child in self.ns.children(vnode, local, names):
+            for name, child in self.ns.children(vnode, names):
                 size = 0
-                match child:
-                    case HashFile(sha1=sha1):
-                        size = self.resolver.local_size(sha1) or 0
-                    case SubfeedFile(feed=feed, subfeed=subfeed):
-                        size = len(self._feeds().content(feed, subfeed))
+                if isinstance(child, SubfeedFile):
+                    size = len(self._feeds().content(child.feed, child.subfeed))
                 entries.append((os.fsencode(name), self._attrs(child, size=size)))
             return self._new_handle(DirHandle(entries))
 
@@ -185,95 +235,63 @@ class Operations(pyfuse3.Operations):
             assert isinstance(handle, DirHandle)  # opened by opendir
             for index in range(start_id, len(handle.entries)):
                 name, attrs = handle.entries[index]
+                # pyfuse3 answers READDIRPLUS: each entry given is a lookup.
                 if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
                     break
+                self.ns.remember(attrs.st_ino)
 
     async def releasedir(self, fh):
         self._handles.pop(fh, None)
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         with fuse_errors("mkdir"):
-            parent = self._writable_dir(parent_inode)
-            entry = self._create_entry(parent, os.fsdecode(name), is_dir=True,
-                                       mode=mode & ~ctx.umask)
-            return self._attrs(NamedEntry(entry.channel, entry.id))
+            row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
+                               mode=stat.S_IFDIR | (mode & ~ctx.umask & 0o7777),
+                               uid=ctx.uid, gid=ctx.gid)
+            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        with fuse_errors("mknod"):
+            kind = stat.S_IFMT(mode) or stat.S_IFREG
+            if kind == stat.S_IFDIR:
+                raise InvalidInput("mknod makes no directories (mkdir does)")
+            parent = self.ns.vnode(parent_inode)
+            if kind == stat.S_IFREG:
+                channel, _ = self.ns.directory(parent)
+                await self._require_provide(channel)
+            row = self.ns.make(parent, os.fsdecode(name),
+                               mode=kind | (mode & ~ctx.umask & 0o7777), uid=ctx.uid,
+                               gid=ctx.gid, rdev=rdev if kind in (stat.S_IFCHR, stat.S_IFBLK)
+                               else 0)
+            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+
+    async def symlink(self, parent_inode, name, target, ctx):
+        with fuse_errors("symlink"):
+            row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
+                               mode=stat.S_IFLNK | 0o777, uid=ctx.uid, gid=ctx.gid,
+                               target=bytes(target))
+            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        with fuse_errors("link"):
+            row = self.ns.link(self.ns.vnode(inode), self.ns.vnode(new_parent_inode),
+                               os.fsdecode(new_name))
+            return self._entry(self._attrs(UserInode(row.channel, row.id)))
 
     async def rmdir(self, parent_inode, name, ctx):
         with fuse_errors("rmdir"):
-            child = self.ns.lookup(self.ns.vnode(parent_inode), os.fsdecode(name))
-            if not isinstance(child, NamedEntry):
-                raise PermissionDenied("cannot remove a built-in directory")
-            entry = self.db.entry(child.entry_id)
-            if not entry.is_dir:
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            try:
-                self.db.delete_entry(entry.id)
-            except Conflict:
-                raise pyfuse3.FUSEError(errno.ENOTEMPTY) from None
+            self.ns.rmdir(self.ns.vnode(parent_inode), os.fsdecode(name))
 
     async def unlink(self, parent_inode, name, ctx):
         with fuse_errors("unlink"):
-            child = self.ns.lookup(self.ns.vnode(parent_inode), os.fsdecode(name))
-            if not isinstance(child, NamedEntry):
-                raise ReadOnly("content under sha1/ cannot be removed through the mount")
-            entry = self.db.entry(child.entry_id)
-            if entry.is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            self.db.delete_entry(entry.id)
+            self.ns.unlink(self.ns.vnode(parent_inode), os.fsdecode(name))
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with fuse_errors("rename"):
-            old_parent = self.ns.vnode(parent_inode_old)
-            child = self.ns.lookup(old_parent, os.fsdecode(name_old))
-            if not isinstance(child, NamedEntry):
-                raise PermissionDenied("built-in entries cannot be renamed")
-            new_parent = self._writable_dir(parent_inode_new)
-            if new_parent.channel != child.channel:
-                raise pyfuse3.FUSEError(errno.EXDEV)
-            new_name = os.fsdecode(name_new)
-            if isinstance(new_parent, ChannelDir) and new_name in ("sha1", "feeds"):
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            if flags & getattr(pyfuse3, "RENAME_EXCHANGE", 2):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            existing = self.db.lookup(new_parent.channel, self.ns.entry_parent(new_parent),
-                                      new_name)
-            if existing is not None and flags & getattr(pyfuse3, "RENAME_NOREPLACE", 1):
-                raise pyfuse3.FUSEError(errno.EEXIST)
-            if existing is not None and existing.is_dir != self.db.entry(child.entry_id).is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR if existing.is_dir else errno.ENOTDIR)
-            if self._is_ancestor(child, new_parent):
-                raise pyfuse3.FUSEError(errno.EINVAL)
-            try:
-                self.db.rename_entry(child.entry_id, self.ns.entry_parent(new_parent), new_name)
-            except Conflict:
-                raise pyfuse3.FUSEError(errno.ENOTEMPTY) from None
-
-    def _is_ancestor(self, maybe_ancestor: NamedEntry, vnode: VNode) -> bool:
-        while isinstance(vnode, NamedEntry):
-            if vnode.entry_id == maybe_ancestor.entry_id:
-                return True
-            vnode = self.ns.parent_of(vnode)
-        return False
-
-    def _writable_dir(self, inode: int) -> ChannelDir | NamedEntry:
-        vnode = self.ns.vnode(inode)
-        match vnode:
-            case ChannelDir():
-                return vnode
-            case NamedEntry(entry_id=entry_id):
-                if self.db.entry(entry_id).is_dir:
-                    return vnode
-                raise pyfuse3.FUSEError(errno.ENOTDIR)
-            case vnodes.Root():
-                raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
-        raise ReadOnly(f"{vnode} is read-only")
-
-    def _create_entry(self, parent: ChannelDir | NamedEntry, name: str, *, is_dir: bool,
-                      mode: int):
-        if isinstance(parent, ChannelDir) and name in ("sha1", "feeds"):
-            raise Conflict(f"{name!r} is reserved")
-        return self.db.create_entry(parent.channel, self.ns.entry_parent(parent), name,
-                                    is_dir=is_dir, mode=mode & 0o7777)
+            self.ns.rename(self.ns.vnode(parent_inode_old), os.fsdecode(name_old),
+                           self.ns.vnode(parent_inode_new), os.fsdecode(name_new),
+                           noreplace=bool(flags & RENAME_NOREPLACE),
+                           exchange=bool(flags & RENAME_EXCHANGE))
 
     # -- files -----------------------------------------------------------------------------
 
@@ -300,26 +318,28 @@ class Operations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with fuse_errors("create"):
-            feed_dir = self.ns.vnode(parent_inode)
-            if isinstance(feed_dir, FeedDir):  # a new subfeed, by appending to it
-                vnode = self.ns.lookup(feed_dir, os.fsdecode(name))
-                assert isinstance(vnode, SubfeedFile)  # a feed directory holds only those
-                return await self._open_subfeed(vnode, flags), self._attrs(vnode)
-            parent = self._writable_dir(parent_inode)
-            await self._require_provide(parent.channel)
+            parent = self.ns.vnode(parent_inode)
             text = os.fsdecode(name)
-            existing = self.db.lookup(parent.channel, self.ns.entry_parent(parent), text)
-            if existing is not None:  # created meanwhile by another process
-                if flags & os.O_EXCL:
-                    raise pyfuse3.FUSEError(errno.EEXIST)
-                entry = existing
-                truncate = bool(flags & os.O_TRUNC)
-            else:
-                entry = self._create_entry(parent, text, is_dir=False, mode=mode & ~ctx.umask)
+            if isinstance(parent, FeedDir):  # a new subfeed, by appending to it
+                vnode = self.ns.lookup(parent, text)
+                assert isinstance(vnode, SubfeedFile)  # a feed directory holds only those
+                return await self._open_subfeed(vnode, flags), self._entry(self._attrs(vnode))
+            channel, parent_id = self.ns.directory(parent)
+            await self._require_provide(channel)
+            try:
+                row = self.ns.make(parent, text, mode=stat.S_IFREG | (mode & ~ctx.umask & 0o7777),
+                                   uid=ctx.uid, gid=ctx.gid)
                 truncate = True
-            vnode = NamedEntry(entry.channel, entry.id)
+            except Conflict:  # created meanwhile, by another process
+                existing = self.db.lookup(channel, parent_id, text)
+                if flags & os.O_EXCL or existing is None:
+                    raise
+                if not existing.is_file:
+                    raise IsADirectory(f"{text!r} is not a file") from None
+                row, truncate = existing, bool(flags & os.O_TRUNC)
+            vnode = UserInode(row.channel, row.id)
             fh = await self._open_write(vnode, truncate=truncate)
-            return pyfuse3.FileInfo(fh=fh), self._attrs(vnode)
+            return pyfuse3.FileInfo(fh=fh), self._entry(self._attrs(vnode))
 
     async def open(self, inode, flags, ctx):
         with fuse_errors("open"):
@@ -334,11 +354,13 @@ class Operations(pyfuse3.Operations):
                                         keep_cache=True)
             if isinstance(vnode, SubfeedFile):
                 return await self._open_subfeed(vnode, flags)
-            if not isinstance(vnode, NamedEntry):
-                raise pyfuse3.FUSEError(errno.EISDIR)
-            entry = self.db.entry(vnode.entry_id)
+            if not isinstance(vnode, UserInode):
+                raise IsADirectory("a directory cannot be opened as a file")
+            entry = self.db.inode(vnode.inode_id)
             if entry.is_dir:
-                raise pyfuse3.FUSEError(errno.EISDIR)
+                raise IsADirectory("a directory cannot be opened as a file")
+            if not entry.is_file:  # the kernel opens special files itself
+                raise InvalidInput("not a regular file")
             if accmode != os.O_RDONLY:
                 await self._require_provide(entry.channel)
                 fh = await self._open_write(vnode, truncate=bool(flags & os.O_TRUNC))
@@ -375,8 +397,8 @@ class Operations(pyfuse3.Operations):
                         " provideFeeds permission", channel, self.channels.node_id)
             raise PermissionDenied(f"no provideFeeds permission on {channel}")
 
-    async def _open_write(self, vnode: NamedEntry, *, truncate: bool) -> int:
-        writer = await self.staging.open_write(vnode.entry_id, truncate=truncate)
+    async def _open_write(self, vnode: UserInode, *, truncate: bool) -> int:
+        writer = await self.staging.open_write(vnode.inode_id, truncate=truncate)
         return self._new_handle(Handle(vnode, writer=writer, writes=True))
 
     async def read(self, fh, off, size):
@@ -384,6 +406,9 @@ class Operations(pyfuse3.Operations):
             handle = self._handles[fh]
             assert isinstance(handle, Handle)  # the kernel reads files only
             vnode = handle.vnode
+            if not handle.accessed:
+                handle.accessed = True
+                self.ns.accessed(vnode)
             if isinstance(vnode, SubfeedFile):
                 data = self._feeds().content(vnode.feed, vnode.subfeed)
                 return data[off:off + size]
@@ -435,11 +460,11 @@ class Operations(pyfuse3.Operations):
 
         self.nursery.start_soon(invalidate)
 
-    def _entry_lost(self, entry_id: int) -> None:
+    def _entry_lost(self, inode_id: int) -> None:
         """A version of a named entry was dropped (see ``Staging.lose``): with the writeback
         cache the kernel holds the new pages and size; drop them, so that reads show the
         content the name still has."""
-        self._invalidate(self.ns.entry_inode(entry_id))
+        self._invalidate(self.ns.inode_number(inode_id))
 
     def _renew(self, vnode: HashFile) -> None:
         """Make the kernel look ``sha1/<hash>`` up again, into a new inode (see
@@ -519,8 +544,8 @@ class Operations(pyfuse3.Operations):
     async def listxattr(self, inode, ctx):
         with fuse_errors("listxattr"):
             vnode = self.ns.vnode(inode)
-            if isinstance(vnode, HashFile) or (isinstance(vnode, NamedEntry)
-                                               and not self.db.entry(vnode.entry_id).is_dir):
+            if isinstance(vnode, HashFile) or (isinstance(vnode, UserInode)
+                                               and self.db.inode(vnode.inode_id).is_file):
                 return [XATTR_URI, XATTR_STATUS]
             if isinstance(vnode, ChannelDir) and self.snapshot is not None:
                 return [XATTR_STATUS]
@@ -545,13 +570,14 @@ class Operations(pyfuse3.Operations):
                         return self._uri(sha1, manifest=manifest)
                     if name == XATTR_STATUS:
                         return b"local" if self.store.has(sha1) else b"remote"
-                case NamedEntry(entry_id=entry_id):
-                    entry = self.db.entry(entry_id)
-                    if not entry.is_dir and name in (XATTR_URI, XATTR_STATUS):
+                case UserInode(inode_id=inode_id):
+                    entry = self.db.inode(inode_id)
+                    if entry.is_file and name in (XATTR_URI, XATTR_STATUS):
                         if self.staging.is_writing(entry.id) or entry.sha1 is None:
                             return b"" if name == XATTR_URI else b"writing"
-                        if name == XATTR_URI:
-                            return self._uri(entry.sha1, entry.name)
+                        if name == XATTR_URI:  # labelled with a name it has (it may have none)
+                            place = self.db.name_of(entry.id)
+                            return self._uri(entry.sha1, place[1] if place else None)
                         return self.uploader.status(entry.channel, entry.sha1).encode()
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

@@ -62,7 +62,7 @@ class Writer:
     make a staging file, or one could copy the old content while a commit is in flight.
     """
 
-    entry_id: int
+    inode_id: int
     staging: StagingFile | None = None
     handles: int = 0  # open handles that may write
     readers: int = 0  # read-only handles opened while it was being written
@@ -86,7 +86,7 @@ class Writer:
 class Staging:
     """The writers of the named entries being written, and their transitions.
 
-    ``on_lost(entry_id)`` is called when a version of an entry is dropped (see
+    ``on_lost(inode_id)`` is called when a version of an entry is dropped (see
     :meth:`lose`): with the writeback cache the kernel holds its pages and size, which
     the mount then drops so that reads show the content the name still has.
     """
@@ -101,32 +101,31 @@ class Staging:
 
     # -- what is being written --------------------------------------------------------------
 
-    def get(self, entry_id: int) -> Writer | None:
-        return self._writers.get(entry_id)
+    def get(self, inode_id: int) -> Writer | None:
+        return self._writers.get(inode_id)
 
-    def set_mtime(self, entry_id: int, mtime_ns: int) -> None:
-        """A modification time set on ``entry_id``: kept by the commit of a version being
-        written (the name shows it at once, from the node database)."""
-        writer = self._writers.get(entry_id)
+    def set_mtime(self, inode_id: int, mtime_ns: int) -> None:
+        """A modification time set on ``inode_id``: kept by the commit of a version being
+        written (the caller keeps it in the node database: the name shows it at once)."""
+        writer = self._writers.get(inode_id)
         if writer is not None:
             writer.mtime_ns = mtime_ns
-        self.db.set_mtime(entry_id, mtime_ns)
 
-    def is_writing(self, entry_id: int) -> bool:
-        """True while a handle that may write ``entry_id`` is open."""
-        writer = self._writers.get(entry_id)
+    def is_writing(self, inode_id: int) -> bool:
+        """True while a handle that may write ``inode_id`` is open."""
+        writer = self._writers.get(inode_id)
         return writer is not None and writer.handles > 0
 
-    def staged_size(self, entry_id: int) -> int | None:
-        """The size of the version of ``entry_id`` being written; None if there is none."""
-        writer = self._writers.get(entry_id)
+    def staged_size(self, inode_id: int) -> int | None:
+        """The size of the version of ``inode_id`` being written; None if there is none."""
+        writer = self._writers.get(inode_id)
         return writer.staging.size if writer and writer.staging else None
 
     # -- opening and closing ---------------------------------------------------------------
 
-    async def open_write(self, entry_id: int, *, truncate: bool) -> Writer:
-        """One more handle that may write ``entry_id`` (``truncate``: ``O_TRUNC``)."""
-        writer = self._writer(entry_id)
+    async def open_write(self, inode_id: int, *, truncate: bool) -> Writer:
+        """One more handle that may write ``inode_id`` (``truncate``: ``O_TRUNC``)."""
+        writer = self._writer(inode_id)
         if writer.handles == 0:
             writer.lost = None  # whoever lost a version has closed it (and was told)
         writer.handles += 1
@@ -140,10 +139,10 @@ class Staging:
             raise
         return writer
 
-    def open_read(self, entry_id: int) -> Writer | None:
-        """The writer of ``entry_id`` if it is being written (a read-only handle opened now
+    def open_read(self, inode_id: int) -> Writer | None:
+        """The writer of ``inode_id`` if it is being written (a read-only handle opened now
         reads what is written so far: close it with :meth:`close_read`); else None."""
-        writer = self._writers.get(entry_id)
+        writer = self._writers.get(inode_id)
         if writer is not None:
             writer.readers += 1
         return writer
@@ -163,10 +162,10 @@ class Staging:
         finally:
             self._forget(writer)
 
-    def _writer(self, entry_id: int) -> Writer:
-        writer = self._writers.get(entry_id)
+    def _writer(self, inode_id: int) -> Writer:
+        writer = self._writers.get(inode_id)
         if writer is None:
-            writer = self._writers[entry_id] = Writer(entry_id)
+            writer = self._writers[inode_id] = Writer(inode_id)
         return writer
 
     def _forget(self, writer: Writer) -> None:
@@ -174,8 +173,8 @@ class Staging:
             if writer.staging is not None:  # not dirty: nothing to keep
                 writer.staging.discard()
                 writer.staging = None
-            if self._writers.get(writer.entry_id) is writer:
-                del self._writers[writer.entry_id]
+            if self._writers.get(writer.inode_id) is writer:
+                del self._writers[writer.inode_id]
 
     # -- reading and writing -----------------------------------------------------------------
 
@@ -190,10 +189,11 @@ class Staging:
                 writer.staging.discard()  # O_TRUNC: a fresh file, not a copy cut to zero
                 writer.staging = None
             if writer.staging is None:
-                entry = self.db.entry(writer.entry_id)
+                entry = self.db.inode(writer.inode_id)
                 copy_from = None if truncate else entry.sha1
                 if copy_from is not None and not self.store.has(copy_from):
-                    raise NotFound(f"content of {entry.name!r} is no longer in the local store")
+                    raise NotFound(f"content of inode {entry.id} (sha1://{copy_from}) is no longer"
+                                   " in the local store")
                 writer.staging = await trio.to_thread.run_sync(
                     lambda: StagingFile.from_existing(self.store, copy_from,
                                                       truncate=copy_from is None,
@@ -217,7 +217,7 @@ class Staging:
         async with writer.lock:  # not during a commit: the staging file moves
             if writer.staging is not None:
                 return writer.staging.read(offset, size)
-            entry = self.db.entry(writer.entry_id)
+            entry = self.db.inode(writer.inode_id)
         if entry.sha1 is None:
             return b""
         fd = self.store.open(entry.sha1)
@@ -226,16 +226,16 @@ class Staging:
         finally:
             os.close(fd)
 
-    async def truncate(self, entry_id: int, length: int) -> None:
-        """``truncate(2)`` of ``entry_id`` (a file). On a file nobody writes, a new version
+    async def truncate(self, inode_id: int, length: int) -> None:
+        """``truncate(2)`` of ``inode_id`` (a file). On a file nobody writes, a new version
         of it, committed and queued now."""
-        writer = self._writers.get(entry_id)
+        writer = self._writers.get(inode_id)
         if writer is not None and writer.handles > 0:
             staging = await self.staging(writer, truncate=length == 0)
             staging.truncate(length)
             writer.dirty = True
             return
-        writer = self._writer(entry_id)
+        writer = self._writer(inode_id)
         writer.lost = None  # whoever lost a version has closed it
         try:
             staging = await self.staging(writer, truncate=length == 0)
@@ -283,18 +283,19 @@ class Staging:
             try:
                 sha1 = await trio.to_thread.run_sync(staging.commit)  # discards it if it fails
                 try:
-                    entry = self.db.entry(writer.entry_id)
-                except NotFound:
-                    log.info("file was removed before it was closed; sha1://%s stays in the"
-                             " store", sha1)
+                    entry = self.db.inode(writer.inode_id)
+                except NotFound:  # not while the kernel holds it open: a bug, not lost
+                    log.warning("inode %d is gone; sha1://%s stays in the store",
+                                writer.inode_id, sha1)
                     return
-                self.db.set_content(writer.entry_id, sha1, size, mtime_ns=writer.mtime_ns)
+                self.db.set_content(writer.inode_id, sha1, size, mtime_ns=writer.mtime_ns)
             except Exception as exc:
                 self.lose(writer, exc)
                 raise
             writer.unqueued = True
-            log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel, entry.name, sha1,
-                     size)
+            place = self.db.name_of(entry.id)
+            log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel,
+                     place[1] if place else f"(inode {entry.id}, unlinked)", sha1, size)
 
     def lose(self, writer: Writer, error: BaseException) -> None:
         """Drop what ``writer`` was writing: ``error`` made it impossible to save whole
@@ -305,15 +306,17 @@ class Staging:
             writer.staging.discard()
             writer.staging = None
         if self.on_lost is not None:
-            self.on_lost(writer.entry_id)
+            self.on_lost(writer.inode_id)
 
     def queue_upload(self, writer: Writer) -> None:
         if not writer.unqueued:
             return
         writer.unqueued = False
         try:
-            entry = self.db.entry(writer.entry_id)
+            entry = self.db.inode(writer.inode_id)
         except NotFound:
             return
-        if entry.sha1 is not None:
+        # A file with no name left (a temporary file, unlinked while open) is never
+        # uploaded: no one can name it.
+        if entry.sha1 is not None and entry.nlink > 0:
             self.uploader.enqueue(entry.channel, entry.sha1, entry.size)

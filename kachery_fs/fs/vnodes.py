@@ -9,7 +9,7 @@
     FeedsDir                  /<channel>/feeds
     FeedDir                   /<channel>/feeds/<feed-id>
     SubfeedFile               /<channel>/feeds/<feed-id>/<subfeed>
-    NamedEntry                /<channel>/<name>...  (a row of ``entries``: file or directory)
+    UserInode                 /<channel>/<name>...  (a row of ``inodes``, under its names)
 
 A node is a frozen value: two equal nodes are the same node of the tree, which is what
 :class:`~kachery_fs.fs.namespace.Namespace` numbers. Code that treats kinds differently
@@ -25,7 +25,7 @@ from typing import ClassVar
 @dataclass(frozen=True)
 class VNode:
     """One node of the tree. ``is_dir`` is true for the built-in directories; a
-    :class:`NamedEntry` is a directory when its row says so."""
+    :class:`UserInode` is a directory when its row's mode says so."""
 
     is_dir: ClassVar[bool] = False
 
@@ -100,8 +100,10 @@ class SubfeedFile(VNode):
 
 
 @dataclass(frozen=True)
-class NamedEntry(VNode):
-    """A file or directory the user made: row ``entry_id`` of ``entries``."""
+class UserInode(VNode):
+    """A file, directory, symbolic link or special file the user made: row ``inode_id``
+    of ``inodes``, under one name or more (or none, while it is open after its last name
+    went)."""
 
     channel: str
-    entry_id: int
+    inode_id: int

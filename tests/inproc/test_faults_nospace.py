@@ -107,7 +107,7 @@ class FS:
             await self.ops.release(fh)
 
     def named_sha1(self, inode: int) -> str | None:
-        return self.node.db.entry(inode - (1 << 40)).sha1
+        return self.node.db.inode(inode - (1 << 40)).sha1
 
 
 @contextmanager

@@ -84,8 +84,8 @@ def test_cp_p_keeps_the_modification_time(cluster, tmp_path):
     assert dest.stat().st_mtime_ns == then
     db = sqlite3.connect(f"file:{cluster.a / 'node.db'}?mode=ro", uri=True)
     try:
-        assert db.execute("SELECT mtime_ns FROM entries WHERE name = 'dated.txt'"
-                          ).fetchone() == (then,)
+        assert db.execute("SELECT i.mtime_ns FROM inodes i JOIN names n ON n.inode = i.id"
+                          " WHERE n.name = 'dated.txt'").fetchone() == (then,)
     finally:
         db.close()
 

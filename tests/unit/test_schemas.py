@@ -8,6 +8,7 @@ versions were numbered (with the DDL it ran on every open at 089f5a8): ``user_ve
 
 from __future__ import annotations
 
+import os
 import shutil
 import sqlite3
 import threading
@@ -118,8 +119,8 @@ def open_feeds(path):
 
 DATABASES = {
     # name: (file name, Schema, open with the real class, tables whose rows must survive)
-    "node.db": ("node.db", state.SCHEMA, open_node,
-                ("channels", "uploads", "entries", "feed_singles")),
+    # node.db's channels and entries change shape at version 2: see the test of that below
+    "node.db": ("node.db", state.SCHEMA, open_node, ("uploads", "feed_singles")),
     "store.db": ("store.db", store_cache.SCHEMA, open_store, ("objects", "totals")),
     "hub.db": ("hub.db", hub_storage.SCHEMA, open_hub,
                ("channels", "authorizations", "nonces", "objects", "file_requests",
@@ -153,6 +154,28 @@ def test_a_database_of_the_previous_version_keeps_its_rows_and_gets_the_current_
     assert {table: rows(path, table) for table in tables} == before
     assert [row[:2] for row in history(path)] == [
         (v, __version__) for v in range(1, schema.version + 1)]
+
+
+def test_node_db_entries_become_inodes_with_the_same_numbers_and_one_name_each(tmp_path):
+    path = tmp_path / "node.db"
+    make_old("node.db", path)
+    entries = rows(path, "entries")
+    channels = rows(path, "channels")
+    assert entries
+    open_node(path)
+    db = NodeDB(path)
+    try:
+        assert [c[:6] for c in rows(path, "channels")] == [c[:6] for c in channels]
+        for id_, channel, parent, name, is_dir, sha1, size, mode, mtime_ns in entries:
+            inode = db.lookup(channel, parent, name)
+            assert inode is not None and inode.id == id_  # the same inode number
+            assert (inode.is_dir, inode.sha1, inode.size, inode.mode & 0o7777,
+                    inode.mtime_ns, inode.uid) == (bool(is_dir), sha1, size, mode & 0o7777,
+                                                   mtime_ns, os.getuid())
+            subdirs = sum(1 for e in entries if e[2] == id_ and e[4])
+            assert inode.nlink == (2 + subdirs if is_dir else 1)
+    finally:
+        db.close()
 
 
 def test_the_current_schema_is_the_previous_versions(database, tmp_path):

@@ -11,6 +11,8 @@ from kachery_fs.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from kachery_fs.state import INODE_BASE, NodeDB
 from kachery_fs.store import StagingFile, Store
 
+from ..util import make_entry
+
 
 def sha1(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
@@ -98,28 +100,26 @@ def test_add_file_with_progress(tmp_path):
 # -- node database -----------------------------------------------------------------------
 
 
-def test_entries_tree(tmp_path):
+def test_inodes_and_names(tmp_path):
     db = NodeDB(tmp_path / "node.db")
-    d = db.create_entry("c", 0, "dir", is_dir=True, mode=0o755)
-    f = db.create_entry("c", d.id, "f", is_dir=False, mode=0o644)
-    assert d.inode == INODE_BASE + d.id
+    d = make_entry(db, "c", 0, "dir", is_dir=True, mode=0o755)
+    f = make_entry(db, "c", d.id, "f", is_dir=False, mode=0o644)
+    assert d.inode == INODE_BASE + d.id and db.inode(d.id).nlink == 2
     with pytest.raises(Conflict):
-        db.create_entry("c", d.id, "f", is_dir=False, mode=0o644)
+        db.add_name("c", d.id, "f", f.id)
     with pytest.raises(InvalidInput):
-        db.create_entry("c", 0, "a/b", is_dir=False, mode=0o644)
+        db.add_name("c", 0, "a/b", f.id)
     db.set_content(f.id, sha1(b"x"), 1)
     assert db.lookup("c", d.id, "f").sha1 == sha1(b"x")
-    with pytest.raises(Conflict):
-        db.delete_entry(d.id)
-    db.rename_entry(f.id, 0, "g")
-    assert db.lookup("c", 0, "g").id == f.id
-    g2 = db.create_entry("c", 0, "h", is_dir=False, mode=0o644)
-    db.rename_entry(g2.id, 0, "g")  # replaces the old g
-    assert db.lookup("c", 0, "g").id == g2.id
-    assert [e.name for e in db.children("c", 0)] == ["dir", "g"]
+    db.add_name("c", 0, "g", f.id)
+    db.add_links(f.id, 1)
+    assert db.lookup("c", 0, "g").id == f.id and db.inode(f.id).nlink == 2
+    assert [name for name, _ in db.children("c", 0)] == ["dir", "g"]
+    assert db.has_children("c", d.id) and db.subdirectories("c", 0) == 1
     db.close()
     db = NodeDB(tmp_path / "node.db")  # persists
-    assert db.lookup("c", 0, "g").id == g2.id
+    assert db.lookup("c", 0, "g").id == db.lookup("c", d.id, "f").id == f.id
+    db.close()
 
 
 def test_upload_queue(tmp_path):

@@ -15,10 +15,13 @@ import os
 import pytest
 
 from kachery_fs import cache
+from kachery_fs.fs.namespace import Namespace
+from kachery_fs.fs.vnodes import ChannelDir
 from kachery_fs.state import NodeDB
 from kachery_fs.store import Store
 
 from ..stores import SIZE, content, fetched, present, read, sha1
+from ..util import make_entry
 
 
 def written(store: Store, data: bytes) -> str:
@@ -41,7 +44,7 @@ def test_lru_eviction_keeps_what_is_pinned_and_what_is_open(node, monkeypatch):
     monkeypatch.setattr(cache, "WRITTEN_GRACE_S", 0.0)
     store = Store(directory, limit=10 * SIZE, pinned=db.pinned_sha1s)
     w = written(store, content("written"))
-    entry = db.create_entry("ch", 0, "mine.txt", is_dir=False, mode=0o644, sha1=w, size=SIZE)
+    make_entry(db, "ch", 0, "mine.txt", is_dir=False, mode=0o644, sha1=w, size=SIZE)
     orphan = written(store, content("overwritten version"))  # no entry, no upload
     u = fetched(store, content("pending upload"))
     db.enqueue_upload("ch", u, SIZE, again=True)  # provided on request: not done yet
@@ -73,7 +76,7 @@ def test_lru_eviction_keeps_what_is_pinned_and_what_is_open(node, monkeypatch):
     assert f[0] in present(store, f[0])
 
     # Once nothing needs them, written content and finished uploads are cache too.
-    db.delete_entry(entry.id)
+    Namespace(db).unlink(ChannelDir("ch"), "mine.txt")
     db.update_upload("ch", u, state="done")
     f.append(fetched(store, content("f10")))
     f.append(fetched(store, content("f11")))
@@ -105,7 +108,7 @@ def test_pinned_content_over_the_limit_warns_and_never_fails_a_write(node, caplo
     with caplog.at_level(logging.WARNING, logger="kachery_fs.cache"):
         added = [store.add_bytes(content(f"added {i}")) for i in range(4)]
         w = written(store, content("written"))
-        db.create_entry("ch", 0, "w", is_dir=False, mode=0o644, sha1=w, size=SIZE)
+        make_entry(db, "ch", 0, "w", is_dir=False, mode=0o644, sha1=w, size=SIZE)
     assert present(store, *added, w) == {*added, w}  # every write went through
     assert not store.has(x)  # what could go, went
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
@@ -138,7 +141,7 @@ def test_a_store_without_an_index_is_indexed_once(node):
         path.chmod(0o444)
         os.utime(path, (1_000_000 + i, 1_000_000 + i))  # the oldest first
         objects[tag] = h
-    db.create_entry("ch", 0, "named", is_dir=False, mode=0o644, sha1=objects["named"],
+    make_entry(db, "ch", 0, "named", is_dir=False, mode=0o644, sha1=objects["named"],
                     size=SIZE + 1)
     db.enqueue_upload("ch", objects["uploading"], SIZE + 4)
     # `put` by the earlier version, uploaded since: it must never become evictable cache.
