@@ -424,7 +424,9 @@ class Namespace:
             self.db.update_inode(row.id, **fields)
 
     def accessed(self, vnode: VNode) -> None:
-        """A file of the user's was read: its access time, as ``relatime`` keeps it."""
+        """A file of the user's was opened to be read: its access time, as ``relatime``
+        keeps it (at the open, not at each read: the kernel answers most reads from its
+        cache, and never tells us of them)."""
         if not isinstance(vnode, UserInode):
             return
         row = self.db.inode(vnode.inode_id)

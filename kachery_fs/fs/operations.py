@@ -59,8 +59,6 @@ class Handle:
     content: Content | None = None
     writer: Writer | None = None
     writes: bool = False
-    #: Whether a read through it has set the file's access time (once per handle).
-    accessed: bool = False
     #: For a subfeed file opened for appending: bytes written but not yet a whole line.
     pending: bytearray | None = None
 
@@ -361,6 +359,9 @@ class Operations(pyfuse3.Operations):
                 raise IsADirectory("a directory cannot be opened as a file")
             if not entry.is_file:  # the kernel opens special files itself
                 raise InvalidInput("not a regular file")
+            if accmode != os.O_WRONLY:
+                # At the open: a read the kernel answers from its cache never reaches us.
+                self.ns.accessed(vnode)
             if accmode != os.O_RDONLY:
                 await self._require_provide(entry.channel)
                 fh = await self._open_write(vnode, truncate=bool(flags & os.O_TRUNC))
@@ -406,9 +407,6 @@ class Operations(pyfuse3.Operations):
             handle = self._handles[fh]
             assert isinstance(handle, Handle)  # the kernel reads files only
             vnode = handle.vnode
-            if not handle.accessed:
-                handle.accessed = True
-                self.ns.accessed(vnode)
             if isinstance(vnode, SubfeedFile):
                 data = self._feeds().content(vnode.feed, vnode.subfeed)
                 return data[off:off + size]
