@@ -348,3 +348,65 @@ async def test_readdir_lists_a_channel_directory_and_sha1_lists_nothing(hub, nur
     assert await listing(fs, ROOT_INODE, monkeypatch) == [CH]
     assert await fuse_errno(fs.ops.opendir((await fs.ops.lookup(channel, names[0], CTX)).st_ino,
                                            CTX)) == errno.ENOTDIR
+
+
+# -- inodes apart from names: the kernel's references, links, special files --------------------
+
+
+async def test_an_unlinked_file_lives_until_the_kernel_forgets_it(hub, nursery):
+    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    channel = await channel_inode(fs)
+    attrs = await write_file(fs, channel, b"temp", b"kept while open")  # create: one reference
+    fh = (await fs.ops.open(attrs.st_ino, os.O_RDONLY, CTX)).fh
+    await fs.ops.unlink(channel, b"temp", CTX)
+    assert (await fs.ops.getattr(attrs.st_ino, CTX)).st_nlink == 0
+    assert await fs.ops.read(fh, 0, 100) == b"kept while open"
+    await fs.ops.release(fh)
+    await fs.ops.forget([(attrs.st_ino, 1)])
+    assert await fuse_errno(fs.ops.getattr(attrs.st_ino, CTX)) == errno.ENOENT
+
+
+async def test_every_entry_the_kernel_is_given_is_a_reference_to_forget(hub, nursery,
+                                                                        monkeypatch):
+    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    channel = await channel_inode(fs)
+    ino = (await write_file(fs, channel, b"f", b"x")).st_ino  # 1
+    await fs.ops.lookup(channel, b"f", CTX)  # 2
+    assert await listing(fs, channel, monkeypatch) == ["sha1", "feeds", "f"]  # 3 (plus)
+    await fs.ops.unlink(channel, b"f", CTX)
+    await fs.ops.forget([(ino, 2)])
+    assert (await fs.ops.getattr(ino, CTX)).st_nlink == 0  # one reference left
+    await fs.ops.forget([(ino, 1)])
+    assert await fuse_errno(fs.ops.getattr(ino, CTX)) == errno.ENOENT
+
+
+async def test_link_symlink_readlink_and_mknod_through_the_handlers(hub, nursery):
+    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    channel = await channel_inode(fs)
+    f = await write_file(fs, channel, b"data", b"payload")
+    linked = await fs.ops.link(f.st_ino, channel, b"data2", CTX)
+    assert linked.st_ino == f.st_ino and linked.st_nlink == 2
+    link = await fs.ops.symlink(channel, b"ln", b"data", CTX)
+    assert stat.S_ISLNK(link.st_mode) and await fs.ops.readlink(link.st_ino, CTX) == b"data"
+    assert await fuse_errno(fs.ops.readlink(f.st_ino, CTX)) == errno.EINVAL
+    fifo = await fs.ops.mknod(channel, b"p", stat.S_IFIFO | 0o644, 0, CTX)
+    assert stat.S_ISFIFO(fifo.st_mode)
+    plain = await fs.ops.mknod(channel, b"empty", stat.S_IFREG | 0o644, 0, CTX)
+    assert await read_file(fs, plain.st_ino, 10) == b""
+    assert await fuse_errno(fs.ops.link(channel, channel, b"chan2", CTX)) == errno.EPERM
+    for inode in (link.st_ino, fifo.st_ino):  # names only: no content by hash
+        assert await fuse_errno(fs.ops.getxattr(inode, b"user.kachery.uri", CTX)) in (
+            pyfuse3.ENOATTR,)
+
+
+async def test_chown_is_kept_and_never_success_for_nothing(hub, nursery):
+    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    channel = await channel_inode(fs)
+    f = await write_file(fs, channel, b"owned", b"x")
+    wanted = SimpleNamespace(st_uid=1234, st_gid=5678)
+    attrs = await fs.ops.setattr(f.st_ino, wanted, setattr_fields(uid=True, gid=True), None,
+                                 CTX)
+    assert (attrs.st_uid, attrs.st_gid) == (1234, 5678)
+    sha1_dir = await fs.sha1_inode()
+    assert await fuse_errno(fs.ops.setattr(sha1_dir, wanted, setattr_fields(uid=True), None,
+                                           CTX)) == errno.EROFS
