@@ -10,12 +10,14 @@ the node database and resume at the next mount.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
 import signal
 import subprocess
 from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
@@ -41,6 +43,28 @@ def check_mountpoint(mountpoint: Path) -> None:
         raise InvalidInput("/dev/fuse is missing: install fuse3 and load the fuse module")
 
 
+@contextmanager
+def one_mount_per_node(node_dir: Path, mountpoint: Path):
+    """Hold the node directory's ``mount.lock`` (an exclusive ``flock``) for the block:
+    two mounts of one node would each think they alone hold its inodes (a file unlinked
+    while open in one is removed at the start of the other) and serve one database."""
+    fd = os.open(node_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            raise InvalidInput(
+                f"node {node_dir} is mounted already ({holder or 'by another process'}):"
+                " one mount per node; unmount that one first (kachery-fs umount), or use"
+                " another node directory (KACHERY_FS_DIR)") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"at {mountpoint}, process {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # and so the lock
+
+
 async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     debug: bool = False, request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
                     bwlimit: float | None = None, strict: bool = False,
@@ -49,6 +73,16 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
     mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
+    with one_mount_per_node(node.dir, mountpoint):
+        await _serve(node, mountpoint, allow_other=allow_other, debug=debug,
+                     request_timeout=request_timeout, bwlimit=bwlimit, strict=strict,
+                     also=also, task_status=task_status)
+
+
+async def _serve(node: Node, mountpoint: Path, *, allow_other: bool, debug: bool,
+                 request_timeout: float, bwlimit: float | None, strict: bool,
+                 also: Callable[[trio.Nursery], Awaitable[None]] | None,
+                 task_status) -> None:
     async with running(node, provide=True, feeds=True, bwlimit=bwlimit,
                        request_timeout=request_timeout, strict=strict) as parts:
         nursery = parts.nursery

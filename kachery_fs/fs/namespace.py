@@ -404,21 +404,12 @@ class Namespace:
         cannot be changed (``ReadOnly``)."""
         if not isinstance(vnode, UserInode):
             raise ReadOnly(f"{vnode} cannot be changed")
-        fields: dict[str, int] = {}
         row = self.db.inode(vnode.inode_id)
-        if mode is not None:
-            fields["mode"] = stat.S_IFMT(row.mode) | (mode & 0o7777)
-        if uid is not None:
-            fields["uid"] = uid
-        if gid is not None:
-            fields["gid"] = gid
-        if atime_ns is not None:
-            fields["atime_ns"] = atime_ns
-        if mtime_ns is not None:
-            fields["mtime_ns"] = mtime_ns
-        if ctime_ns is not None:
-            fields["ctime_ns"] = ctime_ns
-        elif fields.keys() & {"mode", "uid", "gid"}:
+        given = {"uid": uid, "gid": gid, "atime_ns": atime_ns, "mtime_ns": mtime_ns,
+                 "ctime_ns": ctime_ns,
+                 "mode": None if mode is None else stat.S_IFMT(row.mode) | (mode & 0o7777)}
+        fields = {name: value for name, value in given.items() if value is not None}
+        if ctime_ns is None and fields.keys() & {"mode", "uid", "gid"}:
             fields["ctime_ns"] = time.time_ns()
         if fields:
             self.db.update_inode(row.id, **fields)

@@ -284,9 +284,9 @@ class Staging:
                 sha1 = await trio.to_thread.run_sync(staging.commit)  # discards it if it fails
                 try:
                     entry = self.db.inode(writer.inode_id)
-                except NotFound:  # not while the kernel holds it open: a bug, not lost
-                    log.warning("inode %d is gone; sha1://%s stays in the store",
-                                writer.inode_id, sha1)
+                except NotFound:  # unlinked, and forgotten before this last close ended
+                    log.info("inode %d has no name left; sha1://%s stays in the store",
+                             writer.inode_id, sha1)
                     return
                 self.db.set_content(writer.inode_id, sha1, size, mtime_ns=writer.mtime_ns)
             except Exception as exc:

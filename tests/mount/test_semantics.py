@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ..util import make_cluster, mounted, require_fuse, xattr
+from ..util import assert_one_line_error, make_cluster, mounted, require_fuse, run_cli, xattr
 
 CHANNEL = "posix"
 
@@ -266,3 +266,12 @@ def test_posix_fallocate_extends_a_file(cluster):
             os.close(fd)
         data = (ch / "reserved").read_bytes()
         assert data[:4] == b"head" and data[4:] == bytes((1 << 20) - 4)
+
+
+def test_a_node_mounted_already_is_not_mounted_twice(cluster, tmp_path):
+    with channel_dir(cluster):
+        (tmp_path / "second").mkdir()
+        result = run_cli(cluster.a, "mount", "--foreground", str(tmp_path / "second"))
+        assert_one_line_error(result, f"node {cluster.a} is mounted already (at"
+                              f" {cluster.mnt_a}, process")
+        assert not os.path.ismount(tmp_path / "second")
