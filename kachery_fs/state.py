@@ -94,7 +94,7 @@ CREATE TABLE inodes (
 CREATE TABLE names (
     channel TEXT NOT NULL,
     parent INTEGER NOT NULL,      -- an inode id; 0 = the channel directory itself
-    name TEXT NOT NULL,
+    name BLOB NOT NULL,           -- the name's bytes, as the kernel gives them (any but / and NUL)
     inode INTEGER NOT NULL,
     PRIMARY KEY (channel, parent, name)
 ) WITHOUT ROWID;
@@ -106,17 +106,17 @@ ALTER TABLE channels ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;
 
 def _v2_inodes(db) -> None:
     """Each row of version 1's ``entries`` becomes an inode with the same id (so inode
-    numbers stay as they were) and one name; its owner is whoever runs this (the node's
-    user: version 1 kept no owners)."""
-    uid, gid = os.getuid(), os.getgid()
+    numbers stay as they were) and one name; its owner is the owner of the database
+    file (the node's user: version 1 kept no owners), whoever opens it first."""
+    uid, gid = _file_owner(db)
     db.execute(
         "INSERT INTO inodes (id, channel, mode, uid, gid, nlink, sha1, size, atime_ns,"
         " mtime_ns, ctime_ns) SELECT id, channel, (mode & 4095) | (CASE WHEN is_dir THEN ?"
         " ELSE ? END), ?, ?, CASE WHEN is_dir THEN 2 + (SELECT COUNT(*) FROM entries c"
         " WHERE c.parent = e.id AND c.is_dir) ELSE 1 END, sha1, size, mtime_ns, mtime_ns,"
         " mtime_ns FROM entries e", (stat.S_IFDIR, stat.S_IFREG, uid, gid))
-    db.execute("INSERT INTO names (channel, parent, name, inode) SELECT channel, parent, name,"
-               " id FROM entries")
+    db.execute("INSERT INTO names (channel, parent, name, inode) SELECT channel, parent,"
+               " CAST(name AS BLOB), id FROM entries")
     # Ids are never reused, also those of entries deleted before this version.
     seq = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'entries'").fetchone()
     if seq is not None:
@@ -125,6 +125,15 @@ def _v2_inodes(db) -> None:
     db.execute("DROP TABLE entries")
     db.execute("UPDATE channels SET mtime_ns = CAST(joined_at * 1e9 AS INTEGER),"
                " ctime_ns = CAST(joined_at * 1e9 AS INTEGER)")
+
+
+def _file_owner(db) -> tuple[int, int]:
+    """(uid, gid) of the file of connection ``db``; this process's for one in memory."""
+    for _, name, file in db.execute("PRAGMA database_list"):
+        if name == "main" and file:
+            st = os.stat(file)
+            return st.st_uid, st.st_gid
+    return os.getuid(), os.getgid()
 
 
 #: ``node.db``'s versions (see :mod:`kachery_fs._sqlite`).
@@ -388,7 +397,7 @@ class NodeDB:
         row = self._db.execute(
             f"SELECT {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))} FROM names n"
             " JOIN inodes i ON i.id = n.inode WHERE n.channel = ? AND n.parent = ?"
-            " AND n.name = ?", (channel, parent, name)).fetchone()
+            " AND n.name = ?", (channel, parent, os.fsencode(name))).fetchone()
         return Inode(*row) if row else None
 
     def children(self, channel: str, parent: int) -> list[tuple[str, Inode]]:
@@ -397,7 +406,7 @@ class NodeDB:
             f"SELECT n.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
             " FROM names n JOIN inodes i ON i.id = n.inode WHERE n.channel = ?"
             " AND n.parent = ? ORDER BY n.name", (channel, parent)).fetchall()
-        return [(r[0], Inode(*r[1:])) for r in rows]
+        return [(os.fsdecode(r[0]), Inode(*r[1:])) for r in rows]
 
     def has_children(self, channel: str, parent: int) -> bool:
         return self._db.execute("SELECT 1 FROM names WHERE channel = ? AND parent = ? LIMIT 1",
@@ -414,7 +423,7 @@ class NodeDB:
         """(parent, name) of one name of ``inode_id`` (a directory has one), or None."""
         row = self._db.execute("SELECT parent, name FROM names WHERE inode = ? LIMIT 1",
                                (inode_id,)).fetchone()
-        return (row[0], row[1]) if row else None
+        return (row[0], os.fsdecode(row[1])) if row else None
 
     def new_inode(self, channel: str, *, mode: int, uid: int, gid: int, nlink: int = 1,
                   rdev: int = 0, target: bytes | None = None, sha1: str | None = None,
@@ -433,13 +442,13 @@ class NodeDB:
         _check_name(name)
         try:
             self._db.execute("INSERT INTO names (channel, parent, name, inode) VALUES"
-                             " (?, ?, ?, ?)", (channel, parent, name, inode_id))
+                             " (?, ?, ?, ?)", (channel, parent, os.fsencode(name), inode_id))
         except sqlite3.IntegrityError:
             raise Conflict(f"{name!r} already exists") from None
 
     def remove_name(self, channel: str, parent: int, name: str) -> None:
         self._db.execute("DELETE FROM names WHERE channel = ? AND parent = ? AND name = ?",
-                         (channel, parent, name))
+                         (channel, parent, os.fsencode(name)))
 
     def move_name(self, channel: str, parent: int, name: str, new_parent: int,
                   new_name: str) -> None:
@@ -447,12 +456,13 @@ class NodeDB:
         _check_name(new_name)
         self._db.execute("UPDATE names SET parent = ?, name = ? WHERE channel = ?"
                          " AND parent = ? AND name = ?",
-                         (new_parent, new_name, channel, parent, name))
+                         (new_parent, os.fsencode(new_name), channel, parent,
+                          os.fsencode(name)))
 
     def point_name(self, channel: str, parent: int, name: str, inode_id: int) -> None:
         """Make an existing name name another inode."""
         self._db.execute("UPDATE names SET inode = ? WHERE channel = ? AND parent = ?"
-                         " AND name = ?", (inode_id, channel, parent, name))
+                         " AND name = ?", (inode_id, channel, parent, os.fsencode(name)))
 
     def update_inode(self, inode_id: int, **fields) -> None:
         """Set columns of an inode (``mode``, ``uid``, ``gid``, ``nlink``, ``sha1``,
@@ -472,7 +482,8 @@ class NodeDB:
 
     def delete_inode(self, inode_id: int) -> None:
         """Remove an inode that has no name left (kept while it was open)."""
-        self._db.execute("DELETE FROM inodes WHERE id = ? AND nlink = 0", (inode_id,))
+        self._db.execute("DELETE FROM inodes WHERE id = ? AND nlink = 0 AND NOT EXISTS"
+                         " (SELECT 1 FROM names WHERE inode = inodes.id)", (inode_id,))
 
     def delete_unlinked(self) -> int:
         """Remove every inode without a name: left by a mount that ended while they were

@@ -8,6 +8,7 @@ hash, and query parameters are all accepted. Emitted URIs are always lower-case.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 from dataclasses import dataclass, field
 from typing import TypeGuard
@@ -80,8 +81,8 @@ def format_uri(sha1: str, label: str | None = None, *, manifest: str | None = No
     (kachery.md §1.4)."""
     uri = f"sha1://{normalize_sha1(sha1)}"
     if manifest is not None:
-        return (uri + (f"/{quote(label, safe='')}" if label else "")
+        return (uri + (f"/{quote(os.fsencode(label), safe='')}" if label else "")
                 + f"?manifest={normalize_sha1(manifest)}")
     if label:
-        uri += "?label=" + quote(label, safe="")
+        uri += "?label=" + quote(os.fsencode(label), safe="")  # a name's bytes, any of them
     return uri

@@ -77,6 +77,8 @@ class Namespace:
         self._next = ROOT_INODE + 1
         #: The kernel's lookup count of each of the user's inodes it holds.
         self._lookups: dict[int, int] = {}
+        #: How many times the names of each directory (channel, id) have changed.
+        self._generations: dict[tuple[str, int], int] = {}
 
     @staticmethod
     def inode_number(inode_id: int) -> int:
@@ -161,8 +163,11 @@ class Namespace:
             case ChannelDir(channel=channel):
                 return channel, 0
             case UserInode(channel=channel, inode_id=inode_id):
-                if not self.db.inode(inode_id).is_dir:
+                row = self.db.inode(inode_id)
+                if not row.is_dir:
                     raise NotADirectory("not a directory")
+                if row.nlink == 0:  # removed, still someone's working directory
+                    raise NotFound("the directory was removed")
                 return channel, inode_id
             case Root():
                 raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
@@ -458,8 +463,16 @@ class Namespace:
         if to_id:
             self.db.add_links(to_id, 1)
 
+    def generation(self, channel: str, parent_id: int) -> int:
+        """A number that changes whenever a name in directory ``parent_id`` (0: the
+        channel's) is added, removed or pointed at another inode, by this mount (the
+        only writer of names: one mount per node)."""
+        return self._generations.get((channel, parent_id), 0)
+
     def _changed(self, channel: str, parent_id: int, now: int) -> None:
         """A name was added to or removed from a directory: its mtime and ctime."""
+        key = (channel, parent_id)
+        self._generations[key] = self._generations.get(key, 0) + 1
         if parent_id:
             self.db.update_inode(parent_id, mtime_ns=now, ctime_ns=now)
         else:

@@ -33,7 +33,7 @@ from ..errors import (
 )
 from ..feeds import FeedFiles
 from ..resolver import Content, LocalContent, Resolver, SharedChunks
-from ..state import NodeDB
+from ..state import INODE_BASE, NodeDB
 from ..store import Store
 from ..uploader import Uploader
 from ..uris import format_uri
@@ -66,6 +66,10 @@ class Handle:
 @dataclass
 class DirHandle:
     entries: list = field(default_factory=list)
+    #: For one of the user's directories: (channel, its id) and the generation of its
+    #: names when it was listed (see ``Namespace.generation``); None for a built-in one.
+    names_of: tuple[str, int] | None = None
+    generation: int = 0
 
 
 class Operations(pyfuse3.Operations):
@@ -219,22 +223,35 @@ class Operations(pyfuse3.Operations):
                     names = self._feeds().feed_ids()
                 case FeedDir(feed=feed):
                     names = self._feeds().subfeed_names(feed)
-            entries = []
+            handle = DirHandle()
+            if isinstance(vnode, ChannelDir | UserInode):
+                handle.names_of = self.ns.directory(vnode)
+                handle.generation = self.ns.generation(*handle.names_of)
             for name, child in self.ns.children(vnode, names):
                 size = 0
                 if isinstance(child, SubfeedFile):
                     size = len(self._feeds().content(child.feed, child.subfeed))
-                entries.append((os.fsencode(name), self._attrs(child, size=size)))
-            return self._new_handle(DirHandle(entries))
+                handle.entries.append((name, self._attrs(child, size=size)))
+            return self._new_handle(handle)
 
     async def readdir(self, fh, start_id, token):
         with fuse_errors("readdir"):
             handle = self._handles[fh]
             assert isinstance(handle, DirHandle)  # opened by opendir
+            where = handle.names_of
+            stale = where is not None and self.ns.generation(*where) != handle.generation
             for index in range(start_id, len(handle.entries)):
                 name, attrs = handle.entries[index]
+                if stale and attrs.st_ino >= INODE_BASE:
+                    # Names changed since the listing: an entry must not give the kernel
+                    # an inode its name no longer has (one replaced by rename may be gone).
+                    assert where is not None
+                    row = self.db.lookup(where[0], where[1], name)
+                    if row is None:
+                        continue  # removed meanwhile
+                    attrs = self._attrs(UserInode(row.channel, row.id))
                 # pyfuse3 answers READDIRPLUS: each entry given is a lookup.
-                if not pyfuse3.readdir_reply(token, name, attrs, index + 1):
+                if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
                     break
                 self.ns.remember(attrs.st_ino)
 
@@ -286,6 +303,8 @@ class Operations(pyfuse3.Operations):
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with fuse_errors("rename"):
+            if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):  # RENAME_WHITEOUT: overlayfs's
+                raise InvalidInput(f"rename flags {flags:#x} are not supported")
             self.ns.rename(self.ns.vnode(parent_inode_old), os.fsdecode(name_old),
                            self.ns.vnode(parent_inode_new), os.fsdecode(name_new),
                            noreplace=bool(flags & RENAME_NOREPLACE),
@@ -586,7 +605,7 @@ class Operations(pyfuse3.Operations):
         if manifest is None:
             known = self.store.cache.known_manifest(sha1)
             manifest = known[0] if known is not None else None
-        return format_uri(sha1, label, manifest=manifest).encode()
+        return os.fsencode(format_uri(sha1, label, manifest=manifest))
 
     async def setxattr(self, inode, name, value, ctx):
         raise pyfuse3.FUSEError(errno.ENOTSUP)

@@ -410,3 +410,25 @@ async def test_chown_is_kept_and_never_success_for_nothing(hub, nursery):
     sha1_dir = await fs.sha1_inode()
     assert await fuse_errno(fs.ops.setattr(sha1_dir, wanted, setattr_fields(uid=True), None,
                                            CTX)) == errno.EROFS
+
+
+async def test_a_listing_never_gives_the_kernel_an_inode_its_name_lost(hub, nursery,
+                                                                       monkeypatch):
+    fs = await mount_in_process(await make_node(hub, "node"), nursery)
+    channel = await channel_inode(fs)
+    old = (await write_file(fs, channel, b"config", b"old")).st_ino
+    await write_file(fs, channel, b"gone", b"x")
+    fh = await fs.ops.opendir(channel, CTX)  # the listing is made here
+    new = (await write_file(fs, channel, b"config.new", b"new")).st_ino
+    await fs.ops.rename(channel, b"config.new", channel, b"config", 0, CTX)
+    await fs.ops.unlink(channel, b"gone", CTX)
+    given: dict[bytes, int] = {}
+
+    def reply(token, name, attrs, next_id):
+        given[name] = attrs.st_ino
+        return True
+
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    await fs.ops.readdir(fh, 0, None)
+    await fs.ops.releasedir(fh)
+    assert given[b"config"] == new != old and b"gone" not in given

@@ -85,7 +85,7 @@ def test_cp_p_keeps_the_modification_time(cluster, tmp_path):
     db = sqlite3.connect(f"file:{cluster.a / 'node.db'}?mode=ro", uri=True)
     try:
         assert db.execute("SELECT i.mtime_ns FROM inodes i JOIN names n ON n.inode = i.id"
-                          " WHERE n.name = 'dated.txt'").fetchone() == (then,)
+                          " WHERE n.name = CAST('dated.txt' AS BLOB)").fetchone() == (then,)
     finally:
         db.close()
 

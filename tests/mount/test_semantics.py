@@ -275,3 +275,16 @@ def test_a_node_mounted_already_is_not_mounted_twice(cluster, tmp_path):
         assert_one_line_error(result, f"node {cluster.a} is mounted already (at"
                               f" {cluster.mnt_a}, process")
         assert not os.path.ismount(tmp_path / "second")
+
+
+def test_a_name_that_is_not_utf8_is_a_name_like_any(cluster):
+    with channel_dir(cluster) as ch:
+        raw = os.fsencode(ch) + b"/caf\xe9.txt"  # Latin-1, as old archives have them
+        with open(raw, "wb") as f:
+            f.write(b"accent")
+        assert b"caf\xe9.txt" in os.listdir(os.fsencode(ch))
+        os.rename(raw, os.fsencode(ch) + b"/\xff")
+        with open(os.fsencode(ch) + b"/\xff", "rb") as f:
+            assert f.read() == b"accent"
+        assert os.getxattr(os.fsencode(ch) + b"/\xff", "user.kachery.uri").endswith(
+            b"?label=%FF")

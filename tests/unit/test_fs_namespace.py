@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 
 import pytest
@@ -307,3 +308,31 @@ def test_symbolic_links_and_special_files_are_names_with_a_target_or_device(ns):
     dev = mk(ns, CH, "c", stat.S_IFCHR, 0o600, rdev=0x0501)
     assert stat.S_ISFIFO(row(ns, fifo).mode) and row(ns, dev).rdev == 0x0501
     assert [n for n, _ in ns.children(CH)] == ["sha1", "feeds", "c", "l", "p"]
+
+
+def test_nothing_is_made_in_a_removed_directory(ns):
+    d = mk(ns, CH, "d", stat.S_IFDIR, 0o755)
+    ns.remember(ns.inode(d))  # someone's working directory
+    ns.rmdir(CH, "d")
+    with pytest.raises(NotFound):
+        mk(ns, d, "y")
+    assert ns.forget(ns.inode(d), 1)
+
+
+def test_each_change_of_names_in_a_directory_changes_its_generation(ns):
+    d = mk(ns, CH, "d", stat.S_IFDIR, 0o755)
+    seen = {ns.generation("ch", d.inode_id)}
+    for change in (lambda: mk(ns, d, "a"), lambda: mk(ns, d, "b"),
+                   lambda: ns.rename(d, "b", d, "a"), lambda: ns.unlink(d, "a")):
+        change()
+        seen.add(ns.generation("ch", d.inode_id))
+    assert len(seen) == 5
+
+
+def test_names_are_bytes_that_need_not_be_utf8(ns):
+    name = os.fsdecode(b"caf\xe9.txt")  # Latin-1, as old archives have them
+    f = mk(ns, CH, name)
+    assert ns.lookup(CH, name) == f
+    assert [n for n, _ in ns.children(CH)][-1] == name
+    ns.rename(CH, name, CH, os.fsdecode(b"\xff"))
+    assert ns.db.name_of(f.inode_id) == (0, os.fsdecode(b"\xff"))
