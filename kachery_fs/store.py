@@ -63,14 +63,23 @@ COPY_CHUNK = 1 << 20
 #: thread that hashes each file whole: hashlib lets go of the GIL while it hashes a large
 #: buffer, as os.pread does while it reads, so the two run on two cores.
 CHUNK_HASHERS = 2
+#: A file written in order is hashed whole on a pool thread, a step behind the writes, each
+#: time they have gone this far past what is hashed: the thread that serves the writes
+#: (the mount's event loop) only writes them, and the commit hashes at most one step.
+HASH_STEP = 4 << 20
+#: How many writes past the bytes written in order a staging file keeps track of before it
+#: gives up on hashing as it goes (and hashes the file again at its commit).
+MAX_AHEAD = 4096
 
 
 class StagingFile:
     """A file being written, hashed as it goes, committed into the store on close.
 
-    Sequential writes (the common case: ``cp``, ``>``) are hashed on the fly. A write
-    anywhere else marks the hash stale, and :meth:`commit` re-reads the file once.
-    Not thread-safe: the mount serialises access per open file.
+    Sequential writes (the common case: ``cp``, ``>``) are hashed as they go, on a pool
+    thread that reads them back from the file (the page cache has them) every
+    :data:`HASH_STEP` bytes, not by the writer: a write costs the caller its ``pwrite``
+    only. A write anywhere else marks the hash stale, and :meth:`commit` re-reads the
+    file once. Not thread-safe: the mount serialises access per open file.
 
     With ``manifest``, a file over :data:`~kachery_fs.manifest.CHUNK_SIZE` bytes also gets
     its kachery manifest. While the writes are sequential, each chunk they have written
@@ -89,8 +98,11 @@ class StagingFile:
         self._store = store
         self.path = path
         self.fd = fd
-        self._hasher = hashlib.sha1()
-        self._hashed = 0  # bytes [0, _hashed) are in _hasher
+        self._whole = _InOrder()  # the SHA-1 of bytes [0, _whole.done), on the pool
+        self._whole_jobs: list[concurrent.futures.Future[None]] = []
+        self._hashed = 0  # bytes [0, _hashed) were written in order (given to _whole)
+        #: Writes past ``_hashed``, not yet joined to it: their start → their end.
+        self._ahead: dict[int, int] = {}
         self._sequential = True
         self.size = 0
         self._chunk_size = kachery_manifest.CHUNK_SIZE  # read once: one size per file
@@ -121,12 +133,22 @@ class StagingFile:
     def write(self, offset: int, data: bytes) -> int:
         n = os.pwrite(self.fd, data, offset)
         if self._sequential and offset == self._hashed:
-            self._hasher.update(data[:n])
             self._hashed += n
+            while self._hashed in self._ahead:  # writes that came before their turn
+                self._hashed = self._ahead.pop(self._hashed)
+            if (job := self._whole.written(self.fd, self._hashed)) is not None:
+                # Kept until done, or failed (the commit raises its error).
+                self._whole_jobs = [j for j in self._whole_jobs
+                                    if not j.done() or j.exception() is not None] + [job]
             if self._chunk_jobs is not None:
                 self._hash_passed_chunks()
+        elif (self._sequential and offset > self._hashed and n
+              and len(self._ahead) < MAX_AHEAD):
+            # The kernel writes its cached pages back in no set order: a write past the
+            # bytes written in order waits here for those before it.
+            self._ahead[offset] = max(self._ahead.get(offset, 0), offset + n)
         else:
-            self._sequential = False  # commit() re-reads the file once
+            self._sequential = False  # a rewrite: commit() re-reads the file once
         self.size = max(self.size, offset + n)
         return n
 
@@ -155,7 +177,7 @@ class StagingFile:
 
     def truncate(self, length: int) -> None:
         os.ftruncate(self.fd, length)
-        if not (length == self._hashed == self.size):
+        if not (length == self._hashed == self.size and not self._ahead):
             self._sequential = False
         self.size = length
 
@@ -166,7 +188,9 @@ class StagingFile:
         step, size = self._chunk_size, self.size
         wanted = self._chunk_jobs is not None and size > step
         if self._sequential and self._hashed == size:
-            sha1 = self._hasher.hexdigest()
+            for whole in self._whole_jobs:
+                whole.result()  # a read that failed fails the commit
+            sha1 = self._whole.finish(self.fd, size)  # the rest, here
             chunks = [job.result() for job in jobs]  # the last one too: see commit()
         else:
             log.debug("%s was not written in order: hashed again (%d bytes)", self.path, size)
@@ -497,6 +521,68 @@ class Store:
         return removed
 
 
+class _InOrder:
+    """The SHA-1 of the bytes a file was written with in order, taken behind the writes by
+    at most one pool job at a time, which follows them until it has caught up; the commit
+    waits for it, then hashes the rest (:meth:`finish`)."""
+
+    def __init__(self):
+        self.hasher = hashlib.sha1()
+        self.done = 0  # bytes [0, done) are in hasher
+        self._target = 0  # bytes [0, _target) were written in order
+        self._running = False
+        self._lock = threading.Lock()  # for the fields above; never held while hashing
+
+    def written(self, fd: int, end: int) -> concurrent.futures.Future[None] | None:
+        """Bytes [0, end) are written: a job to hash them, when :data:`HASH_STEP` of them
+        wait and no job runs (it reads through a duplicate of ``fd`` that it owns, as in
+        :func:`_hash_on_pool`)."""
+        with self._lock:
+            self._target = end
+            if self._running or end - self.done < HASH_STEP:
+                return None
+            self._running = True
+        own = os.dup(fd)
+        try:
+            return _the_pool().submit(self._follow, own)
+        except BaseException:
+            os.close(own)
+            with self._lock:
+                self._running = False
+            raise
+
+    def _follow(self, fd: int) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self.done >= self._target:
+                        self._running = False
+                        return
+                    start, end = self.done, min(self._target, self.done + COPY_CHUNK)
+                self._hash(fd, start, end)
+        except BaseException:
+            with self._lock:
+                self._running = False
+            raise
+        finally:
+            os.close(fd)
+
+    def finish(self, fd: int, end: int) -> str:
+        """The SHA-1 of bytes [0, end), once no job runs (the caller waited for them)."""
+        while self.done < end:
+            self._hash(fd, self.done, min(end, self.done + COPY_CHUNK))
+        return self.hasher.hexdigest()
+
+    def _hash(self, fd: int, start: int, end: int) -> None:
+        block = os.pread(fd, end - start, start)
+        if not block:
+            raise IntegrityError(f"a file being written ends at byte {start:,}, before the"
+                                 f" {end:,} written to it")
+        self.hasher.update(block)
+        with self._lock:
+            self.done = start + len(block)
+
+
 def _hash_range(fd: int, start: int, end: int) -> str:
     """The SHA-1 of bytes ``[start, end)`` of the file open as ``fd``, read a block at a
     time."""
@@ -520,18 +606,22 @@ def _hash_on_pool(fd: int, start: int, end: int) -> concurrent.futures.Future[st
     """:func:`_hash_range` on a chunk-hashing thread, through a duplicate of ``fd`` that
     the job owns and closes: whatever becomes of ``fd`` meanwhile (a staging file
     discarded, its number reused), the job reads the file it was given."""
+    own = os.dup(fd)
+    try:
+        return _the_pool().submit(_hash_range_and_close, own, start, end)
+    except BaseException:
+        os.close(own)
+        raise
+
+
+def _the_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that hash files being written (made at the first use)."""
     global _pool
     with _pool_lock:
         if _pool is None:
             _pool = concurrent.futures.ThreadPoolExecutor(CHUNK_HASHERS,
-                                                          thread_name_prefix="chunk-sha1")
-        pool = _pool
-    own = os.dup(fd)
-    try:
-        return pool.submit(_hash_range_and_close, own, start, end)
-    except BaseException:
-        os.close(own)
-        raise
+                                                          thread_name_prefix="staging-sha1")
+        return _pool
 
 
 def _hash_range_and_close(fd: int, start: int, end: int) -> str:

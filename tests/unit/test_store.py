@@ -132,3 +132,42 @@ def test_upload_queue(tmp_path):
     assert [u.sha1 for u in db.pending_uploads()] == ["a" * 40]
     db.update_upload("c", "a" * 40, state="done")
     assert not db.enqueue_upload("c", "a" * 40, 10)
+
+
+def test_a_large_file_written_in_order_is_hashed_behind_the_writes(tmp_path, monkeypatch):
+    import kachery_fs.store as store_module
+
+    monkeypatch.setattr(store_module, "HASH_STEP", 1 << 16)
+    store = Store(tmp_path)
+    data = os.urandom(3 << 20)
+    staging = store.new_staging()
+    for offset in range(0, len(data), 1 << 17):
+        staging.write(offset, data[offset:offset + (1 << 17)])
+    for job in staging._whole_jobs:
+        job.result()
+    assert staging._whole.done > 0  # the pool took most of it, not the commit
+    assert staging.commit() == sha1(data)
+    assert store.path(sha1(data)).read_bytes() == data
+    store.close()
+
+
+def test_writes_back_out_of_order_are_still_hashed_as_they_go(tmp_path):
+    store = Store(tmp_path)
+    data = os.urandom(1 << 20)
+    staging = store.new_staging()
+    page = 4096
+    order = []
+    for window in range(0, len(data), 8 * page):  # as the kernel's writeback sends them
+        order += sorted(range(window, window + 8 * page, page), key=lambda o: -o)
+    for offset in order:
+        staging.write(offset, data[offset:offset + page])
+    assert staging._sequential and staging._hashed == len(data)  # no second pass
+    assert staging.commit() == sha1(data)
+    rewritten = store.new_staging()
+    rewritten.write(0, data[:page])
+    rewritten.write(2 * page, b"x" * page)  # ahead of its turn
+    rewritten.write(page, data[page:2 * page])
+    rewritten.write(page, b"y" * page)  # a rewrite of what is hashed: hashed again
+    assert not rewritten._sequential
+    assert rewritten.commit() == sha1(data[:page] + b"y" * page + b"x" * page)
+    store.close()
