@@ -200,6 +200,8 @@ class Inode:
 
 _INODE_COLS = ("id, channel, mode, uid, gid, nlink, sha1, size, rdev, target, atime_ns,"
                " mtime_ns, ctime_ns")
+#: The same columns of ``inodes i`` in a join with ``names``.
+_JOINED_INODE_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 _S_IFMT = 0o170000  # the file type bits of st_mode
 #: The columns of an inode that :meth:`NodeDB.update_inode` may set.
 _SETTABLE = frozenset({"mode", "uid", "gid", "nlink", "sha1", "size", "atime_ns", "mtime_ns",
@@ -395,7 +397,7 @@ class NodeDB:
     def lookup(self, channel: str, parent: int, name: str) -> Inode | None:
         """The inode named ``name`` in directory ``parent`` (0: the channel directory)."""
         row = self._db.execute(
-            f"SELECT {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))} FROM names n"
+            f"SELECT {_JOINED_INODE_COLS} FROM names n"
             " JOIN inodes i ON i.id = n.inode WHERE n.channel = ? AND n.parent = ?"
             " AND n.name = ?", (channel, parent, os.fsencode(name))).fetchone()
         return Inode(*row) if row else None
@@ -403,7 +405,7 @@ class NodeDB:
     def children(self, channel: str, parent: int) -> list[tuple[str, Inode]]:
         """The names in directory ``parent`` and their inodes, by name."""
         rows = self._db.execute(
-            f"SELECT n.name, {', '.join('i.' + c.strip() for c in _INODE_COLS.split(','))}"
+            f"SELECT n.name, {_JOINED_INODE_COLS}"
             " FROM names n JOIN inodes i ON i.id = n.inode WHERE n.channel = ?"
             " AND n.parent = ? ORDER BY n.name", (channel, parent)).fetchall()
         return [(os.fsdecode(r[0]), Inode(*r[1:])) for r in rows]

@@ -542,11 +542,9 @@ class _InOrder:
             if self._running or end - self.done < HASH_STEP:
                 return None
             self._running = True
-        own = os.dup(fd)
         try:
-            return _the_pool().submit(self._follow, own)
+            return _on_pool(self._follow, fd)
         except BaseException:
-            os.close(own)
             with self._lock:
                 self._running = False
             raise
@@ -606,12 +604,7 @@ def _hash_on_pool(fd: int, start: int, end: int) -> concurrent.futures.Future[st
     """:func:`_hash_range` on a chunk-hashing thread, through a duplicate of ``fd`` that
     the job owns and closes: whatever becomes of ``fd`` meanwhile (a staging file
     discarded, its number reused), the job reads the file it was given."""
-    own = os.dup(fd)
-    try:
-        return _the_pool().submit(_hash_range_and_close, own, start, end)
-    except BaseException:
-        os.close(own)
-        raise
+    return _on_pool(_hash_range_and_close, fd, start, end)
 
 
 def _the_pool() -> concurrent.futures.ThreadPoolExecutor:
@@ -622,6 +615,17 @@ def _the_pool() -> concurrent.futures.ThreadPoolExecutor:
             _pool = concurrent.futures.ThreadPoolExecutor(CHUNK_HASHERS,
                                                           thread_name_prefix="staging-sha1")
         return _pool
+
+
+def _on_pool(job, fd: int, *args) -> concurrent.futures.Future:
+    """``job(own, *args)`` on the pool, where ``own`` is a duplicate of ``fd`` that the job
+    owns and closes."""
+    own = os.dup(fd)
+    try:
+        return _the_pool().submit(job, own, *args)
+    except BaseException:
+        os.close(own)
+        raise
 
 
 def _hash_range_and_close(fd: int, start: int, end: int) -> str:

@@ -10,6 +10,7 @@ scripts/bench; they are imported here, and the tests take them from here.
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+
+from kachery_fs.fs.namespace import Namespace
+from kachery_fs.fs.vnodes import ChannelDir, UserInode
 
 from .procs import (  # noqa: F401  (the tests import these from here)
     KFS,
@@ -378,11 +382,6 @@ def make_entry(db, channel: str, parent: int, name: str, *, is_dir: bool, mode: 
                sha1: str | None = None, size: int = 0):
     """A file or directory made as the mount makes one (by the namespace), owned by this
     process; ``parent`` 0 is the channel directory. Its inode row."""
-    import stat
-
-    from kachery_fs.fs.namespace import Namespace
-    from kachery_fs.fs.vnodes import ChannelDir, UserInode
-
     ns = Namespace(db)
     where = ChannelDir(channel) if parent == 0 else UserInode(channel, parent)
     row = ns.make(where, name, mode=(stat.S_IFDIR if is_dir else stat.S_IFREG) | mode,

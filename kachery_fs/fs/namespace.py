@@ -163,11 +163,8 @@ class Namespace:
             case ChannelDir(channel=channel):
                 return channel, 0
             case UserInode(channel=channel, inode_id=inode_id):
-                row = self.db.inode(inode_id)
-                if not row.is_dir:
+                if not self.db.inode(inode_id).is_dir:
                     raise NotADirectory("not a directory")
-                if row.nlink == 0:  # removed, still someone's working directory
-                    raise NotFound("the directory was removed")
                 return channel, inode_id
             case Root():
                 raise PermissionDenied("channels appear here when joined (`kachery-fs join`)")
@@ -266,17 +263,12 @@ class Namespace:
         named ``name`` in ``parent``. ``Conflict`` if the name is taken. In a directory
         with the set-group-ID bit, it gets the directory's group (and a directory the
         bit), as on Linux."""
-        channel, parent_id = self.directory(parent)
-        check_name_length(name)
-        if self._taken(parent, channel, parent_id, name):
-            raise Conflict(f"{name!r} already exists")
+        channel, parent_id, above = self._place(parent, name)
         is_dir = stat.S_ISDIR(mode)
-        if parent_id:
-            above = self.db.inode(parent_id)
-            if above.mode & stat.S_ISGID:
-                gid = above.gid
-                if is_dir:
-                    mode |= stat.S_ISGID
+        if above is not None and above.mode & stat.S_ISGID:
+            gid = above.gid
+            if is_dir:
+                mode |= stat.S_ISGID
         now = time.time_ns()
         with self.db.transaction():
             inode_id = self.db.new_inode(channel, mode=mode, uid=uid, gid=gid,
@@ -297,12 +289,9 @@ class Namespace:
         row = self.db.inode(vnode.inode_id)
         if row.is_dir:
             raise NotPermitted("a directory cannot have a second name")
-        channel, parent_id = self.directory(parent)
+        channel, parent_id, _ = self._place(parent, name)
         if channel != row.channel:
             raise CrossDevice("each channel is a file system of its own")
-        check_name_length(name)
-        if self._taken(parent, channel, parent_id, name):
-            raise Conflict(f"{name!r} already exists")
         now = time.time_ns()
         with self.db.transaction():
             self.db.add_name(channel, parent_id, name, row.id)
@@ -320,8 +309,7 @@ class Namespace:
         channel, parent_id = self.directory(parent)
         now = time.time_ns()
         with self.db.transaction():
-            self.db.remove_name(channel, parent_id, name)
-            self.db.add_links(row.id, -1, ctime_ns=now)
+            self._unname(channel, parent_id, name, row, now)
             self._changed(channel, parent_id, now)
         after = self.db.inode(row.id)
         self._drop_if_unlinked(row.id)
@@ -336,7 +324,7 @@ class Namespace:
             raise NotEmpty(f"{name!r} is not empty")
         now = time.time_ns()
         with self.db.transaction():
-            self._remove_dir(channel, parent_id, name, row, now)
+            self._unname(channel, parent_id, name, row, now)
             self._changed(channel, parent_id, now)
         self._drop_if_unlinked(row.id)
 
@@ -347,7 +335,7 @@ class Namespace:
         would (a reader of it keeps reading it)."""
         src = self._user_child(old_parent, old_name, "renamed")
         channel, old_id = self.directory(old_parent)
-        new_channel, new_id = self.directory(new_parent)
+        new_channel, new_id, _ = self._live(new_parent)
         if new_channel != channel:
             raise CrossDevice("each channel is a file system of its own")
         check_name_length(new_name)
@@ -360,11 +348,11 @@ class Namespace:
             raise Conflict(f"{new_name!r} already exists")
         if dst is not None and dst.id == src.id:
             return  # two names of one inode: POSIX says nothing happens
-        if src.is_dir and self._within(channel, new_id, src.id):
+        if src.is_dir and self._within(new_id, src.id):
             raise InvalidInput("a directory cannot be moved into itself")
         if exchange:
             assert dst is not None  # checked above
-            if dst.is_dir and self._within(channel, old_id, dst.id):
+            if dst.is_dir and self._within(old_id, dst.id):
                 raise InvalidInput("a directory cannot be moved into itself")
         elif dst is not None:
             if src.is_dir and not dst.is_dir:
@@ -385,11 +373,7 @@ class Namespace:
                 self.db.update_inode(dst.id, ctime_ns=now)
             else:
                 if dst is not None:
-                    if dst.is_dir:
-                        self._remove_dir(channel, new_id, new_name, dst, now)
-                    else:
-                        self.db.remove_name(channel, new_id, new_name)
-                        self.db.add_links(dst.id, -1, ctime_ns=now)
+                    self._unname(channel, new_id, new_name, dst, now)
                 self.db.move_name(channel, old_id, old_name, new_id, new_name)
                 if src.is_dir and old_id != new_id:
                     self._move_dir_link(old_id, new_id)
@@ -436,10 +420,25 @@ class Namespace:
 
     # -- helpers -----------------------------------------------------------------------------
 
-    def _taken(self, parent: VNode, channel: str, parent_id: int, name: str) -> bool:
-        return (isinstance(parent, ChannelDir) and name in RESERVED_NAMES
-                or name in (".", "..")
-                or self.db.lookup(channel, parent_id, name) is not None)
+    def _live(self, parent: VNode) -> tuple[str, int, Inode | None]:
+        """:meth:`directory` of a directory a name is to be added to, and its row (None
+        for a channel directory): ``NotFound`` once it is removed (someone's working
+        directory may still be in it)."""
+        channel, parent_id = self.directory(parent)
+        above = self.db.inode(parent_id) if parent_id else None
+        if above is not None and above.nlink == 0:
+            raise NotFound("the directory was removed")
+        return channel, parent_id, above
+
+    def _place(self, parent: VNode, name: str) -> tuple[str, int, Inode | None]:
+        """:meth:`_live` of the directory a new name goes in, once the name passed the
+        checks every new name does: not too long, not taken (``Conflict``)."""
+        channel, parent_id, above = self._live(parent)
+        check_name_length(name)
+        if (isinstance(parent, ChannelDir) and name in RESERVED_NAMES or name in (".", "..")
+                or self.db.lookup(channel, parent_id, name) is not None):
+            raise Conflict(f"{name!r} already exists")
+        return channel, parent_id, above
 
     def _user_child(self, parent: VNode, name: str, verb: str) -> Inode:
         child = self.lookup(parent, name)
@@ -449,9 +448,14 @@ class Namespace:
             raise NotPermitted(f"{name!r} is built in and cannot be {verb}")
         return self.db.inode(child.inode_id)
 
-    def _remove_dir(self, channel: str, parent_id: int, name: str, row: Inode,
-                    now: int) -> None:
+    def _unname(self, channel: str, parent_id: int, name: str, row: Inode,
+                now: int) -> None:
+        """Remove the name ``name`` of ``row`` from directory ``parent_id``: a file has
+        one link less; a directory (empty) none left, and its parent loses its ``..``."""
         self.db.remove_name(channel, parent_id, name)
+        if not row.is_dir:
+            self.db.add_links(row.id, -1, ctime_ns=now)
+            return
         self.db.update_inode(row.id, nlink=0, ctime_ns=now)
         if parent_id:
             self.db.add_links(parent_id, -1)
@@ -478,7 +482,7 @@ class Namespace:
         else:
             self.db.touch_channel(channel, now)
 
-    def _within(self, channel: str, dir_id: int, ancestor_id: int) -> bool:
+    def _within(self, dir_id: int, ancestor_id: int) -> bool:
         """Whether directory ``dir_id`` is ``ancestor_id`` or inside it."""
         while dir_id:
             if dir_id == ancestor_id:

@@ -26,14 +26,13 @@ from ..errors import (
     Conflict,
     InvalidInput,
     IsADirectory,
-    NotADirectory,
     NotFound,
     PermissionDenied,
     ReadOnly,
 )
 from ..feeds import FeedFiles
 from ..resolver import Content, LocalContent, Resolver, SharedChunks
-from ..state import INODE_BASE, NodeDB
+from ..state import INODE_BASE, Inode, NodeDB
 from ..store import Store
 from ..uploader import Uploader
 from ..uris import format_uri
@@ -146,6 +145,10 @@ class Operations(pyfuse3.Operations):
         self.ns.remember(attrs.st_ino)
         return attrs
 
+    def _entry_of(self, row: Inode) -> pyfuse3.EntryAttributes:
+        """:meth:`_entry` of one of the user's inodes, just made or linked."""
+        return self._entry(self._attrs(UserInode(row.channel, row.id)))
+
     def _feeds(self) -> FeedFiles:
         if self.feeds is None:
             raise NotFound("feeds are not served by this mount")
@@ -213,10 +216,7 @@ class Operations(pyfuse3.Operations):
 
     async def opendir(self, inode, ctx):
         with fuse_errors("opendir"):
-            vnode = self.ns.vnode(inode)
-            if not vnode.is_dir and not (isinstance(vnode, UserInode)
-                                         and self.db.inode(vnode.inode_id).is_dir):
-                raise NotADirectory("not a directory")
+            vnode = self.ns.vnode(inode)  # not a directory: the namespace says NotADirectory
             names: Iterable[str] = ()
             match vnode:
                 case vnodes.FeedsDir():
@@ -263,7 +263,7 @@ class Operations(pyfuse3.Operations):
             row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
                                mode=stat.S_IFDIR | (mode & ~ctx.umask & 0o7777),
                                uid=ctx.uid, gid=ctx.gid)
-            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+            return self._entry_of(row)
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         with fuse_errors("mknod"):
@@ -278,20 +278,20 @@ class Operations(pyfuse3.Operations):
                                mode=kind | (mode & ~ctx.umask & 0o7777), uid=ctx.uid,
                                gid=ctx.gid, rdev=rdev if kind in (stat.S_IFCHR, stat.S_IFBLK)
                                else 0)
-            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+            return self._entry_of(row)
 
     async def symlink(self, parent_inode, name, target, ctx):
         with fuse_errors("symlink"):
             row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
                                mode=stat.S_IFLNK | 0o777, uid=ctx.uid, gid=ctx.gid,
                                target=bytes(target))
-            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+            return self._entry_of(row)
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         with fuse_errors("link"):
             row = self.ns.link(self.ns.vnode(inode), self.ns.vnode(new_parent_inode),
                                os.fsdecode(new_name))
-            return self._entry(self._attrs(UserInode(row.channel, row.id)))
+            return self._entry_of(row)
 
     async def rmdir(self, parent_inode, name, ctx):
         with fuse_errors("rmdir"):

@@ -316,6 +316,10 @@ def test_nothing_is_made_in_a_removed_directory(ns):
     ns.rmdir(CH, "d")
     with pytest.raises(NotFound):
         mk(ns, d, "y")
+    mk(ns, CH, "f")
+    with pytest.raises(NotFound):
+        ns.rename(CH, "f", d, "f")
+    assert ns.children(d) == []  # `ls` in it lists nothing, as on Linux
     assert ns.forget(ns.inode(d), 1)
 
 
