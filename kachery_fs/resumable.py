@@ -120,12 +120,13 @@ async def query_offset(client: httpx.AsyncClient, session_uri: str, size: int) -
     raise _error(response, what)
 
 
-async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
+async def upload(client: httpx.AsyncClient, session_uri: str, path: Path | int, size: int, *,
                  offset: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  on_progress: Callable[[int], None] | None = None,
                  stall_timeout: float = 60, sha1: str | None = None,
                  rate_limit: RateLimit | None = None, base: int = 0) -> None:
-    """Send bytes ``offset..size`` of ``path`` to the session, in ``chunk_size`` chunks.
+    """Send bytes ``offset..size`` of ``path`` to the session, in ``chunk_size`` chunks
+    (``path`` may be a descriptor, which the caller keeps open until this returns).
     With ``base``, the object is the ``size`` bytes of ``path`` from ``base`` on (a chunk
     of a large file, uploaded as an object of its own).
 
@@ -158,7 +159,8 @@ async def upload(client: httpx.AsyncClient, session_uri: str, path: Path, size: 
 class _Upload:
     """One run of :func:`upload`: what the session has committed, and how long since it moved."""
 
-    def __init__(self, client: httpx.AsyncClient, session_uri: str, path: Path, size: int, *,
+    def __init__(self, client: httpx.AsyncClient, session_uri: str, path: Path | int,
+                 size: int, *,
                  committed: int, chunk_size: int, on_progress: Callable[[int], None] | None,
                  stall_timeout: float, verifier: _Verifier | None = None,
                  rate_limit: RateLimit | None = None, base: int = 0):
@@ -238,7 +240,7 @@ class _Upload:
 class _Verifier:
     """Hashes a file in order as it is read for upload; checks the digest before the end."""
 
-    def __init__(self, path: Path, sha1: str, base: int = 0):
+    def __init__(self, path: Path | int, sha1: str, base: int = 0):
         self.path = path
         self.base = base  # where the object starts in the file
         self.expected = sha1.lower()
@@ -258,8 +260,9 @@ class _Verifier:
             self.hasher.update(memoryview(data)[self.hashed - offset:])
             self.hashed = end
         if end == size and self.hasher.hexdigest() != self.expected:
-            what = (f"{self.path}" if not self.base else
-                    f"the chunk at bytes {self.base:,}-{self.base + size - 1:,} of {self.path}")
+            what = (_named(self.path) if not self.base else
+                    f"the chunk at bytes {self.base:,}-{self.base + size - 1:,} of"
+                    f" {_named(self.path)}")
             raise CorruptLocalFile(f"{what} does not match its SHA-1 {self.expected} (it"
                                    f" hashes to {self.hasher.hexdigest()}); not uploading it")
         return data
@@ -317,13 +320,22 @@ def _error(response: httpx.Response, what: str) -> Exception:
     return error_for_response(response, what)
 
 
-def _read_range(path: Path, offset: int, length: int) -> bytes:
-    """Bytes ``offset..offset+length`` of ``path``. Blocking. IntegrityError if short."""
-    with open(path, "rb") as f:
-        data = os.pread(f.fileno(), length, offset)
+def _read_range(source: Path | int, offset: int, length: int) -> bytes:
+    """Bytes ``offset..offset+length`` of ``source`` (a path, or a descriptor the caller
+    keeps open). Blocking. IntegrityError if short."""
+    if isinstance(source, int):
+        data = os.pread(source, length, offset)
+    else:
+        with open(source, "rb") as f:
+            data = os.pread(f.fileno(), length, offset)
     if len(data) != length:
-        raise IntegrityError(f"{path} is shorter than the {offset + length} bytes being uploaded")
+        raise IntegrityError(f"{_named(source)} is shorter than the {offset + length} bytes"
+                             " being uploaded")
     return data
+
+
+def _named(source: Path | int) -> str:
+    return "the file being uploaded" if isinstance(source, int) else str(source)
 
 
 async def _slices(data: bytes, watch: _StallWatch,

@@ -104,6 +104,21 @@ ALTER TABLE channels ADD COLUMN ctime_ns INTEGER NOT NULL DEFAULT 0;
 """
 
 
+_V3 = """
+ALTER TABLE inodes ADD COLUMN committed INTEGER NOT NULL DEFAULT 1;
+CREATE TABLE unsynced (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    inode INTEGER NOT NULL,
+    sha1 TEXT,                    -- the content the file was given (NULL: empty)
+    size INTEGER NOT NULL,
+    prev_sha1 TEXT,               -- the content it had before (NULL: empty)
+    prev_size INTEGER NOT NULL,
+    prev_committed INTEGER NOT NULL  -- 0: it had none, it was being created
+);
+CREATE INDEX unsynced_inode ON unsynced (inode);
+"""
+
+
 def _v2_inodes(db) -> None:
     """Each row of version 1's ``entries`` becomes an inode with the same id (so inode
     numbers stay as they were) and one name; its owner is the owner of the database
@@ -141,6 +156,8 @@ SCHEMA = Schema("node.db", synchronous="NORMAL", migrations=(
     Migration(1, "channels, upload queue, named entries, feed single-message objects", _V1),
     Migration(2, "inodes apart from names: owners, link counts, times, links and special"
                  " files", _V2, _v2_inodes),
+    Migration(3, "files being created, and content committed but not yet on the disk",
+              _V3),
 ))
 
 
@@ -166,6 +183,22 @@ class Upload:
 
 
 @dataclass
+class Unsynced:
+    """One entry of the ``unsynced`` log: inode ``inode`` was given content ``sha1``
+    (``size`` bytes) that may not be on the disk yet; before, it had ``prev_sha1``
+    (``prev_size`` bytes), or nothing at all if not ``prev_committed`` (it was being
+    created)."""
+
+    seq: int
+    inode: int
+    sha1: str | None
+    size: int
+    prev_sha1: str | None
+    prev_size: int
+    prev_committed: bool
+
+
+@dataclass
 class Inode:
     """A file, directory, symbolic link or special file the user made: one row of
     ``inodes``, under any number of names (``nlink``; none while it is open after its
@@ -184,6 +217,9 @@ class Inode:
     atime_ns: int
     mtime_ns: int
     ctime_ns: int
+    #: False for a file ``create(2)`` made until its first commit (its first close): a
+    #: crash before that removes it (see :mod:`kachery_fs.fs.durability`).
+    committed: bool = True
 
     @property
     def inode(self) -> int:
@@ -199,7 +235,7 @@ class Inode:
 
 
 _INODE_COLS = ("id, channel, mode, uid, gid, nlink, sha1, size, rdev, target, atime_ns,"
-               " mtime_ns, ctime_ns")
+               " mtime_ns, ctime_ns, committed")
 #: The same columns of ``inodes i`` in a join with ``names``.
 _JOINED_INODE_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 _S_IFMT = 0o170000  # the file type bits of st_mode
@@ -429,13 +465,16 @@ class NodeDB:
 
     def new_inode(self, channel: str, *, mode: int, uid: int, gid: int, nlink: int = 1,
                   rdev: int = 0, target: bytes | None = None, sha1: str | None = None,
-                  size: int = 0, now_ns: int | None = None) -> int:
-        """A new inode, with no name yet (see :meth:`add_name`); its id."""
+                  size: int = 0, now_ns: int | None = None, committed: bool = True) -> int:
+        """A new inode, with no name yet (see :meth:`add_name`); its id. ``committed``:
+        see :attr:`Inode.committed`."""
         now = time.time_ns() if now_ns is None else now_ns
         cur = self._db.execute(
             "INSERT INTO inodes (channel, mode, uid, gid, nlink, sha1, size, rdev, target,"
-            " atime_ns, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (channel, mode, uid, gid, nlink, sha1, size, rdev, target, now, now, now))
+            " atime_ns, mtime_ns, ctime_ns, committed) VALUES"
+            " (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (channel, mode, uid, gid, nlink, sha1, size, rdev, target, now, now, now,
+             int(committed)))
         assert cur.lastrowid is not None  # set by the INSERT
         return cur.lastrowid
 
@@ -494,14 +533,64 @@ class NodeDB:
                                " (SELECT 1 FROM names WHERE inode = inodes.id)")
         return cur.rowcount
 
+    def names_of(self, inode_id: int) -> list[tuple[int, str]]:
+        """(parent, name) of every name of ``inode_id``."""
+        rows = self._db.execute("SELECT parent, name FROM names WHERE inode = ?",
+                                (inode_id,)).fetchall()
+        return [(r[0], os.fsdecode(r[1])) for r in rows]
+
     def set_content(self, inode_id: int, sha1: str, size: int, *,
-                    mtime_ns: int | None = None) -> None:
+                    mtime_ns: int | None = None, unsynced: bool = False) -> None:
         """Point the file at committed content; its modification time is ``mtime_ns``
-        (one a program set while writing), else now; its change time is now."""
+        (one a program set while writing), else now; its change time is now. The file is
+        committed (:attr:`Inode.committed`).
+
+        ``unsynced``: the content may not be on the disk yet. The change is logged in
+        ``unsynced`` with what the file had before, in the same transaction, until
+        :meth:`forget_unsynced` (see :mod:`kachery_fs.fs.durability`)."""
         now = time.time_ns()
-        self._db.execute("UPDATE inodes SET sha1 = ?, size = ?, mtime_ns = ?, ctime_ns = ?"
-                         " WHERE id = ?",
-                         (sha1, size, now if mtime_ns is None else mtime_ns, now, inode_id))
+        with self.transaction():
+            if unsynced:
+                self._db.execute(
+                    "INSERT INTO unsynced (inode, sha1, size, prev_sha1, prev_size,"
+                    " prev_committed) SELECT id, ?, ?, sha1, size, committed FROM inodes"
+                    " WHERE id = ?", (sha1, size, inode_id))
+            self._db.execute("UPDATE inodes SET sha1 = ?, size = ?, mtime_ns = ?,"
+                             " ctime_ns = ?, committed = 1 WHERE id = ?",
+                             (sha1, size, now if mtime_ns is None else mtime_ns, now,
+                              inode_id))
+
+    def names_content(self, sha1: str) -> bool:
+        """Whether a file has content ``sha1``."""
+        return self._db.execute("SELECT 1 FROM inodes WHERE sha1 = ? LIMIT 1",
+                                (sha1,)).fetchone() is not None
+
+    def mark_committed(self, inode_id: int) -> None:
+        """A file ``create(2)`` made was closed without a write: it is an empty file now,
+        not one being created (:attr:`Inode.committed`)."""
+        self._db.execute("UPDATE inodes SET committed = 1 WHERE id = ? AND committed = 0",
+                         (inode_id,))
+
+    def uncommitted(self) -> list[Inode]:
+        """Files ``create(2)`` made that were never committed."""
+        rows = self._db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE committed = 0")
+        return [Inode(*r) for r in rows.fetchall()]
+
+    # -- content not yet on the disk (kachery_fs.fs.durability) -------------------------
+
+    def unsynced_seq(self) -> int:
+        """The newest entry of the ``unsynced`` log (0: none)."""
+        return self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM unsynced").fetchone()[0]
+
+    def unsynced_changes(self) -> list[Unsynced]:
+        """Every entry of the ``unsynced`` log, oldest first."""
+        rows = self._db.execute("SELECT seq, inode, sha1, size, prev_sha1, prev_size,"
+                                " prev_committed FROM unsynced ORDER BY seq")
+        return [Unsynced(*r) for r in rows.fetchall()]
+
+    def forget_unsynced(self, through: int) -> None:
+        """Entries up to ``through`` of the ``unsynced`` log are on the disk."""
+        self._db.execute("DELETE FROM unsynced WHERE seq <= ?", (through,))
 
     def channel_times(self, channel: str) -> tuple[int, int]:
         """(mtime, ctime) of a channel directory, in ns."""
@@ -520,11 +609,12 @@ class NodeDB:
 
     def pinned_sha1s(self) -> set[str]:
         """Hashes the local store may not evict: the content of files (also those open
-        after their last name went), and of
-        uploads in any state but done."""
+        after their last name went), of uploads in any state but done, and what a file
+        had before a change that may not be on the disk yet (a crash goes back to it)."""
         rows = self._db.execute(
             "SELECT sha1 FROM inodes WHERE sha1 IS NOT NULL"
-            " UNION SELECT sha1 FROM uploads WHERE state != 'done'")
+            " UNION SELECT sha1 FROM uploads WHERE state != 'done'"
+            " UNION SELECT prev_sha1 FROM unsynced WHERE prev_sha1 IS NOT NULL")
         return {r[0] for r in rows}
 
 

@@ -3,6 +3,7 @@
 Layout under the node directory (``$KACHERY_FS_DIR``)::
 
     sha1/ab/cd/ef/<sha1>     content, read-only (0444), named by the SHA-1 of its bytes
+    pending/<sha1>           content the mount committed that may not be on the disk yet
     tmp/<pid>-<rand>.part    files being written or downloaded; swept at start when no
                              process holds them (see below)
 
@@ -25,6 +26,13 @@ fetched content is evicted least recently read first (:mod:`kachery_fs.cache`). 
 way in records the object there; :meth:`Store.open` notes the read and holds a shared
 ``flock`` on the file while it is open, which keeps eviction away from it.
 
+The mount commits without waiting for the disk (:mod:`kachery_fs.fs.durability`): its
+staging files, hashed but not fsynced, go to ``pending/<sha1>`` instead, where every
+read of the store finds them too, and move into ``sha1/`` only once a ``syncfs(2)`` has
+put them on the disk (:meth:`Store.install_pending`). So a power cut can never leave
+wrong bytes under ``sha1/``: what it may damage is in ``pending/``, which the next mount
+hashes again (:meth:`Store.recover_pending`).
+
 A file over 20,000,000 bytes committed from a staging file that asks for it (the mount's
 writes, ``put``, ``store add``) also gets its kachery manifest, computed while it is
 written, stored as content of its own and recorded in the index before the file is in
@@ -38,6 +46,7 @@ atomic and content-addressed, so two writers of the same hash cannot conflict.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import errno
 import fcntl
 import hashlib
@@ -113,6 +122,9 @@ class StagingFile:
             [] if manifest else None)
         #: The manifest the commit made and stored (None: small file, or not asked for).
         self.manifest: Manifest | None = None
+        #: A commit that is not durable put new content in ``pending/`` (the store had
+        #: none with its hash).
+        self.placed = False
 
     @classmethod
     def from_existing(cls, store: Store, sha1: str | None, *, truncate: bool,
@@ -122,7 +134,7 @@ class StagingFile:
         staging = store.new_staging(manifest=manifest)
         if sha1 is not None and not truncate:
             try:
-                with open(store.path(sha1), "rb") as src:
+                with os.fdopen(store.open(sha1), "rb") as src:
                     while chunk := src.read(COPY_CHUNK):
                         staging.write(staging.size, chunk)
             except BaseException:
@@ -205,11 +217,14 @@ class StagingFile:
         assert manifest is not None  # over one chunk
         return sha1, manifest
 
-    def commit(self, *, origin: str = WRITTEN, expected: str | None = None) -> str:
+    def commit(self, *, origin: str = WRITTEN, expected: str | None = None,
+               durable: bool = True) -> str:
         """fsync, hash and move into the store; returns the SHA-1. Closes the staging file.
 
         ``origin`` is recorded in the store's index (see :mod:`kachery_fs.cache`). With
         ``expected``, content that hashes to anything else is discarded: IntegrityError.
+        Not ``durable``: hashed but not fsynced, into ``pending/`` (see the module), for a
+        caller that makes it durable later (:meth:`Store.install_pending`).
 
         A manifest (see the class) is stored as content first, then recorded as the
         file's, and only then is the file put in place: a crash between any two steps
@@ -219,7 +234,8 @@ class StagingFile:
         """
         try:
             self._hash_last_chunk()  # on the pool, while the file is synced
-            os.fsync(self.fd)
+            if durable:
+                os.fsync(self.fd)
             sha1, manifest = self._hashes()
             if expected is not None:
                 _check_hash(expected, sha1)
@@ -227,7 +243,10 @@ class StagingFile:
                 self._store.add_bytes(manifest.to_bytes())
                 self._store.cache.note_manifest(sha1, manifest.hash, MANIFEST_HERE)
             # Renamed while the fd (and so the flock) is held: a sweep cannot take it.
-            self._store._install(self.path, sha1, origin)
+            if durable:
+                self._store._install(self.path, sha1, origin)
+            else:
+                self.placed = self._store._install_pending(self.path, sha1)
             self.manifest = manifest
         except BaseException as exc:
             self.discard()
@@ -264,6 +283,7 @@ class Store:
                                                   self.layout.tmp_dir)
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.layout.pending_dir.mkdir(exist_ok=True)
         self.cache = StoreCache(self.layout, limit=limit, pinned=pinned, uploaded=uploaded)
 
     @classmethod
@@ -280,14 +300,24 @@ class Store:
     # -- paths and lookups ----------------------------------------------------------
 
     def path(self, sha1: str) -> Path:
+        """Where content ``sha1`` is once it is on the disk (it may be pending: to read
+        it, :meth:`open` it)."""
         return self.layout.path(sha1)
+
+    def _places(self, sha1: str) -> tuple[Path, Path, Path]:
+        """Where to look for content ``sha1``, in order: ``sha1/``, ``pending/``, and
+        ``sha1/`` again (it may have moved from one to the other meanwhile)."""
+        final = self.layout.path(sha1)
+        return final, self.layout.pending_path(sha1), final
 
     def size(self, sha1: str) -> int | None:
         """The size of stored content ``sha1``, or ``None`` if it is not here."""
-        try:
-            return os.stat(self.path(sha1)).st_size
-        except FileNotFoundError:
-            return None
+        for path in self._places(sha1):
+            try:
+                return os.stat(path).st_size
+            except FileNotFoundError:
+                pass
+        return None
 
     def has(self, sha1: str) -> bool:
         return self.size(sha1) is not None
@@ -298,10 +328,14 @@ class Store:
         Counts as a read for the cache, and holds a shared ``flock`` until the descriptor
         is closed, so that no eviction deletes the file meanwhile.
         """
-        try:
-            fd = os.open(self.path(sha1), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise NotFound(f"sha1://{sha1} is not in the local store") from None
+        for path in self._places(sha1):
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                break
+            except FileNotFoundError:
+                pass
+        else:
+            raise NotFound(f"sha1://{sha1} is not in the local store")
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -362,7 +396,7 @@ class Store:
         path, fd = self.new_temp_file()
         return StagingFile(self, path, fd, manifest=manifest)
 
-    def _install(self, temp: Path, sha1: str, origin: str) -> None:
+    def _install(self, temp: Path, sha1: str, origin: str, *, sync_dir: bool = True) -> None:
         """Rename a complete, fsynced, verified temp file into place (or drop it if present),
         and record it in the index as ``origin``.
 
@@ -381,7 +415,8 @@ class Store:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 os.chmod(temp, 0o444)
                 os.replace(temp, dest)
-                _fsync_dir(dest.parent)
+                if sync_dir:
+                    _fsync_dir(dest.parent)
         except BaseException:
             try:
                 os.unlink(temp)
@@ -393,6 +428,84 @@ class Store:
         if not pin_first:
             self.cache.record(sha1, size, origin)
         self.cache.inserted(sha1)
+
+    def _install_pending(self, temp: Path, sha1: str) -> bool:
+        """Put a complete temp file, hashed as ``sha1`` but perhaps not on the disk yet,
+        in ``pending/`` (True), or drop it if the store has that content already."""
+        dest = self.layout.pending_path(sha1)
+        try:
+            if self.layout.path(sha1).exists() or dest.exists():
+                os.unlink(temp)
+                return False
+            os.chmod(temp, 0o444)
+            os.replace(temp, dest)
+            return True
+        except BaseException:
+            try:
+                os.unlink(temp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def drop_pending(self, sha1: str) -> None:
+        """Remove pending content that nothing names (its commit failed after all)."""
+        try:
+            os.unlink(self.layout.pending_path(sha1))
+        except FileNotFoundError:
+            pass
+
+    def pending(self) -> list[str]:
+        """The hashes of the content in ``pending/``."""
+        return [name for name in os.listdir(self.layout.pending_dir) if is_sha1(name)]
+
+    def install_pending(self, hashes: list[str]) -> None:
+        """Move pending content that a ``syncfs(2)`` since its commit has put on the disk
+        into ``sha1/``, recorded as written. The renames themselves reach the disk at the
+        next sync: until then a crash leaves the content in ``pending/``, which is safe."""
+        for sha1 in hashes:
+            try:
+                self._install(self.layout.pending_path(sha1), sha1, WRITTEN, sync_dir=False)
+            except FileNotFoundError:
+                pass  # moved by an earlier call
+
+    def recover_pending(self) -> tuple[list[str], list[str]]:
+        """After a mount that ended without its last sync: hash each file in
+        ``pending/`` again, and put those that hold their hash's bytes on the disk and in
+        ``sha1/``; remove the others (a power cut lost some of their bytes). Returns
+        (kept, removed) hashes."""
+        kept, removed = [], []
+        for sha1 in self.pending():
+            path = self.layout.pending_path(sha1)
+            try:
+                with open(path, "rb") as f:
+                    actual = _hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+                    good = actual == sha1
+                    if good:
+                        os.fsync(f.fileno())
+            except FileNotFoundError:
+                continue
+            except IntegrityError:  # shorter than it was: cannot be
+                good = False
+            if good:
+                self._install(path, sha1, WRITTEN)
+                kept.append(sha1)
+            else:
+                log.warning("content sha1://%s was committed but did not reach the disk"
+                            " whole before the machine stopped; removed", sha1)
+                os.unlink(path)
+                removed.append(sha1)
+        if kept or removed:
+            _fsync_dir(self.layout.pending_dir)
+        return kept, removed
+
+    def syncfs(self) -> None:
+        """``syncfs(2)`` of the store's file system: everything written to it so far
+        (content, the node's databases beside it) is on the disk when this returns."""
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
 
     def install_renamed(self, path: Path, sha1: str) -> None:
         """Put a complete, fsynced file whose SHA-1 the caller checked (a partial file,
@@ -463,9 +576,8 @@ class Store:
 
     def verify(self, sha1: str) -> bool:
         """Re-hash stored content; a corrupt object is deleted and False returned."""
-        path = self.path(sha1)
         hasher = hashlib.sha1()
-        with open(path, "rb") as f:
+        with os.fdopen(self.open(sha1), "rb") as f:
             while chunk := f.read(COPY_CHUNK):
                 hasher.update(chunk)
         if hasher.hexdigest() == sha1.lower():
@@ -476,10 +588,11 @@ class Store:
         return False
 
     def delete(self, sha1: str) -> None:
-        try:
-            os.unlink(self.path(sha1))
-        except FileNotFoundError:
-            pass
+        for path in self._places(sha1)[:2]:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
         self.cache.forget(sha1.lower())
 
     def sweep_temp(self) -> int:
@@ -646,6 +759,16 @@ os.register_at_fork(after_in_child=_forget_pool)
 def _check_hash(expected: str, actual: str) -> None:
     if actual != expected.lower():
         raise IntegrityError(f"content for sha1://{expected} hashed to {actual}; not stored")
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syncfs(fd: int) -> None:
+    """``syncfs(2)``: Python's os module has no such call."""
+    if _libc.syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"syncfs: {os.strerror(err)}")
 
 
 def _fsync_dir(path: Path) -> None:

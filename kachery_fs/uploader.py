@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import trio
@@ -249,7 +251,6 @@ class Uploader:
         is cut short the file's own upload (queued) still brings the file. Transient
         errors are tried again a few times (:func:`kachery_fs.retry.retrying`)."""
         hub = self.channels.hub_of(channel)
-        path = self.store.path(source)
 
         async def attempt() -> None:
             signed = await hub.initiate_upload(channel, sha1, size)
@@ -257,8 +258,9 @@ class Uploader:
                 return
             try:
                 session = await resumable.start_session(self.client, signed)
-                await resumable.upload(self.client, session, path, size, base=start,
-                                       sha1=sha1, rate_limit=self.rate_limit)
+                with _opened(self.store, source) as fd:
+                    await resumable.upload(self.client, session, fd, size, base=start,
+                                           sha1=sha1, rate_limit=self.rate_limit)
             except Conflict:
                 pass  # it appeared meanwhile: the hub's finalize checks it
             await hub.finalize_upload(channel, sha1, size)
@@ -268,8 +270,7 @@ class Uploader:
     async def _attempt(self, job) -> None:
         db, client = self.db, self.client
         hub = self.channels.hub_of(job.channel)
-        path = self.store.path(job.sha1)
-        if not path.exists():
+        if not self.store.has(job.sha1):
             raise NotFound(f"sha1://{job.sha1} is not in the local store")
         session, offset = job.session_uri, 0
         if session:
@@ -309,9 +310,10 @@ class Uploader:
                 listener(committed)
 
         try:
-            await resumable.upload(client, session, path, job.size, offset=offset,
-                                   on_progress=on_progress, sha1=job.sha1,
-                                   rate_limit=self.rate_limit)
+            with _opened(self.store, job.sha1) as fd:
+                await resumable.upload(client, session, fd, job.size, offset=offset,
+                                       on_progress=on_progress, sha1=job.sha1,
+                                       rate_limit=self.rate_limit)
         except Conflict:
             # The object appeared meanwhile (a mount or another node uploading the same
             # content): the hub's finalize checks it as if it were ours.
@@ -369,3 +371,15 @@ class Uploader:
                         exc)
             return None
         return manifest
+
+
+@contextmanager
+def _opened(store: Store, sha1: str) -> Iterator[int]:
+    """A descriptor on stored content ``sha1`` for the block (NotFound if it is gone):
+    the content may move from ``pending/`` to ``sha1/`` while it is read, and eviction
+    keeps away from it meanwhile (see :meth:`Store.open`)."""
+    fd = store.open(sha1)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

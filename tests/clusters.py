@@ -107,3 +107,12 @@ def stored(node: Path, size: int, seed: bytes = b"") -> tuple[str, bytes]:
 
 def in_store(node: Path, sha1: str) -> Path:
     return node / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
+
+
+def stored_bytes(node: Path, sha1: str) -> bytes:
+    """The bytes of ``sha1`` in node ``node``'s store: in ``sha1/``, or in ``pending/`` if
+    a mount committed it and has not yet synced it (kachery_fs.fs.durability)."""
+    try:
+        return (node / "pending" / sha1).read_bytes()
+    except FileNotFoundError:
+        return in_store(node, sha1).read_bytes()

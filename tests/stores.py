@@ -37,3 +37,10 @@ def present(store: Store, *hashes: str) -> set[str]:
 def read(store: Store, h: str) -> None:
     """Open and close ``h`` as a reader does (the store notes the use)."""
     os.close(store.open(h))
+
+
+def stored(store: Store, h: str) -> bytes:
+    """The bytes of ``h`` in the store, wherever it is (``sha1/``, or ``pending/`` for
+    content a mount committed that a sync has not yet put on the disk)."""
+    with os.fdopen(store.open(h), "rb") as f:
+        return f.read()

@@ -108,6 +108,11 @@ async def _serve(node: Node, mountpoint: Path, *, allow_other: bool, debug: bool
             task_status.started()
             await pyfuse3.main()
             log.info("unmounting %s", mountpoint)
+            try:  # what was committed is on the disk, in sha1/
+                await ops.durability.sync()
+            except OSError as exc:
+                log.error("could not sync the node directory's file system: %s; the next"
+                          " mount checks what was committed last", exc)
             nursery.cancel_scope.cancel()
         finally:
             pyfuse3.close(unmount=True)

@@ -255,14 +255,27 @@ class Namespace:
         mount, when the kernel holds none)."""
         return self.db.delete_unlinked()
 
+    def discard(self, inode_id: int) -> None:
+        """Remove a file with every name it has (one a crash left without content: see
+        :mod:`kachery_fs.fs.durability`), before the mount serves: the kernel holds none."""
+        row = self.db.inode(inode_id)
+        now = time.time_ns()
+        with self.db.transaction():
+            for parent_id, name in self.db.names_of(inode_id):
+                self._unname(row.channel, parent_id, name, row, now)
+                self._changed(row.channel, parent_id, now)
+            self.db.update_inode(inode_id, nlink=0)
+            self.db.delete_inode(inode_id)
+
     # -- changes --------------------------------------------------------------------------
 
     def make(self, parent: VNode, name: str, *, mode: int, uid: int, gid: int, rdev: int = 0,
-             target: bytes | None = None) -> Inode:
+             target: bytes | None = None, committed: bool = True) -> Inode:
         """A new file, directory, symbolic link or special file (the type is in ``mode``)
         named ``name`` in ``parent``. ``Conflict`` if the name is taken. In a directory
         with the set-group-ID bit, it gets the directory's group (and a directory the
-        bit), as on Linux."""
+        bit), as on Linux. Not ``committed``: a file ``create(2)`` made, being written
+        (see :attr:`~kachery_fs.state.Inode.committed`)."""
         channel, parent_id, above = self._place(parent, name)
         is_dir = stat.S_ISDIR(mode)
         if above is not None and above.mode & stat.S_ISGID:
@@ -274,7 +287,7 @@ class Namespace:
             inode_id = self.db.new_inode(channel, mode=mode, uid=uid, gid=gid,
                                          nlink=2 if is_dir else 1, rdev=rdev, target=target,
                                          size=len(target) if target is not None else 0,
-                                         now_ns=now)
+                                         now_ns=now, committed=committed)
             self.db.add_name(channel, parent_id, name, inode_id)
             if is_dir and parent_id:
                 self.db.add_links(parent_id, 1)

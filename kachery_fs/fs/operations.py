@@ -38,6 +38,7 @@ from ..uploader import Uploader
 from ..uris import format_uri
 from . import vnodes
 from .attrs import BLOCK_SIZE, attributes
+from .durability import Durability, recover
 from .errno_map import fuse_errors
 from .namespace import ROOT_INODE, Namespace
 from .staging import Staging, Writer
@@ -93,7 +94,12 @@ class Operations(pyfuse3.Operations):
         if dropped := self.ns.drop_unlinked():
             log.info("removed %d files that were unlinked while open when the last mount"
                      " ended", dropped)
-        self.staging = Staging(store, db, uploader, on_lost=self._entry_lost)
+        # What the last mount committed but may not have synced (see fs.durability).
+        recover(store, db, self.ns)
+        self.durability = Durability(store, db)
+        nursery.start_soon(self.durability.run)
+        self.staging = Staging(store, db, uploader, durability=self.durability,
+                               on_lost=self._entry_lost)
         self.uid = os.getuid()
         self.gid = os.getgid()
         self._handles: dict[int, Handle | DirHandle] = {}
@@ -345,7 +351,7 @@ class Operations(pyfuse3.Operations):
             await self._require_provide(channel)
             try:
                 row = self.ns.make(parent, text, mode=stat.S_IFREG | (mode & ~ctx.umask & 0o7777),
-                                   uid=ctx.uid, gid=ctx.gid)
+                                   uid=ctx.uid, gid=ctx.gid, committed=False)
                 truncate = True
             except Conflict:  # created meanwhile, by another process
                 existing = self.db.lookup(channel, parent_id, text)
@@ -539,6 +545,13 @@ class Operations(pyfuse3.Operations):
             if handle is not None and handle.writes:
                 assert handle.writer is not None  # a file open to write has its writer
                 await self.staging.fsync(handle.writer)
+            else:  # sync(1) FILE opens it read-only: what is committed reaches the disk
+                await self.durability.sync()
+
+    async def fsyncdir(self, fh, datasync):
+        with fuse_errors("fsyncdir"):
+            # Names are in the node database, which a sync puts on the disk with the rest.
+            await self.durability.sync()
 
     async def release(self, fh):
         with fuse_errors("release"):

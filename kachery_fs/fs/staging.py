@@ -40,12 +40,14 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from ..bucket import EMPTY_SHA1
 from ..errors import NotFound
 from ..state import NodeDB
 from ..store import StagingFile, Store
 
 if TYPE_CHECKING:
     from ..uploader import Uploader
+    from .durability import Durability
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,10 @@ class Writer:
     #: the commit); it was dropped, and every later write, flush, fsync and close of the
     #: open handles fails with this (see Staging.commit).
     lost: BaseException | None = None
+    #: The version being written starts empty (``O_TRUNC`` of a file with no content):
+    #: its staging file is made at the first write, if any; a close before commits an
+    #: empty file without one.
+    empty: bool = False
     #: A modification time set while it is written (``cp -p``'s ``futimens`` before its
     #: close; with the writeback cache the kernel also sends the time of its last write
     #: this way, before the flush): the commit keeps it instead of its own time.
@@ -92,10 +98,14 @@ class Staging:
     """
 
     def __init__(self, store: Store, db: NodeDB, uploader: Uploader, *,
+                 durability: Durability | None = None,
                  on_lost: Callable[[int], None] | None = None):
         self.store = store
         self.db = db
         self.uploader = uploader
+        #: With it, a commit does not wait for the disk and fsync does (see
+        #: kachery_fs.fs.durability); without, every commit is durable when it returns.
+        self.durability = durability
         self.on_lost = on_lost
         self._writers: dict[int, Writer] = {}
 
@@ -119,7 +129,11 @@ class Staging:
     def staged_size(self, inode_id: int) -> int | None:
         """The size of the version of ``inode_id`` being written; None if there is none."""
         writer = self._writers.get(inode_id)
-        return writer.staging.size if writer and writer.staging else None
+        if writer is None:
+            return None
+        if writer.staging is not None:
+            return writer.staging.size
+        return 0 if writer.empty else None
 
     # -- opening and closing ---------------------------------------------------------------
 
@@ -131,7 +145,10 @@ class Staging:
         writer.handles += 1
         try:
             if truncate:
-                await self.staging(writer, truncate=True)
+                if writer.staging is None and self.db.inode(inode_id).size == 0:
+                    writer.empty = True  # nothing to cut: no staging file until a write
+                else:
+                    await self.staging(writer, truncate=True)
                 writer.dirty = True
         except BaseException:
             writer.handles -= 1
@@ -158,6 +175,8 @@ class Staging:
             if writer.handles == 0:
                 if writer.dirty:
                     await self.commit(writer)
+                else:  # a file create(2) made and nothing wrote: an empty file now
+                    self.db.mark_committed(writer.inode_id)
                 self.queue_upload(writer)
         finally:
             self._forget(writer)
@@ -190,7 +209,7 @@ class Staging:
                 writer.staging = None
             if writer.staging is None:
                 entry = self.db.inode(writer.inode_id)
-                copy_from = None if truncate else entry.sha1
+                copy_from = None if truncate or writer.empty else entry.sha1
                 if copy_from is not None and not self.store.has(copy_from):
                     raise NotFound(f"content of inode {entry.id} (sha1://{copy_from}) is no longer"
                                    " in the local store")
@@ -198,6 +217,7 @@ class Staging:
                     lambda: StagingFile.from_existing(self.store, copy_from,
                                                       truncate=copy_from is None,
                                                       manifest=True))
+                writer.empty = False
             return writer.staging
 
     async def write(self, writer: Writer, offset: int, data: bytes) -> int:
@@ -256,9 +276,12 @@ class Staging:
             await self.commit(writer)
 
     async def fsync(self, writer: Writer) -> None:
+        """``fsync(2)``: commit, and return once the commit is on the disk."""
         writer.check_lost()
         if writer.dirty:
             await self.commit(writer)
+        if self.durability is not None:
+            await self.durability.sync()
 
     # -- commit and loss ------------------------------------------------------------------
 
@@ -276,22 +299,36 @@ class Staging:
         async with writer.lock:
             writer.check_lost()
             staging, writer.staging = writer.staging, None
-            if staging is None or not writer.dirty:
+            if not writer.dirty or (staging is None and not writer.empty):
                 return
-            writer.dirty = False
-            size = staging.size
+            writer.dirty = writer.empty = False
+            deferred = self.durability is not None
             try:
-                sha1 = await trio.to_thread.run_sync(staging.commit)  # discards it if it fails
+                if staging is None:  # opened with O_TRUNC, never written: empty
+                    sha1, size = EMPTY_SHA1, 0
+                    if not self.store.has(EMPTY_SHA1):
+                        await trio.to_thread.run_sync(self.store.add_bytes, b"")
+                else:
+                    size = staging.size
+                    # The staging file is discarded if this fails.
+                    sha1 = await trio.to_thread.run_sync(
+                        lambda: staging.commit(durable=not deferred))
                 try:
                     entry = self.db.inode(writer.inode_id)
                 except NotFound:  # unlinked, and forgotten before this last close ended
                     log.info("inode %d has no name left; sha1://%s stays in the store",
                              writer.inode_id, sha1)
                     return
-                self.db.set_content(writer.inode_id, sha1, size, mtime_ns=writer.mtime_ns)
+                self.db.set_content(writer.inode_id, sha1, size, mtime_ns=writer.mtime_ns,
+                                    unsynced=deferred and size > 0)
             except Exception as exc:
+                if staging is not None and staging.placed and not self.db.names_content(sha1):
+                    self.store.drop_pending(sha1)  # nothing will ever name it
                 self.lose(writer, exc)
                 raise
+            if deferred and size > 0:
+                assert self.durability is not None
+                self.durability.committed()
             writer.unqueued = True
             place = self.db.name_of(entry.id)
             log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel,
@@ -301,7 +338,7 @@ class Staging:
         """Drop what ``writer`` was writing: ``error`` made it impossible to save whole
         (see :meth:`commit`)."""
         writer.lost = error
-        writer.dirty = False
+        writer.dirty = writer.empty = False
         if writer.staging is not None:
             writer.staging.discard()
             writer.staging = None

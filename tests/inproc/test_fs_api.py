@@ -22,6 +22,7 @@ from kachery_fs.fs.mount import operations
 from kachery_fs.fs.namespace import ROOT_INODE
 from kachery_fs.state import INODE_BASE
 
+from ..stores import stored
 from ..util import bucket_head, local_bucket_file, past_startup_grace, until
 from . import test_faults
 from .test_faults import CH, CTX, FS, fuse_errno, make_node, mount_in_process
@@ -132,7 +133,7 @@ async def test_a_written_file_has_its_uri_is_stored_and_is_uploaded(hub, nursery
     uri = await fs.ops.getxattr(attrs.st_ino, b"user.kachery.uri", CTX)
     assert uri == f"sha1://{sha1}?label=results.csv".encode()
     assert (await fs.ops.getattr(attrs.st_ino, CTX)).st_size == len(data)
-    assert node.store.path(sha1).read_bytes() == data  # committed into the store
+    assert stored(node.store, sha1) == data  # committed into the store
     assert await read_file(fs, attrs.st_ino, len(data) + 10) == data
 
     # Uploaded in the background: the node's queue says done, and the bucket answers.

@@ -22,6 +22,7 @@ import pytest
 from kachery_fs.protocol import object_key
 from kachery_fs.state import NodeDB
 
+from ..clusters import stored_bytes
 from ..util import kfs, make_cluster, mounted, require_fuse, uri_of, wait_for, xattr
 
 CHANNEL = "ch1"
@@ -348,8 +349,7 @@ def test_concurrent_writes_to_an_existing_file_are_all_kept(cluster, tmp_path):
         sha1 = hashlib.sha1(expected).hexdigest()
         assert xattr(path, "user.kachery.uri") == uri_of(bytes(expected), "patched.bin"), \
             attempt
-        stored = cluster.a / "sha1" / sha1[:2] / sha1[2:4] / sha1[4:6] / sha1
-        assert stored.read_bytes() == expected
+        assert stored_bytes(cluster.a, sha1) == expected
         base = bytes(expected)
         base = base[:1] + bytes([attempt]) + base[2:]
         subprocess.run(["dd", f"of={path}", "bs=1", "seek=1", "count=1", "conv=notrunc",

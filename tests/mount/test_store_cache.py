@@ -160,8 +160,11 @@ def test_a_mount_evicts_what_was_read_least_recently(tmp_path):
         def status():  # what the mount reports (its pinned bytes are a few seconds old)
             return json.loads(kfs(c.b, "status", "--json").stdout)["store"]
 
-        wait_for(lambda: status()["pinnedBytes"] == FILE, timeout=30,
-                 what="the mount to report the written file as pinned")
+        # The written file is in the index once a sync has put it on the disk, and the
+        # report is a few seconds old: wait for one made after the last eviction.
+        wait_for(lambda: (lambda s: s["pinnedBytes"] == FILE and s["evictions"] == 3)(
+                     status()), timeout=30,
+                 what="the mount to report the written file as pinned, and 3 evictions")
         report = status()
         assert report["limit"] == 7 * FILE // 2
         assert report["evictions"] == 3 and report["evictedBytes"] == 3 * FILE

@@ -1,0 +1,165 @@
+"""What ``close``, ``fsync`` and a crash leave on the disk (no pyfuse3).
+
+The contract is a local file system's, as POSIX gives it:
+
+- **close commits, without waiting for the disk.** The content goes from its staging
+  file to the store's ``pending/<sha1>``, hashed but not fsynced; the name points at it
+  and the upload is queued, and node.db's ``unsynced`` log records what the file had
+  before, in the same transaction. Every reader, in this process or another, sees the
+  new content at once (:meth:`~kachery_fs.store.Store.open` looks in ``pending/`` too).
+- **A sync makes it durable**: every :data:`SYNC_INTERVAL_S` seconds while something is
+  committed, and at once for ``fsync(2)`` or ``fdatasync(2)`` of a file in the mount (or
+  of a directory), which return only after it. One ``syncfs(2)`` of the node
+  directory's file system puts the content, the node database and the log on the disk;
+  then the pending content moves into ``sha1/`` and the log entries it covers go. Every
+  caller that asks while one runs is answered by the next (group commit).
+- **A crash** (kill -9, a kernel panic, a power cut) loses at most what the last sync
+  did not cover, and never shows wrong bytes: at the next mount, :func:`recover` hashes
+  every file still in ``pending/`` again and removes the ones that do not hold their
+  hash's bytes; a name whose content is gone goes back to the content the log says it
+  had before (or, for a file that had none, away), with a log line naming it; and a
+  file that ``create(2)`` made but no close committed goes too, rather than stay as an
+  empty stand-in.
+
+``sync(1)`` and ``syncfs(2)`` of the mount do not reach a FUSE file system on Linux (the
+kernel forwards them only to virtiofs): the periodic sync stands in for them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import trio
+
+from ..state import NodeDB, Unsynced
+from ..store import Store
+from .namespace import Namespace
+
+log = logging.getLogger(__name__)
+
+#: How often committed content is made durable, as ext4 commits its journal.
+SYNC_INTERVAL_S = 5.0
+
+
+class Durability:
+    """The syncs of one mount: periodic, and on demand for ``fsync(2)`` (see the module).
+
+    Run :meth:`run` in a nursery for the periodic ones; call :meth:`committed` after each
+    commit that left something to sync, and :meth:`sync` to wait for one.
+    """
+
+    def __init__(self, store: Store, db: NodeDB, *, interval: float = SYNC_INTERVAL_S):
+        self.store = store
+        self.db = db
+        self.interval = interval
+        self._lock = trio.Lock()  # one sync at a time
+        self._started = 0  # syncs started
+        self._done = 0  # the last sync that ended, by its number
+        self._due = trio.Event()  # something was committed since the last sync began
+
+    def committed(self) -> None:
+        """Something was committed that only a sync makes durable."""
+        self._due.set()
+
+    async def sync(self) -> None:
+        """Return once everything committed before the call is on the disk: after a sync
+        that began after it (one that is running may have begun before)."""
+        wanted = self._started + 1
+        async with self._lock:
+            if self._done >= wanted:
+                return  # another caller ran one for us
+            self._started += 1
+            number = self._started
+            self._due = trio.Event()
+            seq = self.db.unsynced_seq()
+            pending = await trio.to_thread.run_sync(self.store.pending)
+            await trio.to_thread.run_sync(self.store.syncfs)
+            # On the disk now: the content may move where readers expect durable content.
+            await trio.to_thread.run_sync(self.store.install_pending, pending)
+            self.db.forget_unsynced(seq)
+            self._done = number
+
+    async def run(self) -> None:
+        """Sync :attr:`interval` seconds after the first commit since the last sync."""
+        while True:
+            await self._due.wait()
+            await trio.sleep(self.interval)
+            try:
+                await self.sync()
+            except OSError as exc:  # the disk failed us: try again at the next interval
+                log.error("could not sync the node directory's file system: %s; committed"
+                          " files are not yet safe from a power cut", exc)
+                self._due.set()
+
+
+def recover(store: Store, db: NodeDB, ns: Namespace) -> None:
+    """Bring the node back to a state a sync could have left, after a mount that ended
+    without its last one (see the module). Run before the mount serves anything. Blocks:
+    it hashes what is in ``pending/``."""
+    pending = store.pending()
+    if pending:
+        log.info("checking %d file(s) committed just before the last mount ended",
+                 len(pending))
+    store.recover_pending()
+    changes: dict[int, list[Unsynced]] = {}
+    for change in db.unsynced_changes():
+        changes.setdefault(change.inode, []).append(change)
+    for inode_id, chain in changes.items():
+        _roll_back(store, db, ns, inode_id, chain)
+    for row in db.uncommitted():
+        _remove(db, ns, row.id, "was being created and never closed when the last mount ended")
+    store.syncfs()
+    db.forget_unsynced(db.unsynced_seq())
+
+
+def _roll_back(store: Store, db: NodeDB, ns: Namespace, inode_id: int,
+               chain: list[Unsynced]) -> None:
+    """Give inode ``inode_id`` the newest content in its log ``chain`` that the store
+    holds: its own, else what it had before each change, newest first."""
+    try:
+        row = db.inode(inode_id)
+    except Exception:  # removed since: nothing names it
+        return
+    if _holds(store, row.sha1, row.size):
+        return
+    for change in reversed(chain):
+        if not change.prev_committed:
+            _remove(db, ns, inode_id, f"lost its first content (sha1://{row.sha1}) before"
+                    " it reached the disk")
+            return
+        if _holds(store, change.prev_sha1, change.prev_size):
+            db.update_inode(inode_id, sha1=change.prev_sha1, size=change.prev_size)
+            log.warning("%s lost its last content (sha1://%s) before it reached the disk:"
+                        " it has its previous content again (sha1://%s, %d bytes)",
+                        _where(db, row.channel, inode_id), row.sha1, change.prev_sha1,
+                        change.prev_size)
+            return
+    _remove(db, ns, inode_id, f"lost its content (sha1://{row.sha1}) and every earlier"
+            " one")
+
+
+def _holds(store: Store, sha1: str | None, size: int) -> bool:
+    return size == 0 or (sha1 is not None and store.size(sha1) == size)
+
+
+def _remove(db: NodeDB, ns: Namespace, inode_id: int, why: str) -> None:
+    try:
+        row = db.inode(inode_id)
+    except Exception:
+        return
+    log.warning("%s %s: removed", _where(db, row.channel, inode_id), why)
+    ns.discard(inode_id)
+
+
+def _where(db: NodeDB, channel: str, inode_id: int) -> str:
+    """A name of inode ``inode_id``, as a path under its channel, for a log line."""
+    parts: list[str] = []
+    current = inode_id
+    while current:
+        place = db.name_of(current)
+        if place is None:
+            return f"{channel}/(inode {inode_id}, unlinked)"
+        current, name = place
+        parts.append(name)
+    return os.path.join(channel, *reversed(parts))
