@@ -284,6 +284,10 @@ class Store:
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.layout.pending_dir.mkdir(exist_ok=True)
+        #: Whether content in ``pending/`` may be read as it is: only in the mount, once
+        #: it has checked what a crash may have left there (recover_pending) and for what
+        #: it commits itself. Any other reader hashes it first (see :meth:`open`).
+        self.pending_trusted = False
         self.cache = StoreCache(self.layout, limit=limit, pinned=pinned, uploaded=uploaded)
 
     @classmethod
@@ -328,7 +332,8 @@ class Store:
         Counts as a read for the cache, and holds a shared ``flock`` until the descriptor
         is closed, so that no eviction deletes the file meanwhile.
         """
-        for path in self._places(sha1):
+        _, pending, _ = places = self._places(sha1)
+        for path in places:
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
                 break
@@ -336,6 +341,8 @@ class Store:
                 pass
         else:
             raise NotFound(f"sha1://{sha1} is not in the local store")
+        if path is pending and not self.pending_trusted:
+            self._check_pending(fd, sha1)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -344,6 +351,20 @@ class Store:
             pass
         self.cache.touch(sha1.lower())
         return fd
+
+    def _check_pending(self, fd: int, sha1: str) -> None:
+        """Hash content ``sha1`` opened in ``pending/`` as ``fd`` before it is read: a power
+        cut may have damaged it, and only the mount's next start checks that. NotFound
+        (``fd`` closed) if it does not hold its bytes."""
+        try:
+            good = _hash_range(fd, 0, os.fstat(fd).st_size) == sha1.lower()
+        except (OSError, IntegrityError):
+            good = False
+        if not good:
+            os.close(fd)
+            raise NotFound(f"sha1://{sha1} in the local store's pending/ does not hold its"
+                           " bytes (the machine stopped before they reached the disk); the"
+                           " next mount removes it")
 
     def read_small(self, sha1: str, limit: int) -> bytes:
         """The whole of stored content ``sha1`` (a manifest, say) if it has at most

@@ -56,11 +56,13 @@ class Durability:
         self._lock = trio.Lock()  # one sync at a time
         self._started = 0  # syncs started
         self._done = 0  # the last sync that ended, by its number
-        self._due = trio.Event()  # something was committed since the last sync began
+        self._dirty = False  # something was committed since the last sync began
+        self._wake = trio.Event()  # for run(): something was committed
 
     def committed(self) -> None:
         """Something was committed that only a sync makes durable."""
-        self._due.set()
+        self._dirty = True
+        self._wake.set()
 
     async def sync(self) -> None:
         """Return once everything committed before the call is on the disk: after a sync
@@ -71,7 +73,7 @@ class Durability:
                 return  # another caller ran one for us
             self._started += 1
             number = self._started
-            self._due = trio.Event()
+            self._dirty = False
             seq = self.db.unsynced_seq()
             pending = await trio.to_thread.run_sync(self.store.pending)
             await trio.to_thread.run_sync(self.store.syncfs)
@@ -83,14 +85,17 @@ class Durability:
     async def run(self) -> None:
         """Sync :attr:`interval` seconds after the first commit since the last sync."""
         while True:
-            await self._due.wait()
+            await self._wake.wait()
+            self._wake = trio.Event()
             await trio.sleep(self.interval)
+            if not self._dirty:
+                continue  # an fsync synced it meanwhile
             try:
                 await self.sync()
             except OSError as exc:  # the disk failed us: try again at the next interval
                 log.error("could not sync the node directory's file system: %s; committed"
                           " files are not yet safe from a power cut", exc)
-                self._due.set()
+                self.committed()
 
 
 def recover(store: Store, db: NodeDB, ns: Namespace) -> None:
@@ -111,6 +116,8 @@ def recover(store: Store, db: NodeDB, ns: Namespace) -> None:
         _remove(db, ns, row.id, "was being created and never closed when the last mount ended")
     store.syncfs()
     db.forget_unsynced(db.unsynced_seq())
+    # Written by this process from now on, in this boot: served without a second hash.
+    store.pending_trusted = True
 
 
 def _roll_back(store: Store, db: NodeDB, ns: Namespace, inode_id: int,
