@@ -116,6 +116,7 @@ CREATE TABLE unsynced (
     prev_committed INTEGER NOT NULL  -- 0: it had none, it was being created
 );
 CREATE INDEX unsynced_inode ON unsynced (inode);
+CREATE INDEX uploads_by_state ON uploads (state, updated_at);
 """
 
 
@@ -156,8 +157,8 @@ SCHEMA = Schema("node.db", synchronous="NORMAL", migrations=(
     Migration(1, "channels, upload queue, named entries, feed single-message objects", _V1),
     Migration(2, "inodes apart from names: owners, link counts, times, links and special"
                  " files", _V2, _v2_inodes),
-    Migration(3, "files being created, and content committed but not yet on the disk",
-              _V3),
+    Migration(3, "files being created, content committed but not yet on the disk, and"
+                 " the upload queue in order", _V3),
 ))
 
 
@@ -239,6 +240,8 @@ _INODE_COLS = ("id, channel, mode, uid, gid, nlink, sha1, size, rdev, target, at
 #: The same columns of ``inodes i`` in a join with ``names``.
 _JOINED_INODE_COLS = ", ".join("i." + c.strip() for c in _INODE_COLS.split(","))
 _S_IFMT = 0o170000  # the file type bits of st_mode
+#: How many inode rows a NodeDB keeps in memory (see NodeDB._inodes).
+_INODES_CACHED = 100_000
 #: The columns of an inode that :meth:`NodeDB.update_inode` may set.
 _SETTABLE = frozenset({"mode", "uid", "gid", "nlink", "sha1", "size", "atime_ns", "mtime_ns",
                        "ctime_ns"})
@@ -270,6 +273,10 @@ class NodeDB:
     def __init__(self, path: Path):
         self.path = Path(path)
         self._db = SCHEMA.open(self.path, factory=_Connection)
+        #: Inode rows as read, until this NodeDB changes them: only the mount writes
+        #: inodes (one mount per node), through one NodeDB, and a FUSE request reads
+        #: the same rows many times.
+        self._inodes: dict[int, Inode] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -332,10 +339,12 @@ class NodeDB:
             " FROM uploads WHERE channel = ? AND sha1 = ?", (channel, sha1)).fetchone()
         return Upload(*row) if row else None
 
-    def pending_uploads(self) -> list[Upload]:
+    def pending_uploads(self, limit: int = -1) -> list[Upload]:
+        """The uploads not done, oldest first (at most ``limit`` of them; -1: all)."""
         rows = self._db.execute(
             "SELECT channel, sha1, size, state, session_uri, committed, error, attempts"
-            " FROM uploads WHERE state IN ('pending', 'uploading') ORDER BY updated_at").fetchall()
+            " FROM uploads WHERE state IN ('pending', 'uploading') ORDER BY updated_at"
+            " LIMIT ?", (limit,)).fetchall()
         return [Upload(*r) for r in rows]
 
     def uploads(self) -> list[Upload]:
@@ -417,6 +426,7 @@ class NodeDB:
             yield
             self._db.execute("COMMIT")
         except BaseException:
+            self._inodes.clear()  # rows read inside it may hold what is rolled back
             # A full disk may have rolled the transaction back already (SQLite does so
             # on SQLITE_FULL); a ROLLBACK then would fail and hide the real error.
             if self._db.in_transaction:
@@ -424,11 +434,17 @@ class NodeDB:
             raise
 
     def inode(self, inode_id: int) -> Inode:
+        cached = self._inodes.get(inode_id)
+        if cached is not None:
+            return cached
         row = self._db.execute(f"SELECT {_INODE_COLS} FROM inodes WHERE id = ?",
                                (inode_id,)).fetchone()
         if row is None:
             raise NotFound(f"no inode {inode_id}")
-        return Inode(*row)
+        if len(self._inodes) >= _INODES_CACHED:
+            self._inodes.clear()
+        inode = self._inodes[inode_id] = Inode(*row)
+        return inode
 
     def lookup(self, channel: str, parent: int, name: str) -> Inode | None:
         """The inode named ``name`` in directory ``parent`` (0: the channel directory)."""
@@ -511,9 +527,11 @@ class NodeDB:
         if not fields or not set(fields) <= _SETTABLE:
             raise ValueError(f"bad inode fields: {sorted(fields)}")
         sets = ", ".join(f"{k} = ?" for k in fields)
+        self._inodes.pop(inode_id, None)
         self._db.execute(f"UPDATE inodes SET {sets} WHERE id = ?", (*fields.values(), inode_id))
 
     def add_links(self, inode_id: int, delta: int, *, ctime_ns: int | None = None) -> None:
+        self._inodes.pop(inode_id, None)
         if ctime_ns is None:
             self._db.execute("UPDATE inodes SET nlink = nlink + ? WHERE id = ?",
                              (delta, inode_id))
@@ -523,12 +541,14 @@ class NodeDB:
 
     def delete_inode(self, inode_id: int) -> None:
         """Remove an inode that has no name left (kept while it was open)."""
+        self._inodes.pop(inode_id, None)
         self._db.execute("DELETE FROM inodes WHERE id = ? AND nlink = 0 AND NOT EXISTS"
                          " (SELECT 1 FROM names WHERE inode = inodes.id)", (inode_id,))
 
     def delete_unlinked(self) -> int:
         """Remove every inode without a name: left by a mount that ended while they were
         open (the kernel forgets them at once then). How many."""
+        self._inodes.clear()
         cur = self._db.execute("DELETE FROM inodes WHERE nlink = 0 AND NOT EXISTS"
                                " (SELECT 1 FROM names WHERE inode = inodes.id)")
         return cur.rowcount
@@ -549,6 +569,7 @@ class NodeDB:
         ``unsynced`` with what the file had before, in the same transaction, until
         :meth:`forget_unsynced` (see :mod:`kachery_fs.fs.durability`)."""
         now = time.time_ns()
+        self._inodes.pop(inode_id, None)
         with self.transaction():
             if unsynced:
                 self._db.execute(
@@ -568,8 +589,13 @@ class NodeDB:
     def mark_committed(self, inode_id: int) -> None:
         """A file ``create(2)`` made was closed without a write: it is an empty file now,
         not one being created (:attr:`Inode.committed`)."""
-        self._db.execute("UPDATE inodes SET committed = 1 WHERE id = ? AND committed = 0",
-                         (inode_id,))
+        try:
+            if self.inode(inode_id).committed:
+                return
+        except NotFound:
+            return
+        self._inodes.pop(inode_id, None)
+        self._db.execute("UPDATE inodes SET committed = 1 WHERE id = ?", (inode_id,))
 
     def uncommitted(self) -> list[Inode]:
         """Files ``create(2)`` made that were never committed."""

@@ -52,6 +52,12 @@ log = logging.getLogger(__name__)
 #: How long a worker waits before it tries again an upload whose state the node database
 #: could not record because the disk is full.
 NO_SPACE_PAUSE_S = 60.0
+#: The background workers let a burst of closes pass before they upload, so that the
+#: uploads do not take the CPU (and the mount's event loop) from the program writing
+#: (``rsync``, ``tar -x``): they start once no file was queued for this long...
+QUIET_S = 0.5
+#: ...or once they have waited this long, whatever goes on.
+HOLD_MAX_S = 5.0
 
 
 class Uploader:
@@ -70,6 +76,7 @@ class Uploader:
         self._progress: dict[tuple[str, str], int] = {}
         self._listeners: dict[tuple[str, str], Callable[[int], None]] = {}
         self.idle = trio.Event()
+        self._last_queued = -math.inf  # trio time of the last enqueue
 
     @classmethod
     async def create(cls, db: NodeDB, store: Store, channels: Channels,
@@ -98,7 +105,17 @@ class Uploader:
     def enqueue(self, channel: str, sha1: str, size: int) -> None:
         if self.db.enqueue_upload(channel, sha1, size):
             log.info("queued upload of sha1://%s (%d bytes) to %s", sha1, size, channel)
+        self._last_queued = trio.current_time()
         self._wake.set()
+
+    async def _quiet(self) -> None:
+        """Wait until no file was queued for :data:`QUIET_S`, at most :data:`HOLD_MAX_S`."""
+        deadline = trio.current_time() + HOLD_MAX_S
+        while (now := trio.current_time()) < deadline:
+            wait = self._last_queued + QUIET_S - now
+            if wait <= 0:
+                return
+            await trio.sleep(min(wait, deadline - now))
 
     def status(self, channel: str, sha1: str) -> str:
         """A one-line status for ``user.kachery.status``."""
@@ -127,6 +144,7 @@ class Uploader:
             key = (job.channel, job.sha1)
             self._active.add(key)
             try:
+                await self._quiet()
                 await self._run(job)
             except NoSpace as exc:
                 # The node database cannot record the upload's state (the disk is full).
@@ -147,7 +165,9 @@ class Uploader:
                 self._progress.pop(key, None)
 
     def _next_job(self):
-        for up in self.db.pending_uploads():
+        # The oldest that no worker has: among the first len(active) + 1 (not a scan of a
+        # queue of thousands at every pick).
+        for up in self.db.pending_uploads(limit=len(self._active) + 1):
             if (up.channel, up.sha1) not in self._active:
                 return up
         return None

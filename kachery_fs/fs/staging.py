@@ -51,6 +51,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: A file this small is copied into its staging file, and committed, on the event loop:
+#: hashing its rest and renaming it costs less than handing it to a thread and back
+#: (``rsync``, ``tar -x`` and ``git clone`` write mostly such files). Larger ones go to a
+#: worker thread.
+INLINE_BYTES = 256 << 10
+
 #: The errors of a write that mean the version being written cannot be saved whole.
 LOSING_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EIO)
 
@@ -108,6 +114,7 @@ class Staging:
         self.durability = durability
         self.on_lost = on_lost
         self._writers: dict[int, Writer] = {}
+        self._empty_stored = False  # the empty content is in the store
 
     # -- what is being written --------------------------------------------------------------
 
@@ -213,10 +220,14 @@ class Staging:
                 if copy_from is not None and not self.store.has(copy_from):
                     raise NotFound(f"content of inode {entry.id} (sha1://{copy_from}) is no longer"
                                    " in the local store")
-                writer.staging = await trio.to_thread.run_sync(
-                    lambda: StagingFile.from_existing(self.store, copy_from,
-                                                      truncate=copy_from is None,
-                                                      manifest=True))
+                def make() -> StagingFile:
+                    return StagingFile.from_existing(self.store, copy_from,
+                                                     truncate=copy_from is None, manifest=True)
+
+                if copy_from is None or entry.size <= INLINE_BYTES:
+                    writer.staging = make()
+                else:
+                    writer.staging = await trio.to_thread.run_sync(make)
                 writer.empty = False
             return writer.staging
 
@@ -306,13 +317,18 @@ class Staging:
             try:
                 if staging is None:  # opened with O_TRUNC, never written: empty
                     sha1, size = EMPTY_SHA1, 0
-                    if not self.store.has(EMPTY_SHA1):
-                        await trio.to_thread.run_sync(self.store.add_bytes, b"")
+                    if not self._empty_stored:  # then pinned: the file names it
+                        if not self.store.has(EMPTY_SHA1):
+                            await trio.to_thread.run_sync(self.store.add_bytes, b"")
+                        self._empty_stored = True
                 else:
                     size = staging.size
                     # The staging file is discarded if this fails.
-                    sha1 = await trio.to_thread.run_sync(
-                        lambda: staging.commit(durable=not deferred))
+                    if size <= INLINE_BYTES and deferred:
+                        sha1 = staging.commit(durable=False)
+                    else:
+                        sha1 = await trio.to_thread.run_sync(
+                            lambda: staging.commit(durable=not deferred))
                 try:
                     entry = self.db.inode(writer.inode_id)
                 except NotFound:  # unlinked, and forgotten before this last close ended
