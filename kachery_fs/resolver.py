@@ -303,11 +303,11 @@ class Resolver:
     async def open(self, channel: str, sha1: str, *, manifest: str | None = None) -> Content:
         """Verified bytes of ``sha1`` (see the module docstring); ``manifest``: the hash of
         a manifest the caller trusts for this file."""
+        local = self._open_local(sha1)  # whole and verified: nothing to decide
+        if local is not None:
+            return local
         trusted = self._trusted_manifest(channel, sha1, manifest)
         if trusted is not None and sha1 not in self._downloads:
-            local = self._open_local(sha1)
-            if local is not None:
-                return local
             found = await self._manifest_or_none(channel, sha1, trusted,
                                                  given=manifest is not None)
             if found is not None:

@@ -284,6 +284,7 @@ class Store:
         self.sha1_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.layout.pending_dir.mkdir(exist_ok=True)
+        self._sha1_root, self._pending_root = str(self.sha1_dir), str(self.layout.pending_dir)
         #: Whether content in ``pending/`` may be read as it is: only in the mount, once
         #: it has checked what a crash may have left there (recover_pending) and for what
         #: it commits itself. Any other reader hashes it first (see :meth:`open`).
@@ -308,11 +309,14 @@ class Store:
         it, :meth:`open` it)."""
         return self.layout.path(sha1)
 
-    def _places(self, sha1: str) -> tuple[Path, Path, Path]:
+    def _places(self, sha1: str) -> tuple[str, str, str]:
         """Where to look for content ``sha1``, in order: ``sha1/``, ``pending/``, and
         ``sha1/`` again (it may have moved from one to the other meanwhile)."""
-        final = self.layout.path(sha1)
-        return final, self.layout.pending_path(sha1), final
+        if not is_sha1(sha1):
+            raise InvalidInput(f"not a SHA-1 hash: {sha1!r}")
+        h = sha1.lower()
+        final = f"{self._sha1_root}/{h[0:2]}/{h[2:4]}/{h[4:6]}/{h}"
+        return final, f"{self._pending_root}/{h}", final
 
     def size(self, sha1: str) -> int | None:
         """The size of stored content ``sha1``, or ``None`` if it is not here."""
