@@ -141,8 +141,8 @@ class FeedSync:
                 # this end never hears so) must not leave the single objects forgotten.
                 on_announced(start, end)
             await hub.feed_updated(*sub, owner=key, message_count=end, batch_start=start)
-        log.debug("feed %s… subfeed %s…: %d message(s) announced in %s", feed_id[:12],
-                  subfeed_hash[:12], local, channel)
+        log.info("feed %s… subfeed %s…: %d message(s) announced in %s (in its bucket, as"
+                 " batches)", feed_id[:12], subfeed_hash[:12], local, channel)
         if singles:
             await self.upload_singles(channel, feed_id, subfeed_hash, remote, local)
         return remote, local
