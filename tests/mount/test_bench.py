@@ -40,7 +40,10 @@ EXPECTED = {
     "request_throughput": {"MiB_per_s", "seconds", "ttfb_s", "split_s", "upload_MiB_per_s",
                            "download_MiB_per_s", "bucket_read_MiB_per_s",
                            "ratio_to_bucket_read", "in_store_b_after_read"},
-    "names": {"names", "create_seconds", "ls_l_median_s", "ratio_to_local", "ratio_to_rclone"},
+    "names": {"names", "create_seconds", "floor_create_seconds", "ls_l_median_s",
+              "ratio_to_local", "ratio_to_rclone"},
+    "rsync": {"files", "mount_seconds", "local_seconds", "ratio_to_local",
+              "uploads_done_seconds_after"},
     "small_files": {"files", "bytes", "median_s", "ratio_to_local", "ratio_to_rclone"},
     "feed_append": {"feed_id", "messages", "seconds", "split_s", "lines_on_b", "content_on_b_ok",
                     "content_on_a_ok", "cpu_during_append"},
@@ -109,6 +112,8 @@ def test_bench_smoke(tmp_path):
     assert cold["messages"] == data["meta"]["feed_read_messages"] == 200
     assert cold["lines_on_b"] == 200 and cold["content_on_b_ok"] is True
     assert cold["feed_id"] == appended["feed_id"]
+    assert 0 < cold["a_announced_seconds_from_write_start"] \
+        <= cold["a_published_seconds_from_write_start"]
     for figure in (data["cp"]["cp_MiB_per_s"], data["local_read"]["cold_MiB_per_s"]["mount"],
                    data["names"]["ls_l_median_s"]["mount"],
                    data["small_files"]["median_s"]["mount"],
@@ -126,7 +131,8 @@ def test_bench_smoke(tmp_path):
 
     # Every target is judged beside its ratio (the feed targets apply to full sizes only).
     targets = ["into mount A, until committed", "sequential read", "the same again",
-               "from the bucket via mount B", "ls -l of",
+               "from the bucket via mount B", "ls -l of", "(before: creating them",
+               "rsync -a of",
                "by chunk (sha1/<hash>?manifest=)", "4 KiB read at a random offset",
                "the slowest of them", "chunks the bucket read per 4 KiB read",
                "4 KiB in the last chunk",
