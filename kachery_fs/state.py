@@ -21,7 +21,7 @@ import sqlite3
 import stat
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ._sqlite import Migration, Schema
@@ -304,9 +304,11 @@ class NodeDB:
         return [Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4]) for r in rows]
 
     def channel(self, name: str) -> Channel:
-        for ch in self.channels():
-            if ch.name == name:
-                return ch
+        r = self._db.execute(
+            "SELECT name, hub_url, bucket_base_url, permissions, checked_at FROM channels"
+            " WHERE name = ?", (name,)).fetchone()
+        if r is not None:
+            return Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4])
         raise NotFound(f"this node has not joined a channel named {name!r}"
                        " (see `kachery-fs join HUB_URL CHANNEL`)")
 
@@ -492,6 +494,9 @@ class NodeDB:
             (channel, mode, uid, gid, nlink, sha1, size, rdev, target, now, now, now,
              int(committed)))
         assert cur.lastrowid is not None  # set by the INSERT
+        self._inodes[cur.lastrowid] = Inode(cur.lastrowid, channel, mode, uid, gid, nlink,
+                                            sha1, size, rdev, target, now, now, now,
+                                            committed)
         return cur.lastrowid
 
     def add_name(self, channel: str, parent: int, name: str, inode_id: int) -> None:
@@ -569,7 +574,8 @@ class NodeDB:
         ``unsynced`` with what the file had before, in the same transaction, until
         :meth:`forget_unsynced` (see :mod:`kachery_fs.fs.durability`)."""
         now = time.time_ns()
-        self._inodes.pop(inode_id, None)
+        mtime = now if mtime_ns is None else mtime_ns
+        cached = self._inodes.pop(inode_id, None)
         with self.transaction():
             if unsynced:
                 self._db.execute(
@@ -578,8 +584,10 @@ class NodeDB:
                     " WHERE id = ?", (sha1, size, inode_id))
             self._db.execute("UPDATE inodes SET sha1 = ?, size = ?, mtime_ns = ?,"
                              " ctime_ns = ?, committed = 1 WHERE id = ?",
-                             (sha1, size, now if mtime_ns is None else mtime_ns, now,
-                              inode_id))
+                             (sha1, size, mtime, now, inode_id))
+        if cached is not None:  # committed: the row as it now is
+            self._inodes[inode_id] = replace(cached, sha1=sha1, size=size, mtime_ns=mtime,
+                                             ctime_ns=now, committed=True)
 
     def names_content(self, sha1: str) -> bool:
         """Whether a file has content ``sha1``."""

@@ -105,8 +105,8 @@ class Uploader:
     def enqueue(self, channel: str, sha1: str, size: int) -> None:
         if self.db.enqueue_upload(channel, sha1, size):
             log.info("queued upload of sha1://%s (%d bytes) to %s", sha1, size, channel)
+            self._wake.set()
         self._last_queued = trio.current_time()
-        self._wake.set()
 
     async def _quiet(self) -> None:
         """Wait until no file was queued for :data:`QUIET_S`, at most :data:`HOLD_MAX_S`."""

@@ -346,9 +346,10 @@ class Staging:
                 assert self.durability is not None
                 self.durability.committed()
             writer.unqueued = True
-            place = self.db.name_of(entry.id)
-            log.info("%s/%s committed as sha1://%s (%d bytes)", entry.channel,
-                     place[1] if place else f"(inode {entry.id}, unlinked)", sha1, size)
+            if log.isEnabledFor(logging.DEBUG):  # the upload's queueing is logged (info)
+                place = self.db.name_of(entry.id)
+                log.debug("%s/%s committed as sha1://%s (%d bytes)", entry.channel,
+                          place[1] if place else f"(inode {entry.id}, unlinked)", sha1, size)
 
     def lose(self, writer: Writer, error: BaseException) -> None:
         """Drop what ``writer`` was writing: ``error`` made it impossible to save whole
