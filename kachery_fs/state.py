@@ -20,6 +20,7 @@ import os
 import sqlite3
 import stat
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -277,6 +278,8 @@ class NodeDB:
         #: inodes (one mount per node), through one NodeDB, and a FUSE request reads
         #: the same rows many times.
         self._inodes: dict[int, Inode] = {}
+        #: Called after each :meth:`transaction` commits (the mount: a sync is due).
+        self.on_commit: Callable[[], None] | None = None
 
     def close(self) -> None:
         self._db.close()
@@ -334,6 +337,11 @@ class NodeDB:
             f" WHERE uploads.state IN {redo}",
             (channel, sha1, size, time.time()))
         return cur.rowcount > 0
+
+    def forget_upload(self, sha1: str) -> None:
+        """Drop the unfinished uploads of ``sha1`` (content that is gone: see
+        kachery_fs.fs.durability.recover)."""
+        self._db.execute("DELETE FROM uploads WHERE sha1 = ? AND state != 'done'", (sha1,))
 
     def upload(self, channel: str, sha1: str) -> Upload | None:
         row = self._db.execute(
@@ -427,6 +435,8 @@ class NodeDB:
         try:
             yield
             self._db.execute("COMMIT")
+            if self.on_commit is not None:
+                self.on_commit()
         except BaseException:
             self._inodes.clear()  # rows read inside it may hold what is rolled back
             # A full disk may have rolled the transaction back already (SQLite does so

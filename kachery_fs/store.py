@@ -122,9 +122,6 @@ class StagingFile:
             [] if manifest else None)
         #: The manifest the commit made and stored (None: small file, or not asked for).
         self.manifest: Manifest | None = None
-        #: A commit that is not durable put new content in ``pending/`` (the store had
-        #: none with its hash).
-        self.placed = False
 
     @classmethod
     def from_existing(cls, store: Store, sha1: str | None, *, truncate: bool,
@@ -246,7 +243,7 @@ class StagingFile:
             if durable:
                 self._store._install(self.path, sha1, origin)
             else:
-                self.placed = self._store._install_pending(self.path, sha1)
+                self._store._install_pending(self.path, sha1)
             self.manifest = manifest
         except BaseException as exc:
             self.discard()
@@ -285,6 +282,7 @@ class Store:
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
         self.layout.pending_dir.mkdir(exist_ok=True)
         self._sha1_root, self._pending_root = str(self.sha1_dir), str(self.layout.pending_dir)
+        self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         #: Whether content in ``pending/`` may be read as it is: only in the mount, once
         #: it has checked what a crash may have left there (recover_pending) and for what
         #: it commits itself. Any other reader hashes it first (see :meth:`open`).
@@ -301,6 +299,9 @@ class Store:
     def close(self) -> None:
         """Write out what the cache noted in memory (access times) and close its index."""
         self.cache.close()
+        if self._root_fd >= 0:
+            os.close(self._root_fd)
+            self._root_fd = -1
 
     # -- paths and lookups ----------------------------------------------------------
 
@@ -459,7 +460,12 @@ class Store:
         in ``pending/`` (True), or drop it if the store has that content already."""
         dest = self.layout.pending_path(sha1)
         try:
-            if self.layout.path(sha1).exists() or dest.exists():
+            final = self.layout.path(sha1)
+            if final.exists():
+                # Pinned as written (with its grace) before it is named, and still there
+                # after: an eviction pass either saw the row or took the file first.
+                self.cache.record(sha1, os.stat(temp).st_size, WRITTEN)
+            if final.exists() or dest.exists():
                 os.unlink(temp)
                 return False
             os.chmod(temp, 0o444)
@@ -472,12 +478,18 @@ class Store:
                 pass
             raise
 
-    def drop_pending(self, sha1: str) -> None:
-        """Remove pending content that nothing names (its commit failed after all)."""
+    def sync_pending(self, sha1: str) -> None:
+        """Put pending content ``sha1`` on the disk now (fsync of the file and of
+        ``pending/``); nothing to do once it is in ``sha1/``."""
         try:
-            os.unlink(self.layout.pending_path(sha1))
+            fd = os.open(self.layout.pending_path(sha1), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            pass
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        _fsync_dir(self.layout.pending_dir)
 
     def pending(self) -> list[str]:
         """The hashes of the content in ``pending/``."""
@@ -525,12 +537,11 @@ class Store:
 
     def syncfs(self) -> None:
         """``syncfs(2)`` of the store's file system: everything written to it so far
-        (content, the node's databases beside it) is on the disk when this returns."""
-        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            _syncfs(fd)
-        finally:
-            os.close(fd)
+        (content, the node's databases beside it) is on the disk when this returns.
+
+        Through one descriptor held from the store's opening: Linux reports to it every
+        write-back error since then, which a descriptor opened later would not see."""
+        _syncfs(self._root_fd)
 
     def install_renamed(self, path: Path, sha1: str) -> None:
         """Put a complete, fsynced file whose SHA-1 the caller checked (a partial file,

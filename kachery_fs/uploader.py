@@ -56,7 +56,7 @@ NO_SPACE_PAUSE_S = 60.0
 #: uploads do not take the CPU (and the mount's event loop) from the program writing
 #: (``rsync``, ``tar -x``): they start once no file was queued for this long...
 QUIET_S = 0.5
-#: ...or once they have waited this long, whatever goes on.
+#: ...or once the burst has gone on this long, whatever goes on.
 HOLD_MAX_S = 5.0
 
 
@@ -77,6 +77,7 @@ class Uploader:
         self._listeners: dict[tuple[str, str], Callable[[int], None]] = {}
         self.idle = trio.Event()
         self._last_queued = -math.inf  # trio time of the last enqueue
+        self._burst_began = -math.inf  # of the first enqueue after a quiet spell
 
     @classmethod
     async def create(cls, db: NodeDB, store: Store, channels: Channels,
@@ -106,11 +107,15 @@ class Uploader:
         if self.db.enqueue_upload(channel, sha1, size):
             log.info("queued upload of sha1://%s (%d bytes) to %s", sha1, size, channel)
             self._wake.set()
-        self._last_queued = trio.current_time()
+        now = trio.current_time()
+        if now - self._last_queued >= QUIET_S:
+            self._burst_began = now
+        self._last_queued = now
 
     async def _quiet(self) -> None:
-        """Wait until no file was queued for :data:`QUIET_S`, at most :data:`HOLD_MAX_S`."""
-        deadline = trio.current_time() + HOLD_MAX_S
+        """Wait until no file was queued for :data:`QUIET_S`, or the burst of closes has
+        gone on for :data:`HOLD_MAX_S`."""
+        deadline = self._burst_began + HOLD_MAX_S
         while (now := trio.current_time()) < deadline:
             wait = self._last_queued + QUIET_S - now
             if wait <= 0:

@@ -27,6 +27,7 @@ kernel forwards them only to virtiofs): the periodic sync stands in for them.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 
@@ -58,6 +59,10 @@ class Durability:
         self._done = 0  # the last sync that ended, by its number
         self._dirty = False  # something was committed since the last sync began
         self._wake = trio.Event()  # for run(): something was committed
+        #: The error of a sync that failed (the disk could not write back what was
+        #: committed). From then on nothing in pending/ is taken for durable in this mount
+        #: (the next start hashes it all again), and fsync(2) fails.
+        self.failed: OSError | None = None
 
     def committed(self) -> None:
         """Something was committed that only a sync makes durable."""
@@ -69,6 +74,7 @@ class Durability:
         that began after it (one that is running may have begun before)."""
         wanted = self._started + 1
         async with self._lock:
+            self._check()
             if self._done >= wanted:
                 return  # another caller ran one for us
             self._started += 1
@@ -76,11 +82,33 @@ class Durability:
             self._dirty = False
             seq = self.db.unsynced_seq()
             pending = await trio.to_thread.run_sync(self.store.pending)
-            await trio.to_thread.run_sync(self.store.syncfs)
-            # On the disk now: the content may move where readers expect durable content.
-            await trio.to_thread.run_sync(self.store.install_pending, pending)
-            self.db.forget_unsynced(seq)
+            try:
+                await trio.to_thread.run_sync(self.store.syncfs)
+            except OSError as exc:
+                self.failed = exc
+                self._dirty = True
+                log.error("the disk could not write back what was committed (syncfs: %s):"
+                          " files committed since the mount started stay in the store's"
+                          " pending/ and are checked again at the next start; fsync fails"
+                          " until then", exc)
+                self._check()
             self._done = number
+            # On the disk now: the content may move where readers expect durable content.
+            # If that fails (a full disk for a new directory, or for the index), it stays
+            # in pending/, which is as safe: the next sync tries again.
+            try:
+                await trio.to_thread.run_sync(self.store.install_pending, pending)
+                self.db.forget_unsynced(seq)
+            except Exception as exc:
+                log.warning("committed content is on the disk but stays in the store's"
+                            " pending/ for now: %s", exc)
+                self._dirty = True
+                self._wake.set()
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise OSError(self.failed.errno or errno.EIO,
+                          f"an earlier sync failed: {self.failed}")
 
     async def run(self) -> None:
         """Sync :attr:`interval` seconds after the first commit since the last sync."""
@@ -88,13 +116,14 @@ class Durability:
             await self._wake.wait()
             self._wake = trio.Event()
             await trio.sleep(self.interval)
-            if not self._dirty:
-                continue  # an fsync synced it meanwhile
+            if not self._dirty or self.failed is not None:
+                continue  # an fsync synced it meanwhile; or nothing is taken for synced
             try:
                 await self.sync()
-            except OSError as exc:  # the disk failed us: try again at the next interval
-                log.error("could not sync the node directory's file system: %s; committed"
-                          " files are not yet safe from a power cut", exc)
+            except OSError:
+                pass  # logged once, by sync(); the mount goes on serving
+            except Exception:  # never take the mount down for it
+                log.exception("sync of the node directory failed")
                 self.committed()
 
 
@@ -106,7 +135,7 @@ def recover(store: Store, db: NodeDB, ns: Namespace) -> None:
     if pending:
         log.info("checking %d file(s) committed just before the last mount ended",
                  len(pending))
-    store.recover_pending()
+    _, removed = store.recover_pending()
     changes: dict[int, list[Unsynced]] = {}
     for change in db.unsynced_changes():
         changes.setdefault(change.inode, []).append(change)
@@ -114,6 +143,9 @@ def recover(store: Store, db: NodeDB, ns: Namespace) -> None:
         _roll_back(store, db, ns, inode_id, chain)
     for row in db.uncommitted():
         _remove(db, ns, row.id, "was being created and never closed when the last mount ended")
+    for sha1 in removed:  # no upload of what is gone, unless a name still wants it
+        if not db.names_content(sha1):
+            db.forget_upload(sha1)
     store.syncfs()
     db.forget_unsynced(db.unsynced_seq())
     # Written by this process from now on, in this boot: served without a second hash.

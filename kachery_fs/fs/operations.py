@@ -97,6 +97,7 @@ class Operations(pyfuse3.Operations):
         # What the last mount committed but may not have synced (see fs.durability).
         recover(store, db, self.ns)
         self.durability = Durability(store, db)
+        db.on_commit = self.durability.committed  # names too reach the disk within 5 s
         nursery.start_soon(self.durability.run)
         self.staging = Staging(store, db, uploader, durability=self.durability,
                                on_lost=self._entry_lost)
@@ -184,6 +185,7 @@ class Operations(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         with fuse_errors("setattr"):
+            self.durability.committed()
             vnode = self.ns.vnode(inode)
             if not isinstance(vnode, UserInode):
                 if isinstance(vnode, SubfeedFile) and not (
@@ -311,10 +313,29 @@ class Operations(pyfuse3.Operations):
         with fuse_errors("rename"):
             if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):  # RENAME_WHITEOUT: overlayfs's
                 raise InvalidInput(f"rename flags {flags:#x} are not supported")
-            self.ns.rename(self.ns.vnode(parent_inode_old), os.fsdecode(name_old),
-                           self.ns.vnode(parent_inode_new), os.fsdecode(name_new),
+            old_parent, new_parent = self.ns.vnode(parent_inode_old), self.ns.vnode(parent_inode_new)
+            text_old, text_new = os.fsdecode(name_old), os.fsdecode(name_new)
+            await self._before_replacing(old_parent, text_old, new_parent, text_new)
+            self.ns.rename(old_parent, text_old, new_parent, text_new,
                            noreplace=bool(flags & RENAME_NOREPLACE),
                            exchange=bool(flags & RENAME_EXCHANGE))
+
+    async def _before_replacing(self, old_parent: VNode, old: str, new_parent: VNode,
+                                new: str) -> None:
+        """Before a rename puts a file just written over an existing name (an editor's or
+        rsync's "write a temporary file, rename it over"), its content goes to the disk,
+        as ext4 does (auto_da_alloc): a power cut then leaves the old file or the new one,
+        never neither (the new one would be taken back, and the old one is gone)."""
+        try:
+            source = self.ns.lookup(old_parent, old)
+            self.ns.lookup(new_parent, new)
+        except NotFound:
+            return  # no name is replaced
+        if not isinstance(source, UserInode):
+            return
+        row = self.db.inode(source.inode_id)
+        if row.is_file and row.sha1 is not None and row.size:
+            await trio.to_thread.run_sync(self.store.sync_pending, row.sha1)
 
     # -- files -----------------------------------------------------------------------------
 

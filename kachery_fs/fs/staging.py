@@ -184,6 +184,8 @@ class Staging:
                     await self.commit(writer)
                 else:  # a file create(2) made and nothing wrote: an empty file now
                     self.db.mark_committed(writer.inode_id)
+                    if self.durability is not None:
+                        self.durability.committed()
                 self.queue_upload(writer)
         finally:
             self._forget(writer)
@@ -338,12 +340,11 @@ class Staging:
                 self.db.set_content(writer.inode_id, sha1, size, mtime_ns=writer.mtime_ns,
                                     unsynced=deferred and size > 0)
             except Exception as exc:
-                if staging is not None and staging.placed and not self.db.names_content(sha1):
-                    self.store.drop_pending(sha1)  # nothing will ever name it
+                # Content it put in pending/ stays: another commit may have found it there
+                # and name it; if none does, it is cache like any unnamed content.
                 self.lose(writer, exc)
                 raise
-            if deferred and size > 0:
-                assert self.durability is not None
+            if self.durability is not None:
                 self.durability.committed()
             writer.unqueued = True
             if log.isEnabledFor(logging.DEBUG):  # the upload's queueing is logged (info)

@@ -156,9 +156,13 @@ def test_a_power_cut_shows_each_name_with_committed_content_or_not_at_all(tmp_pa
                 ch = mnt / CHANNEL
                 write(ch / "synced.bin", synced, fsync=True)
                 write(ch / "replaced.bin", first, fsync=True)
+                write(ch / "edited.txt", b"the old text\n", fsync=True)
                 # Committed at close, but no sync since:
                 write(ch / "replaced.bin", second)
                 write(ch / "unsynced.bin", unsynced)
+                # An editor's save: a new file, renamed over the old one.
+                write(ch / ".edited.txt.swp", b"the new text\n")
+                os.rename(ch / ".edited.txt.swp", ch / "edited.txt")
                 fd = os.open(ch / "open.bin", os.O_WRONLY | os.O_CREAT, 0o644)
                 opened.append(fd)
                 os.write(fd, b"never closed")
@@ -187,6 +191,10 @@ def test_a_power_cut_shows_each_name_with_committed_content_or_not_at_all(tmp_pa
             assert (ch / "replaced.bin").read_bytes() in (first, second)
             names = set(os.listdir(ch))
             assert "open.bin" not in names
+            # The old text or the new, never neither (the new was put on the disk before
+            # the rename, as ext4 does).
+            assert (ch / "edited.txt").read_bytes() in (b"the old text\n", b"the new text\n")
+            assert ".edited.txt.swp" not in names
             if "unsynced.bin" in names:
                 assert (ch / "unsynced.bin").read_bytes() == unsynced
             for name in names - {"sha1", "feeds"}:  # and by hash, what each name says

@@ -4,6 +4,7 @@ the damage a power cut does made by hand."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -12,13 +13,14 @@ import threading
 import pytest
 import trio
 
-from kachery_fs.errors import NotFound
+from kachery_fs.errors import NoSpace, NotFound
 from kachery_fs.fs import vnodes as v
 from kachery_fs.fs.durability import Durability, recover
 from kachery_fs.fs.namespace import Namespace
 from kachery_fs.state import NodeDB
 from kachery_fs.store import Store
 
+from ..stores import fetched
 from ..util import until
 
 FILE = stat.S_IFREG | 0o644
@@ -126,6 +128,27 @@ def test_a_crash_brings_each_name_back_to_its_last_content_on_the_disk(node, cap
     assert "ch/open.txt was being created and never closed" in log
 
 
+def test_recover_drops_the_uploads_of_content_it_removed(node):
+    store, db, ns = node
+    written(store, db, ns, "lost.txt", b"gone")
+    db.enqueue_upload("ch", sha1(b"gone"), 4)
+    damage(store, b"gone")
+    recover(store, db, ns)
+    assert db.upload("ch", sha1(b"gone")) is None  # never tried, never failing
+
+
+def test_content_committed_again_is_pinned_before_it_is_named(node):
+    """A commit of bytes the store has as fetched cache: recorded as written (kept for
+    its grace) before the file names it, so that an eviction pass cannot take it."""
+    store, _, _ = node
+    fetched(store, b"cached")
+    commit(store, b"cached")
+    row = store.cache._db.execute("SELECT origin FROM objects WHERE sha1 = ?",
+                                  (sha1(b"cached"),)).fetchone()
+    assert row == ("written",)
+    assert not store.pending()  # not copied again
+
+
 def test_recover_after_a_clean_end_changes_nothing(node):
     store, db, ns = node
     inode = written(store, db, ns, "a.txt", b"one", b"two")
@@ -188,3 +211,40 @@ async def test_a_commit_is_synced_within_the_interval(node):
         assert not store.path(h).exists()
         await until(store.path(h).exists, within=10, what="the periodic sync")
         nursery.cancel_scope.cancel()
+
+
+async def test_a_sync_that_fails_leaves_everything_pending_and_fails_every_fsync(node,
+                                                                                monkeypatch):
+    store, db, _ = node
+    durability = Durability(store, db)
+    h = commit(store, b"not on the disk")
+
+    def broken():
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(store, "syncfs", broken)
+    with pytest.raises(OSError):
+        await durability.sync()
+    monkeypatch.undo()  # the disk seems fine again: what failed to reach it is not
+    with pytest.raises(OSError, match="an earlier sync failed"):
+        await durability.sync()
+    assert store.pending() == [h] and not store.path(h).exists()
+
+
+async def test_the_periodic_sync_survives_a_full_disk_after_its_syncfs(node, monkeypatch):
+    store, db, _ = node
+    durability = Durability(store, db, interval=0.05)
+    h = commit(store, b"synced, not moved")
+    calls = []
+
+    def full(hashes):
+        calls.append(hashes)
+        raise NoSpace("the disk is full")
+
+    monkeypatch.setattr(store, "install_pending", full)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(durability.run)
+        durability.committed()
+        await until(lambda: len(calls) >= 2, within=10, what="a sync, then another")
+        nursery.cancel_scope.cancel()
+    assert store.pending() == [h]  # safe where it is; the mount kept running
