@@ -53,7 +53,7 @@ def collect(node, *, provider=None, resolver=None, mountpoint: str | None = None
                "failures": [{"channel": up.channel, "sha1": up.sha1, "error": up.error}
                             for up in node.db.failed_uploads()]}
     sources = resolver.sources if resolver is not None else Sources.load(node.dir)
-    store = {**node.store.cache.stats(),
+    store = {**node.store.cache.stats(), "pendingSync": len(node.store.pending()),
              "sources": [{"path": str(s.path), "automatic": s.automatic} for s in sources]}
     return {"nodeId": node.node_id, "pid": os.getpid(), "mountpoint": mountpoint,
             "updated": time.time(), "channels": channels, "hubs": hubs,
@@ -120,6 +120,9 @@ def _render_store(store: dict) -> list[str]:
              " added with put/store add)",
              f"  evicted so far: {store['evictions']:,} object(s),"
              f" {format_size(store['evictedBytes'])}"]
+    if store.get("pendingSync"):  # a mount of an earlier version does not report it
+        lines.append(f"  committed, not yet on the disk: {store['pendingSync']:,} file(s)"
+                     " (a sync every 5 s, or an fsync, puts them there)")
     for source in store["sources"]:
         how = "found automatically" if source["automatic"] else "configured"
         lines.append(f"  reads kachery store {source['path']} ({how})")

@@ -13,6 +13,7 @@ import threading
 import pytest
 import trio
 
+from kachery_fs import status
 from kachery_fs.errors import NoSpace, NotFound
 from kachery_fs.fs import vnodes as v
 from kachery_fs.fs.durability import Durability, recover
@@ -126,6 +127,18 @@ def test_a_crash_brings_each_name_back_to_its_last_content_on_the_disk(node, cap
     assert "ch/kept.txt lost its last content" in log
     assert "ch/lost.txt lost its first content" in log
     assert "ch/open.txt was being created and never closed" in log
+
+
+def test_status_tells_how_many_committed_files_wait_for_the_disk(node):
+    store, _, _ = node
+    commit(store, b"one")
+    commit(store, b"two")
+    report = {"bytes": 0, "objects": 0, "limit": None, "pinnedBytes": 0, "evictions": 0,
+              "evictedBytes": 0, "sources": [], "pendingSync": len(store.pending())}
+    assert "  committed, not yet on the disk: 2 file(s)" in "\n".join(
+        status._render_store(report))
+    report["pendingSync"] = 0
+    assert "not yet on the disk" not in "\n".join(status._render_store(report))
 
 
 def test_recover_drops_the_uploads_of_content_it_removed(node):
