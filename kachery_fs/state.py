@@ -172,6 +172,13 @@ class Channel:
     checked_at: float
 
 
+_CHANNEL_COLS = "name, hub_url, bucket_base_url, permissions, checked_at"
+
+
+def _channel(r) -> Channel:
+    return Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4])
+
+
 @dataclass
 class Upload:
     channel: str
@@ -301,17 +308,14 @@ class NodeDB:
         self._db.execute("DELETE FROM channels WHERE name = ?", (name,))
 
     def channels(self) -> list[Channel]:
-        rows = self._db.execute(
-            "SELECT name, hub_url, bucket_base_url, permissions, checked_at FROM channels"
-            " ORDER BY name").fetchall()
-        return [Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4]) for r in rows]
+        rows = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels ORDER BY name")
+        return [_channel(r) for r in rows.fetchall()]
 
     def channel(self, name: str) -> Channel:
-        r = self._db.execute(
-            "SELECT name, hub_url, bucket_base_url, permissions, checked_at FROM channels"
-            " WHERE name = ?", (name,)).fetchone()
+        r = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels WHERE name = ?",
+                             (name,)).fetchone()
         if r is not None:
-            return Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4])
+            return _channel(r)
         raise NotFound(f"this node has not joined a channel named {name!r}"
                        " (see `kachery-fs join HUB_URL CHANNEL`)")
 

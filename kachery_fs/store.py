@@ -362,7 +362,7 @@ class Store:
         cut may have damaged it, and only the mount's next start checks that. NotFound
         (``fd`` closed) if it does not hold its bytes."""
         try:
-            good = _hash_range(fd, 0, os.fstat(fd).st_size) == sha1.lower()
+            good = _holds_its_hash(fd, sha1)
         except (OSError, IntegrityError):
             good = False
         if not good:
@@ -515,8 +515,7 @@ class Store:
             path = self.layout.pending_path(sha1)
             try:
                 with open(path, "rb") as f:
-                    actual = _hash_range(f.fileno(), 0, os.fstat(f.fileno()).st_size)
-                    good = actual == sha1
+                    good = _holds_its_hash(f.fileno(), sha1)
                     if good:
                         os.fsync(f.fileno())
             except FileNotFoundError:
@@ -743,6 +742,11 @@ def _hash_range(fd: int, start: int, end: int) -> str:
         hasher.update(block)
         offset += len(block)
     return hasher.hexdigest()
+
+
+def _holds_its_hash(fd: int, sha1: str) -> bool:
+    """Whether the whole file open as ``fd`` hashes to ``sha1``."""
+    return _hash_range(fd, 0, os.fstat(fd).st_size) == sha1.lower()
 
 
 _pool: concurrent.futures.ThreadPoolExecutor | None = None

@@ -33,6 +33,7 @@ import os
 
 import trio
 
+from ..errors import NotFound
 from ..state import NodeDB, Unsynced
 from ..store import Store
 from .namespace import Namespace
@@ -158,7 +159,7 @@ def _roll_back(store: Store, db: NodeDB, ns: Namespace, inode_id: int,
     holds: its own, else what it had before each change, newest first."""
     try:
         row = db.inode(inode_id)
-    except Exception:  # removed since: nothing names it
+    except NotFound:  # removed since: nothing names it
         return
     if _holds(store, row.sha1, row.size):
         return
@@ -185,7 +186,7 @@ def _holds(store: Store, sha1: str | None, size: int) -> bool:
 def _remove(db: NodeDB, ns: Namespace, inode_id: int, why: str) -> None:
     try:
         row = db.inode(inode_id)
-    except Exception:
+    except NotFound:
         return
     log.warning("%s %s: removed", _where(db, row.channel, inode_id), why)
     ns.discard(inode_id)

@@ -415,7 +415,7 @@ class Operations(pyfuse3.Operations):
             writer = self.staging.open_read(entry.id)
             if writer is not None:  # being written: read what is written so far
                 return pyfuse3.FileInfo(fh=self._new_handle(Handle(vnode, writer=writer)))
-            if entry.sha1 is None:
+            if entry.sha1 is None or entry.size == 0:  # nothing to read, nor to fetch
                 content = LocalContent(os.open(os.devnull, os.O_RDONLY), 0)
             else:
                 content = await self.resolver.open(entry.channel, entry.sha1)

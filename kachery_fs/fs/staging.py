@@ -114,7 +114,6 @@ class Staging:
         self.durability = durability
         self.on_lost = on_lost
         self._writers: dict[int, Writer] = {}
-        self._empty_stored = False  # the empty content is in the store
 
     # -- what is being written --------------------------------------------------------------
 
@@ -251,7 +250,7 @@ class Staging:
             if writer.staging is not None:
                 return writer.staging.read(offset, size)
             entry = self.db.inode(writer.inode_id)
-        if entry.sha1 is None:
+        if entry.sha1 is None or entry.size == 0:
             return b""
         fd = self.store.open(entry.sha1)
         try:
@@ -316,13 +315,19 @@ class Staging:
                 return
             writer.dirty = writer.empty = False
             deferred = self.durability is not None
+            if staging is not None and staging.size == 0:
+                # Empty, whatever was written and cut: the empty content, stored durably
+                # once (a pending copy a power cut could lose would leave the name
+                # pointing at nothing, since recovery keeps every empty file).
+                staging.discard()
+                staging = None
             try:
-                if staging is None:  # opened with O_TRUNC, never written: empty
+                if staging is None:  # opened with O_TRUNC and never written, or cut to 0
                     sha1, size = EMPTY_SHA1, 0
-                    if not self._empty_stored:  # then pinned: the file names it
-                        if not self.store.has(EMPTY_SHA1):
-                            await trio.to_thread.run_sync(self.store.add_bytes, b"")
-                        self._empty_stored = True
+                    # For its upload (reads of an empty file need none): in sha1/, on
+                    # the disk, not a pending copy.
+                    if not self.store.path(EMPTY_SHA1).exists():
+                        await trio.to_thread.run_sync(self.store.add_bytes, b"")
                 else:
                     size = staging.size
                     # The staging file is discarded if this fails.

@@ -258,3 +258,25 @@ async def test_a_large_file_written_gets_its_manifest_stored_and_recorded(parts,
     await staging.close_write(writer)
     assert store.cache.known_manifest(sha1(b"small")) is None
     assert uploads.queued[1:] == [(CH, sha1(b"small"), 5)]
+
+
+async def test_a_file_cut_to_nothing_is_the_empty_content_on_the_disk_not_pending(tmp_path):
+    """Committed without waiting for the disk, an empty version is still never a pending
+    copy: a power cut could lose that copy, and recovery keeps every empty file."""
+    from kachery_fs.bucket import EMPTY_SHA1
+    from kachery_fs.fs.durability import Durability
+
+    store, db = Store(tmp_path), NodeDB(tmp_path / "node.db")
+    try:
+        staging = Staging(store, db, Uploads(), durability=Durability(store, db))
+        inode = new_file(db, store, b"some bytes")
+        writer = await staging.open_write(inode, truncate=False)
+        await staging.write(writer, 0, b"more")
+        await staging.truncate(inode, 0)
+        await staging.close_write(writer)
+        assert db.inode(inode).sha1 == EMPTY_SHA1 and db.inode(inode).size == 0
+        assert store.path(EMPTY_SHA1).exists() and not store.pending()
+        assert not temp_files(store)
+    finally:
+        store.close()
+        db.close()
