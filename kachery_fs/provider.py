@@ -185,10 +185,12 @@ class Provider:
 
     async def _manifest_to_stream(self, channel: str, sha1: str, size: int) -> Manifest | None:
         """The manifest of stored file ``sha1`` that this node has, put in ``channel``'s
-        bucket; None when the file is not large, no manifest is on record, or it cannot be
-        read or uploaded (the file then goes up whole only)."""
-        known = self.store.cache.known_manifest(sha1)
-        if size <= manifest_module.CHUNK_SIZE or known is None:
+        bucket; None when the file is not large, no manifest is on record or can be
+        made, or it cannot be read or uploaded (the file then goes up whole only)."""
+        if size <= manifest_module.CHUNK_SIZE:
+            return None
+        known = await self.uploader.manifest_of(sha1, size)  # made now if none is yet
+        if known is None:
             return None
         mhash = known[0]
         try:

@@ -33,10 +33,11 @@ put them on the disk (:meth:`Store.install_pending`). So a power cut can never l
 wrong bytes under ``sha1/``: what it may damage is in ``pending/``, which the next mount
 hashes again (:meth:`Store.recover_pending`).
 
-A file over 20,000,000 bytes committed from a staging file that asks for it (the mount's
-writes, ``put``, ``store add``) also gets its kachery manifest, computed while it is
-written, stored as content of its own and recorded in the index before the file is in
-place (:class:`StagingFile`).
+A file over 20,000,000 bytes committed from a staging file that asks for it (``put``,
+``store add``) also gets its kachery manifest, computed while it is written, stored as
+content of its own and recorded in the index before the file is in place
+(:class:`StagingFile`). The mount's files get theirs after the commit, so that ``close``
+waits for one SHA-1 pass only (:meth:`Store.make_manifest`).
 
 All methods here block (file I/O, hashing); async callers run the big ones in
 ``trio.to_thread.run_sync``. Several processes may use one store at once: renames are
@@ -599,6 +600,34 @@ class Store:
         size = staging.size
         sha1 = staging.commit(origin=origin, expected=expected)
         return sha1, size, staging.manifest
+
+    def make_manifest(self, sha1: str, *,
+                      between: Callable[[], None] | None = None) -> Manifest | None:
+        """The kachery manifest of stored content ``sha1``, computed from the file here,
+        stored as content of its own and recorded in the index as this node's (``here``):
+        the mount's large files get theirs after their commit, not while ``close`` waits
+        (see :class:`kachery_fs.uploader.Uploader.manifest_of`). None for content of one
+        chunk or less; NotFound if it is not here. Hashes on the calling thread, one chunk
+        at a time (not on the pool, which hashes the files being written), and calls
+        ``between`` before each chunk (it may raise to stop). Blocks."""
+        fd = self.open(sha1)
+        try:
+            size = os.fstat(fd).st_size
+            step = kachery_manifest.CHUNK_SIZE
+            if size <= step:
+                return None
+            chunks = []
+            for start in range(0, size, step):
+                if between is not None:
+                    between()
+                chunks.append(_hash_range(fd, start, min(start + step, size)))
+        finally:
+            os.close(fd)
+        manifest = Manifest.of_chunks(size, sha1, chunks)
+        assert manifest is not None  # over one chunk
+        self.add_bytes(manifest.to_bytes())  # stored before it is recorded
+        self.cache.note_manifest(sha1, manifest.hash, MANIFEST_HERE)
+        return manifest
 
     def add_bytes(self, data: bytes, *, origin: str = ADDED) -> str:
         staging = self.new_staging()

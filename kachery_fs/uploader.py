@@ -24,10 +24,12 @@ import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 
 import httpx
 import trio
 
+from . import manifest as manifest_module
 from . import resumable
 from .cache import MANIFEST_HERE
 from .channels import Channels
@@ -78,6 +80,9 @@ class Uploader:
         self.idle = trio.Event()
         self._last_queued = -math.inf  # trio time of the last enqueue
         self._burst_began = -math.inf  # of the first enqueue after a quiet spell
+        #: Manifests being computed (:meth:`manifest_of`): sha1 → set when done.
+        self._making: dict[str, trio.Event] = {}
+        self._nursery: trio.Nursery | None = None
 
     @classmethod
     async def create(cls, db: NodeDB, store: Store, channels: Channels,
@@ -89,6 +94,7 @@ class Uploader:
         self = cls(db, store, channels, client, workers=workers, rate_limit=rate_limit)
         if not workers:
             return self
+        self._nursery = nursery
         for _ in range(workers):
             nursery.start_soon(self._worker)
         for channel, sha1, size in db.entries_not_queued():
@@ -122,6 +128,33 @@ class Uploader:
                 return
             await trio.sleep(min(wait, deadline - now))
 
+    async def manifest_of(self, sha1: str, size: int) -> tuple[str, str] | None:
+        """The manifest of stored content ``sha1`` (``size`` bytes) on record, as
+        ``(manifest hash, source)`` (see :meth:`StoreCache.known_manifest`). A file over
+        one chunk with none on record gets one computed from the file here, on a thread
+        (:meth:`Store.make_manifest`): the mount commits its files without one, so that
+        ``close`` waits for one SHA-1 pass only. Callers asking at once share one
+        computation. None for a small file, or content no longer here."""
+        known = self.store.cache.known_manifest(sha1)
+        if known is not None or size <= manifest_module.CHUNK_SIZE:
+            return known
+        making = self._making.get(sha1)
+        if making is not None:
+            await making.wait()
+            return self.store.cache.known_manifest(sha1)
+        self._making[sha1] = making = trio.Event()
+        try:
+            # An unmount stops it between two chunks (trio.Cancelled from the thread).
+            await trio.to_thread.run_sync(partial(self.store.make_manifest, sha1,
+                                                  between=trio.from_thread.check_cancelled))
+        except (KacheryError, OSError) as exc:
+            log.warning("no manifest for sha1://%s: %s (it is read and uploaded whole)",
+                        sha1, exc)
+        finally:
+            del self._making[sha1]
+            making.set()
+        return self.store.cache.known_manifest(sha1)
+
     def status(self, channel: str, sha1: str) -> str:
         """A one-line status for ``user.kachery.status``."""
         up = self.db.upload(channel, sha1)
@@ -150,6 +183,11 @@ class Uploader:
             self._active.add(key)
             try:
                 await self._quiet()
+                if (self._nursery is not None and job.size > manifest_module.CHUNK_SIZE
+                        and self.store.cache.known_manifest(job.sha1) is None):
+                    # Taken beside the upload, which reads the same pages; its finalize
+                    # waits for it (_upload_manifest).
+                    self._nursery.start_soon(self.manifest_of, job.sha1, job.size)
                 await self._run(job)
             except NoSpace as exc:
                 # The node database cannot record the upload's state (the disk is full).
@@ -313,7 +351,7 @@ class Uploader:
         if not session:
             signed = await hub.initiate_upload(job.channel, job.sha1, job.size)
             if signed is None:  # the bucket already has it (the hub checked)
-                if self._manifest_here(job.sha1) is not None:
+                if await self._manifest_here(job.sha1, job.size) is not None:
                     await self._finalize(hub, job)  # for the vouch: the hub may have none
                 return
             try:
@@ -347,10 +385,11 @@ class Uploader:
         await self._finalize(hub, job)
         db.update_upload(job.channel, job.sha1, session_uri=None)
 
-    def _manifest_here(self, sha1: str) -> str | None:
-        """The manifest of ``sha1`` that this node computed from the file itself, if any
-        (one the hub vouched for is not this node's to vouch for again)."""
-        known = self.store.cache.known_manifest(sha1)
+    async def _manifest_here(self, sha1: str, size: int) -> str | None:
+        """The manifest of ``sha1`` that this node computed from the file itself, if any,
+        computed now if none is on record (one the hub vouched for is not this node's to
+        vouch for again)."""
+        known = await self.manifest_of(sha1, size)
         return known[0] if known is not None and known[1] == MANIFEST_HERE else None
 
     async def _finalize(self, hub: HubClient, job) -> None:
@@ -377,7 +416,7 @@ class Uploader:
         :meth:`upload_now`, one attempt) and return its SHA-1 to vouch for; None when there
         is none, it is gone from the store, or its upload was refused. A transient error is
         raised: the job's finalize is tried again with it."""
-        manifest = self._manifest_here(job.sha1)
+        manifest = await self._manifest_here(job.sha1, job.size)
         if manifest is None:
             return None
         size = self.store.size(manifest)

@@ -628,7 +628,10 @@ class Operations(pyfuse3.Operations):
                             return b"" if name == XATTR_URI else b"writing"
                         if name == XATTR_URI:  # labelled with a name it has (it may have none)
                             place = self.db.name_of(entry.id)
-                            return self._uri(entry.sha1, place[1] if place else None)
+                            # A large file's manifest is made after its commit: wait for it.
+                            known = await self.uploader.manifest_of(entry.sha1, entry.size)
+                            return self._uri(entry.sha1, place[1] if place else None,
+                                             manifest=known[0] if known else None)
                         return self.uploader.status(entry.channel, entry.sha1).encode()
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

@@ -13,10 +13,11 @@ states and transitions:
   and on the last close: the staging file moves into the store and the entry points at
   it. The upload is queued at the last close only, so a file written by several
   short-lived processes sharing one descriptor is uploaded once. A file over
-  20,000,000 bytes gets its kachery manifest, hashed chunk by chunk as it was written
-  (``StagingFile(manifest=True)``): stored, and recorded in the store's index, so that
-  its ``user.kachery.uri`` is ``sha1://<hash>/<name>?manifest=<manifest hash>`` (and
-  the uploader puts it in the bucket before the file's finalize, which vouches for it).
+  20,000,000 bytes gets its kachery manifest after the commit, so that ``close`` waits
+  for one SHA-1 pass only (:meth:`Uploader.manifest_of`: beside its upload, or at once
+  when ``user.kachery.uri`` asks for it, which then reads
+  ``sha1://<hash>/<name>?manifest=<manifest hash>``); the uploader puts it in the
+  bucket before the file's finalize, which vouches for it.
 - **lose** (:meth:`Staging.lose`): a full disk (``ENOSPC``, ``EDQUOT``, ``EIO`` at a write,
   or ``NoSpace`` at the commit) makes the version being written impossible to save
   whole. It is dropped, the name keeps its previous content, and every later write,
@@ -223,7 +224,7 @@ class Staging:
                                    " in the local store")
                 def make() -> StagingFile:
                     return StagingFile.from_existing(self.store, copy_from,
-                                                     truncate=copy_from is None, manifest=True)
+                                                     truncate=copy_from is None)
 
                 if copy_from is None or entry.size <= INLINE_BYTES:
                     writer.staging = make()

@@ -30,7 +30,7 @@ from kachery_fs.manifest import Chunk, Manifest, manifest_of
 from kachery_fs.protocol import object_key
 
 from ..gcs import BUCKET
-from ..util import local_bucket_file
+from ..util import local_bucket_file, until
 from . import test_faults, test_gcs
 from .test_faults import CH, in_bucket, make_node
 
@@ -262,6 +262,49 @@ async def test_an_upload_of_a_file_with_a_manifest_computed_here_vouches_for_it(
     assert hub.server.hub.manifests.voucher(CH, sha1) == node.node_id
     assert local_bucket_file(hub.server, CH, manifest.hash).read_bytes() == manifest.to_bytes()
     assert node.db.upload(CH, manifest.hash).state == "done"
+
+
+async def test_a_file_committed_without_a_manifest_gets_one_made_and_vouched_at_upload(
+        hub, nursery, monkeypatch):
+    """As the mount commits a large file: no manifest at the commit. The background upload
+    makes it from the stored file (once, however many ask at the same time), puts it in
+    the bucket and vouches for it."""
+    data, sha1, manifest = large_file(3.5)
+    node = await make_node(hub, "node")
+    assert node.store.add_bytes(data) == sha1
+    assert node.store.cache.known_manifest(sha1) is None
+    made = []
+    real = node.store.make_manifest
+
+    def counted(sha1, **kw):
+        made.append(sha1)
+        return real(sha1, **kw)
+
+    monkeypatch.setattr(node.store, "make_manifest", counted)
+    uploader = (await parts.start(node, nursery)).uploader
+    with trio.fail_after(WAIT_S):
+        async with trio.open_nursery() as askers:  # user.kachery.uri, a request, ...
+            for _ in range(3):
+                askers.start_soon(uploader.manifest_of, sha1, len(data))
+    assert made == [sha1]
+    assert await uploader.manifest_of(sha1, len(data)) == (manifest.hash, MANIFEST_HERE)
+    uploader.enqueue(CH, sha1, len(data))
+    await until(lambda: hub.server.hub.manifests.get(CH, sha1) is not None, within=WAIT_S,
+                what="the upload's vouch")
+    assert hub.server.hub.manifests.get(CH, sha1) == manifest.hash
+    assert local_bucket_file(hub.server, CH, manifest.hash).read_bytes() == manifest.to_bytes()
+    assert made == [sha1]  # the upload used the one on record
+    # Another large file, only enqueued: the upload makes its manifest itself.
+    data2, sha2, manifest2 = large_file(2.5)
+    assert node.store.add_bytes(data2) == sha2
+    uploader.enqueue(CH, sha2, len(data2))
+    await until(lambda: hub.server.hub.manifests.get(CH, sha2) is not None, within=WAIT_S,
+                what="the upload's vouch")
+    assert hub.server.hub.manifests.get(CH, sha2) == manifest2.hash
+    assert made == [sha1, sha2]
+    # A small file gets none, and nothing is computed for it.
+    small = node.store.add_bytes(b"small")
+    assert await uploader.manifest_of(small, 5) is None and made == [sha1, sha2]
 
 
 async def test_an_upload_with_a_manifest_from_the_hub_or_gone_vouches_for_nothing(

@@ -8,6 +8,7 @@ import hashlib
 import os
 
 import pytest
+import trio
 
 from kachery_fs import manifest as manifest_module
 from kachery_fs.cache import MANIFEST_HERE
@@ -236,7 +237,7 @@ async def test_content_gone_from_the_store_is_not_found(parts):
     assert staging.get(inode_id) is None
 
 
-async def test_a_large_file_written_gets_its_manifest_stored_and_recorded(parts, monkeypatch):
+async def test_a_large_file_is_committed_without_waiting_for_its_manifest(parts, monkeypatch):
     monkeypatch.setattr(manifest_module, "CHUNK_SIZE", 64 * 1024)  # files made small
     staging, store, db, uploads, _ = parts
     inode_id = new_file(db, store)
@@ -247,6 +248,10 @@ async def test_a_large_file_written_gets_its_manifest_stored_and_recorded(parts,
     await staging.close_write(writer)
     whole, manifest = manifest_of([data])
     assert manifest is not None and db.inode(inode_id).sha1 == whole
+    # close hashed the file once: its manifest is made after (Uploader.manifest_of).
+    assert store.cache.known_manifest(whole) is None
+    made = await trio.to_thread.run_sync(store.make_manifest, whole)
+    assert made == manifest
     assert store.cache.known_manifest(whole) == (manifest.hash, MANIFEST_HERE)
     assert store.path(manifest.hash).read_bytes() == manifest.to_bytes()
     # One upload: the uploader sends the manifest itself, before the file's finalize.
