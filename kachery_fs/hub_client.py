@@ -143,6 +143,17 @@ class HubClient:
             return SignedRequest.from_json(answer["upload"])
         raise ProtocolError(f"hub {self.url}: unexpected initiateUpload answer {answer!r}")
 
+    async def sign_reads(self, channel: str, keys: list[str]) -> tuple[list[str], int]:
+        """Signed ``GET`` URLs of objects ``keys`` of ``channel`` (a private channel's
+        reads), in the same order, and how many seconds they stay valid."""
+        answer = await self.call(Request.SIGN_READS, channel=channel, keys=list(keys))
+        urls, expires_in = answer.get("urls"), answer.get("expiresIn")
+        if (not isinstance(urls, list) or len(urls) != len(keys)
+                or not all(isinstance(u, str) for u in urls)
+                or not isinstance(expires_in, int) or expires_in <= 0):
+            raise ProtocolError(f"hub {self.url}: unexpected signReads answer")
+        return urls, expires_in
+
     async def finalize_upload(self, channel: str, sha1: str, size: int, *,
                               manifest: str | None = None) -> str | None:
         """The upload of ``sha1`` is in the bucket: the hub checks it and records it. With

@@ -32,6 +32,8 @@ class Request(enum.StrEnum):
     INITIATE_UPLOAD = "initiateUpload"
     FINALIZE_UPLOAD = "finalizeUpload"
     REPORT_DOWNLOADS = "reportDownloads"
+    # reads of a private channel's bucket, through signed URLs
+    SIGN_READS = "signReads"
     # the manifests of large files that the hub vouches for (see hub.manifests)
     GET_MANIFEST = "getManifest"
     REPORT_MANIFEST = "reportManifest"

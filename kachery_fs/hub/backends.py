@@ -102,6 +102,11 @@ class BucketBackend(Protocol):
         ...
 
 
+    def signed_get(self, key: str, *, expires_s: int) -> str:
+        """A signed ``GET`` URL of object ``key`` (a private channel's reads). Synchronous."""
+        ...
+
+
 class LocalBucketBackend:
     """A channel bucket that is a bucket of this hub's local bucket
     (:class:`~kachery_fs.localbucket.LocalBucket`), with URLs signed by the hub's own key."""
@@ -173,6 +178,9 @@ class LocalBucketBackend:
             overwrite: bool = False) -> SignedRequest:
         return self.signer.put(self.bucket, key, size=size, expires_s=expires_s,
                                overwrite=overwrite)
+
+    def signed_get(self, key: str, *, expires_s: int) -> str:
+        return self.signer.get(self.bucket, key, expires_s=expires_s).url
 
 
 class Buckets:

@@ -262,6 +262,9 @@ class GcsBucketBackend:
         return self.gcs.signer.put(self.bucket, key, size=size, expires_s=expires_s,
                                    overwrite=overwrite)
 
+    def signed_get(self, key: str, *, expires_s: int) -> str:
+        return self.gcs.signer.get(self.bucket, key, expires_s=expires_s).url
+
     async def _call(self, fn: Callable[[], T], what: str) -> T:
         """Run a blocking client call on a worker thread; its errors become ours."""
         try:

@@ -40,6 +40,7 @@ from ..errors import (
     Unavailable,
 )
 from ..identity import is_node_id, verify_signature
+from ..localbucket.http import check_key
 from ..protocol import MAX_CLOCK_SKEW_S, PERMISSIONS, Request, feed_prefix, object_key
 from ..uris import is_sha1
 from .backends import BucketBackend, Buckets
@@ -58,6 +59,12 @@ CHANNEL_NAME_RE = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 #: How long a signed upload URL stays valid. Short: the session URI it yields outlives it.
 UPLOAD_URL_EXPIRY_S = 600
+
+#: How long a signed read URL of a private channel's object stays valid (the longest a
+#: node whose permission is revoked can go on reading what it was already given).
+READ_URL_EXPIRY_S = 300
+#: The most objects one ``signReads`` may ask for.
+MAX_SIGNED_READS = 500
 
 #: A feed message object's largest size (kachery: under 10,000 characters of JSON, which
 #: is at most 40,000 bytes of UTF-8) and the most messages signed in one batch.
@@ -125,6 +132,7 @@ class Hub:
         self.owner_id = owner_id
         self.buckets = buckets
         self.default_bucket_uri = default_bucket_uri
+        self.read_url_expiry_s = READ_URL_EXPIRY_S
         self.requests = FileRequests(db.connection, providers_of=db.providers,
                                      object_size=self._object_in_bucket)
         self.feeds = FeedIndex(db.connection)
@@ -270,7 +278,41 @@ class Hub:
             "bucketBaseUrl": backend.base_url(),
             "permissions": sorted(permissions),
             "isOwner": caller.is_owner,
+            "private": record.private,
         }
+
+    async def _on_signReads(self, caller: Caller, body: dict) -> dict:
+        """Signed ``GET`` URLs of objects of a channel, one per key, in the order asked,
+        valid for :attr:`read_url_expiry_s` (``expiresIn``): a file's object
+        (``<channel>/sha1/...``) for a node that may request files, a feed's
+        (``<channel>/feeds/...``) for one that may request feeds. How a private channel's
+        members read its bucket; URLs that are already out stay valid until they expire."""
+        channel = check_channel_name(body.get("channel"))
+        keys = body.get("keys")
+        if not isinstance(keys, list) or not 1 <= len(keys) <= MAX_SIGNED_READS:
+            raise InvalidInput(f"keys must be a list of 1 to {MAX_SIGNED_READS} object keys")
+        needed = set()
+        for key in keys:
+            needed.add(self._read_permission(channel, key))
+        for permission in sorted(needed):
+            self._require(caller, channel, permission)
+        backend = self._backend(channel)
+        expires_s = self.read_url_expiry_s
+        urls = [backend.signed_get(key, expires_s=expires_s) for key in keys]
+        return {"urls": urls, "expiresIn": expires_s}
+
+    @staticmethod
+    def _read_permission(channel: str, key: object) -> str:
+        """The permission a read of object ``key`` of ``channel`` needs; InvalidInput for a
+        key that is not one of the channel's objects."""
+        if isinstance(key, str) and key.startswith(f"{channel}/sha1/"):
+            sha1 = key.rpartition("/")[2]
+            if is_sha1(sha1) and key == object_key(channel, sha1.lower()):
+                return "requestFiles"
+        elif isinstance(key, str) and key.startswith(f"{channel}/feeds/"):
+            check_key(key)
+            return "requestFeeds"
+        raise InvalidInput(f"{key!r} is not the key of an object of channel {channel!r}")
 
     async def _on_createChannel(self, caller: Caller, body: dict) -> dict:
         self._require_owner(caller)
@@ -777,6 +819,7 @@ HANDLERS: Mapping[Request, Handler] = {
     Request.GET_MANIFEST: Hub._on_getManifest,
     Request.REPORT_MANIFEST: Hub._on_reportManifest,
     Request.REPORT_DOWNLOADS: Hub._on_reportDownloads,
+    Request.SIGN_READS: Hub._on_signReads,
     Request.REQUEST_FILE: Hub._on_requestFile,
     Request.LISTEN_REQUESTS: Hub._on_listenRequests,
     Request.ANSWER_REQUEST: Hub._on_answerRequest,

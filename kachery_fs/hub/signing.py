@@ -130,6 +130,11 @@ class UrlSigner:
             del headers["x-goog-if-generation-match"]
         return self._sign(bucket, key, method="PUT", headers=headers, expires_s=expires_s)
 
+    def get(self, bucket: str, key: str, *, expires_s: int) -> SignedRequest:
+        """A signed ``GET`` of one object (ranges allowed: ``Range`` is not signed), for a
+        private channel's readers. It reads that object only, until it expires."""
+        return self._sign(bucket, key, method="GET", headers={}, expires_s=expires_s)
+
     def _sign(self, bucket: str, key: str, *, method: str, headers: dict[str, str],
               expires_s: int, query_parameters: dict[str, str] | None = None
               ) -> SignedRequest:

@@ -125,6 +125,11 @@ CREATE TABLE manifest_vouchers (
 ) WITHOUT ROWID;
 """
 
+# Version 4: private channels, whose bucket objects are read only through signed URLs.
+_V4 = """
+ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+"""
+
 #: ``hub.db``'s versions (see :mod:`kachery_fs._sqlite`), for every part of the hub: they
 #: keep their queries, the schema of the file is here. Version 2 is kachery-fs 0.1.0's.
 SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
@@ -134,6 +139,7 @@ SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
                  " evicted at) and its eviction index", run=_add_object_cache_columns),
     Migration(3, "manifests of large files vouched for by nodes, and each node's vouches"
                  " (recorded, refused, disputed)", _V3),
+    Migration(4, "channels: private (objects read through signed URLs only)", _V4),
 ))
 
 
@@ -142,6 +148,17 @@ class ChannelRecord:
     name: str
     bucket_uri: str
     created_at: float
+    #: Its bucket objects are not publicly readable: members read them through short-lived
+    #: signed URLs from the hub (``signReads``).
+    private: bool = False
+
+
+_CHANNEL_COLS = "name, bucket_uri, created_at, private"
+
+
+def _channel(row) -> ChannelRecord:
+    name, bucket_uri, created_at, private = row
+    return ChannelRecord(name, bucket_uri, created_at, bool(private))
 
 
 class HubDB:
@@ -172,15 +189,28 @@ class HubDB:
         return self.channel(name)
 
     def channel(self, name: str) -> ChannelRecord:
-        row = self._db.execute("SELECT name, bucket_uri, created_at FROM channels WHERE name = ?",
+        row = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels WHERE name = ?",
                                (name,)).fetchone()
         if row is None:
             raise NotFound(f"no channel named {name!r} on this hub")
-        return ChannelRecord(*row)
+        return _channel(row)
 
     def channels(self) -> list[ChannelRecord]:
-        rows = self._db.execute("SELECT name, bucket_uri, created_at FROM channels ORDER BY name")
-        return [ChannelRecord(*r) for r in rows]
+        rows = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels ORDER BY name")
+        return [_channel(r) for r in rows]
+
+    def set_private(self, name: str, private: bool) -> ChannelRecord:
+        """Make channel ``name`` private or public; NotFound if there is none."""
+        if self._db.execute("UPDATE channels SET private = ? WHERE name = ?",
+                            (int(private), name)).rowcount == 0:
+            raise NotFound(f"no channel named {name!r} on this hub")
+        return self.channel(name)
+
+    def is_private(self, name: str) -> bool:
+        """Whether channel ``name`` exists and is private (one indexed row: cheap enough for
+        every anonymous read of the local bucket)."""
+        row = self._db.execute("SELECT private FROM channels WHERE name = ?", (name,)).fetchone()
+        return bool(row and row[0])
 
     # -- authorizations -------------------------------------------------------------------
 

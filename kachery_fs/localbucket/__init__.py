@@ -3,7 +3,9 @@
 It lets a hub serve a channel's data itself, with the same wire behaviour a node sees
 from Google Cloud Storage, so nodes have one code path for both:
 
-* public ``GET``/``HEAD`` of ``/<bucket>/<key>``, with ``Range`` answered as GCS does;
+* public ``GET``/``HEAD`` of ``/<bucket>/<key>``, with ``Range`` answered as GCS does,
+  but for private objects (``LocalBucket.is_private``: a private channel's), which only a
+  V4 signed ``GET`` reads, as in a GCS bucket without ``allUsers`` access;
 * writes only through V4 signed URLs (``GOOG4-RSA-SHA256``), checked for real against
   the public keys of the signers we trust (:class:`kachery_fs.hub.signing.UrlSigner`):
   a signed single ``PUT``, or a signed ``POST`` (``x-goog-resumable: start``) that opens

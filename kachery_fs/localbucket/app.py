@@ -1,4 +1,4 @@
-"""The local bucket's ASGI app: public reads, signed PUTs, resumable upload sessions.
+"""The local bucket's ASGI app: public and signed reads, signed PUTs, resumable uploads.
 
 :func:`create_app` serves a :class:`~kachery_fs.localbucket.store.LocalBucket` at paths
 ``/<bucket>/<key>``; the behaviour it keeps is described in :mod:`kachery_fs.localbucket`.
@@ -108,6 +108,11 @@ class _BucketApp:
 
     async def _get_object(self, request: _Request, send) -> None:
         bucket, key = request.object_name()
+        if request.query_value("X-Goog-Signature") is not None:
+            self._verify(request)  # a signed read: of this object, with this method, in time
+        elif self.bucket.is_private(bucket, key):
+            raise GcsError(403, "AccessDenied", "Anonymous caller does not have"
+                           " storage.objects.get access to the Google Cloud Storage object.")
         try:
             fd, info = await trio.to_thread.run_sync(self.bucket.open_object, bucket, key)
         except FileNotFoundError:

@@ -111,6 +111,10 @@ class LocalBucket:
         self.root = Path(root)
         self.public_keys = public_keys if public_keys is not None else {}
         self.clock = clock
+        #: Whether object ``(bucket, key)`` is private: then an anonymous read of it is
+        #: refused, as GCS refuses one of a bucket without ``allUsers`` access, and only a
+        #: signed ``GET`` reads it. The hub sets it (a private channel's keys).
+        self.is_private: Callable[[str, str], bool] = lambda bucket, key: False
         self._sessions_dir = self.root / _SESSIONS_DIR
         self._tmp_dir = self.root / _TMP_DIR
         for directory in (self.root, self._sessions_dir, self._tmp_dir):

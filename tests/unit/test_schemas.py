@@ -151,7 +151,12 @@ def test_a_database_of_the_previous_version_keeps_its_rows_and_gets_the_current_
     assert all(before.values())
     opener(path)
     assert version_of(path) == schema.version
-    assert {table: rows(path, table) for table in tables} == before
+    # Every row kept, with its values; columns added since come after them.
+    after = {table: rows(path, table) for table in tables}
+    assert {table: [row[:len(before[table][0])] for row in after[table]]
+            for table in tables} == before
+    if name == "hub.db":  # version 4: a channel made before is public
+        assert [row[len(before["channels"][0]):] for row in after["channels"]] == [(0,)]
     assert [row[:2] for row in history(path)] == [
         (v, __version__) for v in range(1, schema.version + 1)]
 
