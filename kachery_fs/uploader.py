@@ -139,10 +139,18 @@ class Uploader:
         if known is not None or size <= manifest_module.CHUNK_SIZE:
             return known
         making = self._making.get(sha1)
-        if making is not None:
-            await making.wait()
-            return self.store.cache.known_manifest(sha1)
-        self._making[sha1] = making = trio.Event()
+        if making is None:
+            self._making[sha1] = making = trio.Event()
+            if self._nursery is not None:
+                # In the background: a caller that stops waiting (a deadline) does not
+                # stop the computation, which the next caller then finds done.
+                self._nursery.start_soon(self._make_manifest, sha1, making)
+            else:
+                await self._make_manifest(sha1, making)
+        await making.wait()
+        return self.store.cache.known_manifest(sha1)
+
+    async def _make_manifest(self, sha1: str, done: trio.Event) -> None:
         try:
             # An unmount stops it between two chunks (trio.Cancelled from the thread).
             await trio.to_thread.run_sync(partial(self.store.make_manifest, sha1,
@@ -150,10 +158,11 @@ class Uploader:
         except (KacheryError, OSError) as exc:
             log.warning("no manifest for sha1://%s: %s (it is read and uploaded whole)",
                         sha1, exc)
+        except Exception:  # in the background: it must not take the mount down
+            log.exception("no manifest for sha1://%s (it is read and uploaded whole)", sha1)
         finally:
             del self._making[sha1]
-            making.set()
-        return self.store.cache.known_manifest(sha1)
+            done.set()
 
     def status(self, channel: str, sha1: str) -> str:
         """A one-line status for ``user.kachery.status``."""

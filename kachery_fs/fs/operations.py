@@ -51,6 +51,9 @@ RENAME_EXCHANGE = getattr(pyfuse3, "RENAME_EXCHANGE", 2)
 
 XATTR_URI = b"user.kachery.uri"
 XATTR_STATUS = b"user.kachery.status"
+#: How long ``getxattr user.kachery.uri`` of a large file just written waits for its
+#: manifest (a file of tens of GB) before it answers EAGAIN.
+MANIFEST_WAIT_S = 60.0
 
 
 @dataclass
@@ -628,10 +631,16 @@ class Operations(pyfuse3.Operations):
                             return b"" if name == XATTR_URI else b"writing"
                         if name == XATTR_URI:  # labelled with a name it has (it may have none)
                             place = self.db.name_of(entry.id)
-                            # A large file's manifest is made after its commit: wait for it.
-                            known = await self.uploader.manifest_of(entry.sha1, entry.size)
-                            return self._uri(entry.sha1, place[1] if place else None,
-                                             manifest=known[0] if known else None)
+                            # A large file's manifest is made after its commit: wait for it,
+                            # within a deadline (it goes on being made).
+                            with trio.move_on_after(MANIFEST_WAIT_S):
+                                known = await self.uploader.manifest_of(entry.sha1,
+                                                                        entry.size)
+                                return self._uri(entry.sha1, place[1] if place else None,
+                                                 manifest=known[0] if known else None)
+                            log.info("getxattr user.kachery.uri of sha1://%s: its manifest is"
+                                     " still being made; EAGAIN (ask again)", entry.sha1)
+                            raise pyfuse3.FUSEError(errno.EAGAIN)
                         return self.uploader.status(entry.channel, entry.sha1).encode()
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
 

@@ -302,9 +302,18 @@ async def test_a_file_committed_without_a_manifest_gets_one_made_and_vouched_at_
                 what="the upload's vouch")
     assert hub.server.hub.manifests.get(CH, sha2) == manifest2.hash
     assert made == [sha1, sha2]
+    # A caller that stops waiting (getxattr's deadline) does not stop the computation.
+    data3, sha3, manifest3 = large_file(2.5)
+    assert node.store.add_bytes(data3) == sha3
+    with trio.move_on_after(0):
+        await uploader.manifest_of(sha3, len(data3))
+    await until(lambda: node.store.cache.known_manifest(sha3) is not None, within=WAIT_S,
+                what="the manifest made in the background")
+    assert node.store.cache.known_manifest(sha3) == (manifest3.hash, MANIFEST_HERE)
+    assert made == [sha1, sha2, sha3]
     # A small file gets none, and nothing is computed for it.
     small = node.store.add_bytes(b"small")
-    assert await uploader.manifest_of(small, 5) is None and made == [sha1, sha2]
+    assert await uploader.manifest_of(small, 5) is None and made == [sha1, sha2, sha3]
 
 
 async def test_an_upload_with_a_manifest_from_the_hub_or_gone_vouches_for_nothing(
