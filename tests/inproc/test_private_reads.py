@@ -17,6 +17,7 @@ import trio
 from kachery_fs import parts
 from kachery_fs.bucket import object_url
 from kachery_fs.errors import InvalidInput, PermissionDenied
+from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import feed_prefix, object_key
 
@@ -38,10 +39,10 @@ async def stored(hub, node, data: bytes, channel: str = CH) -> str:
 
 
 def with_query(url: str, **changes: str) -> str:
-    parts_ = urlsplit(url)
-    query = dict(parse_qsl(parts_.query))
+    split = urlsplit(url)
+    query = dict(parse_qsl(split.query))
     query.update(changes)
-    return urlunsplit(parts_._replace(query=urlencode(query)))
+    return urlunsplit(split._replace(query=urlencode(query)))
 
 
 @pytest.fixture
@@ -122,7 +123,6 @@ async def test_urls_are_signed_only_for_members_with_the_permission_and_the_chan
         await client.sign_reads(CH, [feed_key, object_key(CH, sha1)])
     # A node that is no member of the channel at all.
     outsider = NodeKey.generate()
-    from kachery_fs.hub_client import HubClient
     async with httpx.AsyncClient(trust_env=False) as raw:
         with pytest.raises(PermissionDenied):
             await HubClient(hub.url, outsider, raw).sign_reads(CH, [object_key(CH, sha1)])
