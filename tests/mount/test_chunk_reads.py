@@ -109,7 +109,11 @@ def test_a_remount_reads_the_chunks_it_kept_and_strict_mode_reads_whole(large, t
     with mounted(c.b, c.mnt_b):  # chunk 0 is in B's partial file: not fetched again
         assert read_at(20) == data[20:4116]
         assert read_at(CHUNK_SIZE + 5) == data[CHUNK_SIZE + 5:CHUNK_SIZE + 4101]
-    assert downloaded_bytes(c) == before + 2 * CHUNK_SIZE
+    # Chunk 1 came from the bucket, chunk 0 did not come again. Chunk 2 may have: when the
+    # kernel splits its read-ahead into two requests, the second starts where the first
+    # ended, which is a sequential reader (chunks.READ_AHEAD).
+    after_b = downloaded_bytes(c)
+    assert after_b in (before + 2 * CHUNK_SIZE, before + SIZE)
 
     # Strict: the same 4 KiB read waits for the whole file, verified, in the store.
     strict = tmp_path / "node-c"
@@ -125,4 +129,4 @@ def test_a_remount_reads_the_chunks_it_kept_and_strict_mode_reads_whole(large, t
             assert f.read(4096) == data[2 * CHUNK_SIZE + 7:2 * CHUNK_SIZE + 4103]
         assert os.getxattr(mnt_c / c.channel / "sha1" / sha1,
                            "user.kachery.status") == b"local"
-    assert downloaded_bytes(c) == 2 * before + 2 * CHUNK_SIZE + SIZE
+    assert downloaded_bytes(c) == after_b + before + SIZE  # C: its manifest, the whole file
