@@ -135,8 +135,10 @@ class Uploader:
         (:meth:`Store.make_manifest`): the mount commits its files without one, so that
         ``close`` waits for one SHA-1 pass only. Callers asking at once share one
         computation. None for a small file, or content no longer here."""
+        if size <= manifest_module.CHUNK_SIZE:
+            return None  # one chunk or less: kachery gives it no manifest
         known = self.store.cache.known_manifest(sha1)
-        if known is not None or size <= manifest_module.CHUNK_SIZE:
+        if known is not None:
             return known
         making = self._making.get(sha1)
         if making is None:
@@ -192,10 +194,9 @@ class Uploader:
             self._active.add(key)
             try:
                 await self._quiet()
-                if (self._nursery is not None and job.size > manifest_module.CHUNK_SIZE
-                        and self.store.cache.known_manifest(job.sha1) is None):
-                    # Taken beside the upload, which reads the same pages; its finalize
-                    # waits for it (_upload_manifest).
+                if self._nursery is not None and job.size > manifest_module.CHUNK_SIZE:
+                    # Made beside the upload (if none is on record), which reads the same
+                    # pages; its finalize waits for it (_upload_manifest).
                     self._nursery.start_soon(self.manifest_of, job.sha1, job.size)
                 await self._run(job)
             except NoSpace as exc:
