@@ -1,4 +1,4 @@
-"""Reading from a channel bucket: public ``HEAD`` and parallel ranged ``GET``s, verified.
+"""Reading from a channel bucket: ``HEAD`` and parallel ranged ``GET``s, verified.
 
 A :class:`Download` fetches one object into a temp file of the local store with several
 ranged GETs at once and hashes the bytes in order as they land. The rule is that every
@@ -48,6 +48,7 @@ from .errors import (
     leaves,
 )
 from .protocol import object_key
+from .readurls import Source, is_signed, source_of
 from .retry import retrying
 from .store import Store
 
@@ -66,16 +67,21 @@ def object_url(base_url: str, channel: str, sha1: str) -> str:
     return f"{base_url.rstrip('/')}/{object_key(channel, sha1)}"
 
 
-async def head_size(client: httpx.AsyncClient, url: str) -> int:
-    """The size of a public object; ``NotFound`` if absent.
+async def head_size(client: httpx.AsyncClient, where: Source | str) -> int:
+    """The size of an object; ``NotFound`` if absent.
 
-    A transient failure (a 503, a dropped connection, a timeout) is retried with backoff,
-    within the caller's deadline (:func:`kachery_fs.retry.retrying`): one bad answer does
-    not fail a lookup.
+    A public object is asked with ``HEAD``; a private one with a ranged ``GET`` of its
+    first byte, since the signed URL it is read at is for ``GET`` (the size is in the
+    answer's ``Content-Range``). A transient failure (a 503, a dropped connection, a
+    timeout) is retried with backoff, within the caller's deadline
+    (:func:`kachery_fs.retry.retrying`): one bad answer does not fail a lookup.
     """
-    what = f"HEAD {url}"
+    source = source_of(where)
+    what = f"HEAD {source}"
 
-    async def once() -> int:
+    async def at(url: str) -> int:
+        if is_signed(url):
+            return await _size_by_get(client, url, what)
         response = await client.head(url)
         check_response(response, what)
         length = response.headers.get("x-goog-stored-content-length") or response.headers.get(
@@ -84,10 +90,29 @@ async def head_size(client: httpx.AsyncClient, url: str) -> int:
             raise ProtocolError(f"{what}: no content length in the answer")
         return int(length)
 
-    return await retrying(once, what=what)
+    return await retrying(lambda: source.using(at), what=what)
 
 
-async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
+async def _size_by_get(client: httpx.AsyncClient, url: str, what: str) -> int:
+    """The size of the object at ``url`` from a ``GET`` of its first byte (an empty
+    object: ``416``, or ``200`` with no body)."""
+    async with client.stream("GET", url, headers={"range": "bytes=0-0"}) as r:
+        total = r.headers.get("content-range", "").rpartition("/")[2]
+        if r.status_code in (206, 416) and total.isdigit():
+            if r.status_code == 416 and total != "0":
+                raise ProtocolError(f"{what}: refused the range of the first byte of"
+                                    f" {total} bytes")
+            return int(total)
+        length = r.headers.get("content-length", "")
+        if r.status_code == 200 and length.isdigit():  # ignored the Range: no body read
+            return int(length)
+        if r.status_code in (200, 206, 416):
+            raise ProtocolError(f"{what}: no size in the answer")
+        await r.aread()
+        raise error_for_response(r, what)
+
+
+async def get_range(client: httpx.AsyncClient, where: Source | str, start: int, end: int, *,
                     on_data: Callable[[int], None] | None = None) -> bytes:
     """Bytes ``[start, end)`` of an object; anything but an exact ``206`` is an error.
 
@@ -95,8 +120,10 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
     (The chunks of large files are fetched into buffers by :mod:`kachery_fs.ranges`,
     which checks the answer the same way.)
     """
-    what = f"GET {url} bytes {start}-{end - 1}"
-    try:
+    source = source_of(where)
+    what = f"GET {source} bytes {start}-{end - 1}"
+
+    async def at(url: str) -> bytes:
         async with client.stream("GET", url, headers={"range": f"bytes={start}-{end - 1}"}) as r:
             if r.status_code != 206:
                 await r.aread()
@@ -115,32 +142,38 @@ async def get_range(client: httpx.AsyncClient, url: str, start: int, end: int, *
                 got += len(piece)
                 if on_data is not None:
                     on_data(len(piece))
+        if got != end - start:
+            raise IntegrityError(f"{what}: truncated ({got} of {end - start} bytes)")
+        return b"".join(parts)
+
+    try:
+        return await source.using(at)
     except httpx.HTTPError as exc:
         raise error_for_exception(exc, what) from None
-    if got != end - start:
-        raise IntegrityError(f"{what}: truncated ({got} of {end - start} bytes)")
-    return b"".join(parts)
 
 
-async def fetch_range(client: httpx.AsyncClient, url: str, start: int, end: int, *,
+async def fetch_range(client: httpx.AsyncClient, where: Source | str, start: int, end: int, *,
                       attempts: int = 4, on_data: Callable[[int], None] | None = None,
                       at_deadline: Literal["raise", "wait"] = "raise") -> bytes:
     """:func:`get_range`, tried again on a transient error or a truncated body, a few
     times (:func:`kachery_fs.retry.retrying`; ``at_deadline`` as there)."""
-    return await retrying(partial(get_range, client, url, start, end, on_data=on_data),
-                          what=f"GET {url} bytes {start}-{end - 1}", attempts=attempts,
+    source = source_of(where)
+    return await retrying(partial(get_range, client, source, start, end, on_data=on_data),
+                          what=f"GET {source} bytes {start}-{end - 1}", attempts=attempts,
                           also=(IntegrityError,), at_deadline=at_deadline)
 
 
 class Download:
     """One object being fetched into the local store; shared by every reader of that hash."""
 
-    def __init__(self, client: httpx.AsyncClient, url: str, sha1: str, size: int, store: Store,
+    def __init__(self, client: httpx.AsyncClient, url: Source | str, sha1: str, size: int,
+                 store: Store,
                  *, chunk_size: int = CHUNK_SIZE, parallel: int = PARALLEL,
                  attempts: int = 4, stall_timeout: float = STALL_TIMEOUT_S,
                  on_finish: Callable[[Download], None] | None = None):
         self.client = client
-        self.url = url
+        #: Where the object is read (its ``str()``, the unsigned address, is what logs show).
+        self.url = source_of(url)
         self.sha1 = sha1
         self.size = size
         self.store = store

@@ -80,8 +80,10 @@ class Channels:
             self._refresh_failed_at[name] = time.monotonic()
             raise
         self._refresh_failed_at.pop(name, None)
+        private = info.get("private")
         self.db.set_permissions(name, set(info.get("permissions", [])),
-                                info.get("bucketBaseUrl"))
+                                info.get("bucketBaseUrl"),
+                                private=private if isinstance(private, bool) else None)
         return self.db.channel(name)
 
     def hub_recently_failed(self, name: str) -> bool:

@@ -48,6 +48,7 @@ from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
 from .ranges import RangeReader
+from .readurls import Source
 from .requester import FileRequest
 
 log = logging.getLogger(__name__)
@@ -103,8 +104,8 @@ class BufferPool:
 class ChunkSource(Protocol):
     """Where the chunks of one file are fetched from by ranged ``GET``."""
 
-    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
-        """The URL of an object that holds chunk ``i`` and where the chunk starts in it,
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[Source, int]:
+        """The object that holds chunk ``i`` and where the chunk starts in it,
         once it can be fetched (this may wait). ``gone``: the last answer's object was not
         there: another, or the error that says why not."""
         raise NotImplementedError
@@ -113,11 +114,11 @@ class ChunkSource(Protocol):
 class WholeObject(ChunkSource):
     """Chunks as ranges of the file's whole object in the bucket."""
 
-    def __init__(self, manifest: Manifest, url: str):
+    def __init__(self, manifest: Manifest, url: Source):
         self.manifest = manifest
         self.url = url
 
-    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[Source, int]:
         if gone:
             raise NotFound(f"{self.url} is no longer in the bucket")
         return self.url, self.manifest.chunks[i].start
@@ -132,7 +133,7 @@ class StreamedChunks(ChunkSource):
     once if the whole object is in the bucket by then), and raises that one's error."""
 
     def __init__(self, manifest: Manifest, request: FileRequest,
-                 chunk_url: Callable[[str], str], whole: WholeObject,
+                 chunk_url: Callable[[str], Source], whole: WholeObject,
                  request_again: Callable[[], FileRequest] | None = None):
         self.manifest = manifest
         self.request = request
@@ -140,7 +141,7 @@ class StreamedChunks(ChunkSource):
         self.whole = whole
         self.request_again = request_again
 
-    async def locate(self, i: int, *, gone: bool = False) -> tuple[str, int]:
+    async def locate(self, i: int, *, gone: bool = False) -> tuple[Source, int]:
         if self.request.error is not None and self.request_again is not None:
             self.request = self.request_again()
         if not gone and await self.request.wait_chunk(self.manifest.hash, i):
@@ -452,7 +453,7 @@ class ChunkedContent:
                 return None
         return bytes(data)
 
-    async def _fetch_range(self, url: str, start: int, end: int, *,
+    async def _fetch_range(self, url: Source, start: int, end: int, *,
                            into: bytearray) -> bytes | memoryview:
         """Bytes ``[start, end)`` of the object at ``url``, into ``into``;
         ``DeadlineExceeded`` once :data:`STALL_TIMEOUT_S` pass without a byte arriving (a

@@ -33,6 +33,7 @@ class ChannelChanges(TypedDict, total=False):
 
     allocation: int | None
     lowWatermark: float
+    private: bool
 
 
 class HubClient:
@@ -106,12 +107,14 @@ class HubClient:
         return await self.call(Request.GET_CHANNEL, channel=channel)
 
     async def create_channel(self, channel: str, bucket: str | None = None, *,
-                             allocation: int | None = None) -> dict:
+                             allocation: int | None = None, private: bool = False) -> dict:
         fields: dict[str, Any] = {"channel": channel}
         if bucket:
             fields["bucket"] = bucket
         if allocation:
             fields["allocation"] = allocation
+        if private:
+            fields["private"] = True
         return await self.call(Request.CREATE_CHANNEL, **fields)
 
     async def authorize_node(self, channel: str, node_id: str, permissions: list[str],
@@ -126,8 +129,9 @@ class HubClient:
         return (await self.call(Request.LIST_CHANNELS))["channels"]
 
     async def set_channel(self, channel: str, changes: ChannelChanges) -> dict:
-        """Change a channel's allocation and/or low watermark (the owner's); returns the
-        channel's settings: ``channel``, ``allocation``, ``lowWatermark``."""
+        """Change a channel's allocation, low watermark and/or privacy (the owner's);
+        returns the channel's settings: ``channel``, ``allocation``, ``lowWatermark``,
+        ``private`` (and a ``warning`` for a private channel on a bucket anyone can read)."""
         return await self.call(Request.SET_CHANNEL, channel=channel, **changes)
 
     async def channel_stats(self, channel: str) -> dict:

@@ -19,6 +19,7 @@ from .demand import DownloadReports
 from .errors import NotFound
 from .identity import NodeKey
 from .ranges import RangeReader
+from .readurls import ReadUrls
 from .state import NodeDB
 from .store import Store
 
@@ -57,6 +58,7 @@ class Node:
         self.client = client or _http.create_client()
         self.ranges = RangeReader()  # large ranged GETs (chunks), on worker threads
         self.channels = Channels(self.db, self.key, self.client)
+        self.urls = ReadUrls(self.channels)  # where bucket objects are read: signed or not
         self.downloads = DownloadReports(self.channels)
 
     @property

@@ -72,7 +72,8 @@ async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
     uploader = await Uploader.create(
         node.db, node.store, node.channels, node.client, nursery=nursery,
         workers=upload_workers, rate_limit=RateLimit(bwlimit) if bwlimit else None)
-    resolver = Resolver(node.store, node.channels, node.client, ranges=node.ranges,
+    resolver = Resolver(node.store, node.channels, node.client, urls=node.urls,
+                        ranges=node.ranges,
                         sources=sources,
                         downloads=node.downloads, nursery=nursery,
                         request_stall_timeout=request_timeout, strict=strict)
@@ -82,7 +83,7 @@ async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
         nursery.start_soon(parts.provider.run)
     if feeds:
         parts.feeds = FeedFiles(node.channels, node.db, FeedStore.for_node(node.dir),
-                                node.client, nursery)
+                                node.client, nursery, urls=node.urls)
     return parts
 
 

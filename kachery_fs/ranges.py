@@ -7,7 +7,7 @@ answer the kernel's reads. :class:`RangeReader` sends the request with the stand
 library's ``http.client`` on a worker thread and reads the body with ``readinto`` into the
 buffer, in C with the GIL released (about 0.7 s of CPU per GiB, none of it on the loop).
 It is the client of one kind of request only: a ``GET`` of bytes ``[start, end)`` of a
-public object, answered ``206`` with that exact ``Content-Range``; everything else stays
+bucket object, answered ``206`` with that exact ``Content-Range``; everything else stays
 with the ``httpx`` client (:func:`kachery_fs._http.create_client`), whose TLS settings it
 shares and whose answers it maps the same way (:func:`kachery_fs._http.error_for_response`).
 
@@ -34,6 +34,7 @@ import trio
 
 from . import _http
 from .errors import IntegrityError, KacheryError, ProtocolError, Unavailable
+from .readurls import Source, source_of
 from .retry import retrying
 
 log = logging.getLogger(__name__)
@@ -69,27 +70,30 @@ class RangeReader:
             for conn in conns:
                 conn.close()
 
-    async def read_into(self, url: str, start: int, end: int, into: bytearray, *,
+    async def read_into(self, where: Source | str, start: int, end: int, into: bytearray, *,
                         on_data: Callable[[int], None] | None = None,
                         attempts: int = 4) -> memoryview:
-        """Bytes ``[start, end)`` of the object at ``url`` written into ``into``, a view of
+        """Bytes ``[start, end)`` of the object ``where`` written into ``into``, a view of
         them returned; tried again on a transient error or a truncated body, a few times
         (:func:`kachery_fs.retry.retrying`). ``on_data(n)``: ``n`` more bytes arrived."""
-        what = f"GET {url} bytes {start}-{end - 1}"
+        source = source_of(where)
+        what = f"GET {source} bytes {start}-{end - 1}"
         if len(into) < end - start:
             raise ValueError(f"{what}: a buffer of {len(into)} bytes is too small")
-        return await retrying(lambda: self._read_once(url, start, end, into, on_data),
-                              what=what, attempts=attempts, also=(IntegrityError,))
+        return await retrying(
+            lambda: source.using(lambda url: self._read_once(url, what, start, end, into,
+                                                             on_data)),
+            what=what, attempts=attempts, also=(IntegrityError,))
 
-    async def _read_once(self, url: str, start: int, end: int, into: bytearray,
+    async def _read_once(self, url: str, what: str, start: int, end: int, into: bytearray,
                          on_data: Callable[[int], None] | None) -> memoryview:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ProtocolError(f"cannot GET {url}: not an http(s) URL")
+            raise ProtocolError(f"{what}: not an http(s) URL")
         key = (parts.scheme, parts.hostname, parts.port or
                (443 if parts.scheme == "https" else 80))
         target = parts.path + (f"?{parts.query}" if parts.query else "")
-        read = _Read(self, key, target, url, start, end, into)
+        read = _Read(self, key, target, url, what, start, end, into)
         outcome: list = []
 
         async with trio.open_nursery() as nursery:
@@ -146,12 +150,12 @@ class RangeReader:
 class _Read:
     """One ranged GET on a worker thread: :meth:`run` there, :meth:`abort` from the loop."""
 
-    def __init__(self, reader: RangeReader, key: _Key, target: str, url: str, start: int,
-                 end: int, into: bytearray):
+    def __init__(self, reader: RangeReader, key: _Key, target: str, url: str, what: str,
+                 start: int, end: int, into: bytearray):
         self.reader = reader
         self.key = key
         self.target = target
-        self.what = f"GET {url} bytes {start}-{end - 1}"
+        self.what = what  # names the object by its unsigned address
         self.url = url
         self.start, self.end = start, end
         self.view = memoryview(into)[:end - start]

@@ -31,7 +31,7 @@ import trio
 from cachetools import TTLCache
 
 from . import manifest as manifest_module
-from .bucket import EMPTY_SHA1, Download, head_size, object_url
+from .bucket import EMPTY_SHA1, Download, head_size
 from .cache import MANIFEST_HERE, vouched_by_hub
 from .channels import Channels
 from .chunks import BufferPool, ChunkedContent, ChunkSource, StreamedChunks, WholeObject
@@ -39,7 +39,9 @@ from .demand import DownloadReports
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
+from .protocol import object_key
 from .ranges import RangeReader
+from .readurls import ObjectUrl, ReadUrls
 from .requester import DEFAULT_STALL_TIMEOUT_S, FileRequest
 from .sources import Sources
 from .store import Store
@@ -176,13 +178,15 @@ class _Shared:
 
 class Resolver:
     def __init__(self, store: Store, channels: Channels, client: httpx.AsyncClient, *,
-                 ranges: RangeReader, sources: Sources, downloads: DownloadReports,
+                 urls: ReadUrls, ranges: RangeReader, sources: Sources,
+                 downloads: DownloadReports,
                  nursery: trio.Nursery,
                  request_stall_timeout: float = DEFAULT_STALL_TIMEOUT_S,
                  strict: bool = False):
         """``client`` for every request but the chunks of large files, which ``ranges``
-        fetches."""
+        fetches; ``urls`` says where each object of a channel's bucket is read."""
         self.store = store
+        self.urls = urls
         self.strict = strict
         self.channels = channels
         self.client = client
@@ -348,9 +352,8 @@ class Resolver:
             # The await above may have let another opener start the download.
             download = self._downloads.get(sha1)
             if download is None:
-                ch = self.channels.get(channel)
-                download = Download(self.client, object_url(ch.bucket_base_url, channel, sha1),
-                                    sha1, size, self.store, stall_timeout=STALL_TIMEOUT_S,
+                download = Download(self.client, self._url(channel, sha1), sha1, size,
+                                    self.store, stall_timeout=STALL_TIMEOUT_S,
                                     on_finish=partial(self._finished, channel))
                 self._downloads[sha1] = download
                 self.nursery.start_soon(download.run)
@@ -509,8 +512,8 @@ class Resolver:
                               WholeObject(manifest, self._url(channel, manifest.sha1)),
                               request_again=partial(self._request, channel, manifest.sha1))
 
-    def _url(self, channel: str, sha1: str) -> str:
-        return object_url(self.channels.get(channel).bucket_base_url, channel, sha1)
+    def _url(self, channel: str, sha1: str) -> ObjectUrl:
+        return self.urls.of(channel, object_key(channel, sha1))
 
     def _chunked_of(self, channel: str, sha1: str) -> Manifest | None:
         """The manifest of a :class:`ChunkedContent` of ``sha1`` that readers have open as

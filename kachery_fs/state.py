@@ -121,6 +121,11 @@ CREATE INDEX uploads_by_state ON uploads (state, updated_at);
 """
 
 
+_V4 = """
+ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
+"""
+
+
 def _v2_inodes(db) -> None:
     """Each row of version 1's ``entries`` becomes an inode with the same id (so inode
     numbers stay as they were) and one name; its owner is the owner of the database
@@ -160,6 +165,8 @@ SCHEMA = Schema("node.db", synchronous="NORMAL", migrations=(
                  " files", _V2, _v2_inodes),
     Migration(3, "files being created, content committed but not yet on the disk, and"
                  " the upload queue in order", _V3),
+    Migration(4, "whether a channel is private (its bucket is read through signed URLs)",
+              _V4),
 ))
 
 
@@ -170,13 +177,15 @@ class Channel:
     bucket_base_url: str
     permissions: frozenset[str]
     checked_at: float
+    #: Its bucket's objects are read through URLs the hub signs (``signReads``).
+    private: bool = False
 
 
-_CHANNEL_COLS = "name, hub_url, bucket_base_url, permissions, checked_at"
+_CHANNEL_COLS = "name, hub_url, bucket_base_url, permissions, checked_at, private"
 
 
 def _channel(r) -> Channel:
-    return Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4])
+    return Channel(r[0], r[1], r[2], frozenset(json.loads(r[3])), r[4], bool(r[5]))
 
 
 @dataclass
@@ -294,15 +303,15 @@ class NodeDB:
     # -- channels -------------------------------------------------------------------
 
     def add_channel(self, name: str, hub_url: str, bucket_base_url: str,
-                    permissions: set[str] | frozenset[str]) -> None:
+                    permissions: set[str] | frozenset[str], *, private: bool = False) -> None:
         self._db.execute(
             "INSERT INTO channels (name, hub_url, bucket_base_url, permissions, checked_at,"
-            " joined_at, mtime_ns, ctime_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+            " joined_at, mtime_ns, ctime_ns, private) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
             " ON CONFLICT(name) DO UPDATE SET hub_url=excluded.hub_url,"
             " bucket_base_url=excluded.bucket_base_url, permissions=excluded.permissions,"
-            " checked_at=excluded.checked_at",
+            " checked_at=excluded.checked_at, private=excluded.private",
             (name, hub_url, bucket_base_url, json.dumps(sorted(permissions)), time.time(),
-             time.time(), time.time_ns(), time.time_ns()))
+             time.time(), time.time_ns(), time.time_ns(), int(private)))
 
     def remove_channel(self, name: str) -> None:
         self._db.execute("DELETE FROM channels WHERE name = ?", (name,))
@@ -320,11 +329,15 @@ class NodeDB:
                        " (see `kachery-fs join HUB_URL CHANNEL`)")
 
     def set_permissions(self, name: str, permissions: set[str] | frozenset[str],
-                        bucket_base_url: str | None = None) -> None:
+                        bucket_base_url: str | None = None, *,
+                        private: bool | None = None) -> None:
+        """What the hub last said of this node's membership of ``name`` (None: unchanged)."""
         self._db.execute(
             "UPDATE channels SET permissions = ?, checked_at = ?,"
-            " bucket_base_url = COALESCE(?, bucket_base_url) WHERE name = ?",
-            (json.dumps(sorted(permissions)), time.time(), bucket_base_url, name))
+            " bucket_base_url = COALESCE(?, bucket_base_url), private = COALESCE(?, private)"
+            " WHERE name = ?",
+            (json.dumps(sorted(permissions)), time.time(), bucket_base_url,
+             None if private is None else int(private), name))
 
     # -- upload queue -------------------------------------------------------------------
 

@@ -29,7 +29,7 @@ def collect(node, *, provider=None, resolver=None, mountpoint: str | None = None
     channels = []
     for ch in node.db.channels():
         channels.append({"name": ch.name, "hub": ch.hub_url, "bucket": ch.bucket_base_url,
-                         "permissions": sorted(ch.permissions)})
+                         "permissions": sorted(ch.permissions), "private": ch.private})
     hubs = {}
     if provider is not None:
         for url, conn in provider.connections.items():
@@ -88,6 +88,8 @@ def render(status: dict, *, channel: str | None = None) -> str:
                 hub_state += f": {conn['error']}"
         lines.append(f"channel {ch['name']}: hub {ch['hub']} {hub_state}")
         lines.append(f"  permissions: {', '.join(ch['permissions']) or 'none'}")
+        if ch.get("private"):
+            lines.append("  private: its bucket is read through URLs the hub signs")
     reqs = [r for r in status.get("requests", []) if channel in (None, r["channel"])]
     lines.append(f"requests waiting: {len(reqs)}")
     for r in reqs:

@@ -82,7 +82,7 @@ async def _feed_append(args) -> int:
             signed = await trio.to_thread.run_sync(store.append, feed_id, subfeed, [value])
             number = signed[0]["body"]["messageNumber"]
             try:
-                _, count = await FeedSync(node.channels, store, node.client).publish(
+                _, count = await FeedSync(node.channels, store, node.client, node.urls).publish(
                     channel, feed_id, h)
             except KacheryError as exc:
                 # The message is appended and signed; only its publication failed. A mount
@@ -113,7 +113,7 @@ async def _feed_read(args) -> int:
     out = sys.stdout.buffer
     try:
         with FeedStore.for_node(node.dir) as store:
-            sync = FeedSync(node.channels, store, node.client)
+            sync = FeedSync(node.channels, store, node.client, node.urls)
             channel = None
             if not store.owned(feed_id):
                 channel = _pick_channel(node, args.channel)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -51,6 +53,7 @@ async def _hub_serve(args) -> int:
         tls = Tls(Path(args.tls_cert), Path(args.tls_key)).check()
     server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket,
                        gcs=gcs)
+    server.hub.read_url_expiry_s = args.read_url_lifetime
     try:
         async with trio.open_nursery() as nursery:
             url = await nursery.start(lambda task_status: server.run(
@@ -94,8 +97,11 @@ async def _channel_create(args) -> int:
     allocation = parse_limit(args.allocation) if args.allocation else None
 
     async def go(hub):
-        r = await hub.create_channel(args.name, args.bucket, allocation=allocation)
+        r = await hub.create_channel(args.name, args.bucket, allocation=allocation,
+                                     private=args.private)
         extra = f", allocation {format_size(allocation)}" if allocation else ""
+        extra += ", private: its objects are read through URLs the hub signs" if args.private else ""
+        _warn(r)
         # Only the hub's owner may create a channel, and it expects to use it: it gets
         # every permission, as with `up` (`authorize --remove` takes them away).
         await hub.authorize_node(r["channel"], hub.key.node_id, list(PERMISSIONS), "owner")
@@ -112,15 +118,37 @@ async def _channel_set(args) -> int:
         fields["allocation"] = parse_limit(args.allocation)
     if args.low_watermark is not None:
         fields["lowWatermark"] = _percent(args.low_watermark)
+    if args.private is not None:
+        fields["private"] = args.private
     if not fields:
-        raise InvalidInput("nothing to change: give --allocation and/or --low-watermark")
+        raise InvalidInput("nothing to change: give --allocation, --low-watermark, --private"
+                           " or --public")
 
     async def go(hub):
         r = await hub.set_channel(args.name, fields)
+        _warn(r)
         allocation = format_size(r["allocation"]) if r["allocation"] else "none (no eviction)"
         return (f"channel {r['channel']}: allocation {allocation},"
-                f" low watermark {r['lowWatermark']:.0%}")
+                f" low watermark {r['lowWatermark']:.0%},"
+                f" {'private' if r.get('private') else 'public'}")
     return await _hub_call(args, go)
+
+
+def _warn(answer: dict) -> None:
+    """Print the hub's warning, if it gave one."""
+    if answer.get("warning"):
+        print(f"kachery-fs: warning: {answer['warning']}", file=sys.stderr)
+
+
+def _lifetime(text: str) -> int:
+    """Seconds, 1 to 604800 (7 days: the longest a V4 signature may last)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
+    if not 1 <= value <= 604800:
+        raise argparse.ArgumentTypeError(f"a read URL lives 1 to 604800 seconds, not {value}")
+    return value
 
 
 def _percent(text: str) -> float:
@@ -231,6 +259,7 @@ async def _channel_list(args) -> int:
         for c in await hub.list_channels():
             alloc = c.get("allocation")
             lines.append(f"{c['channel']}  {c['bucket']}"
+                         + ("  private" if c.get("private") else "")
                          + (f"  allocation {format_size(alloc)}" if alloc else ""))
             for node_id, perms in c["authorizedNodes"].items():
                 lines.append(f"  {node_id}  {','.join(perms)}")
@@ -261,6 +290,10 @@ def add_commands(sub) -> None:
                    help="serve https with this certificate (chain); needs --tls-key")
     t.add_argument("--tls-key", metavar="PEM_FILE", help="the certificate's private key")
     t.add_argument("--url-file", help="write the hub's URL to this file once listening")
+    t.add_argument("--read-url-lifetime", type=_lifetime, default=300, metavar="SECONDS",
+                   help="how long the read URLs signed for private channels stay valid"
+                        " (default 300): the longest a node whose permission is revoked"
+                        " can go on reading what it had started")
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
 
     t = _sub(hs, "channel", "channel administration (signed by the hub owner's node)")
@@ -276,19 +309,32 @@ def add_commands(sub) -> None:
     c.add_argument("--allocation", metavar="SIZE",
                    help="the most the channel's content may take in the bucket (e.g. 50G);"
                         " past it, the least recently used files are evicted (default: none)")
+    c.add_argument("--private", action="store_true",
+                   help="its bucket's objects are readable only through short-lived URLs the"
+                        " hub signs for members with requestFiles (files) or requestFeeds"
+                        " (feeds); on gs:// the bucket must not be public (README)")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_create, is_async=True)
-    c = _sub(cs, "set", "change a channel's bucket allocation",
+    c = _sub(cs, "set", "change a channel's bucket allocation or privacy",
              "Change how much of the bucket channel NAME may use. When the content stored"
              " passes the allocation, the hub deletes the files least recently downloaded,"
              " requested or uploaded until the low watermark is reached. An evicted file stays"
              " readable: the next read asks a node that holds it to upload it again."
-             " `hub channel stats` shows whether the allocation suits the demand.")
+             " `hub channel stats` shows whether the allocation suits the demand."
+             " --private makes its bucket's objects readable only through URLs the hub signs"
+             " for its members; --public makes them readable by anyone.")
     c.add_argument("name", metavar="NAME", help="channel name")
     c.add_argument("--allocation", metavar="SIZE",
                    help="bytes, with K, M, G, T suffixes (powers of 1024), or 'none' (no eviction)")
     c.add_argument("--low-watermark", metavar="PERCENT",
                    help="eviction stops at this share of the allocation (default 90%%)")
+    privacy = c.add_mutually_exclusive_group()
+    privacy.add_argument("--private", action="store_true", default=None,
+                         help="make the channel private: reads need URLs the hub signs;"
+                              " URLs already out stay valid until they expire")
+    privacy.add_argument("--public", dest="private", action="store_false",
+                         help="make the channel public: anyone who learns the bucket's"
+                              " address can read its objects")
     c.add_argument("--hub", help=hub_help)
     c.set_defaults(run=_channel_set, is_async=True)
     c = _sub(cs, "stats", "show a channel's bucket usage, demand and cost",

@@ -200,7 +200,7 @@ async def _up(args) -> int:
             await hub.authorize_node(args.channel, node.node_id, list(PERMISSIONS), "up")
             info = await hub.get_channel(args.channel)
             node.db.add_channel(args.channel, url, info["bucketBaseUrl"],
-                                set(info["permissions"]))
+                                set(info["permissions"]), private=info.get("private") is True)
 
             async def announce(_nursery):
                 print(f"""kachery-fs is up: hub and local bucket at {url}, node {node.node_id}

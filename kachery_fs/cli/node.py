@@ -56,7 +56,8 @@ async def _join(args) -> int:
         perms = set(info.get("permissions", []))
         # A node not yet authorized is told no bucket; it learns it once it is.
         node.db.add_channel(args.channel, args.hub_url.rstrip("/"),
-                            info.get("bucketBaseUrl") or "", perms)
+                            info.get("bucketBaseUrl") or "", perms,
+                            private=info.get("private") is True)
     finally:
         await node.aclose()
     print(f"joined channel {args.channel} on {args.hub_url}")

@@ -36,6 +36,7 @@ from ..errors import (
     ProtocolError,
     Unavailable,
 )
+from ..readurls import ReadUrls
 from ..retry import Backoff, background, foreground, is_transient, pause
 from ..state import NodeDB
 from .db import FeedStore
@@ -59,10 +60,12 @@ def _worth_retrying(exc: KacheryError) -> bool:
 class FeedFiles:
     def __init__(self, channels: Channels, node_db: NodeDB, store: FeedStore,
                  client: httpx.AsyncClient, nursery: trio.Nursery,
-                 on_grow: Callable[[str, str, str, int, bytes], Awaitable[None]] | None = None):
+                 on_grow: Callable[[str, str, str, int, bytes], Awaitable[None]] | None = None,
+                 *, urls: ReadUrls | None = None):
         """The feeds of ``store`` (closed by :meth:`close`) in the channels of ``channels``;
         ``node_db`` keeps what is left to publish across mounts, ``client`` talks to the
-        hubs' buckets, and background tasks run in ``nursery``.
+        hubs' buckets (at the URLs ``urls`` gives), and background tasks run in
+        ``nursery``.
 
         ``on_grow(channel, feed id, name, old size, new bytes)`` is awaited when a
         watched file grows (the mount tells the kernel its new size and bytes)."""
@@ -71,7 +74,7 @@ class FeedFiles:
         self.nursery = nursery
         self.on_grow = on_grow
         self.store = store
-        self.sync = FeedSync(channels, store, client)
+        self.sync = FeedSync(channels, store, client, urls)
         # channel -> {(feed id, subfeed hash): name}: subfeeds to keep current
         self._watched: dict[str, dict[tuple[str, str], str]] = {}
         self._watch_changed: dict[str, trio.Event] = {}

@@ -31,6 +31,7 @@ from ..canonical import canonical_json
 from ..channels import Channels
 from ..errors import IntegrityError, NotFound, PermissionDenied, ProtocolError
 from ..protocol import SignedRequest, feed_prefix
+from ..readurls import ReadUrls, Source, is_signed, source_of
 from .db import FeedStore
 
 log = logging.getLogger(__name__)
@@ -52,17 +53,25 @@ async def _put(client: httpx.AsyncClient, signed: SignedRequest, data: bytes) ->
     check_response(r, what, ok=(200, 201))
 
 
-async def _get(client: httpx.AsyncClient, url: str, *, bust: bool = False) -> bytes | None:
-    """The object's bytes, or None if absent. ``bust`` defeats edge caches (mutable)."""
-    what = f"GET {url}"
+async def _get(client: httpx.AsyncClient, where: Source | str, *,
+               bust: bool = False) -> bytes | None:
+    """The object's bytes, or None if absent. ``bust`` defeats edge caches (mutable) on a
+    public object (a signed URL covers its query, and a private object is not cached)."""
+    source = source_of(where)
+    what = f"GET {source}"
+
+    async def at(url: str) -> bytes | None:
+        bust_it = bust and not is_signed(url)
+        r = await client.get(url, params={"cb": secrets.token_hex(5)} if bust_it else None)
+        if r.status_code == 404:
+            return None
+        check_response(r, what)
+        return r.content
+
     try:
-        r = await client.get(url, params={"cb": secrets.token_hex(5)} if bust else None)
+        return await source.using(at)
     except httpx.HTTPError as exc:
         raise error_for_exception(exc, what) from None
-    if r.status_code == 404:
-        return None
-    check_response(r, what)
-    return r.content
 
 
 async def _gather(jobs, limit: int = PARALLEL) -> list:
@@ -82,12 +91,15 @@ async def _gather(jobs, limit: int = PARALLEL) -> list:
 
 class FeedSync:
     """Publishing and fetching the subfeeds of ``store`` in the channels of ``channels``
-    (their records, hubs and this node's permissions), over the HTTP ``client``."""
+    (their records, hubs and this node's permissions), over the HTTP ``client``; ``urls``:
+    where the bucket's objects are read (the node's, so that signed URLs are shared)."""
 
-    def __init__(self, channels: Channels, store: FeedStore, client: httpx.AsyncClient):
+    def __init__(self, channels: Channels, store: FeedStore, client: httpx.AsyncClient,
+                 urls: ReadUrls | None = None):
         self.channels = channels
         self.store = store
         self.client = client
+        self.urls = urls if urls is not None else ReadUrls(channels)
 
     # -- the owner ---------------------------------------------------------------------------
 
@@ -120,9 +132,14 @@ class FeedSync:
             remote = await hub.feed_updated(*sub, owner=key, message_count=0, repair=True)
         if local <= remote:
             return remote, remote
-        old_index = await _get(self.client, f"{ch.bucket_base_url}/"
-                               f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json",
-                               bust=True)
+        index_key = f"{feed_prefix(channel, feed_id, subfeed_hash)}/subfeed.json"
+        try:
+            old_index = await _get(self.client, self.urls.of(channel, index_key), bust=True)
+        except PermissionDenied as exc:  # a private channel, and no requestFeeds
+            log.warning("feed %s… subfeed %s…: the index in the bucket of %s cannot be read"
+                        " (%s); the new index lists only the batches published now",
+                        feed_id[:12], subfeed_hash[:12], channel, exc)
+            old_index = None
         batches = _batches_of(old_index)
         for start in range(remote, local, BATCH):
             end = min(start + BATCH, local)
@@ -164,7 +181,7 @@ class FeedSync:
         log.info("feed %s… subfeed %s…: %d message(s) in the bucket of %s", feed_id[:12],
                  subfeed_hash[:12], end, channel)
 
-    async def _singles(self, base: str, start: int, end: int) -> list:
+    async def _singles(self, channel: str, prefix: str, start: int, end: int) -> list:
         """Messages ``start..end-1`` from their single objects, up to the first missing one.
 
         They are fetched in windows that grow from :data:`PARALLEL` to :data:`BATCH`, and
@@ -174,8 +191,10 @@ class FeedSync:
         window = PARALLEL
         while start < end:
             stop = min(start + window, end)
-            bodies = await _gather([partial(_get, self.client, f"{base}/{i}")
-                                    for i in range(start, stop)])
+            keys = [f"{prefix}/{i}" for i in range(start, stop)]
+            await self.urls.prefetch(channel, keys)
+            bodies = await _gather([partial(_get, self.client, self.urls.of(channel, key))
+                                    for key in keys])
             got = _parse_all(bodies)
             out += got
             if len(got) < stop - start:
@@ -209,14 +228,14 @@ class FeedSync:
                 f"this node lacks the requestFeeds permission on channel {channel!r}; the"
                 f" channel owner can grant it with `kachery-fs hub channel authorize {channel}"
                 f" {self.channels.node_id} --add requestFeeds`")
-        ch = self.channels.get(channel)
-        base = f"{ch.bucket_base_url}/{feed_prefix(channel, feed_id, subfeed_hash)}"
+        prefix = feed_prefix(channel, feed_id, subfeed_hash)
         if not isinstance(hub_count, int) or hub_count < 0:
             hub_count = await self.hub_count(channel, feed_id, subfeed_hash)
         local = self.store.count(feed_id, subfeed_hash)
         if 0 < hub_count <= local:
             return 0, None
-        index = await _get(self.client, f"{base}/subfeed.json", bust=True)
+        index = await _get(self.client, self.urls.of(channel, f"{prefix}/subfeed.json"),
+                           bust=True)
         if index is None and hub_count == 0:
             raise NotFound(f"feed {feed_id} has no subfeed {subfeed_hash} in channel"
                            f" {channel!r}")
@@ -234,8 +253,11 @@ class FeedSync:
             if batch[0] <= position < batch[1] <= count:
                 wanted.append(batch)
                 position = batch[1]
-        bodies = await _gather([partial(_get, self.client, f"{base}/batch/{a}-{b}")
-                                for a, b in wanted])
+        keys = [f"{prefix}/batch/{a}-{b}" for a, b in wanted]
+        if keys:
+            await self.urls.prefetch(channel, keys)
+        bodies = await _gather([partial(_get, self.client, self.urls.of(channel, key))
+                                for key in keys])
         messages: list = []
         position = local
         for (a, b), data in zip(wanted, bodies, strict=True):
@@ -248,7 +270,7 @@ class FeedSync:
             messages.extend(got[position - a:])
             position = b
         if position < count:
-            messages += await self._singles(base, position, count)
+            messages += await self._singles(channel, prefix, position, count)
         added, problem = await trio.to_thread.run_sync(
             lambda: self.store.add_signed(feed_id, subfeed_hash, messages, local, name=name))
         if problem and wanted and local + added < position:
@@ -256,7 +278,7 @@ class FeedSync:
             log.warning("feed %s subfeed %s in channel %s: a batch object is bad (%s);"
                         " reading single messages", feed_id, subfeed_hash, channel, problem)
             resume = local + added
-            singles = await self._singles(base, resume, count)
+            singles = await self._singles(channel, prefix, resume, count)
             more, problem = await trio.to_thread.run_sync(
                 lambda: self.store.add_signed(feed_id, subfeed_hash, singles, resume,
                                               name=name))

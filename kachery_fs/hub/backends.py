@@ -106,6 +106,11 @@ class BucketBackend(Protocol):
         """A signed ``GET`` URL of object ``key`` (a private channel's reads). Synchronous."""
         ...
 
+    async def anyone_can_read(self) -> bool:
+        """Whether the bucket lets anyone read its objects without a signature, whatever
+        the hub says of its channels (a private channel on such a bucket hides nothing)."""
+        ...
+
 
 class LocalBucketBackend:
     """A channel bucket that is a bucket of this hub's local bucket
@@ -181,6 +186,9 @@ class LocalBucketBackend:
 
     def signed_get(self, key: str, *, expires_s: int) -> str:
         return self.signer.get(self.bucket, key, expires_s=expires_s).url
+
+    async def anyone_can_read(self) -> bool:
+        return False  # the local bucket refuses anonymous reads of private channels' keys
 
 
 class Buckets:

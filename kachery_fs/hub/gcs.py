@@ -265,6 +265,26 @@ class GcsBucketBackend:
     def signed_get(self, key: str, *, expires_s: int) -> str:
         return self.gcs.signer.get(self.bucket, key, expires_s=expires_s).url
 
+    async def anyone_can_read(self) -> bool:
+        """An anonymous ``GET`` of an object that does not exist: ``404`` where anyone may
+        read objects (``allUsers``), ``401``/``403`` where the bucket is private."""
+        url = f"{self.base_url()}/kachery-fs-access-probe/{os.urandom(8).hex()}"
+
+        def probe() -> int:
+            with requests.get(url, timeout=CALL_TIMEOUT_S, stream=True) as answer:
+                return answer.status_code
+
+        try:
+            status = await trio.to_thread.run_sync(probe, abandon_on_cancel=True)
+        except requests.RequestException as exc:
+            raise Unavailable(f"asking whether gs://{self.bucket} is public:"
+                              f" {type(exc).__name__}: {exc}") from None
+        if status in (401, 403):
+            return False
+        if status in (200, 404):
+            return True
+        raise Unavailable(f"asking whether gs://{self.bucket} is public: HTTP {status}")
+
     async def _call(self, fn: Callable[[], T], what: str) -> T:
         """Run a blocking client call on a worker thread; its errors become ours."""
         try:

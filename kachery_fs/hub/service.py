@@ -107,6 +107,14 @@ def check_channel_name(name: object) -> str:
     return name
 
 
+def _flag(body: dict, field: str) -> bool | None:
+    """``body[field]``, a true or false (None when absent); InvalidInput for anything else."""
+    value = body.get(field)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidInput(f"{field} must be true or false")
+    return value
+
+
 def check_permissions(perms: Any) -> set[str]:
     if not isinstance(perms, list | tuple | set | frozenset):
         raise InvalidInput("permissions must be a list")
@@ -298,7 +306,9 @@ class Hub:
             self._require(caller, channel, permission)
         backend = self._backend(channel)
         expires_s = self.read_url_expiry_s
-        urls = [backend.signed_get(key, expires_s=expires_s) for key in keys]
+        # RSA signing costs about 1 ms a URL: a batch is signed off the event loop.
+        urls = await trio.to_thread.run_sync(lambda: [
+            backend.signed_get(key, expires_s=expires_s) for key in keys])
         return {"urls": urls, "expiresIn": expires_s}
 
     @staticmethod
@@ -320,24 +330,55 @@ class Hub:
         bucket_uri = body.get("bucket") or self.default_bucket_uri
         if not bucket_uri:
             raise InvalidInput("this hub serves no local bucket: give the channel a --bucket")
-        self.buckets.for_uri(bucket_uri)  # validates the URI and that we can serve it
+        backend = self.buckets.for_uri(bucket_uri)  # validates the URI, that we serve it
         allocation = parse_allocation(body.get("allocation"))
-        record = self.db.create_channel(name, bucket_uri)
+        private = _flag(body, "private")
+        record = self.db.create_channel(name, bucket_uri, private=bool(private))
         self.cache.configure(name, allocation=allocation)
-        log.info("channel %s created on %s", name, bucket_uri)
-        return {"channel": record.name, "bucket": record.bucket_uri, "allocation": allocation}
+        log.info("channel %s created on %s%s", name, bucket_uri, " (private)" if private else "")
+        answer = {"channel": record.name, "bucket": record.bucket_uri, "allocation": allocation,
+                  "private": record.private}
+        return answer | await self._privacy_warning(record.name, backend, record.private)
+
+    async def _privacy_warning(self, name: str, backend, private: bool) -> dict:
+        """``{"warning": ...}`` when private channel ``name`` is on a bucket anyone can read
+        (its privacy is the bucket's to enforce, on GCS); else nothing."""
+        if not private:
+            return {}
+        try:
+            public = await backend.anyone_can_read()
+        except KacheryError as exc:
+            return {"warning": f"could not check that the bucket refuses anonymous reads: {exc}"}
+        if not public:
+            return {}
+        warning = (f"channel {name} is private, but its bucket lets anyone read its objects:"
+                   " remove allUsers from the bucket's permissions (README: private channels)")
+        log.warning("%s", warning)
+        return {"warning": warning}
 
     async def _on_setChannel(self, caller: Caller, body: dict) -> dict:
-        """Change a channel's bucket allocation (bytes, or null for none) or low watermark."""
+        """Change a channel's bucket allocation (bytes, or null for none), low watermark, or
+        whether it is private (``private``: a channel made public can be read by anyone who
+        learns its bucket; one made private, only through URLs signed from then on, apart
+        from URLs already out, until they expire)."""
         self._require_owner(caller)
         name = check_channel_name(body.get("channel"))
-        self.db.channel(name)
+        record = self.db.channel(name)
+        private = _flag(body, "private")
         changes = {k: body[v] for k, v in (("allocation", "allocation"),
                                             ("low_watermark", "lowWatermark")) if v in body}
         self.cache.configure(name, **changes)
+        if private is not None and private != record.private:
+            record = self.db.set_private(name, private)
+            log.info("channel %s is %s now", name, "private" if private else "public")
         allocation, low = self.cache.settings(name)
         log.info("channel %s: allocation %s, low watermark %g", name, allocation, low)
-        return {"channel": name, "allocation": allocation, "lowWatermark": low}
+        answer = {"channel": name, "allocation": allocation, "lowWatermark": low,
+                  "private": record.private}
+        if private:
+            answer |= await self._privacy_warning(
+                name, self.buckets.for_uri(record.bucket_uri), True)
+        return answer
 
     async def _on_channelStats(self, caller: Caller, body: dict) -> dict:
         """A channel's bucket cache figures, its bucket, the manifests on record
@@ -389,7 +430,7 @@ class Hub:
     async def _on_listChannels(self, caller: Caller, body: dict) -> dict:
         self._require_owner(caller)
         return {"channels": [
-            {"channel": c.name, "bucket": c.bucket_uri,
+            {"channel": c.name, "bucket": c.bucket_uri, "private": c.private,
              "allocation": self.cache.settings(c.name)[0],
              "authorizedNodes": self.db.authorizations(c.name)}
             for c in self.db.channels()]}

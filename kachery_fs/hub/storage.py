@@ -180,10 +180,11 @@ class HubDB:
 
     # -- channels -------------------------------------------------------------------
 
-    def create_channel(self, name: str, bucket_uri: str) -> ChannelRecord:
+    def create_channel(self, name: str, bucket_uri: str, *,
+                       private: bool = False) -> ChannelRecord:
         try:
-            self._db.execute("INSERT INTO channels (name, bucket_uri, created_at) VALUES (?, ?, ?)",
-                             (name, bucket_uri, time.time()))
+            self._db.execute("INSERT INTO channels (name, bucket_uri, created_at, private)"
+                             " VALUES (?, ?, ?, ?)", (name, bucket_uri, time.time(), int(private)))
         except sqlite3.IntegrityError:
             raise Conflict(f"channel {name!r} already exists") from None
         return self.channel(name)
