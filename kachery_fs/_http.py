@@ -82,7 +82,7 @@ def _retry_after(response: httpx.Response) -> float | None:
 
 _XML_FIELD = re.compile(r"<(Code|Message|Details)>([^<]*)</\1>")
 
-#: The hub's own error codes (``{"error": {"code", "message"}}``), which are more precise
+#: The hub's own error codes (``{"error": {"code", "message"}}``) and a bucket's, more precise
 #: than the status they travel with.
 _CODES: dict[str, type[KacheryError]] = {
     "unauthenticated": PermissionDenied,
@@ -91,6 +91,8 @@ _CODES: dict[str, type[KacheryError]] = {
     "conflict": Conflict,
     "integrity": IntegrityError,
     "invalid_input": InvalidInput,
+    # Google Cloud Storage's: a signed URL past its expiry (a 400) is a credential refused.
+    "ExpiredToken": PermissionDenied,
 }
 
 

@@ -216,13 +216,14 @@ class Cluster:
 
 
 def make_cluster(base: Path, *, channel: str, b_permissions: str = "requestFiles",
-                 create_args: tuple[str, ...] = ()) -> Cluster:
-    """Start a hub owned by a new node A, create ``channel`` (with ``create_args``), give
-    A every permission and B ``b_permissions``, and join both. The caller stops the hub."""
+                 create_args: tuple[str, ...] = (), hub_args: tuple[str, ...] = ()) -> Cluster:
+    """Start a hub owned by a new node A (``hub serve`` with ``hub_args``), create
+    ``channel`` (with ``create_args``), give A every permission and B ``b_permissions``,
+    and join both. The caller stops the hub."""
     a, b = base / "node-a", base / "node-b"
     a_id = kfs(a, "init").stdout.decode().strip()
     b_id = kfs(b, "init").stdout.decode().strip()
-    hub = HubProcess(a, base / "hub").start()
+    hub = HubProcess(a, base / "hub", args=hub_args).start()
     try:
         kfs(a, "hub", "channel", "create", channel, *create_args, "--hub", hub.url)
         kfs(a, "hub", "channel", "authorize", channel, a_id, "--permissions", PERMS_ALL,

@@ -29,7 +29,8 @@ def setup_logging(verbose: int, log_file: str | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    for noisy in ("httpx", "httpcore", "hypercorn"):
+    # httpx, httpcore and urllib3 name every URL they fetch (signed ones too) at INFO or DEBUG.
+    for noisy in ("httpx", "httpcore", "hypercorn", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

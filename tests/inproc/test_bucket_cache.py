@@ -96,7 +96,8 @@ async def test_requested_objects_are_not_evicted(env):
 async def test_allocation_settings_and_who_may_see_them(env):
     server, hub, other, _ = env
     r = await hub.call("setChannel", channel="chan", allocation=10 * MiB, lowWatermark=0.5)
-    assert r == {"channel": "chan", "allocation": 10 * MiB, "lowWatermark": 0.5}
+    assert r == {"channel": "chan", "allocation": 10 * MiB, "lowWatermark": 0.5,
+                 "private": False}
     r = await hub.call("setChannel", channel="chan", allocation=None)
     assert r["allocation"] is None and r["lowWatermark"] == 0.5
     with pytest.raises(InvalidInput):

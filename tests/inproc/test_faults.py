@@ -190,7 +190,8 @@ async def make_node(hub: Hub, name: str) -> Node:
     hub.nodes.append(node)
     await hub.owner.authorize_node(CH, node.node_id, PERMS)
     info = await node.channels.hub(hub.url).get_channel(CH)
-    node.db.add_channel(CH, hub.url, info["bucketBaseUrl"], set(info["permissions"]))
+    node.db.add_channel(CH, hub.url, info["bucketBaseUrl"], set(info["permissions"]),
+                        private=info.get("private") is True)
     return node
 
 

@@ -68,6 +68,16 @@ class GcsCluster:
 
 @pytest.fixture
 def gcs_cluster(tmp_path, fake_gcs):
+    yield from _cluster(tmp_path, fake_gcs)
+
+
+@pytest.fixture
+def private_gcs_cluster(tmp_path, fake_gcs):
+    """As :func:`gcs_cluster`, its channel private."""
+    yield from _cluster(tmp_path, fake_gcs, private=True)
+
+
+def _cluster(tmp_path, fake_gcs, *, private: bool = False):
     require_fuse()
     a, b = tmp_path / "node-a", tmp_path / "node-b"
     ids = {n: kfs(n, "init").stdout.decode().strip() for n in (a, b)}
@@ -76,9 +86,12 @@ def gcs_cluster(tmp_path, fake_gcs):
     hub = HubProcess(a, tmp_path / "hub", args=("--gcs-credentials", str(key_file)),
                      env={"STORAGE_EMULATOR_HOST": fake_gcs.url}).start()
     try:
-        out = kfs(a, "hub", "channel", "create", CH, "--bucket", f"gs://{BUCKET}",
-                  "--hub", hub.url).stdout.decode()
-        assert f"bucket gs://{BUCKET}" in out
+        created = kfs(a, "hub", "channel", "create", CH, "--bucket", f"gs://{BUCKET}",
+                      "--hub", hub.url, *(["--private"] if private else []))
+        assert f"bucket gs://{BUCKET}" in created.stdout.decode()
+        # The emulator lets anyone read (it checks no signature): the hub says so.
+        warned = "lets anyone read its objects" in created.stderr.decode()
+        assert warned == private, created.stderr.decode()
         for node, perms in ((a, PERMS_ALL), (b, "requestFiles,requestFeeds")):
             kfs(a, "hub", "channel", "authorize", CH, ids[node], "--permissions", perms,
                 "--hub", hub.url)
@@ -187,3 +200,30 @@ def test_eviction_from_the_emulator_and_the_evicted_file_read_again(gcs_cluster)
     assert (c.mnt_b / CH / "sha1" / sha1).read_bytes() == data
     assert c.in_bucket(sha1) == data
     assert stats()["reuploads"] == {"count": 1, "bytes": MiB}
+
+
+def test_the_whole_cycle_on_a_private_channel(private_gcs_cluster):
+    c = private_gcs_cluster
+    assert "private: its bucket is read through URLs the hub signs" in kfs(
+        c.b, "status").stdout.decode()
+    sha1, data = written_on_a_read_on_b(c, 20 * MiB + 5)
+    assert kfs(c.b, "cat", f"sha1://{sha1}").stdout == data
+    requested_through_b(c, 3 * MiB + 7)
+    feed = kfs(c.a, "feed", "create").stdout.decode().strip()
+    kfs(c.a, "feed", "append", feed, "notes", '{"n": 1}')
+    lines = kfs(c.b, "feed", "read", feed, "notes").stdout.decode().splitlines()
+    assert [json.loads(line)["n"] for line in lines] == [1]
+    # B reads through URLs the hub signs: without its permission it reads nothing new,
+    # though the emulator would serve anyone who asked.
+    sha1, data = written_on_a(c, 70_000)
+    b_id = kfs(c.b, "node-id").stdout.decode().strip()
+    kfs(c.a, "hub", "channel", "authorize", CH, b_id, "--remove", "requestFiles",
+        "--hub", c.hub.url)
+    with pytest.raises(OSError) as info:
+        (c.mnt_b / CH / "sha1" / sha1).read_bytes()
+    assert info.value.errno == errno.EACCES
+    log = (c.b / "mount-test.log").read_text()
+    assert "refuses this node signed reads" in log
+    # B's mount logged at -vv while it read through signed URLs, and named none of them.
+    assert "X-Goog-Signature" not in log
+    assert "X-Goog-Signature" not in kfs(c.b, "status", "--json").stdout.decode()
