@@ -8,6 +8,7 @@ who learnt a bucket name or a URL would send it.
 from __future__ import annotations
 
 import os
+import shutil
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import httpx
@@ -21,6 +22,7 @@ from kachery_fs.hub_client import HubClient
 from kachery_fs.identity import NodeKey
 from kachery_fs.protocol import feed_prefix, object_key
 
+from ..util import local_bucket_file
 from . import test_faults
 from .test_faults import CH, make_node
 
@@ -86,6 +88,13 @@ async def test_a_member_reads_through_a_signed_url_of_that_object_only(setup):
     # The same signature on another object, or with another method: refused.
     moved = url.replace(sha1, other)
     assert (await web.get(moved)).status_code == 403
+    await hub.owner.create_channel(OTHER)
+    hub.server.db.set_private(OTHER, True)
+    there = local_bucket_file(hub.server, OTHER, sha1)  # the same object in another channel
+    there.parent.mkdir(parents=True)
+    shutil.copyfile(local_bucket_file(hub.server, CH, sha1), there)
+    elsewhere = url.replace(f"/{CH}/", f"/{OTHER}/")
+    assert elsewhere != url and (await web.get(elsewhere)).status_code == 403
     assert (await web.head(url)).status_code == 403  # signed for GET only, as GCS
     # Tampered: one hex digit of the signature changed, or the expiry stretched.
     signature = dict(parse_qsl(urlsplit(url).query))["X-Goog-Signature"]
