@@ -102,6 +102,8 @@ async def _size_by_get(client: httpx.AsyncClient, url: str, what: str) -> int:
             if r.status_code == 416 and total != "0":
                 raise ProtocolError(f"{what}: refused the range of the first byte of"
                                     f" {total} bytes")
+            if len(await r.aread()) > 1:  # read (a byte), so that the connection is kept
+                raise ProtocolError(f"{what}: more than the one byte asked for")
             return int(total)
         length = r.headers.get("content-length", "")
         if r.status_code == 200 and length.isdigit():  # ignored the Range: no body read

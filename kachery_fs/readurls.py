@@ -14,23 +14,28 @@ by an :class:`ObjectUrl` and asks it for a URL at each attempt, so:
   cold read costs one ``signReads`` for the object, not one per range.
 - **Requests are batched**: the objects that reads of one channel want at the same moment
   are signed in one ``signReads`` (up to :data:`~kachery_fs.hub.service.MAX_SIGNED_READS`
-  at a time); :meth:`ReadUrls.prefetch` signs a list known in advance.
+  at a time), files apart from feeds (each needs its own permission); while one is in
+  progress, the next gathers keys. :meth:`ReadUrls.prefetch` signs a list known in advance.
 - **A URL is renewed** once less than a third of its life is left, so a long stream never
-  meets an expired URL. If the hub does not answer, the URL in hand is used while it is
-  valid; if the hub *refuses* (this node lost its permission), every URL held for the
-  channel is dropped and the read fails with ``PermissionDenied`` (``EACCES`` through the
-  mount) and a log line.
-- **A refused read is asked again once**: a signed URL the bucket refused (expired on a
-  skewed clock) is replaced by a fresh one; an anonymous read the bucket refused makes the
-  node ask the hub whether the channel became private, and if so read it signed.
+  meets an expired URL. A renewal is one short try: if the hub does not answer, the URLs in
+  hand are used until they expire, and it is asked again some seconds later. If the hub
+  *refuses* (this node lost the permission), every URL of that kind held for the channel
+  is dropped and the read fails with ``PermissionDenied`` (``EACCES`` through the mount)
+  and a log line.
+- **A refused read is asked again once**: a signed URL the bucket refused when it was no
+  longer young (expired, on a skewed clock) is replaced by a fresh one; an anonymous read
+  the bucket refused makes the node ask the hub whether the channel became private (once
+  per few seconds, however many reads are refused), and if so read it signed.
 - **A signed URL is never shown**: ``str(ObjectUrl)`` is the object's unsigned address, and
   that is what every log line and error message names.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
@@ -40,7 +45,7 @@ import trio
 import trio.lowlevel
 from cachetools import TLRUCache
 
-from .channels import Channels
+from .channels import PERMISSIONS_TTL_S, Channels
 from .errors import DeadlineExceeded, KacheryError, PermissionDenied
 from .retry import retrying
 
@@ -50,12 +55,17 @@ log = logging.getLogger(__name__)
 BATCH = 500
 #: How long signing may wait for the hub when no URL in hand is still good.
 SIGN_DEADLINE_S = 15.0
-#: How long a renewal may wait for the hub while the URL in hand is still good; after a
-#: failed one, the URL in hand is used for this long before the hub is asked again.
-RENEW_WAIT_S = 5.0
-#: A URL with less life left than this (or a tenth of its lifetime, if less) is not handed
-#: out: a request must start with it.
+#: How long a renewal (one try) may wait for the hub while the URL in hand is still good.
+RENEW_WAIT_S = 2.0
+#: After a failed renewal, the URLs in hand are used for this long before the hub is asked
+#: again.
+RENEW_PAUSE_S = 10.0
+#: A URL with less life left than this (a tenth of its lifetime, if less, but never less
+#: than :data:`MIN_MARGIN_S`) is not handed out: a request must start with it.
 MARGIN_S = 5.0
+MIN_MARGIN_S = 0.5
+#: Taken off every lifetime: a signature's date is in whole seconds.
+DATE_SLACK_S = 1.0
 #: Signed URLs kept at most (each a few hundred bytes).
 MAX_HELD = 50_000
 
@@ -76,20 +86,32 @@ class _Held:
     url: str
     expires_at: float  # on ReadUrls' clock
     lifetime: float
+    signed_at: float
 
 
 def _margin(held: _Held) -> float:
-    return min(MARGIN_S, held.lifetime / 10)
+    return max(MIN_MARGIN_S, min(MARGIN_S, held.lifetime / 10))
+
+
+#: What is signed together: the objects of one channel that one permission covers,
+#: ``(channel, "files")`` (requestFiles) or ``(channel, "feeds")`` (requestFeeds), so that
+#: a refusal of one kind leaves the other's URLs alone.
+_Group = tuple[str, str]
+
+
+def _group(channel: str, key: str) -> _Group:
+    return channel, "feeds" if key.startswith(f"{channel}/feeds/") else "files"
 
 
 @dataclass
 class _Batch:
-    """Keys of one channel to be signed in one go; ``done`` once they are (or not)."""
+    """Keys of one group to be signed in one go; ``done`` once they are (or not)."""
 
     keys: set[str] = field(default_factory=set)
     done: trio.Event = field(default_factory=trio.Event)
     error: KacheryError | None = None
     interrupted: bool = False
+    retry: bool = True
 
 
 class ObjectUrl:
@@ -157,9 +179,12 @@ class ReadUrls:
         self._clock = clock
         self._held: TLRUCache = TLRUCache(
             maxsize=MAX_HELD, ttu=lambda _k, held, _now: held.expires_at, timer=clock)
-        self._batches: dict[str, _Batch] = {}  # channel -> the batch being gathered
-        self._renew_failed_at: dict[str, float] = {}
-        self._refusal_logged: set[str] = set()
+        self._batches: dict[_Group, _Batch] = {}  # the batch of each group being gathered
+        self._inflight: dict[_Group, trio.Event] = {}  # set when its signReads has ended
+        self._renew_failed_at: dict[_Group, float] = {}
+        self._refusal_logged: set[_Group] = set()
+        self._refreshing: defaultdict[str, trio.Lock] = defaultdict(trio.Lock)
+        self._asked_at: dict[str, float] = {}  # channel -> when a refusal made us ask
 
     def of(self, channel: str, key: str) -> ObjectUrl:
         """Object ``key`` of ``channel`` (``NotFound`` if this node has not joined it)."""
@@ -167,109 +192,138 @@ class ReadUrls:
         return ObjectUrl(self, channel, key, public_url(base, key))
 
     async def url(self, channel: str, key: str) -> str:
-        """A URL to ``GET`` object ``key`` of ``channel`` at, good for at least
-        :data:`MARGIN_S`."""
+        """A URL to ``GET`` object ``key`` of ``channel`` at, good for a while yet (at
+        least :func:`_margin`)."""
         ch = self.channels.get(channel)
         if not ch.private:
             return public_url(ch.bucket_base_url, key)
+        group = _group(channel, key)
         held = self._held.get((channel, key))
         now = self._clock()
         if held is not None:
             left = held.expires_at - now
             if left > held.lifetime / 3:
                 return held.url
-            failed_at = self._renew_failed_at.get(channel)
+            failed_at = self._renew_failed_at.get(group)
             if (left > _margin(held) and failed_at is not None
-                    and now - failed_at < RENEW_WAIT_S):
-                return held.url
+                    and now - failed_at < RENEW_PAUSE_S):
+                return held.url  # the hub failed a renewal just now: not asked again yet
         usable = held is not None and held.expires_at - now > _margin(held)
         try:
+            # A renewal is one short try: the URL in hand serves meanwhile.
             with trio.fail_after(RENEW_WAIT_S if usable else SIGN_DEADLINE_S):
-                await self._sign(channel, [key])
+                await self._sign(group, [key], retry=not usable)
         except PermissionDenied:
             raise
         except (KacheryError, trio.TooSlowError) as exc:
+            reason = exc if isinstance(exc, KacheryError) else "no answer"
             if not usable:
                 if isinstance(exc, trio.TooSlowError):
-                    raise DeadlineExceeded(
-                        f"the hub of {channel} signed no read of {key} within"
-                        f" {SIGN_DEADLINE_S:g} s") from None
+                    raise DeadlineExceeded(f"the hub of {channel} signed no read URL within"
+                                           f" {SIGN_DEADLINE_S:g} s") from None
                 raise
             assert held is not None
-            self._renew_failed_at[channel] = self._clock()
-            log.warning("could not renew the read URL of %s/%s (%s); using the one in hand,"
-                        " good for %.0f s more", channel, key,
-                        exc if isinstance(exc, KacheryError) else "no answer",
-                        held.expires_at - self._clock())
+            self._renew_failed_at[group] = self._clock()
+            log.warning("could not renew the read URLs of %s (%s); using those in hand until"
+                        " they expire, asking again in %g s", channel, reason, RENEW_PAUSE_S)
             return held.url
-        self._renew_failed_at.pop(channel, None)
+        self._renew_failed_at.pop(group, None)
         held = self._held.get((channel, key))
-        if held is None:  # signed with a lifetime shorter than the margin
-            raise DeadlineExceeded(f"the hub of {channel} signs reads for too short a time")
+        if held is None:  # signed for less than the date's slack
+            raise DeadlineExceeded(f"the hub of {channel} signs read URLs for too short a"
+                                   " time (hub serve --read-url-lifetime)")
         return held.url
 
     async def prefetch(self, channel: str, keys: Iterable[str]) -> None:
         """Sign, in as few ``signReads`` as can be, the objects of ``keys`` that have no
-        fresh URL (a private channel; nothing for a public one). Errors are raised."""
+        fresh URL (a private channel; nothing for a public one). Best effort: never raises
+        (each read then asks for its own URL, and says why it could not have one)."""
         if not self.channels.get(channel).private:
             return
         now = self._clock()
-        todo = []
+        todo: defaultdict[_Group, list[str]] = defaultdict(list)
         for key in keys:
             held = self._held.get((channel, key))
             if held is None or held.expires_at - now <= held.lifetime / 3:
-                todo.append(key)
-        if todo:
-            with trio.fail_after(SIGN_DEADLINE_S):
-                await self._sign(channel, todo)
+                todo[_group(channel, key)].append(key)
+        for group, wanted in todo.items():
+            with trio.move_on_after(SIGN_DEADLINE_S):
+                try:
+                    await self._sign(group, wanted, retry=True)
+                except KacheryError as exc:
+                    log.debug("could not sign %d read URL(s) of %s ahead: %s", len(wanted),
+                              channel, exc)
 
     async def refused(self, channel: str, key: str, url: str) -> bool:
         """The bucket refused a read of ``key`` at ``url``: True if one more try with a new
-        URL may succeed (a signed one: a fresh signature; an anonymous one: the channel has
-        become private)."""
+        URL may succeed. A signed URL: if it was not young (expired, on a skewed clock), a
+        fresh one. An anonymous URL: if the hub says the channel has become private (asked
+        at most once per :data:`~kachery_fs.channels.PERMISSIONS_TTL_S`)."""
         if is_signed(url):
             held = self._held.get((channel, key))
             if held is not None and held.url == url:
+                if self._clock() - held.signed_at < held.lifetime / 3:
+                    return False  # not its age: a new signature would be refused the same
                 del self._held[(channel, key)]
             return True
-        try:
-            ch = await self.channels.refresh(channel)
-        except KacheryError as exc:
-            log.info("the bucket of %s refused an anonymous read, and its hub could not say"
-                     " whether the channel is private: %s", channel, exc)
-            return False
+        async with self._refreshing[channel]:  # one question at a time, for all the reads
+            ch = self.channels.get(channel)
+            if ch.private:  # learnt meanwhile
+                return True
+            asked_at = self._asked_at.get(channel)
+            if ((asked_at is not None and self._clock() - asked_at < PERMISSIONS_TTL_S)
+                    or self.channels.hub_recently_failed(channel)):
+                return False  # the hub said public just now (or is not answering)
+            self._asked_at[channel] = self._clock()
+            try:
+                ch = await self.channels.refresh(channel)
+            except KacheryError as exc:
+                log.info("the bucket of %s refused an anonymous read, and its hub could not"
+                         " say whether the channel is private: %s", channel, exc)
+                return False
         if ch.private:
             log.info("channel %s is private now: its objects are read through signed URLs",
                      channel)
         return ch.private
 
-    def forget(self, channel: str) -> None:
-        """Drop every URL held for ``channel``."""
-        for k in [k for k in list(self._held.keys()) if k[0] == channel]:
-            self._held.pop(k, None)
+    def forget(self, channel: str, kind: str | None = None) -> None:
+        """Drop the URLs held for ``channel`` (``kind``: of its files or its feeds only)."""
+        for k in list(self._held.keys()):
+            if k[0] == channel and (kind is None or _group(*k)[1] == kind):
+                self._held.pop(k, None)
 
-    async def _sign(self, channel: str, keys: list[str]) -> None:
-        """Have ``keys`` signed: joined to the batch of ``channel`` being gathered, or as a
-        new batch, which waits a few checkpoints for the keys other reads want now."""
+    async def _sign(self, group: _Group, keys: list[str], *, retry: bool) -> None:
+        """Have ``keys`` signed: joined to the batch of ``group`` being gathered, or as a
+        new batch. A new batch waits a few checkpoints for the keys that other reads want
+        now, and for the group's signReads in progress, if one is: one at a time, while
+        the next gathers. ``retry``: try transient failures again (not for a renewal)."""
         while True:
-            batch = self._batches.get(channel)
+            batch = self._batches.get(group)
             if batch is not None:
                 batch.keys.update(keys)
+                batch.retry |= retry
                 await batch.done.wait()
                 if batch.interrupted:
                     continue  # its caller was cancelled: sign anew
                 if batch.error is not None:
-                    raise batch.error
+                    raise copy.copy(batch.error)  # one object per raiser: no shared traceback
                 return
-            batch = self._batches[channel] = _Batch(set(keys))
+            batch = self._batches[group] = _Batch(set(keys), retry=retry)
             try:
                 try:
                     for _ in range(3):  # let the reads that run now add their keys
                         await trio.lowlevel.checkpoint()
+                    while (inflight := self._inflight.get(group)) is not None:
+                        await inflight.wait()
                 finally:
-                    if self._batches.get(channel) is batch:
-                        del self._batches[channel]
-                await self._sign_batch(channel, sorted(batch.keys))
+                    if self._batches.get(group) is batch:
+                        del self._batches[group]
+                self._inflight[group] = batch.done
+                try:
+                    await self._sign_batch(group, sorted(batch.keys), retry=batch.retry)
+                finally:
+                    if self._inflight.get(group) is batch.done:
+                        del self._inflight[group]
             except KacheryError as exc:
                 batch.error = exc
                 raise
@@ -280,25 +334,28 @@ class ReadUrls:
                 batch.done.set()
             return
 
-    async def _sign_batch(self, channel: str, keys: list[str]) -> None:
+    async def _sign_batch(self, group: _Group, keys: list[str], *, retry: bool) -> None:
+        channel, kind = group
         hub = self.channels.hub_of(channel)
         for i in range(0, len(keys), BATCH):
             part = keys[i:i + BATCH]
             asked_at = self._clock()
+            call = partial(hub.sign_reads, channel, part)
             try:
-                urls, expires_in = await retrying(partial(hub.sign_reads, channel, part),
-                                                  what=f"hub {hub.url} signReads")
+                urls, expires_in = await (retrying(call, what=f"hub {hub.url} signReads")
+                                          if retry else call())
             except PermissionDenied as exc:
-                self.forget(channel)
-                if channel not in self._refusal_logged:
-                    self._refusal_logged.add(channel)
-                    log.warning("the hub of %s refuses this node signed reads of its bucket"
-                                " (%s): nothing more of it can be read from there", channel,
-                                exc)
+                self.forget(channel, kind)
+                if group not in self._refusal_logged:
+                    self._refusal_logged.add(group)
+                    log.warning("the hub of %s refuses this node signed reads of its %s (%s):"
+                                " nothing more of them can be read from its bucket", channel,
+                                kind, exc)
                 raise
-            self._refusal_logged.discard(channel)
+            self._refusal_logged.discard(group)
+            lifetime = expires_in - DATE_SLACK_S
             for key, url in zip(part, urls, strict=True):
-                self._held[(channel, key)] = _Held(url, asked_at + expires_in, expires_in)
+                self._held[(channel, key)] = _Held(url, asked_at + lifetime, lifetime, asked_at)
 
 
 __all__ = ["FixedUrl", "ObjectUrl", "ReadUrls", "Source", "is_signed", "public_url",

@@ -141,13 +141,14 @@ def _warn(answer: dict) -> None:
 
 
 def _lifetime(text: str) -> int:
-    """Seconds, 1 to 604800 (7 days: the longest a V4 signature may last)."""
+    """Seconds, 2 to 604800 (7 days: the longest a V4 signature may last); nodes take a
+    second off each lifetime, for the signature's date in whole seconds."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a whole number of seconds: {text!r}") from None
-    if not 1 <= value <= 604800:
-        raise argparse.ArgumentTypeError(f"a read URL lives 1 to 604800 seconds, not {value}")
+    if not 2 <= value <= 604800:
+        raise argparse.ArgumentTypeError(f"a read URL lives 2 to 604800 seconds, not {value}")
     return value
 
 

@@ -49,8 +49,10 @@ class HubServer:
         self.hub = Hub(self.db, owner_id=owner_id.lower(), buckets=self.buckets,
                        default_bucket_uri=DEFAULT_LOCAL_BUCKET if local_bucket else None)
         if self.local is not None:
-            # A private channel's objects (keys "<channel>/...") are read signed only.
-            self.local.is_private = lambda bucket, key: self.db.is_private(key.partition("/")[0])
+            # Anonymous reads only of a public channel's objects (keys "<channel>/..."):
+            # those of a private channel, or of no channel at all, are read signed only.
+            self.local.is_private = lambda bucket, key: not self.db.is_public(
+                key.partition("/")[0])
         api = create_api(self.hub)
         self.app = compose(api, create_app(self.local) if self.local is not None else None)
         self.url: str | None = None

@@ -207,11 +207,14 @@ class HubDB:
             raise NotFound(f"no channel named {name!r} on this hub")
         return self.channel(name)
 
-    def is_private(self, name: str) -> bool:
-        """Whether channel ``name`` exists and is private (one indexed row: cheap enough for
-        every anonymous read of the local bucket)."""
-        row = self._db.execute("SELECT private FROM channels WHERE name = ?", (name,)).fetchone()
-        return bool(row and row[0])
+    def is_public(self, name: str) -> bool:
+        """Whether ``name`` is exactly the name of a public channel, and no private channel's
+        name differs from it in case only (on a file system that ignores case, such as
+        macOS's, ``lab/...`` would open the objects of a private ``Lab``). What the local
+        bucket asks before every anonymous read (an indexed lookup)."""
+        rows = self._db.execute("SELECT name, private FROM channels WHERE name = ? COLLATE"
+                                " NOCASE", (name,)).fetchall()
+        return any(n == name for n, _ in rows) and not any(p for _, p in rows)
 
     # -- authorizations -------------------------------------------------------------------
 

@@ -15,10 +15,11 @@ import httpx
 import pytest
 import trio
 
-from kachery_fs import parts
-from kachery_fs.errors import PermissionDenied
+from kachery_fs import parts, readurls
+from kachery_fs.errors import DeadlineExceeded, PermissionDenied, Unavailable
 from kachery_fs.feeds import FeedStore, FeedSync
-from kachery_fs.protocol import PERMISSIONS, object_key
+from kachery_fs.hub import service
+from kachery_fs.protocol import PERMISSIONS, feed_prefix, object_key
 from kachery_fs.readurls import ReadUrls
 
 from ..util import log_requests
@@ -202,3 +203,83 @@ async def test_feeds_of_a_private_channel_are_published_and_read_signed(hub):
     finally:
         store.close()
         reader_store.close()
+
+
+def signing_stalls(method, path, kind):
+    return kind == "signReads"
+
+
+async def test_a_hub_that_does_not_sign_delays_reads_a_little_and_fails_none(
+        private, monkeypatch):
+    hub, files = private
+    reader = await make_node(hub, "reader")
+    now = [1000.0]
+    urls = ReadUrls(reader.channels, clock=lambda: now[0])
+    small, large = sorted(files, key=lambda h: len(files[h]))
+    key = object_key(CH, small)
+    held = await urls.url(CH, key)
+    signing = count_signing(reader)
+    hub.faults.add(signing_stalls, None)  # the hub never answers signReads from here on
+    now[0] += 250  # a third of its 300 s life left: renewed, with one short try
+    with trio.fail_after(readurls.RENEW_WAIT_S + 1):
+        assert await urls.url(CH, key) == held
+    with trio.fail_after(0.5):  # then not asked again for a while
+        assert await urls.url(CH, key) == held
+    assert len(signing) == 1
+    # Signing ahead gives up within its deadline, and raises nothing.
+    monkeypatch.setattr(readurls, "SIGN_DEADLINE_S", 1.0)
+    with trio.fail_after(2):
+        await urls.prefetch(CH, [object_key(CH, large)])
+    # A URL that cannot be had is an error that says so.
+    with pytest.raises(DeadlineExceeded, match="signed no read URL"):
+        await urls.url(CH, object_key(CH, large))
+
+
+async def test_a_refusal_of_one_kind_leaves_the_urls_of_the_other(private):
+    hub, files = private
+    reader = await make_node(hub, "feed-reader")
+    await hub.owner.authorize_node(CH, reader.node_id, ["requestFeeds"])
+    urls = ReadUrls(reader.channels)
+    feed_key = f"{feed_prefix(CH, 'a' * 64, 'b' * 40)}/subfeed.json"
+    held = await urls.url(CH, feed_key)
+    signing = count_signing(reader)
+    with pytest.raises(PermissionDenied):
+        await urls.url(CH, object_key(CH, next(iter(files))))
+    assert await urls.url(CH, feed_key) == held  # still held: not asked again
+    assert len(signing) == 1
+
+
+async def test_refused_anonymous_reads_ask_the_hub_once_for_many(hub):
+    node = await make_node(hub, "reader")
+    urls = ReadUrls(node.channels)
+    asked = []
+    refresh = node.channels.refresh
+
+    async def counted(channel):
+        asked.append(channel)
+        return await refresh(channel)
+
+    node.channels.refresh = counted
+    key = object_key(CH, "ab" * 20)
+    anonymous = await urls.url(CH, key)
+    results = []
+
+    async def refused():
+        results.append(await urls.refused(CH, key, anonymous))
+
+    async with trio.open_nursery() as n:
+        for _ in range(20):  # a public channel whose bucket refuses everyone
+            n.start_soon(refused)
+    assert results == [False] * 20 and len(asked) == 1
+
+
+async def test_the_hub_bounds_the_signing_of_one_node(private):
+    hub, files = private
+    reader = await make_node(hub, "reader")
+    client = reader.channels.hub(hub.url)
+    key = object_key(CH, next(iter(files)))
+    [one, again], _ = await client.sign_reads(CH, [key, key])  # signed once
+    assert one == again
+    hub.server.hub._signing_by[reader.node_id] = service.MAX_SIGNING_PER_NODE
+    with pytest.raises(Unavailable, match="signReads in progress"):
+        await client.sign_reads(CH, [key])

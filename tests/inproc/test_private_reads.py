@@ -70,6 +70,17 @@ async def test_an_anonymous_read_of_a_private_channels_object_is_refused(setup):
         answer = await web.request(method, url, headers={"range": "bytes=0-9"})
         assert answer.status_code == 403, method
     assert b"AccessDenied" in (await web.get(url)).content
+    # Nor under another spelling of its name (a file system that ignores case would open
+    # the same file), nor under the name of no channel.
+    await hub.owner.create_channel("Lab")
+    hub.server.db.set_private("Lab", True)
+    for name in ("lab", "LAB", "no-such-channel"):
+        there = local_bucket_file(hub.server, name, sha1)
+        there.parent.mkdir(parents=True)
+        shutil.copyfile(local_bucket_file(hub.server, CH, sha1), there)
+        assert (await web.get(object_url(base, name, sha1))).status_code == 403, name
+    await hub.owner.create_channel("lab")  # public, but a private "Lab" exists
+    assert (await web.get(object_url(base, "lab", sha1))).status_code == 403
     # Public again: read as before.
     hub.server.db.set_private(CH, False)
     assert (await web.get(url)).content == data
