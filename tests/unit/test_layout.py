@@ -156,3 +156,21 @@ def test_the_checks_see_imports():
     parse = _imports(ROOT / "fs" / "mount.py")
     assert "pyfuse3" in parse and "kachery_fs.parts" in parse
     assert "kachery_fs.fs.mount" in _imports(ROOT / "cli" / "mount.py")  # inside a function
+
+
+def _attribute_users(name: str) -> set[str]:
+    """The modules whose code reads an attribute called ``name``."""
+    users = set()
+    for path in ROOT.rglob("*.py"):
+        tree = ast.parse(path.read_text(), str(path))
+        if any(isinstance(node, ast.Attribute) and node.attr == name
+               for node in ast.walk(tree)):
+            users.add(_module_name(path))
+    return users
+
+
+def test_bucket_reads_take_their_urls_from_readurls():
+    """Only ``readurls`` makes a URL of a channel's bucket base (the record's
+    ``bucket_base_url``): a read that built one itself would read a private channel
+    anonymously, and be refused. (``status`` shows the base.)"""
+    assert _attribute_users("bucket_base_url") == {"kachery_fs.readurls", "kachery_fs.status"}
