@@ -133,7 +133,8 @@ def test_bench_smoke(tmp_path):
 
     # Every target is judged beside its ratio (the feed targets apply to full sizes only).
     targets = ["into mount A, until committed", "sequential read", "the same again",
-               "from the bucket via mount B", "ls -l of", "(before: creating them",
+               "from the bucket via mount B", "a private channel's object",
+               "ls -l of", "(before: creating them",
                "rsync -a of",
                "by chunk (sha1/<hash>?manifest=)", "4 KiB read at a random offset",
                "the slowest of them", "chunks the bucket read per 4 KiB read",
