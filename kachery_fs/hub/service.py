@@ -360,13 +360,13 @@ class Hub:
         log.info("channel %s created on %s%s", name, bucket_uri, " (private)" if private else "")
         answer = {"channel": record.name, "bucket": record.bucket_uri, "allocation": allocation,
                   "private": record.private}
-        return answer | await self._privacy_warning(record.name, backend, record.private)
+        if record.private:
+            answer |= await self._privacy_warning(record.name, backend)
+        return answer
 
-    async def _privacy_warning(self, name: str, backend, private: bool) -> dict:
+    async def _privacy_warning(self, name: str, backend) -> dict:
         """``{"warning": ...}`` when private channel ``name`` is on a bucket anyone can read
         (its privacy is the bucket's to enforce, on GCS); else nothing."""
-        if not private:
-            return {}
         try:
             public = await backend.anyone_can_read()
         except KacheryError as exc:
@@ -398,8 +398,7 @@ class Hub:
         answer = {"channel": name, "allocation": allocation, "lowWatermark": low,
                   "private": record.private}
         if private:
-            answer |= await self._privacy_warning(
-                name, self.buckets.for_uri(record.bucket_uri), True)
+            answer |= await self._privacy_warning(name, self.buckets.for_uri(record.bucket_uri))
         return answer
 
     async def _on_channelStats(self, caller: Caller, body: dict) -> dict:
