@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -39,6 +38,7 @@ from . import storage
 
 if TYPE_CHECKING:
     from .backends import BucketBackend
+    from .database import Database
 
 log = logging.getLogger(__name__)
 
@@ -76,18 +76,15 @@ class BucketCache:
     evictions to happen; accounting works without it.
     """
 
-    def __init__(self, db: sqlite3.Connection, *, backend_of: Callable[[str], BucketBackend],
+    def __init__(self, db: Database | sqlite3.Connection, *, backend_of: Callable[[str], BucketBackend],
                  held: Callable[[str], set[str]], clock=time.time):
-        self._db = db
+        self._db = storage.as_database(db)
         self._backend_of = backend_of
         self._held = held
         self._clock = clock
-        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
-        # (channel, sha1) -> (signed at, signed for): uploads signed, not yet finalized;
-        # and how many each node has, bounded (MAX_UPLOADS_IN_FLIGHT).
-        self._in_flight: dict[tuple[str, str], tuple[float, str]] = {}
-        self._in_flight_of: Counter[str] = Counter()
-        self._holds: dict[tuple[str, str], float] = {}  # requested: kept until this time
+        # Uploads signed and not yet finalized are the rows of ``uploads`` (how many each
+        # node has is bounded: MAX_UPLOADS_IN_FLIGHT); requested objects kept for their
+        # requesters, those of ``holds``: shared by every hub process on the database.
         self._pruned_at = 0.0
         self._due: set[str] = set()
         self._wake = trio.Event()
@@ -132,11 +129,11 @@ class BucketCache:
         self._db.execute(
             "INSERT INTO objects (channel, sha1, size, finalized_at, finalized_by, stored,"
             " last_demand) VALUES (?, ?, ?, ?, ?, 1, ?)"
-            " ON CONFLICT(channel, sha1) DO UPDATE SET size = excluded.size,"
+            " ON CONFLICT (channel, sha1) DO UPDATE SET size = excluded.size,"
             " finalized_at = excluded.finalized_at, finalized_by = excluded.finalized_by,"
             " stored = 1, last_demand = excluded.last_demand, evicted_at = NULL",
             (channel, sha1, size, now, node_id, now))
-        self._drop_in_flight((channel, sha1))
+        self._drop_in_flight(channel, sha1)
         if uploaded:
             self._count(channel, "uploads", size)
             if prior is not None and prior[1] is not None and not prior[0]:
@@ -156,32 +153,30 @@ class BucketCache:
         (uploads it started and never finished), so that no node makes the hub remember
         without bound."""
         self._prune()
-        key = (channel, sha1)
-        prior = self._in_flight.get(key)
-        if prior is None or prior[1] != node_id:
-            if self._in_flight_of[node_id] >= MAX_UPLOADS_IN_FLIGHT:
+        now = self._clock()
+        if self.uploading_node(channel, sha1) != node_id:
+            (started,) = self._db.execute(
+                "SELECT COUNT(*) FROM uploads WHERE node_id = ? AND signed_at >= ?",
+                (node_id, now - UPLOAD_IN_FLIGHT_S)).fetchone()
+            if started >= MAX_UPLOADS_IN_FLIGHT:
                 raise Unavailable(
                     f"node {node_id[:12]}… has {MAX_UPLOADS_IN_FLIGHT} uploads started and not"
                     " finished on this hub; finish some (or wait a day for them to lapse)",
                     retry_after=60)
-            self._drop_in_flight(key)
-            self._in_flight_of[node_id] += 1
-        self._in_flight[key] = (self._clock(), node_id)
+        self._db.execute(
+            "INSERT INTO uploads (channel, sha1, node_id, signed_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (channel, sha1) DO UPDATE SET node_id = excluded.node_id,"
+            " signed_at = excluded.signed_at", (channel, sha1, node_id, now))
         self._demand(channel, [sha1])
 
-    def _drop_in_flight(self, key: tuple[str, str]) -> None:
-        prior = self._in_flight.pop(key, None)
-        if prior is not None:
-            self._in_flight_of[prior[1]] -= 1
-            if not self._in_flight_of[prior[1]]:
-                del self._in_flight_of[prior[1]]
+    def _drop_in_flight(self, channel: str, sha1: str) -> None:
+        self._db.execute("DELETE FROM uploads WHERE channel = ? AND sha1 = ?", (channel, sha1))
 
     def upload_in_flight(self, channel: str, sha1: str) -> bool:
         """Whether this hub signed an upload of the object that was not finalized (in the
         last :data:`UPLOAD_IN_FLIGHT_S`, since it started): an object found in the bucket
         then is that unfinished upload, not one this hub has checked."""
-        prior = self._in_flight.get((channel, sha1))
-        return prior is not None and self._clock() - prior[0] <= UPLOAD_IN_FLIGHT_S
+        return self.uploading_node(channel, sha1) is not None
 
     def finalized_by(self, channel: str, sha1: str) -> str | None:
         """The node whose finalize put the verified object on record, or None."""
@@ -192,17 +187,19 @@ class BucketCache:
     def uploading_node(self, channel: str, sha1: str) -> str | None:
         """The node this hub signed the unfinished upload of the object for, if any (see
         :meth:`upload_in_flight`)."""
-        prior = self._in_flight.get((channel, sha1))
-        if prior is None or self._clock() - prior[0] > UPLOAD_IN_FLIGHT_S:
-            return None
-        return prior[1]
+        row = self._db.execute("SELECT node_id FROM uploads WHERE channel = ? AND sha1 = ?"
+                               " AND signed_at >= ?",
+                               (channel, sha1, self._clock() - UPLOAD_IN_FLIGHT_S)).fetchone()
+        return row[0] if row else None
 
     def requested(self, channel: str, sha1: str) -> None:
         """A node asked for the object: its requesters are about to download it, whether it
         is in the bucket already or a provider is about to upload it."""
         self._count(channel, "requests", 0)
         self._prune()
-        self._holds[(channel, sha1)] = self._clock() + REQUEST_HOLD_S
+        self._db.execute("INSERT INTO holds (channel, sha1, until) VALUES (?, ?, ?)"
+                         " ON CONFLICT (channel, sha1) DO UPDATE SET until = excluded.until",
+                         (channel, sha1, self._clock() + REQUEST_HOLD_S))
         self._demand(channel, [sha1])
 
     def downloaded(self, channel: str, downloads: Iterable[tuple[str, int]]) -> None:
@@ -223,21 +220,22 @@ class BucketCache:
     def _count(self, channel: str, name: str, nbytes: int) -> None:
         self._db.execute(
             "INSERT INTO cache_counters (channel, name, count, bytes) VALUES (?, ?, 1, ?)"
-            " ON CONFLICT(channel, name) DO UPDATE SET count = count + 1,"
-            " bytes = bytes + excluded.bytes", (channel, name, nbytes))
+            " ON CONFLICT (channel, name) DO UPDATE SET count = cache_counters.count + 1,"
+            " bytes = cache_counters.bytes + excluded.bytes", (channel, name, nbytes))
         self._start_counting(channel)
 
     def _start_counting(self, channel: str) -> None:
         """The counters of ``channel`` start now, unless they already have."""
-        self._db.execute("INSERT OR IGNORE INTO cache_since (channel, since) VALUES (?, ?)",
-                         (channel, self._clock()))
+        self._db.execute("INSERT INTO cache_since (channel, since) VALUES (?, ?)"
+                         " ON CONFLICT (channel) DO NOTHING", (channel, self._clock()))
 
     # -- statistics --------------------------------------------------------------------------
 
     def usage(self, channel: str) -> tuple[int, int]:
         """(bytes, objects) of the content the bucket holds."""
-        row = self._db.execute("SELECT COALESCE(SUM(size), 0), COUNT(*) FROM objects"
-                               " WHERE channel = ? AND stored = 1", (channel,)).fetchone()
+        row = self._db.execute("SELECT CAST(COALESCE(SUM(size), 0) AS BIGINT), COUNT(*)"
+                               " FROM objects WHERE channel = ? AND stored = 1",
+                               (channel,)).fetchone()
         return row[0], row[1]
 
     def stats(self, channel: str) -> dict:
@@ -251,7 +249,9 @@ class BucketCache:
                                (channel,)).fetchone()
         return {"channel": channel, "allocation": allocation, "lowWatermark": low,
                 "storedBytes": stored_bytes, "storedObjects": stored_objects,
-                "inFlight": sum(1 for (c, _) in self._in_flight if c == channel),
+                "inFlight": self._db.execute(
+                    "SELECT COUNT(*) FROM uploads WHERE channel = ? AND signed_at >= ?",
+                    (channel, self._clock() - UPLOAD_IN_FLIGHT_S)).fetchone()[0],
                 "since": row[0] if row else self._clock(), "now": self._clock(),
                 **counters}
 
@@ -270,7 +270,8 @@ class BucketCache:
         now = self._clock()
         if self.upload_in_flight(channel, sha1):
             return True
-        if self._holds.get((channel, sha1), 0.0) >= now:
+        if self._db.execute("SELECT 1 FROM holds WHERE channel = ? AND sha1 = ? AND until >= ?",
+                            (channel, sha1, now)).fetchone():
             return True
         if sha1 in self._held(channel):
             return True
@@ -285,12 +286,8 @@ class BucketCache:
         if not force and now - self._pruned_at < 60:
             return
         self._pruned_at = now
-        for key, (at, _) in list(self._in_flight.items()):
-            if now - at > UPLOAD_IN_FLIGHT_S:
-                self._drop_in_flight(key)
-        for key, until in list(self._holds.items()):
-            if now > until:
-                del self._holds[key]
+        self._db.execute("DELETE FROM uploads WHERE signed_at < ?", (now - UPLOAD_IN_FLIGHT_S,))
+        self._db.execute("DELETE FROM holds WHERE until < ?", (now,))
 
     async def evict(self, channel: str) -> int:
         """Evict least-recently-demanded objects until usage is at the low watermark, if
@@ -320,8 +317,10 @@ class BucketCache:
                 log.warning("channel %s: could not evict sha1://%s (%s); will retry at the"
                             " next upload", channel, sha1, exc)
                 continue
-            self._db.execute("UPDATE objects SET stored = 0, evicted_at = ?"
-                             " WHERE channel = ? AND sha1 = ?", (self._clock(), channel, sha1))
+            if not self._db.execute("UPDATE objects SET stored = 0, evicted_at = ? WHERE"
+                                    " channel = ? AND sha1 = ? AND stored = 1",
+                                    (self._clock(), channel, sha1)).rowcount:
+                continue  # another hub process evicted it meanwhile
             self._count(channel, "evictions", size)
             usage -= size
             evicted += 1

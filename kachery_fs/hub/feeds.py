@@ -18,6 +18,7 @@ import time
 import trio
 
 from . import storage
+from .wakeups import RECHECK_S, Wakeups
 
 #: Longest a watch long-poll is held.
 MAX_WATCH_S = 25.0
@@ -26,10 +27,11 @@ MAX_WATCH_S = 25.0
 class _Watch:
     """One waiting watchFeeds call: woken with the keys of the subfeeds that changed."""
 
-    __slots__ = ("changed", "event")
+    __slots__ = ("changed", "event", "keys")
 
-    def __init__(self):
+    def __init__(self, keys):
         self.event = trio.Event()
+        self.keys = keys
         self.changed: set[tuple[str, str, str]] = set()
 
 
@@ -38,13 +40,15 @@ class FeedIndex:
 
     A watch registers itself under each subfeed it subscribes to; a new count wakes only
     the watches of that subfeed and tells them which one changed, so a wake-up costs what
-    changed, not one query per subscription, and a waiting watch costs no task.
+    changed, not one query per subscription, and a waiting watch costs no task. A count
+    set by another hub process on the database wakes them the same way (``hub.wakeups``).
     """
 
-    def __init__(self, db):
-        self._db = db
-        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
+    def __init__(self, db, *, wakeups: Wakeups | None = None):
+        self._db = storage.as_database(db)
         self._watches: dict[tuple[str, str, str], set[_Watch]] = {}
+        self._wakeups = wakeups if wakeups is not None else Wakeups()
+        self._wakeups.on("f", self._woken, wake_all=self._wake_all)
 
     def count(self, channel: str, feed_id: str, subfeed_hash: str) -> int:
         row = self._db.execute(
@@ -56,19 +60,31 @@ class FeedIndex:
                   lower: bool = False) -> int:
         """Record a new message count (counts only grow, unless ``lower``: an owner's
         repair); wake the watchers. Returns the count."""
-        current = self.count(channel, feed_id, subfeed_hash)
-        if count == current or (count < current and not lower):
-            return current
-        self._db.execute(
+        # One statement: another hub process may be setting this count at the same time.
+        changed = self._db.execute(
             "INSERT INTO subfeeds (channel, feed_id, subfeed_hash, message_count, updated_at)"
-            " VALUES (?, ?, ?, ?, ?) ON CONFLICT(channel, feed_id, subfeed_hash) DO UPDATE"
-            " SET message_count = excluded.message_count, updated_at = excluded.updated_at",
-            (channel, feed_id, subfeed_hash, count, time.time()))
+            " VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel, feed_id, subfeed_hash) DO UPDATE"
+            " SET message_count = excluded.message_count, updated_at = excluded.updated_at"
+            " WHERE subfeeds.message_count " + ("<>" if lower else "<")
+            + " excluded.message_count",
+            (channel, feed_id, subfeed_hash, count, time.time())).rowcount
+        if changed:
+            self._wakeups.send("f", f"{channel}/{feed_id}/{subfeed_hash}")
+            return count
+        return self.count(channel, feed_id, subfeed_hash)
+
+    def _woken(self, text: str) -> None:
+        channel, feed_id, subfeed_hash = text.split("/")
         key = (channel, feed_id, subfeed_hash)
         for watch in self._watches.get(key, ()):
             watch.changed.add(key)
             watch.event.set()
-        return count
+
+    def _wake_all(self) -> None:
+        for watches in self._watches.values():
+            for watch in watches:
+                watch.changed.update(watch.keys)
+                watch.event.set()
 
     def _counts(self, channel: str, keys) -> dict[tuple[str, str, str], int]:
         """The counts of the subfeeds ``keys`` of a channel, in one query per 500 feeds."""
@@ -95,16 +111,25 @@ class FeedIndex:
         updates = beyond(self._counts(channel, positions))
         if updates or wait_s <= 0:
             return updates
-        watch = _Watch()
+        watch = _Watch(positions.keys())
         for key in positions:
             self._watches.setdefault(key, set()).add(watch)
         try:
-            with trio.move_on_after(min(wait_s, MAX_WATCH_S)):
-                await watch.event.wait()
+            deadline = trio.current_time() + min(wait_s, MAX_WATCH_S)
+            while not watch.changed:
+                with trio.move_on_after(min(deadline - trio.current_time(), RECHECK_S)):
+                    await watch.event.wait()
+                if watch.changed or trio.current_time() >= deadline:
+                    break
+                # No wake-up for a while: read the rows again (one may have been missed).
+                if updates := beyond(self._counts(channel, positions)):
+                    return updates
         finally:
             for key in positions:
                 waiting = self._watches[key]
                 waiting.discard(watch)
                 if not waiting:
                     del self._watches[key]
+        if len(watch.changed) > 20:
+            return beyond(self._counts(channel, watch.changed))
         return beyond({k: self.count(*k) for k in watch.changed})

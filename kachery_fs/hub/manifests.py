@@ -37,6 +37,8 @@ from ..errors import IntegrityError, InvalidInput, NotFound
 from ..manifest import Manifest
 from ..protocol import object_key
 from .backends import BucketBackend
+from .database import Database
+from .storage import as_database
 
 #: The largest manifest object the hub reads (as a reader: :data:`kachery_fs.manifest.MAX_BYTES`).
 MAX_MANIFEST_BYTES = manifest_module.MAX_BYTES
@@ -88,8 +90,8 @@ async def check_manifest(backend: BucketBackend, channel: str, sha1: str, size: 
 class ManifestRecords:
     """The vouched manifests and each node's vouches, on the hub's connection."""
 
-    def __init__(self, db: sqlite3.Connection, *, clock=time.time):
-        self._db = db
+    def __init__(self, db: Database | sqlite3.Connection, *, clock=time.time):
+        self._db = as_database(db)
         self._clock = clock
 
     def get(self, channel: str, sha1: str) -> str | None:
@@ -104,12 +106,18 @@ class ManifestRecords:
                                " AND sha1 = ?", (channel, sha1)).fetchone()
         return row[0] if row else None
 
-    def record(self, channel: str, sha1: str, manifest: str, node_id: str) -> None:
-        """``node_id``'s vouch for ``manifest`` as that of ``sha1`` passed its checks."""
-        self._db.execute("INSERT INTO manifests (channel, sha1, manifest, vouched_by,"
-                         " vouched_at) VALUES (?, ?, ?, ?, ?)",
-                         (channel, sha1, manifest, node_id, self._clock()))
+    def record(self, channel: str, sha1: str, manifest: str, node_id: str) -> bool:
+        """``node_id``'s vouch for ``manifest`` as that of ``sha1`` passed its checks:
+        record it. False if another manifest is on record for it (recorded by another hub
+        process while this one checked)."""
+        if not self._db.execute("INSERT INTO manifests (channel, sha1, manifest, vouched_by,"
+                                " vouched_at) VALUES (?, ?, ?, ?, ?) ON CONFLICT (channel,"
+                                " sha1) DO NOTHING",
+                                (channel, sha1, manifest, node_id, self._clock())).rowcount:
+            # another hub process recorded a vouch for it meanwhile
+            return self.get(channel, sha1) == manifest
         self._count(channel, node_id, "vouched")
+        return True
 
     def refused(self, channel: str, node_id: str) -> None:
         """A vouch of ``node_id``'s failed its checks."""
@@ -131,7 +139,8 @@ class ManifestRecords:
         assert column in ("vouched", "refused", "disputed")
         self._db.execute(
             f"INSERT INTO manifest_vouchers (channel, node_id, {column}) VALUES (?, ?, 1)"
-            f" ON CONFLICT(channel, node_id) DO UPDATE SET {column} = {column} + 1",
+            f" ON CONFLICT (channel, node_id) DO UPDATE SET {column} ="
+            f" manifest_vouchers.{column} + 1",
             (channel, node_id))
 
     def stats(self, channel: str) -> dict:

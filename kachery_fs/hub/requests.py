@@ -11,8 +11,9 @@ and gave up after 3 s / 30 s (reference: kachery.md §4.3). Here:
   seen); every state change and every progress report wakes them.
 * Requests for one (channel, hash) from any number of nodes share one record, one provider
   and one upload.
-* Records live in SQLite, so a restarted hub picks its requests up again; providers
-  reconnect by themselves and get their pending offers back.
+* Records live in the hub's database, so a restarted hub picks its requests up again, and
+  every hub process on one database serves the same requests; providers reconnect by
+  themselves and get their pending offers back.
 
 State of a request: ``pending`` (looking for a provider) → ``offered`` (one provider asked)
 → ``uploading`` (it accepted; ``bytes`` grows) → ``finished`` (the object is in the bucket
@@ -41,6 +42,7 @@ import trio
 
 from ..errors import InvalidInput, NotFound
 from . import storage
+from .wakeups import RECHECK_S, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,8 @@ WAITER_TTL_S = 60.0
 TERMINAL_TTL_S = 120.0
 #: After the hub starts, providers get this long to reconnect before "no provider online".
 STARTUP_GRACE_S = 5.0
+#: How often each hub process publishes the providers connected to it (``listeners``).
+PRESENCE_S = 1.0
 
 ACTIVE = ("pending", "offered", "uploading")
 
@@ -101,54 +105,103 @@ class FileRequest:
 
 
 class FileRequests:
-    """The hub's request broker. ``run`` must be running for timeouts to be applied."""
+    """The hub's request broker. ``run`` must be running for timeouts to be applied.
 
-    def __init__(self, db, *, providers_of, object_size, clock=time.monotonic,
-                 wall=time.time):
+    The rows of ``file_requests`` are the truth, shared by every hub process on the
+    database: each change reads its record and writes it back in one transaction that
+    keeps every other writer out (``Database.transaction``), so a request is offered to one
+    provider at a time whichever hub processes the requester and the providers talk to.
+    Which providers are connected is each process's own knowledge, published to the others
+    in ``listeners`` every :data:`PRESENCE_S`. Long-polls wait on wake-ups
+    (``hub.wakeups``) and read the rows again when woken.
+    """
+
+    def __init__(self, db, *, providers_of, object_size, clock=time.time,
+                 wakeups: Wakeups | None = None):
         """``providers_of(channel)`` is the set of node ids that may provide on a channel;
-        ``object_size(channel, sha1)`` is an async check of the bucket (``None``: absent)."""
-        self._db = db
+        ``object_size(channel, sha1)`` is an async check of the bucket (``None``: absent).
+        ``clock`` gives the times kept in the records (seconds; every hub process on one
+        database must agree on it: the time of day)."""
+        self._db = storage.as_database(db)
         self._providers_of = providers_of
         self._object_size = object_size
         self._clock = clock
-        self._wall = wall
+        self._wakeups = wakeups if wakeups is not None else Wakeups()
+        self._wakeups.on("r", self._woken_request, wake_all=self._wake_all)
+        self._wakeups.on("o", self._woken_node, wake_all=self._wake_all)
         self._started = clock()
-        self._requests: dict[tuple[str, str], FileRequest] = {}
         self._request_changed: dict[tuple[str, str], trio.Event] = {}
         self._offers_changed: dict[str, trio.Event] = {}
         self._listening: Counter[str] = Counter()
         self._last_listen: dict[str, float] = {}
-        storage.SCHEMA.migrate(db)  # a no-op on the hub's connection: the tables are there
-        for (record,) in db.execute("SELECT record FROM file_requests"):
-            req = FileRequest(**json.loads(record))
-            # Monotonic times do not survive a restart: restart the clocks of live requests.
-            now = clock()
-            req.changed_at = req.progress_at = req.asked_at = now
-            self._requests[(req.channel, req.sha1)] = req
-        if self._requests:
-            log.info("resuming %d file request(s)", len(self._requests))
+        self._published: set[str] = set()  # the providers this process last published
+        self._published_at = -PRESENCE_S
+        now = clock()
+        with self._db.transaction():
+            live = [r for r in self._all() if r.state in ACTIVE]
+            # Providers need time to reconnect to a restarted hub: restart the clocks of
+            # live requests (which also gives every other hub process's a little more).
+            for req in live:
+                req.changed_at = req.progress_at = req.asked_at = now
+                self._save(req)
+        if live:
+            log.info("resuming %d file request(s)", len(live))
 
     # -- persistence and notification ---------------------------------------------------
 
+    def _load(self, channel: str, sha1: str) -> FileRequest | None:
+        row = self._db.execute("SELECT record FROM file_requests WHERE channel = ? AND"
+                               " sha1 = ?", (channel, sha1)).fetchone()
+        return FileRequest(**json.loads(row[0])) if row else None
+
+    def _all(self, channel: str | None = None) -> list[FileRequest]:
+        if channel is None:
+            rows = self._db.execute("SELECT record FROM file_requests")
+        else:
+            rows = self._db.execute("SELECT record FROM file_requests WHERE channel = ?",
+                                    (channel,))
+        return [FileRequest(**json.loads(record)) for (record,) in rows]
+
+    def get(self, channel: str, sha1: str) -> FileRequest | None:
+        """The record of the request for (channel, sha1), if there is one."""
+        return self._load(channel, sha1)
+
+    def records(self) -> list[FileRequest]:
+        """Every request's record."""
+        return self._all()
+
     def _save(self, req: FileRequest) -> None:
-        self._db.execute("INSERT OR REPLACE INTO file_requests (channel, sha1, record)"
-                         " VALUES (?, ?, ?)", (req.channel, req.sha1, json.dumps(asdict(req))))
+        self._db.execute("INSERT INTO file_requests (channel, sha1, record) VALUES (?, ?, ?)"
+                         " ON CONFLICT (channel, sha1) DO UPDATE SET record = excluded.record",
+                         (req.channel, req.sha1, json.dumps(asdict(req))))
 
     def _drop(self, req: FileRequest) -> None:
-        self._requests.pop((req.channel, req.sha1), None)
         self._db.execute("DELETE FROM file_requests WHERE channel = ? AND sha1 = ?",
                          (req.channel, req.sha1))
         self._wake_request(req)
 
     def _wake_request(self, req: FileRequest) -> None:
-        event = self._request_changed.pop((req.channel, req.sha1), None)
+        self._wakeups.send("r", f"{req.channel}/{req.sha1}")
+
+    def _wake_node(self, node_id: str) -> None:
+        self._wakeups.send("o", node_id)
+
+    def _woken_request(self, key: str) -> None:
+        channel, _, sha1 = key.partition("/")
+        event = self._request_changed.pop((channel, sha1), None)
         if event is not None:
             event.set()
 
-    def _wake_node(self, node_id: str) -> None:
+    def _woken_node(self, node_id: str) -> None:
         event = self._offers_changed.pop(node_id, None)
         if event is not None:
             event.set()
+
+    def _wake_all(self) -> None:
+        for events in (self._request_changed, self._offers_changed):
+            for event in events.values():
+                event.set()
+            events.clear()
 
     def _changed(self, req: FileRequest, *, state_change: bool = True) -> None:
         req.version += 1
@@ -159,20 +212,53 @@ class FileRequests:
 
     # -- providers ------------------------------------------------------------------------
 
-    def connected(self, node_id: str | None) -> bool:
-        if node_id is None:  # a request's provider, when it has none
-            return False
+    def _here(self, node_id: str) -> bool:
+        """Whether ``node_id`` is connected to this process (listening, or in its grace)."""
         if self._listening[node_id] > 0:
             return True
         last = self._last_listen.get(node_id)
         return last is not None and self._clock() - last < PROVIDER_GRACE_S
 
-    def _assignments(self) -> Counter[str]:
-        return Counter(r.provider for r in self._requests.values()
+    def connected(self, node_id: str | None) -> bool:
+        """Whether provider ``node_id`` is connected to this hub process or, as they last
+        published it, to another on the database."""
+        if node_id is None:  # a request's provider, when it has none
+            return False
+        if self._here(node_id):
+            return True
+        row = self._db.execute("SELECT MAX(seen_at) FROM listeners WHERE node_id = ? AND"
+                               " hub <> ?", (node_id, self._wakeups.hub_id)).fetchone()
+        return row[0] is not None and self._clock() - row[0] < PROVIDER_GRACE_S + PRESENCE_S
+
+    def _publish_presence(self, *, force: bool = False) -> None:
+        """Tell the other hub processes which providers are connected here (at most every
+        :data:`PRESENCE_S` unless ``force``), and forget what dead processes published."""
+        now = self._clock()
+        if not force and now - self._published_at < PRESENCE_S:
+            return
+        here = {n: (now if self._listening[n] > 0 else self._last_listen[n])
+                for n in set(self._listening) | set(self._last_listen) if self._here(n)}
+        for node in [n for n in self._last_listen if not self._here(n)]:
+            del self._last_listen[node]
+        if not here and not self._published and now - self._published_at < 60:
+            return  # nothing to say, and nothing said before to take back
+        self._published_at = now
+        hub = self._wakeups.hub_id
+        with self._db.transaction():
+            self._db.execute("DELETE FROM listeners WHERE hub = ? OR seen_at < ?",
+                             (hub, now - 60))
+            self._db.executemany("INSERT INTO listeners (hub, node_id, seen_at) VALUES"
+                                 " (?, ?, ?)", [(hub, n, at) for n, at in here.items()])
+        self._published = set(here)
+
+    def _assignments(self, requests: list[FileRequest]) -> Counter[str]:
+        return Counter(r.provider for r in requests
                        if r.state in ("offered", "uploading") and r.provider)
 
-    def _advance(self, req: FileRequest, reason: str | None = None) -> None:
-        """Give the request to the next provider, or fail it when there is none."""
+    def _advance(self, req: FileRequest, reason: str | None = None, *,
+                 load: Counter[str] | None = None) -> None:
+        """Give the request to the next provider, or fail it when there is none (in a
+        transaction; ``load``: the providers' assignments, if the caller has them)."""
         if req.provider and reason:
             req.errors.append(f"{req.provider[:12]}…: {reason}")
             log.info("request %s/%s: provider %s… %s", req.channel, req.sha1[:12],
@@ -183,10 +269,12 @@ class FileRequests:
         candidates = [n for n in self._providers_of(req.channel)
                       if n not in req.tried and n not in req.requesters and self.connected(n)]
         if candidates:
-            load = self._assignments()
+            if load is None:
+                load = self._assignments(self._all())
             random.shuffle(candidates)
             candidates.sort(key=lambda n: load[n])
             req.provider, req.state = candidates[0], "offered"
+            load[req.provider] += 1
             req.asked_at = self._clock()
             log.info("request %s/%s offered to %s…", req.channel, req.sha1[:12],
                      req.provider[:12])
@@ -211,34 +299,40 @@ class FileRequests:
 
     async def listen(self, node_id: str, wait_s: float) -> list[dict]:
         """Long-poll of a provider: its current offers, at once if any, else when one comes."""
+        newly_connected = not self._here(node_id) and not self.connected(node_id)
         self._listening[node_id] += 1
         try:
-            deadline = self._clock() + min(max(wait_s, 0.0), MAX_WAIT_S)
-            newly_connected = self._last_listen.get(node_id) is None or not self.connected(
-                node_id)
+            deadline = trio.current_time() + min(max(wait_s, 0.0), MAX_WAIT_S)
             if newly_connected:
-                self._offer_pending()
+                self._publish_presence(force=True)
+                with self._db.transaction():
+                    self._offer_pending()
             while True:
                 offers = [{"channel": r.channel, "sha1": r.sha1, "version": r.version}
-                          for r in self._requests.values()
+                          for r in self._all()
                           if r.provider == node_id and r.state == "offered"]
-                remaining = deadline - self._clock()
+                remaining = deadline - trio.current_time()
                 if offers or remaining <= 0:
                     return offers
                 event = self._offers_changed.setdefault(node_id, trio.Event())
-                with trio.move_on_after(remaining):
+                with trio.move_on_after(min(remaining, RECHECK_S)):
                     await event.wait()
         finally:
             self._listening[node_id] -= 1
+            if not self._listening[node_id]:
+                del self._listening[node_id]
             self._last_listen[node_id] = self._clock()
 
     def _offer_pending(self) -> None:
-        for req in list(self._requests.values()):
+        """(In a transaction.)"""
+        requests = self._all()
+        load = self._assignments(requests)
+        for req in requests:
             if req.state == "pending":
-                self._advance(req)
+                self._advance(req, load=load)
 
     def _current(self, node_id: str, channel: str, sha1: str) -> FileRequest:
-        req = self._requests.get((channel, sha1))
+        req = self._load(channel, sha1)
         if req is None or req.provider != node_id or req.state not in ("offered", "uploading"):
             raise NotFound(f"no request for sha1://{sha1} on {channel!r} is assigned to this node")
         return req
@@ -247,9 +341,11 @@ class FileRequests:
                size: int | None, reason: str | None, manifest: str | None = None) -> None:
         """A provider's answer to its offer; ``manifest``: it streams the file's chunks
         (see the module docstring)."""
-        req = self._current(node_id, channel, sha1)
-        if accept:
-            if req.state == "offered":
+        with self._db.transaction():
+            req = self._current(node_id, channel, sha1)
+            if not accept:
+                self._advance(req, reason or "declined")
+            elif req.state == "offered":
                 req.state = "uploading"
                 req.progress_at = self._clock()
                 if isinstance(size, int) and size >= 0:
@@ -258,34 +354,36 @@ class FileRequests:
                     req.manifest, req.chunks = manifest, 0
                 log.info("request %s/%s accepted by %s…", channel, sha1[:12], node_id[:12])
                 self._changed(req)
-            return
-        self._advance(req, reason or "declined")
 
     def progress(self, node_id: str, channel: str, sha1: str, nbytes: object,
                  chunks: object = None) -> bool:
         """A provider's progress report (``nbytes`` as sent: ignored unless a byte count;
         ``chunks``: of a streaming provider, how many chunks from the first are in the
         bucket); False tells it the request was given to another."""
-        try:
-            req = self._current(node_id, channel, sha1)
-        except NotFound:
-            return False
-        if req.state == "uploading" and isinstance(nbytes, int) and nbytes >= req.bytes:
-            req.bytes = nbytes
-            req.progress_at = self._clock()
-            if (req.manifest and isinstance(chunks, int) and not isinstance(chunks, bool)
-                    and chunks > req.chunks):
-                req.chunks = chunks
-            self._changed(req, state_change=False)
+        with self._db.transaction():
+            try:
+                req = self._current(node_id, channel, sha1)
+            except NotFound:
+                return False
+            if req.state == "uploading" and isinstance(nbytes, int) and nbytes >= req.bytes:
+                req.bytes = nbytes
+                req.progress_at = self._clock()
+                if (req.manifest and isinstance(chunks, int) and not isinstance(chunks, bool)
+                        and chunks > req.chunks):
+                    req.chunks = chunks
+                self._changed(req, state_change=False)
         return True
 
     def object_finalized(self, channel: str, sha1: str, size: int) -> None:
         """The object is in the bucket (finalized, or found present): finish the request."""
-        req = self._requests.get((channel, sha1))
-        if req is None or req.state not in ACTIVE:
-            return
+        with self._db.transaction():
+            req = self._load(channel, sha1)
+            if req is not None and req.state in ACTIVE:
+                self._finish(req, size)
+
+    def _finish(self, req: FileRequest, size: int) -> None:
         req.state, req.size, req.bytes = "finished", size, size
-        log.info("request %s/%s finished (%d bytes)", channel, sha1[:12], size)
+        log.info("request %s/%s finished (%d bytes)", req.channel, req.sha1[:12], size)
         self._changed(req)
 
     # -- requesters ------------------------------------------------------------------------
@@ -295,80 +393,94 @@ class FileRequests:
         """Start or join the request for (channel, sha1), or wait for a change after
         ``version``. Returns the request's public state."""
         key = (channel, sha1)
-        req = self._requests.get(key)
-        if version is None:
-            if req is None or req.state not in ACTIVE:
-                size = await self._object_size(channel, sha1)
-                req = self._requests.get(key)  # the await may have let another in
+        req = self._load(channel, sha1)
+        if version is None and (req is None or req.state not in ACTIVE):
+            size = await self._object_size(channel, sha1)
+            with self._db.transaction():
+                req = self._load(channel, sha1)  # the await let others in
                 if size is not None:
                     if req is not None and req.state in ACTIVE:
-                        self.object_finalized(channel, sha1, size)
+                        self._finish(req, size)
                         return req.public()
                     return {"channel": channel, "sha1": sha1, "state": "finished",
                             "size": size, "bytes": size, "version": 0}
                 if req is None or req.state not in ACTIVE:
                     old_version = req.version if req is not None else 0
                     req = FileRequest(channel, sha1, version=old_version,
-                                      created_at=self._wall(), requesters=[node_id])
+                                      created_at=self._clock(), requesters=[node_id])
                     req.asked_at = self._clock()
-                    self._requests[key] = req
                     log.info("request %s/%s from %s…", channel, sha1[:12], node_id[:12])
                     self._advance(req)
                     return req.public()
-        if req is None:
-            raise NotFound(f"no request for sha1://{sha1} on channel {channel!r}"
-                           " (it expired: ask again)")
-        if node_id not in req.requesters:
-            req.requesters.append(node_id)
+        with self._db.transaction():
+            req = self._load(channel, sha1)
+            if req is None:
+                raise NotFound(f"no request for sha1://{sha1} on channel {channel!r}"
+                               " (it expired: ask again)")
+            if node_id not in req.requesters:
+                req.requesters.append(node_id)
+            req.asked_at = self._clock()
             self._save(req)
-        req.asked_at = self._clock()
-        if version is not None and req.version == version and req.state in ACTIVE:
+        deadline = trio.current_time() + min(max(wait_s, 0.0), MAX_WAIT_S)
+        while version is not None and req.version == version and req.state in ACTIVE:
+            remaining = deadline - trio.current_time()
+            if remaining <= 0:
+                break
             event = self._request_changed.setdefault(key, trio.Event())
-            with trio.move_on_after(min(max(wait_s, 0.0), MAX_WAIT_S)):
+            with trio.move_on_after(min(remaining, RECHECK_S)):
                 await event.wait()
-            req = self._requests.get(key) or req
+            req = self._load(channel, sha1) or req
         return req.public()
 
     def held(self, channel: str) -> set[str]:
         """Hashes on ``channel`` whose object must stay in the bucket: requests that are
         live, or finished recently enough that their requesters may still be fetching."""
-        return {sha1 for (c, sha1), req in self._requests.items()
-                if c == channel and req.state != "failed"}
+        return {req.sha1 for req in self._all(channel) if req.state != "failed"}
 
     def requests_of(self, node_id: str) -> list[dict]:
-        return [r.public() for r in self._requests.values()
+        return [r.public() for r in self._all()
                 if node_id in r.requesters or r.provider == node_id]
 
     def permissions_changed(self) -> None:
         """An idle provider may now be able to take pending requests."""
-        self._offer_pending()
+        with self._db.transaction():
+            self._offer_pending()
 
     # -- time-based transitions ---------------------------------------------------------
 
     def tick(self) -> None:
+        self._publish_presence()
         now = self._clock()
-        for req in list(self._requests.values()):
-            if req.state == "offered":
-                if now - req.asked_at > WAITER_TTL_S:
-                    log.info("request %s/%s expired (no requester is waiting)", req.channel,
-                             req.sha1[:12])
-                    self._drop(req)
-                elif not self.connected(req.provider):
-                    self._advance(req, "disconnected")
-                elif now - req.changed_at > OFFER_TIMEOUT_S:
-                    self._advance(req, f"did not answer within {OFFER_TIMEOUT_S:.0f} s")
-            elif req.state == "uploading":
-                if not self.connected(req.provider) and now - req.progress_at > PROVIDER_GRACE_S:
-                    self._advance(req, "disconnected during the upload")
-                elif now - req.progress_at > PROVIDER_STALL_S:
-                    self._advance(req, f"made no progress for {PROVIDER_STALL_S:.0f} s")
-            elif req.state == "pending":
-                if now - req.asked_at > WAITER_TTL_S:
-                    self._drop(req)
-                elif now - self._started >= STARTUP_GRACE_S:
-                    self._advance(req)
-            elif now - req.changed_at > TERMINAL_TTL_S:
+        if self._db.execute("SELECT 1 FROM file_requests LIMIT 1").fetchone() is None:
+            return
+        with self._db.transaction():
+            requests = self._all()
+            load = self._assignments(requests)
+            for req in requests:
+                self._tick(req, now, load)
+
+    def _tick(self, req: FileRequest, now: float, load: Counter[str]) -> None:
+        if req.state == "offered":
+            if now - req.asked_at > WAITER_TTL_S:
+                log.info("request %s/%s expired (no requester is waiting)", req.channel,
+                         req.sha1[:12])
                 self._drop(req)
+            elif not self.connected(req.provider):
+                self._advance(req, "disconnected", load=load)
+            elif now - req.changed_at > OFFER_TIMEOUT_S:
+                self._advance(req, f"did not answer within {OFFER_TIMEOUT_S:.0f} s", load=load)
+        elif req.state == "uploading":
+            if not self.connected(req.provider) and now - req.progress_at > PROVIDER_GRACE_S:
+                self._advance(req, "disconnected during the upload", load=load)
+            elif now - req.progress_at > PROVIDER_STALL_S:
+                self._advance(req, f"made no progress for {PROVIDER_STALL_S:.0f} s", load=load)
+        elif req.state == "pending":
+            if now - req.asked_at > WAITER_TTL_S:
+                self._drop(req)
+            elif now - self._started >= STARTUP_GRACE_S:
+                self._advance(req, load=load)
+        elif now - req.changed_at > TERMINAL_TTL_S:
+            self._drop(req)
 
     async def run(self) -> None:
         while True:

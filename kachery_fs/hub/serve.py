@@ -1,4 +1,5 @@
-"""Assemble and run a hub: SQLite state, the local bucket, the URL signer, the HTTP server.
+"""Assemble and run a hub: its state (SQLite, or PostgreSQL), the local bucket, the URL
+signer, the HTTP server.
 
 Layout of a hub directory::
 
@@ -27,6 +28,7 @@ from .gcs import GoogleCloudStorage
 from .service import Hub
 from .signing import UrlSigner
 from .storage import HubDB
+from .wakeups import PostgresWakeups, Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +39,27 @@ class HubServer:
     """One hub, ready to serve. The public URL is known only once the port is bound."""
 
     def __init__(self, directory: Path, *, owner_id: str, local_bucket: bool = True,
-                 gcs: GoogleCloudStorage | None = None):
+                 gcs: GoogleCloudStorage | None = None, database: str | None = None):
+        """``database``: a ``postgresql://`` URL of the hub's state (shared with any other
+        hub process on it), instead of ``hub.db`` in ``directory``."""
         self.directory = Path(directory)
         private_directory(self.directory)
-        self.db = HubDB(self.directory / "hub.db")
-        private_files(self.directory / "hub.db")
+        if database is not None:
+            self.db = HubDB(database)
+            wakeups: Wakeups = PostgresWakeups(self.db.database)
+            log.info("hub state in %s (hub process %s)", self.db.database.describe(),
+                     wakeups.hub_id)
+        else:
+            self.db = HubDB(self.directory / "hub.db")
+            private_files(self.directory / "hub.db")
+            wakeups = Wakeups()
         self.local = LocalBucket(self.directory / "local-bucket", {}) if local_bucket else None
         self.buckets = Buckets(local=self.local, gcs=gcs)
         if gcs is not None:
             log.info("gs:// channels: %r", gcs)
         self.hub = Hub(self.db, owner_id=owner_id.lower(), buckets=self.buckets,
-                       default_bucket_uri=DEFAULT_LOCAL_BUCKET if local_bucket else None)
+                       default_bucket_uri=DEFAULT_LOCAL_BUCKET if local_bucket else None,
+                       wakeups=wakeups)
         if self.local is not None:
             # Anonymous reads only of a public channel's objects (keys "<channel>/..."):
             # those of a private channel, or of no channel at all, are read signed only.
@@ -72,6 +84,7 @@ class HubServer:
         async with trio.open_nursery() as nursery:
             bound = await nursery.start(partial(serve_asgi, self.app, host=host, port=port,
                                                 tls=tls))
+            await nursery.start(self.hub.wakeups.run)
             nursery.start_soon(self.hub.requests.run)
             nursery.start_soon(self.hub.cache.run)
             scheme = "https" if tls is not None else "http"

@@ -48,6 +48,8 @@ from .cache import BucketCache, parse_allocation
 from .feeds import FeedIndex
 from .manifests import ManifestRecords, check_manifest
 from .requests import FileRequests, check_wait
+from .storage import HubDB
+from .wakeups import Wakeups
 
 log = logging.getLogger(__name__)
 
@@ -141,16 +143,20 @@ class Caller:
 class Hub:
     """Request handling for one hub. ``buckets`` maps a channel's bucket URI to a backend."""
 
-    def __init__(self, db, *, owner_id: str, buckets: Buckets, default_bucket_uri: str | None):
+    def __init__(self, db: HubDB, *, owner_id: str, buckets: Buckets,
+                 default_bucket_uri: str | None, wakeups: Wakeups | None = None):
+        """``wakeups``: how long-polls are woken (``hub.wakeups``; across hub processes on
+        a PostgreSQL database: :class:`~kachery_fs.hub.wakeups.PostgresWakeups`)."""
         self.db = db
         self.owner_id = owner_id
         self.buckets = buckets
         self.default_bucket_uri = default_bucket_uri
         self.read_url_expiry_s = READ_URL_EXPIRY_S
-        self.requests = FileRequests(db.connection, providers_of=db.providers,
-                                     object_size=self._object_in_bucket)
-        self.feeds = FeedIndex(db.connection)
-        self.cache = BucketCache(db.connection, backend_of=self._backend,
+        self.wakeups = wakeups if wakeups is not None else Wakeups()
+        self.requests = FileRequests(db.database, providers_of=db.providers,
+                                     object_size=self._object_in_bucket, wakeups=self.wakeups)
+        self.feeds = FeedIndex(db.database, wakeups=self.wakeups)
+        self.cache = BucketCache(db.database, backend_of=self._backend,
                                  held=self.requests.held)
         self._polls: Counter[tuple[str, str | None]] = Counter()
         # Disputes of bucket objects (see _dispute): in progress, found good, and the
@@ -160,7 +166,7 @@ class Hub:
         self._false_disputes: TTLCache = TTLCache(maxsize=100_000, ttl=DISPUTE_TTL_S)
         # Vouched manifests (see hub.manifests): the checks running (one at a time for a
         # file), their bound, and the refusals of the last hour.
-        self.manifests = ManifestRecords(db.connection)
+        self.manifests = ManifestRecords(db.database)
         self._vouching: dict[tuple[str, str], trio.Event] = {}
         self._manifest_checks = trio.CapacityLimiter(MANIFEST_CHECKS)
         self._signing = trio.CapacityLimiter(SIGNING_THREADS)
@@ -537,10 +543,11 @@ class Hub:
                 else:
                     # At once, with no checkpoint between: a check that ran to its end is
                     # recorded even if the finalize was cancelled meanwhile.
-                    self.manifests.record(channel, sha1, manifest, caller.node_id)
-                    log.info("channel %s: manifest %s of sha1://%s on record, vouched for by"
-                             " %s…", channel, manifest, sha1, caller.node_id[:12])
-                    return "vouched"
+                    if self.manifests.record(channel, sha1, manifest, caller.node_id):
+                        log.info("channel %s: manifest %s of sha1://%s on record, vouched for"
+                                 " by %s…", channel, manifest, sha1, caller.node_id[:12])
+                        return "vouched"
+                    why = f"manifest {self.manifests.get(channel, sha1)} is on record for it"
             finally:
                 del self._vouching[key]
                 done.set()

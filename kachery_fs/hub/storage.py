@@ -1,11 +1,13 @@
-"""The hub's state in SQLite: channels, authorizations, seen nonces, finalized objects.
+"""The hub's state: channels, authorizations, seen nonces, finalized objects.
 
-The schema of the whole ``hub.db`` is here (:data:`SCHEMA`, one ordered list of
+In SQLite (``hub.db``, the default) or PostgreSQL (``hub.database``: the same SQL on
+either). The schema of the whole ``hub.db`` is here (:data:`SCHEMA`, one ordered list of
 migrations), also for the tables that ``hub.requests``, ``hub.feeds``, ``hub.cache`` and
-``hub.manifests`` query on this connection. The objects table is kept by ``hub.cache`` (its
-own columns are migration 2); the manifests vouched for are migration 3.
+``hub.manifests`` query on this database; PostgreSQL's is ``hub.database.PG_MIGRATIONS``.
+The objects table is kept by ``hub.cache`` (its own columns are migration 2); the
+manifests vouched for are migration 3.
 
-Short synchronous transactions, called from the hub's trio thread. Every change is
+Short synchronous statements, called from the hub's trio thread. Every change is
 committed at once, so a permission change is in force for the very next request.
 """
 
@@ -19,6 +21,7 @@ from pathlib import Path
 
 from .._sqlite import Migration, Schema
 from ..errors import Conflict, NotFound
+from .database import Database, PostgresDatabase, SQLiteDatabase, is_postgresql
 
 # Version 1 of hub.db: the tables of this module, then those of hub.requests, hub.feeds
 # and hub.cache (as each created them on the hub's connection in kachery-fs 0.1.0).
@@ -130,6 +133,33 @@ _V4 = """
 ALTER TABLE channels ADD COLUMN private INTEGER NOT NULL DEFAULT 0;
 """
 
+# Version 5: what several hub processes on one database share, that each kept to itself
+# before: the providers connected to each (hub.requests), the uploads signed and not
+# finalized, and the requested objects kept for their requesters (hub.cache).
+_V5 = """
+CREATE TABLE listeners (
+    hub TEXT NOT NULL,              -- a hub process (random at each start)
+    node_id TEXT NOT NULL,          -- a provider connected to it
+    seen_at REAL NOT NULL,          -- when it was last listening there
+    PRIMARY KEY (hub, node_id)
+);
+CREATE INDEX listeners_node ON listeners (node_id);
+CREATE TABLE uploads (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,
+    node_id TEXT NOT NULL,          -- the node the upload URL was signed for
+    signed_at REAL NOT NULL,
+    PRIMARY KEY (channel, sha1)
+);
+CREATE INDEX uploads_node ON uploads (node_id, signed_at);
+CREATE TABLE holds (
+    channel TEXT NOT NULL,
+    sha1 TEXT NOT NULL,
+    until REAL NOT NULL,            -- kept in the bucket for its requesters until then
+    PRIMARY KEY (channel, sha1)
+);
+"""
+
 #: ``hub.db``'s versions (see :mod:`kachery_fs._sqlite`), for every part of the hub: they
 #: keep their queries, the schema of the file is here. Version 2 is kachery-fs 0.1.0's.
 SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
@@ -140,6 +170,8 @@ SCHEMA = Schema("hub.db", foreign_keys=True, migrations=(
     Migration(3, "manifests of large files vouched for by nodes, and each node's vouches"
                  " (recorded, refused, disputed)", _V3),
     Migration(4, "channels: private (objects read through signed URLs only)", _V4),
+    Migration(5, "what hub processes share: connected providers, uploads in flight,"
+                 " requested objects' holds", _V5),
 ))
 
 
@@ -161,15 +193,34 @@ def _channel(row) -> ChannelRecord:
     return ChannelRecord(name, bucket_uri, created_at, bool(private))
 
 
+def open_database(where: Path | str) -> Database:
+    """The hub's state at ``where``: a ``postgresql://`` URL, or the path of ``hub.db``."""
+    if is_postgresql(where):
+        from .database import PG_MIGRATIONS
+
+        return PostgresDatabase(str(where), PG_MIGRATIONS)
+    return SQLiteDatabase(where, SCHEMA)
+
+
+def as_database(db: Database | sqlite3.Connection) -> Database:
+    """``db``, or a bare SQLite connection (autocommit) brought to :data:`SCHEMA`, as a
+    :class:`Database` for the parts of the hub."""
+    if isinstance(db, Database):
+        return db
+    return SQLiteDatabase(":memory:", SCHEMA, connection=db)
+
+
 class HubDB:
-    def __init__(self, path: Path):
-        self._db = SCHEMA.open(path)
+    def __init__(self, where: Path | str | Database):
+        """The state at ``where``: a database, a ``postgresql://`` URL, or a path of a
+        ``hub.db`` (made if absent)."""
+        self._db = where if isinstance(where, Database) else open_database(where)
 
     def close(self) -> None:
         self._db.close()
 
     @property
-    def connection(self) -> sqlite3.Connection:
+    def database(self) -> Database:
         """For the parts of the hub that keep their own tables in this database."""
         return self._db
 
@@ -182,11 +233,10 @@ class HubDB:
 
     def create_channel(self, name: str, bucket_uri: str, *,
                        private: bool = False) -> ChannelRecord:
-        try:
-            self._db.execute("INSERT INTO channels (name, bucket_uri, created_at, private)"
-                             " VALUES (?, ?, ?, ?)", (name, bucket_uri, time.time(), int(private)))
-        except sqlite3.IntegrityError:
-            raise Conflict(f"channel {name!r} already exists") from None
+        if not self._db.execute("INSERT INTO channels (name, bucket_uri, created_at, private)"
+                                " VALUES (?, ?, ?, ?) ON CONFLICT (name) DO NOTHING",
+                                (name, bucket_uri, time.time(), int(private))).rowcount:
+            raise Conflict(f"channel {name!r} already exists")
         return self.channel(name)
 
     def channel(self, name: str) -> ChannelRecord:
@@ -212,8 +262,8 @@ class HubDB:
         name differs from it in case only (on a file system that ignores case, such as
         macOS's, ``lab/...`` would open the objects of a private ``Lab``). What the local
         bucket asks before every anonymous read (an indexed lookup)."""
-        rows = self._db.execute("SELECT name, private FROM channels WHERE name = ? COLLATE"
-                                " NOCASE", (name,)).fetchall()
+        rows = self._db.execute("SELECT name, private FROM channels WHERE lower(name) ="
+                                " lower(?)", (name,)).fetchall()
         return any(n == name for n, _ in rows) and not any(p for _, p in rows)
 
     # -- authorizations -------------------------------------------------------------------
@@ -253,9 +303,6 @@ class HubDB:
     def remember_nonce(self, node_id: str, nonce: str, *, now: float, keep_s: float) -> bool:
         """Record a nonce; False if this node already used it (a replay)."""
         self._db.execute("DELETE FROM nonces WHERE ts < ?", (now - keep_s,))
-        try:
-            self._db.execute("INSERT INTO nonces (node_id, nonce, ts) VALUES (?, ?, ?)",
-                             (node_id, nonce, now))
-        except sqlite3.IntegrityError:
-            return False
-        return True
+        return bool(self._db.execute("INSERT INTO nonces (node_id, nonce, ts) VALUES (?, ?, ?)"
+                                     " ON CONFLICT (node_id, nonce) DO NOTHING",
+                                     (node_id, nonce, now)).rowcount)

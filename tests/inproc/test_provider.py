@@ -22,6 +22,9 @@ from . import test_faults
 from .test_faults import CH, Hub, connected_provider, make_node
 from .test_resolver import read_all
 
+#: The hub suite: each test on a hub whose state is in SQLite, and in PostgreSQL.
+HUB_DATABASES = ("sqlite", "postgresql")
+
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
 #: A bound on any one wait here (loopback, files of a few hundred KB).
 WAIT_S = 30
@@ -55,7 +58,7 @@ async def test_a_file_only_on_a_provider_is_uploaded_and_read_verified(hub, nurs
     assert local_bucket_file(hub.server, CH, sha1).read_bytes() == data
     await until(lambda: b.store.has(sha1), within=10, what="B's download to install")
     assert hashlib.sha1(b.store.path(sha1).read_bytes()).hexdigest() == sha1
-    record = hub.server.hub.requests._requests[(CH, sha1)]
+    record = hub.server.hub.requests.get(CH, sha1)
     assert record.state == "finished" and record.tried == [] and record.provider == a.node_id
 
 
@@ -73,7 +76,7 @@ async def test_a_provider_without_the_file_declines_and_the_open_fails_clearly(h
     message = str(caught.value)
     assert f"no node could provide sha1://{sha1}" in message and CH in message, message
     # The hub offered it to A, which declined as it does not hold the file.
-    record = hub.server.hub.requests._requests[(CH, sha1)]
+    record = hub.server.hub.requests.get(CH, sha1)
     assert record.state == "failed" and record.tried == [a.node_id]
     assert any("not in its local store" in e for e in record.errors), record.errors
     assert a.db.upload(CH, sha1) is None  # A uploaded nothing

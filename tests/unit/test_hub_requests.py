@@ -52,7 +52,7 @@ class World:
 
     def offered_to(self):
         return {n for n in (P1, P2) if any(
-            r.provider == n and r.state == "offered" for r in self.broker._requests.values())}
+            r.provider == n and r.state == "offered" for r in self.broker.records())}
 
 
 @pytest.fixture
@@ -122,11 +122,11 @@ async def test_unanswered_offer_stalled_upload_and_disconnect_move_on(world):
         await world.connect(second)
         assert world.broker.progress(second, CH, H, int(world.clock.now))
         world.broker.tick()
-        assert world.broker._requests[(CH, H)].provider == second
+        assert world.broker.get(CH, H).provider == second
     world.clock.now += rq.PROVIDER_STALL_S + 1
     await world.connect(second)
     world.broker.tick()
-    req = world.broker._requests[(CH, H)]
+    req = world.broker.get(CH, H)
     assert req.state == "failed" and "made no progress" in " ".join(req.errors)
     # a provider told to stop learns it from its next progress report
     assert world.broker.progress(second, CH, H, 10**9) is False
@@ -141,7 +141,7 @@ async def test_disconnected_provider_is_replaced(world):
     world.clock.now += rq.PROVIDER_GRACE_S + 1
     await world.connect(second)  # only the second is still listening
     world.broker.tick()
-    req = world.broker._requests[(CH, H)]
+    req = world.broker.get(CH, H)
     assert req.provider == second and req.state == "offered"
     assert "disconnected" in " ".join(req.errors)
 
@@ -153,9 +153,9 @@ async def test_many_requesters_share_one_request(world):
         node = f"{i:064x}"
         state = await world.broker.request(node, CH, H, version=None, wait_s=0)
         versions.add(state["provider"])
-    assert len(world.broker._requests) == 1
+    assert len(world.broker.records()) == 1
     assert len(versions) == 1
-    assert len(world.broker._requests[(CH, H)].requesters) == 20
+    assert len(world.broker.get(CH, H).requesters) == 20
 
 
 async def test_waiters_wake_on_progress(world):
@@ -190,7 +190,7 @@ async def test_a_streaming_provider_relays_its_manifest_and_chunks(world):
     assert world.broker.progress(provider, CH, H, 20, 0)
     assert world.broker.progress(provider, CH, H, 20, True)
     assert not world.broker.progress(other, CH, H, 50, 3)
-    assert world.broker._requests[(CH, H)].chunks == 1
+    assert world.broker.get(CH, H).chunks == 1
 
 
 async def test_chunks_count_only_with_a_manifest(world):
@@ -246,6 +246,6 @@ async def test_expired_requests_are_dropped(world):
     await world.broker.request(R, CH, H, version=None, wait_s=0)
     world.clock.now += rq.WAITER_TTL_S + 1
     world.broker.tick()
-    assert (CH, H) not in world.broker._requests
+    assert world.broker.get(CH, H) is None
     with pytest.raises(NotFound, match="expired"):
         await world.broker.request(R, CH, H, version=3, wait_s=0)

@@ -248,7 +248,7 @@ def test_the_hub_cache_columns_are_added_where_missing(tmp_path, columns):
     old_hub_db(path, columns)
     hub = HubDB(path)
     try:
-        db = hub.connection
+        db = hub.database.connection
         assert _sqlite.user_version(db) == hub_storage.SCHEMA.version
         names = [row[1] for row in db.execute("PRAGMA table_info(objects)")]
         assert names == ["channel", "sha1", "size", "finalized_at", "finalized_by",
