@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -31,6 +32,7 @@ log = logging.getLogger("kachery_fs")
 
 
 async def _hub_serve(args) -> int:
+    from ..hub.database import is_postgresql
     from ..hub.serve import HubServer
 
     owner = args.owner
@@ -51,8 +53,12 @@ async def _hub_serve(args) -> int:
         from .._serve import Tls
 
         tls = Tls(Path(args.tls_cert), Path(args.tls_key)).check()
+    database = args.database or os.environ.get("KACHERY_FS_HUB_DATABASE") or None
+    if database is not None and not is_postgresql(database):
+        raise InvalidInput(f"--database takes a postgresql:// URL, not {database!r} (without"
+                           " it, the hub keeps its state in SQLite, in its --dir)")
     server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket,
-                       gcs=gcs)
+                       gcs=gcs, database=database)
     server.hub.read_url_expiry_s = args.read_url_lifetime
     try:
         async with trio.open_nursery() as nursery:
@@ -64,6 +70,22 @@ async def _hub_serve(args) -> int:
                 Path(args.url_file).write_text(url + "\n")
     finally:
         server.close()
+    return 0
+
+
+def _hub_migrate(args) -> int:
+    from ..hub.database import is_postgresql, redact
+    from ..hub.migrate import migrate
+
+    if not is_postgresql(args.to):
+        raise InvalidInput(f"--to takes a postgresql:// URL, not {args.to!r}")
+    copied = migrate(Path(args.source), args.to)
+    width = max(len(c.table) for c in copied)
+    for c in copied:
+        print(f"  {c.table:<{width}}  {c.rows:>10,} rows")
+    print(f"moved the state of the hub in {args.source} to {redact(args.to)} (every table's"
+          f" rows counted on both sides). Start its hub processes with `kachery-fs hub serve"
+          f" --database URL`; {Path(args.source) / 'hub.db'} is left as it was.")
     return 0
 
 
@@ -295,7 +317,25 @@ def add_commands(sub) -> None:
                    help="how long the read URLs signed for private channels stay valid"
                         " (default 300): the longest a node whose permission is revoked"
                         " can go on reading what it had started")
+    t.add_argument("--database", metavar="URL",
+                   help="keep the hub's state in PostgreSQL (postgresql://USER@HOST/DB;"
+                        " the password from ~/.pgpass or $PGPASSWORD) instead of hub.db in"
+                        " --dir: any number of hub processes on one database serve the same"
+                        " channels (default $KACHERY_FS_HUB_DATABASE, else SQLite)")
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
+
+    t = _sub(hs, "migrate", "move a hub's state from SQLite to PostgreSQL",
+             "Copy the state of the hub in directory --from (its hub.db: channels,"
+             " permissions, uploads, requests, feed counts, bucket cache figures) into the"
+             " empty PostgreSQL database --to, in one transaction, and check every table's"
+             " row count on both sides. Stop the hub first. hub.db is left as it was. Then"
+             " run `kachery-fs hub serve --database URL --dir DIR` (the directory still holds"
+             " the local bucket and its signing key).")
+    t.add_argument("--from", dest="source", required=True, metavar="HUB_DIR",
+                   help="the stopped hub's directory (the --dir of its `hub serve`)")
+    t.add_argument("--to", required=True, metavar="URL",
+                   help="postgresql://USER@HOST[:PORT]/DB, an empty database")
+    t.set_defaults(run=_hub_migrate)
 
     t = _sub(hs, "channel", "channel administration (signed by the hub owner's node)")
     cs = t.add_subparsers(dest="channel_command", metavar="SUBCOMMAND", required=True)
