@@ -132,6 +132,36 @@ def _collect_garbage():
     gc.collect()
 
 
+def pytest_generate_tests(metafunc):
+    # The hub's state: SQLite, unless a test's module names the databases its hub tests
+    # run on (HUB_DATABASES = ("sqlite", "postgresql"): the same tests on SQLite and PostgreSQL).
+    if "hub_database" in metafunc.fixturenames:
+        metafunc.parametrize("hub_database", getattr(metafunc.module, "HUB_DATABASES",
+                                                     ("sqlite",)), indirect=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster():
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (tests/postgres.py), for the session."""
+    from .postgres import PostgresCluster
+
+    cluster = PostgresCluster()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def hub_database(request):
+    """Where a test's hub keeps its state: None (SQLite, in the hub's directory), or the
+    URL of a new, empty PostgreSQL database."""
+    if request.param == "sqlite":
+        return None
+    assert request.param == "postgresql", request.param
+    return request.getfixturevalue("postgres_cluster").database()
+
+
 @pytest.fixture
 def busy_port():
     """A loopback port that is taken (bound and listening) for the test's duration."""

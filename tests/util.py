@@ -243,10 +243,11 @@ IN_PROCESS_HUB_URL = "http://hub.test"
 
 
 @asynccontextmanager
-async def hub_in_process(directory: Path):
+async def hub_in_process(directory: Path, database: str | None = None):
     """A hub's real ASGI app (API and local bucket) in this process, over
     httpx.ASGITransport: yields the server, HubClients of its owner and of another node,
-    and the httpx client they share."""
+    and the httpx client they share. ``database``: its state's PostgreSQL URL (the
+    ``hub_database`` fixture's), else SQLite."""
     import httpx
 
     from kachery_fs.hub.serve import HubServer
@@ -254,7 +255,7 @@ async def hub_in_process(directory: Path):
     from kachery_fs.identity import NodeKey
 
     owner, other = NodeKey.generate(), NodeKey.generate()
-    server = HubServer(directory, owner_id=owner.node_id)
+    server = HubServer(directory, owner_id=owner.node_id, database=database)
     server._set_public_url(IN_PROCESS_HUB_URL)
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
                                base_url=IN_PROCESS_HUB_URL)

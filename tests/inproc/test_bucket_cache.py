@@ -19,12 +19,15 @@ from kachery_fs.protocol import object_key
 
 from ..util import hub_in_process
 
+#: The hub suite: each test on a hub whose state is in SQLite, and in PostgreSQL.
+HUB_DATABASES = ("sqlite", "postgresql")
+
 MiB = 1 << 20
 
 
 @pytest.fixture
-async def env(tmp_path):
-    async with hub_in_process(tmp_path / "hub") as (server, hub, other, client):
+async def env(tmp_path, hub_database):
+    async with hub_in_process(tmp_path / "hub", hub_database) as (server, hub, other, client):
         await hub.create_channel("chan", allocation=3 * MiB)
         await hub.authorize_node("chan", hub.key.node_id, ["provideFiles", "requestFiles"])
         yield server, hub, other, client

@@ -165,9 +165,9 @@ class Hub:
 
 
 @pytest.fixture
-async def hub(tmp_path, nursery):
+async def hub(tmp_path, nursery, hub_database):
     owner = NodeKey.generate()
-    server = HubServer(tmp_path / "hub", owner_id=owner.node_id)
+    server = HubServer(tmp_path / "hub", owner_id=owner.node_id, database=hub_database)
     faults = Faults(server.app)
     server.app = faults
     url = await nursery.start(partial(server.run, host="127.0.0.1", port=0))

@@ -19,10 +19,13 @@ from kachery_fs.protocol import object_key
 from ..util import IN_PROCESS_HUB_URL as URL
 from ..util import hub_in_process
 
+#: The hub suite: each test on a hub whose state is in SQLite, and in PostgreSQL.
+HUB_DATABASES = ("sqlite", "postgresql")
+
 
 @pytest.fixture
-async def env(tmp_path):
-    async with hub_in_process(tmp_path / "hub") as env:
+async def env(tmp_path, hub_database):
+    async with hub_in_process(tmp_path / "hub", hub_database) as env:
         yield env
 
 

@@ -34,6 +34,9 @@ from ..util import local_bucket_file, until
 from . import test_faults, test_gcs
 from .test_faults import CH, in_bucket, make_node
 
+#: The hub suite: each test on a hub whose state is in SQLite, and in PostgreSQL.
+HUB_DATABASES = ("sqlite", "postgresql")
+
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
 CHUNK = 256 * 1024
 WAIT_S = 30

@@ -26,6 +26,9 @@ from ..util import local_bucket_file
 from . import test_faults
 from .test_faults import CH, make_node
 
+#: The hub suite: each test on a hub whose state is in SQLite, and in PostgreSQL.
+HUB_DATABASES = ("sqlite", "postgresql")
+
 hub = test_faults.hub  # the fixture: a hub and its local bucket on 127.0.0.1
 WAIT_S = 30
 OTHER = "other-lab"
