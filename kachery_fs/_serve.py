@@ -68,6 +68,9 @@ def server_config(host: str, port: int, tls: Tls | None = None) -> Config:
     config.errorlog = logging.getLogger("kachery_fs.http")
     config.include_server_header = False
     config.keep_alive_timeout = 5
+    # Connections waiting to be accepted: a hub's nodes reconnect together (after a restart,
+    # say), and each holds long-polls; hypercorn's default of 100 drops the rest of a burst.
+    config.backlog = 1024
     config.ssl_handshake_timeout = 10
     if tls is not None:
         config.certfile, config.keyfile = str(tls.cert_file), str(tls.key_file)

@@ -32,7 +32,8 @@ class _Watch:
     def __init__(self, keys):
         self.event = trio.Event()
         self.keys = keys
-        self.changed: set[tuple[str, str, str]] = set()
+        #: subfeed -> its new count as the wake-up said (None: to be read again)
+        self.changed: dict[tuple[str, str, str], int | None] = {}
 
 
 class FeedIndex:
@@ -69,21 +70,27 @@ class FeedIndex:
             + " excluded.message_count",
             (channel, feed_id, subfeed_hash, count, time.time())).rowcount
         if changed:
-            self._wakeups.send("f", f"{channel}/{feed_id}/{subfeed_hash}")
+            # The count committed rides with the wake-up: the watchers it wakes answer
+            # with it, without reading it again each.
+            self._wakeups.send("f", f"{channel}/{feed_id}/{subfeed_hash}/{count}")
             return count
         return self.count(channel, feed_id, subfeed_hash)
 
     def _woken(self, text: str) -> None:
-        channel, feed_id, subfeed_hash = text.split("/")
+        channel, feed_id, subfeed_hash, count_text = text.split("/")
         key = (channel, feed_id, subfeed_hash)
+        count = int(count_text)
         for watch in self._watches.get(key, ()):
-            watch.changed.add(key)
+            # Two counts of one subfeed (from two hub processes): the higher, as counts
+            # only grow; unless one is lower (an owner's repair): then the rows say.
+            seen = watch.changed.get(key, count)
+            watch.changed[key] = None if seen is None or count < seen else count
             watch.event.set()
 
     def _wake_all(self) -> None:
         for watches in self._watches.values():
             for watch in watches:
-                watch.changed.update(watch.keys)
+                watch.changed.update(dict.fromkeys(watch.keys))
                 watch.event.set()
 
     def _counts(self, channel: str, keys) -> dict[tuple[str, str, str], int]:
@@ -130,6 +137,10 @@ class FeedIndex:
                 waiting.discard(watch)
                 if not waiting:
                     del self._watches[key]
-        if len(watch.changed) > 20:
-            return beyond(self._counts(channel, watch.changed))
-        return beyond({k: self.count(*k) for k in watch.changed})
+        known = {k: n for k, n in watch.changed.items() if n is not None}
+        unknown = [k for k, n in watch.changed.items() if n is None]
+        if len(unknown) > 20:
+            known |= self._counts(channel, unknown)
+        else:
+            known |= {k: self.count(*k) for k in unknown}
+        return beyond(known)

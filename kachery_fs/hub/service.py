@@ -867,8 +867,7 @@ class Hub:
                 raise InvalidInput("position must be a non-negative integer")
             parsed.append((feed_id, subfeed_hash, position))
         return {"updates": await self.feeds.watch(channel, parsed, check_wait(body)),
-                "bucketBaseUrl": self.buckets.for_uri(
-                    self.db.channel(channel).bucket_uri).base_url()}
+                "bucketBaseUrl": self.buckets.for_uri(self.db.bucket_uri(channel)).base_url()}
 
 
 #: A request's handler: ``handler(hub, caller, body)`` gives the JSON answer, or raises.

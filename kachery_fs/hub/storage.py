@@ -193,6 +193,10 @@ def _channel(row) -> ChannelRecord:
     return ChannelRecord(name, bucket_uri, created_at, bool(private))
 
 
+#: How often nonces past their use are deleted.
+NONCE_PRUNE_S = 10.0
+
+
 def open_database(where: Path | str) -> Database:
     """The hub's state at ``where``: a ``postgresql://`` URL, or the path of ``hub.db``."""
     if is_postgresql(where):
@@ -215,6 +219,8 @@ class HubDB:
         """The state at ``where``: a database, a ``postgresql://`` URL, or a path of a
         ``hub.db`` (made if absent)."""
         self._db = where if isinstance(where, Database) else open_database(where)
+        self._nonces_pruned_at = float("-inf")
+        self._bucket_uris: dict[str, str] = {}
 
     def close(self) -> None:
         self._db.close()
@@ -245,6 +251,14 @@ class HubDB:
         if row is None:
             raise NotFound(f"no channel named {name!r} on this hub")
         return _channel(row)
+
+    def bucket_uri(self, name: str) -> str:
+        """Channel ``name``'s bucket (NotFound if there is none), remembered: a channel's
+        bucket never changes, and every feed watch answers with it."""
+        uri = self._bucket_uris.get(name)
+        if uri is None:
+            uri = self._bucket_uris[name] = self.channel(name).bucket_uri
+        return uri
 
     def channels(self) -> list[ChannelRecord]:
         rows = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels ORDER BY name")
@@ -301,8 +315,13 @@ class HubDB:
     # -- replay protection -------------------------------------------------------------
 
     def remember_nonce(self, node_id: str, nonce: str, *, now: float, keep_s: float) -> bool:
-        """Record a nonce; False if this node already used it (a replay)."""
-        self._db.execute("DELETE FROM nonces WHERE ts < ?", (now - keep_s,))
+        """Record a nonce; False if this node already used it (a replay). Nonces older
+        than ``keep_s`` are deleted every :data:`NONCE_PRUNE_S` (a request that old is
+        refused for its timestamp anyway), not at every request: that would be a second
+        write, and a second sync of the database, per request."""
+        if not 0 <= now - self._nonces_pruned_at < NONCE_PRUNE_S:
+            self._db.execute("DELETE FROM nonces WHERE ts < ?", (now - keep_s,))
+            self._nonces_pruned_at = now
         return bool(self._db.execute("INSERT INTO nonces (node_id, nonce, ts) VALUES (?, ?, ?)"
                                      " ON CONFLICT (node_id, nonce) DO NOTHING",
                                      (node_id, nonce, now)).rowcount)
