@@ -35,6 +35,10 @@ async def _hub_serve(args) -> int:
     from ..hub.database import is_postgresql
     from ..hub.serve import HubServer
 
+    database = args.database or os.environ.get("KACHERY_FS_HUB_DATABASE") or None
+    if database is not None and not is_postgresql(database):
+        raise InvalidInput(f"--database takes a postgresql:// URL, not {database!r} (without"
+                           " it, the hub keeps its state in SQLite, in its --dir)")
     owner = args.owner
     if owner is None:
         from ..node import init_node
@@ -53,10 +57,6 @@ async def _hub_serve(args) -> int:
         from .._serve import Tls
 
         tls = Tls(Path(args.tls_cert), Path(args.tls_key)).check()
-    database = args.database or os.environ.get("KACHERY_FS_HUB_DATABASE") or None
-    if database is not None and not is_postgresql(database):
-        raise InvalidInput(f"--database takes a postgresql:// URL, not {database!r} (without"
-                           " it, the hub keeps its state in SQLite, in its --dir)")
     server = HubServer(directory, owner_id=owner, local_bucket=not args.no_local_bucket,
                        gcs=gcs, database=database)
     server.hub.read_url_expiry_s = args.read_url_lifetime
