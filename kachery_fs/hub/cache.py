@@ -320,7 +320,10 @@ class BucketCache:
             if not self._db.execute("UPDATE objects SET stored = 0, evicted_at = ? WHERE"
                                     " channel = ? AND sha1 = ? AND stored = 1",
                                     (self._clock(), channel, sha1)).rowcount:
-                continue  # another hub process evicted it meanwhile
+                # Another hub process evicted it meanwhile (and maybe others): what is
+                # left to evict is what the rows say now.
+                usage, _ = self.usage(channel)
+                continue
             self._count(channel, "evictions", size)
             usage -= size
             evicted += 1

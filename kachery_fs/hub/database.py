@@ -53,6 +53,18 @@ log = logging.getLogger(__name__)
 STATEMENT_TIMEOUT_S = 20.0
 #: How long opening a connection to PostgreSQL may take.
 CONNECT_TIMEOUT_S = 10
+#: A transaction left open (its hub process stopped, or cut off) is ended by the server
+#: after this long, so that the lock it holds does not stop every other hub process; and
+#: the longest a statement waits for a lock.
+IDLE_IN_TRANSACTION_S = 10.0
+LOCK_TIMEOUT_S = 5.0
+#: TCP keepalives and a bound on unacknowledged data: a connection whose server or network
+#: went silent fails within seconds instead of hanging until TCP gives up (many minutes).
+KEEPALIVES: dict[str, Any] = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2,
+                               "keepalives_count": 3, "tcp_user_timeout": 10_000}
+#: After a failed connection attempt, calls fail at once for this long before the next
+#: attempt (each may take CONNECT_TIMEOUT_S, on the hub's event loop).
+RECONNECT_PAUSE_S = 2.0
 #: The advisory lock keys: the hub's writers' transactions, and migrations.
 _WRITE_LOCK = 0x6B616368  # "kach"
 _MIGRATION_LOCK = 0x6B667321  # "kfs!"
@@ -129,16 +141,21 @@ class SQLiteDatabase(Database):
         self.connection.execute("BEGIN IMMEDIATE")
         try:
             yield
+            self.connection.execute("COMMIT")
         except BaseException:
-            self.connection.execute("ROLLBACK")
+            if self.connection.in_transaction:  # a COMMIT that failed may leave it open
+                self.connection.execute("ROLLBACK")
             raise
-        self.connection.execute("COMMIT")
 
     def close(self):
         self.connection.close()
 
     def describe(self):
         return str(self.path)
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 @functools.lru_cache(maxsize=1024)
@@ -164,38 +181,60 @@ class PostgresDatabase(Database):
         self.url = url
         self.IntegrityError = self._psycopg.IntegrityError
         self._migrations = migrations
+        self._retry_at = 0.0
         self._conn = self._connect()
         try:
-            migrate_postgres(self._conn, migrations)
+            with self._errors("bringing its tables to this kachery-fs's version"):
+                migrate_postgres(self._conn, migrations)
         except BaseException:
             self._conn.close()
             raise
 
     def _connect(self):
+        options = " ".join(f"-c {name}={int(seconds * 1000)}" for name, seconds in (
+            ("statement_timeout", STATEMENT_TIMEOUT_S), ("lock_timeout", LOCK_TIMEOUT_S),
+            ("idle_in_transaction_session_timeout", IDLE_IN_TRANSACTION_S)))
         try:
             return self._psycopg.connect(
                 self.url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
-                application_name="kachery-fs hub",
-                options=f"-c statement_timeout={int(STATEMENT_TIMEOUT_S * 1000)}")
+                application_name="kachery-fs hub", options=options, **KEEPALIVES)
         except self._psycopg.OperationalError as exc:
+            self._retry_at = time.monotonic() + RECONNECT_PAUSE_S
             raise Unavailable(f"cannot connect to the hub's database {redact(self.url)}:"
-                              f" {str(exc).strip()}", retry_after=5) from None
+                              f" {_first_line(exc)}", retry_after=5) from None
+        except self._psycopg.Error as exc:  # a URL that does not parse, say
+            raise InvalidInput(f"cannot use the hub's database {redact(self.url)}:"
+                               f" {_first_line(exc)}") from None
 
     @property
     def connection(self):
-        """The psycopg connection (opened again if it was lost)."""
+        """The psycopg connection (opened again if it was lost, at most every
+        :data:`RECONNECT_PAUSE_S`)."""
         if self._conn.closed:
+            if time.monotonic() < self._retry_at:
+                raise Unavailable(f"the hub's database {self.describe()} is unreachable",
+                                  retry_after=5)
             log.warning("the connection to %s was lost; opening it again", self.describe())
             self._conn = self._connect()
         return self._conn
 
     @contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self, doing: str | None = None) -> Iterator[None]:
+        """psycopg's errors as the project's: a lost connection, a cancelled statement or
+        a lock not had in time is ``Unavailable`` (nodes retry); with ``doing``, any other
+        is ``InvalidInput`` saying what was being done (a database that is not the hub's,
+        a role without rights)."""
         try:
             yield
-        except self._psycopg.OperationalError as exc:
+        except (self._psycopg.OperationalError, self._psycopg.errors.QueryCanceled,
+                self._psycopg.errors.LockNotAvailable) as exc:
             raise Unavailable(f"the hub's database {self.describe()} failed:"
-                              f" {str(exc).strip()}", retry_after=2) from None
+                              f" {_first_line(exc)}", retry_after=2) from None
+        except self._psycopg.Error as exc:
+            if doing is None:
+                raise
+            raise InvalidInput(f"the hub's database {self.describe()}, {doing}:"
+                               f" {_first_line(exc)}") from None
 
     def execute(self, sql, params=()):
         with self._errors():

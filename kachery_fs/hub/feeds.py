@@ -70,21 +70,24 @@ class FeedIndex:
             + " excluded.message_count",
             (channel, feed_id, subfeed_hash, count, time.time())).rowcount
         if changed:
-            # The count committed rides with the wake-up: the watchers it wakes answer
-            # with it, without reading it again each.
-            self._wakeups.send("f", f"{channel}/{feed_id}/{subfeed_hash}/{count}")
+            self._wakeups.send("f", f"{channel}/{feed_id}/{subfeed_hash}")
             return count
         return self.count(channel, feed_id, subfeed_hash)
 
     def _woken(self, text: str) -> None:
-        channel, feed_id, subfeed_hash, count_text = text.split("/")
-        key = (channel, feed_id, subfeed_hash)
-        count = int(count_text)
-        for watch in self._watches.get(key, ()):
-            # Two counts of one subfeed (from two hub processes): the higher, as counts
-            # only grow; unless one is lower (an owner's repair): then the rows say.
-            seen = watch.changed.get(key, count)
-            watch.changed[key] = None if seen is None or count < seen else count
+        """Subfeed ``channel/feed/subfeed`` has a new count: its row is read once, here,
+        for every watch it wakes (a wake-up says which subfeed, never what its count is:
+        the rows are the truth, whoever sent it)."""
+        parts = text.split("/")
+        if len(parts) != 3:
+            raise ValueError(f"not a subfeed: {text[:100]!r}")
+        key = (parts[0], parts[1], parts[2])
+        watches = self._watches.get(key)
+        if not watches:
+            return
+        count = self.count(*key)
+        for watch in watches:
+            watch.changed[key] = count
             watch.event.set()
 
     def _wake_all(self) -> None:
@@ -123,24 +126,33 @@ class FeedIndex:
             self._watches.setdefault(key, set()).add(watch)
         try:
             deadline = trio.current_time() + min(wait_s, MAX_WATCH_S)
-            while not watch.changed:
+            while True:
                 with trio.move_on_after(min(deadline - trio.current_time(), RECHECK_S)):
                     await watch.event.wait()
-                if watch.changed or trio.current_time() >= deadline:
-                    break
-                # No wake-up for a while: read the rows again (one may have been missed).
-                if updates := beyond(self._counts(channel, positions)):
-                    return updates
+                if watch.changed:
+                    if updates := beyond(self._known(channel, watch.changed)):
+                        return updates
+                    # woken for a count already seen (another process's late wake-up,
+                    # or every watch woken after the listening connection was lost)
+                    watch.changed.clear()
+                    watch.event = trio.Event()
+                elif updates := beyond(self._counts(channel, positions)):
+                    return updates  # no wake-up, but the rows say (one was missed)
+                if trio.current_time() >= deadline:
+                    return []
         finally:
             for key in positions:
                 waiting = self._watches[key]
                 waiting.discard(watch)
                 if not waiting:
                     del self._watches[key]
-        known = {k: n for k, n in watch.changed.items() if n is not None}
-        unknown = [k for k, n in watch.changed.items() if n is None]
+
+    def _known(self, channel: str, changed: dict) -> dict[tuple[str, str, str], int]:
+        """The counts of the subfeeds of a wake-up: as read when it came, else read now."""
+        known = {k: n for k, n in changed.items() if n is not None}
+        unknown = [k for k, n in changed.items() if n is None]
         if len(unknown) > 20:
             known |= self._counts(channel, unknown)
         else:
             known |= {k: self.count(*k) for k in unknown}
-        return beyond(known)
+        return known

@@ -43,7 +43,9 @@ def migrate(source_dir: Path, target_url: str) -> list[Copied]:
         target = HubDB(target_url)
         try:
             assert isinstance(source.database, SQLiteDatabase)
-            return _copy(source.database.connection, target.database)
+            assert isinstance(target.database, PostgresDatabase)
+            with target.database._errors("copying the hub's state"):
+                return _copy(source.database.connection, target.database)
         finally:
             target.close()
     finally:

@@ -40,7 +40,7 @@ from dataclasses import asdict, dataclass, field
 
 import trio
 
-from ..errors import InvalidInput, NotFound
+from ..errors import InvalidInput, NotFound, Unavailable
 from . import storage
 from .wakeups import RECHECK_S, Wakeups
 
@@ -414,13 +414,18 @@ class FileRequests:
                     return req.public()
         with self._db.transaction():
             req = self._load(channel, sha1)
-            if req is None:
-                raise NotFound(f"no request for sha1://{sha1} on channel {channel!r}"
-                               " (it expired: ask again)")
-            if node_id not in req.requesters:
-                req.requesters.append(node_id)
-            req.asked_at = self._clock()
-            self._save(req)
+            if req is not None and (req.state in ACTIVE or version is not None):
+                if node_id not in req.requesters:
+                    req.requesters.append(node_id)
+                req.asked_at = self._clock()
+                self._save(req)
+        if req is None or (version is None and req.state not in ACTIVE):
+            if version is None:
+                # dropped or ended by another hub process since it was read: ask afresh
+                return await self.request(node_id, channel, sha1, version=None,
+                                          wait_s=wait_s)
+            raise NotFound(f"no request for sha1://{sha1} on channel {channel!r}"
+                           " (it expired: ask again)")
         deadline = trio.current_time() + min(max(wait_s, 0.0), MAX_WAIT_S)
         while version is not None and req.version == version and req.state in ACTIVE:
             remaining = deadline - trio.current_time()
@@ -483,9 +488,14 @@ class FileRequests:
             self._drop(req)
 
     async def run(self) -> None:
+        warned_at = -60.0
         while True:
             try:
                 self.tick()
+            except Unavailable as exc:  # the database, for a while: one line a minute
+                if trio.current_time() - warned_at >= 60:
+                    warned_at = trio.current_time()
+                    log.warning("file request bookkeeping paused: %s", exc)
             except Exception:
                 log.exception("file request bookkeeping failed")
             await trio.sleep(0.5)

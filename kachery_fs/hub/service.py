@@ -615,6 +615,9 @@ class Hub:
         if recorded is not None and recorded == actual:  # checked before: not again
             if size != actual:
                 raise self._size_conflict(channel, sha1, size, actual)
+            # A finalize retried after its first try recorded the object and failed (or
+            # its hub process died) before the request was told: tell it now.
+            self.requests.object_finalized(channel, sha1, actual)
             return True
         problem = None
         if backend.can_hash:

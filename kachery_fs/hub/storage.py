@@ -261,8 +261,9 @@ class HubDB:
         return uri
 
     def channels(self) -> list[ChannelRecord]:
-        rows = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels ORDER BY name")
-        return [_channel(r) for r in rows]
+        """Every channel, by name (in code point order, whatever the database's collation)."""
+        rows = self._db.execute(f"SELECT {_CHANNEL_COLS} FROM channels")
+        return sorted((_channel(r) for r in rows), key=lambda c: c.name)
 
     def set_private(self, name: str, private: bool) -> ChannelRecord:
         """Make channel ``name`` private or public; NotFound if there is none."""

@@ -24,9 +24,12 @@ from __future__ import annotations
 import logging
 import secrets
 import threading
+import time
 from collections.abc import Callable
 
 import trio
+
+from .database import KEEPALIVES
 
 log = logging.getLogger(__name__)
 
@@ -80,15 +83,27 @@ class PostgresWakeups(Wakeups):
         (notifications are sent on its connection, inside its transactions)."""
         super().__init__(hub_id)
         self._db = database
+        self._warned_at = -60.0
 
     def send(self, kind: str, key: str) -> None:
         self._dispatch(kind, key)
         self._db.execute("SELECT pg_notify(?, ?)", (CHANNEL, f"{self.hub_id} {kind}{key}"))
 
     def _received(self, payload: str) -> None:
+        """A notification from the database: anyone who may connect to it can send one,
+        so one that is not a wake-up of ours is dropped with a warning (at most one a
+        minute), never allowed to stop the listening."""
         sender, _, message = payload.partition(" ")
-        if sender != self.hub_id and message:
+        if sender == self.hub_id or not message:
+            return
+        try:
             self._dispatch(message[0], message[1:])
+        except Exception as exc:
+            now = time.monotonic()
+            if now - self._warned_at >= 60:
+                self._warned_at = now
+                log.warning("ignored a notification on %s that is not a kachery-fs hub's"
+                            " wake-up (%r: %s)", CHANNEL, payload[:100], exc)
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled; ``task_status.started()`` once the first ``LISTEN`` is
@@ -119,7 +134,8 @@ class PostgresWakeups(Wakeups):
             while not stop.is_set():
                 try:
                     with psycopg.connect(url, autocommit=True, connect_timeout=10,
-                                         application_name="kachery-fs hub (listen)") as conn:
+                                         application_name="kachery-fs hub (listen)",
+                                         **KEEPALIVES) as conn:
                         conn.execute(f"LISTEN {CHANNEL}")
                         if not call(connected):
                             return

@@ -16,15 +16,17 @@ def test_the_hub_load_script_runs_every_phase_on_both_set_ups(tmp_path):
     out = tmp_path / "load.json"
     result = subprocess.run(
         [sys.executable, str(SCRIPT), "--seconds", "1", "--clients", "2", "--polls", "16",
-         "--rounds", "1", "--request-mib", "0.1", "--json", str(out)],
+         "--rounds", "1", "--announce", "4", "--request-mib", "0.1", "--json", str(out)],
         capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout + result.stderr
     figures = json.loads(out.read_text())
     for setup in ("sqlite", "postgresql"):
-        calls, polls, request = (figures[setup][k] for k in ("calls", "polls", "request"))
+        calls, polls, spread, request = (figures[setup][k]
+                                         for k in ("calls", "polls", "spread", "request"))
         assert calls["errors"] == 0 and calls["calls"] > 0, calls
         assert all(calls[kind]["n"] > 0 for kind in ("initiateUpload", "getChannel",
                                                      "feedUpdated")), calls
         assert (polls["woken"], polls["missed"]) == (16, 0), polls
+        assert (spread["announced"], spread["woken"], spread["failed"]) == (4, 4, 0), spread
         assert request["rounds"] == 1 and request["median_ms"] > 0
     assert "| signed calls sustained |" in result.stdout

@@ -185,6 +185,8 @@ def test_a_power_cut_shows_each_name_with_committed_content_or_not_at_all(tmp_pa
         # The simulation lost what a power cut loses: content committed since the last
         # sync is not on the disk whole, though the database names it.
         assert damaged_pending(node), sorted(os.listdir(node / "pending"))
+        # A mountpoint of its own: the killed mount's may still be detaching (lazily).
+        mnt = tmp_path / "mnt-after"
         with mounted(node, mnt):
             ch = mnt / CHANNEL
             assert (ch / "synced.bin").read_bytes() == synced  # fsync(2) returned

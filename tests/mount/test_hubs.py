@@ -116,7 +116,8 @@ def test_a_request_through_one_hub_is_provided_through_the_other(hubs_apart):
 def test_killing_one_of_two_hubs_mid_request_and_mid_upload_loses_nothing(hubs_balanced):
     c = hubs_balanced
     mnt_a, mnt_b = c.base / "mnt-a", c.base / "mnt-b"
-    with mounted(c.a, mnt_a), mounted(c.b, mnt_b):
+    # A's uploads at 16 MB/s: both are surely under way when the hub process dies
+    with mounted(c.a, mnt_a, "--bwlimit", "16M"), mounted(c.b, mnt_b):
         wanted, wanted_data = c.stored_on_a(48 * MiB + 3)
         read: dict = {}
 
@@ -138,6 +139,7 @@ def test_killing_one_of_two_hubs_mid_request_and_mid_upload_loses_nothing(hubs_b
 
         wait_for(lambda: f"request {CH}/{wanted[:12]} accepted by" in logs(), timeout=60,
                  what="A to accept B's request")
+        assert c.in_bucket(wanted) is None and c.in_bucket(written) is None
         c.hubs[0].proc.kill()  # SIGKILL: no goodbye to anyone
         c.hubs[0].proc.wait()
         reader.join(timeout=120)
