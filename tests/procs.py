@@ -153,8 +153,17 @@ class HubProcess:
         return self.hub_dir / "local-bucket" / "kachery"
 
 
+def in_mount_table(path: Path) -> bool:
+    """Whether something is mounted on ``path``, as the kernel's table says: also a FUSE
+    mount whose process died, which ``os.path.ismount`` misses (its stat fails with
+    ENOTCONN, which ismount takes for "not a mount point")."""
+    target = os.path.abspath(path).replace(" ", "\\040")
+    with open("/proc/self/mounts") as mounts:
+        return any(line.split()[1] == target for line in mounts if line.strip())
+
+
 def lazy_unmount(mountpoint: Path) -> None:
-    if os.path.ismount(mountpoint):
+    if os.path.ismount(mountpoint) or in_mount_table(mountpoint):
         subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], capture_output=True)
 
 

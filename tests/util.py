@@ -30,6 +30,7 @@ from .procs import (  # noqa: F401  (the tests import these from here)
     ProcessFailed,
     free_port,
     fuse_unavailable_reason,
+    in_mount_table,
     kfs,
     lazy_unmount,
     node_env,
@@ -96,7 +97,7 @@ def mounted(node_dir: Path, mountpoint: Path, *options: str):
         except subprocess.TimeoutExpired:
             stop_process(proc)
         proc.stderr.close()
-        assert not os.path.ismount(mountpoint)
+        assert not os.path.ismount(mountpoint) and not in_mount_table(mountpoint)
 
 
 def uri_of(data: bytes, name: str) -> str:

@@ -82,6 +82,22 @@ async def member(hubs: TwoHubs, perms=PERMS) -> NodeKey:
     return key
 
 
+async def woken_across(hubs: TwoHubs, watcher: HubClient, feed: str, subfeed: str,
+                       count: int) -> int:
+    """``watcher`` (of hub 0) watches a subfeed; hub 1 sets its count: the count the
+    watch answers with."""
+    answers: list = []
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            answers.append(await watcher.watch_feeds(
+                CH, [{"feedId": feed, "subfeedHash": subfeed, "position": 0}], wait_s=WAIT_S))
+
+        nursery.start_soon(watch)
+        await trio.sleep(0.3)
+        hubs.servers[1].hub.feeds.set_count(CH, feed, subfeed, count)
+    return answers[0]["updates"][0]["messageCount"]
+
+
 async def test_a_nonce_used_on_one_hub_is_refused_by_the_other(hubs):
     owner = hubs.node(hubs.owner, 0)
     envelope = owner.envelope(Request.GET_CHANNEL, {"channel": CH})
@@ -187,17 +203,7 @@ async def test_a_hub_whose_listening_connection_is_cut_listens_again(hubs, caplo
     await until(lambda: caplog.text.count("listening for other hub processes' wake-ups"
                                           " again") == 2, within=WAIT_S, what="the cut")
     assert caplog.text.count("listening for other hub processes' wake-ups failed") == 2
-    feed, subfeed = "ef" * 32, "01" * 20
-    answers: list = []
-    async with trio.open_nursery() as nursery:
-        async def watch():
-            answers.append(await watcher.watch_feeds(
-                CH, [{"feedId": feed, "subfeedHash": subfeed, "position": 0}], wait_s=WAIT_S))
-
-        nursery.start_soon(watch)
-        await trio.sleep(0.3)
-        hubs.servers[1].hub.feeds.set_count(CH, feed, subfeed, 1)
-    assert answers[0]["updates"][0]["messageCount"] == 1
+    assert await woken_across(hubs, watcher, "ef" * 32, "01" * 20, 1) == 1
 
 
 async def test_a_hub_that_lost_its_database_answers_unavailable_and_recovers(hubs):
@@ -231,16 +237,6 @@ async def test_a_notification_that_is_no_wake_up_is_ignored(hubs, caplog):
     with psycopg.connect(hubs.database, autocommit=True) as db:
         for junk in ("x fjunk", "x f/a/b/c/d", "x ", "x zzz", "x r", "x o"):
             db.execute("SELECT pg_notify('kachery_fs_hub', %s)", (junk,))
-    feed, subfeed = "12" * 32, "34" * 20
-    answers: list = []
-    async with trio.open_nursery() as nursery:
-        async def watch():
-            answers.append(await watcher.watch_feeds(
-                CH, [{"feedId": feed, "subfeedHash": subfeed, "position": 0}], wait_s=WAIT_S))
-
-        nursery.start_soon(watch)
-        await trio.sleep(0.3)
-        hubs.servers[1].hub.feeds.set_count(CH, feed, subfeed, 2)
     # the listening went on: the real wake-up came through
-    assert answers[0]["updates"][0]["messageCount"] == 2
+    assert await woken_across(hubs, watcher, "12" * 32, "34" * 20, 2) == 2
     assert "not a kachery-fs hub's wake-up" in caplog.text
