@@ -149,6 +149,9 @@ def test_killing_one_of_two_hubs_mid_request_and_mid_upload_loses_nothing(hubs_b
         wait_for(lambda: xattr(target, "user.kachery.status") == "in bucket", timeout=120,
                  what="A's upload to reach the bucket through the hub that is left")
         assert c.in_bucket(written) == written_data
+        # B read the file by its chunks as they came; the whole object follows them
+        wait_for(lambda: object_key(CH, wanted) in c.fake.objects(BUCKET, f"{CH}/sha1/"),
+                 timeout=120, what="A's upload of the whole requested file")
         assert c.in_bucket(wanted) == wanted_data
         # and what hub 0 knew, hub 1 knows: the upload and the request are on record
         assert kfs(c.b, "cat", f"sha1://{written}").stdout == written_data
