@@ -44,7 +44,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .. import __version__
-from .._sqlite import Migration, Schema
+from .._sqlite import Migration, Schema, statements
 from ..errors import InvalidInput, NewerDatabase, Unavailable
 
 log = logging.getLogger(__name__)
@@ -416,9 +416,8 @@ def migrate_postgres(conn, migrations: Sequence[Migration]) -> None:
             if version == newest:
                 return
             migration = migrations[version]
-            for statement in (s.strip() for s in migration.sql.split(";")):
-                if statement:
-                    conn.execute(statement)
+            for statement in statements(migration.sql):
+                conn.execute(statement)
             conn.execute(_PG_HISTORY)
             conn.execute("INSERT INTO kachery_fs_migrations (version, kachery_fs,"
                          " applied_at) VALUES (%s, %s, %s)",

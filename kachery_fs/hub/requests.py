@@ -138,7 +138,7 @@ class FileRequests:
         self._published_at = -PRESENCE_S
         now = clock()
         with self._db.transaction():
-            live = [r for r in self._all() if r.state in ACTIVE]
+            live = [r for r in self.records() if r.state in ACTIVE]
             # Providers need time to reconnect to a restarted hub: restart the clocks of
             # live requests (which also gives every other hub process's a little more).
             for req in live:
@@ -149,26 +149,20 @@ class FileRequests:
 
     # -- persistence and notification ---------------------------------------------------
 
-    def _load(self, channel: str, sha1: str) -> FileRequest | None:
+    def get(self, channel: str, sha1: str) -> FileRequest | None:
+        """The record of the request for (channel, sha1), if there is one."""
         row = self._db.execute("SELECT record FROM file_requests WHERE channel = ? AND"
                                " sha1 = ?", (channel, sha1)).fetchone()
         return FileRequest(**json.loads(row[0])) if row else None
 
-    def _all(self, channel: str | None = None) -> list[FileRequest]:
+    def records(self, channel: str | None = None) -> list[FileRequest]:
+        """Every request's record (of ``channel``, if given)."""
         if channel is None:
             rows = self._db.execute("SELECT record FROM file_requests")
         else:
             rows = self._db.execute("SELECT record FROM file_requests WHERE channel = ?",
                                     (channel,))
         return [FileRequest(**json.loads(record)) for (record,) in rows]
-
-    def get(self, channel: str, sha1: str) -> FileRequest | None:
-        """The record of the request for (channel, sha1), if there is one."""
-        return self._load(channel, sha1)
-
-    def records(self) -> list[FileRequest]:
-        """Every request's record."""
-        return self._all()
 
     def _save(self, req: FileRequest) -> None:
         self._db.execute("INSERT INTO file_requests (channel, sha1, record) VALUES (?, ?, ?)"
@@ -270,7 +264,7 @@ class FileRequests:
                       if n not in req.tried and n not in req.requesters and self.connected(n)]
         if candidates:
             if load is None:
-                load = self._assignments(self._all())
+                load = self._assignments(self.records())
             random.shuffle(candidates)
             candidates.sort(key=lambda n: load[n])
             req.provider, req.state = candidates[0], "offered"
@@ -309,7 +303,7 @@ class FileRequests:
                     self._offer_pending()
             while True:
                 offers = [{"channel": r.channel, "sha1": r.sha1, "version": r.version}
-                          for r in self._all()
+                          for r in self.records()
                           if r.provider == node_id and r.state == "offered"]
                 remaining = deadline - trio.current_time()
                 if offers or remaining <= 0:
@@ -325,14 +319,14 @@ class FileRequests:
 
     def _offer_pending(self) -> None:
         """(In a transaction.)"""
-        requests = self._all()
+        requests = self.records()
         load = self._assignments(requests)
         for req in requests:
             if req.state == "pending":
                 self._advance(req, load=load)
 
     def _current(self, node_id: str, channel: str, sha1: str) -> FileRequest:
-        req = self._load(channel, sha1)
+        req = self.get(channel, sha1)
         if req is None or req.provider != node_id or req.state not in ("offered", "uploading"):
             raise NotFound(f"no request for sha1://{sha1} on {channel!r} is assigned to this node")
         return req
@@ -377,7 +371,7 @@ class FileRequests:
     def object_finalized(self, channel: str, sha1: str, size: int) -> None:
         """The object is in the bucket (finalized, or found present): finish the request."""
         with self._db.transaction():
-            req = self._load(channel, sha1)
+            req = self.get(channel, sha1)
             if req is not None and req.state in ACTIVE:
                 self._finish(req, size)
 
@@ -393,11 +387,11 @@ class FileRequests:
         """Start or join the request for (channel, sha1), or wait for a change after
         ``version``. Returns the request's public state."""
         key = (channel, sha1)
-        req = self._load(channel, sha1)
+        req = self.get(channel, sha1)
         if version is None and (req is None or req.state not in ACTIVE):
             size = await self._object_size(channel, sha1)
             with self._db.transaction():
-                req = self._load(channel, sha1)  # the await let others in
+                req = self.get(channel, sha1)  # the await let others in
                 if size is not None:
                     if req is not None and req.state in ACTIVE:
                         self._finish(req, size)
@@ -413,7 +407,7 @@ class FileRequests:
                     self._advance(req)
                     return req.public()
         with self._db.transaction():
-            req = self._load(channel, sha1)
+            req = self.get(channel, sha1)
             if req is not None and (req.state in ACTIVE or version is not None):
                 if node_id not in req.requesters:
                     req.requesters.append(node_id)
@@ -434,16 +428,16 @@ class FileRequests:
             event = self._request_changed.setdefault(key, trio.Event())
             with trio.move_on_after(min(remaining, RECHECK_S)):
                 await event.wait()
-            req = self._load(channel, sha1) or req
+            req = self.get(channel, sha1) or req
         return req.public()
 
     def held(self, channel: str) -> set[str]:
         """Hashes on ``channel`` whose object must stay in the bucket: requests that are
         live, or finished recently enough that their requesters may still be fetching."""
-        return {req.sha1 for req in self._all(channel) if req.state != "failed"}
+        return {req.sha1 for req in self.records(channel) if req.state != "failed"}
 
     def requests_of(self, node_id: str) -> list[dict]:
-        return [r.public() for r in self._all()
+        return [r.public() for r in self.records()
                 if node_id in r.requesters or r.provider == node_id]
 
     def permissions_changed(self) -> None:
@@ -459,7 +453,7 @@ class FileRequests:
         if self._db.execute("SELECT 1 FROM file_requests LIMIT 1").fetchone() is None:
             return
         with self._db.transaction():
-            requests = self._all()
+            requests = self.records()
             load = self._assignments(requests)
             for req in requests:
                 self._tick(req, now, load)

@@ -272,7 +272,7 @@ class Hub:
                 f" authorize {channel} {caller.node_id} --add {permission}`")
 
     def _backend(self, channel: str) -> BucketBackend:
-        return self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        return self.buckets.for_uri(self.db.bucket_uri(channel))
 
     @staticmethod
     def _sha1_and_size(body: dict) -> tuple[str, int]:
@@ -791,7 +791,7 @@ class Hub:
                                f" {MAX_FEED_MESSAGE_BYTES} bytes each)")
         if len(sizes) > MAX_FEED_BATCH:
             raise InvalidInput(f"at most {MAX_FEED_BATCH} messages per batch")
-        backend = self.buckets.for_uri(self.db.channel(channel).bucket_uri)
+        backend = self._backend(channel)
         prefix = feed_prefix(channel, feed_id, subfeed_hash)
         # RSA signing costs about 1 ms a URL: a batch is signed off the event loop.
         urls = await trio.to_thread.run_sync(lambda: [
@@ -870,7 +870,7 @@ class Hub:
                 raise InvalidInput("position must be a non-negative integer")
             parsed.append((feed_id, subfeed_hash, position))
         return {"updates": await self.feeds.watch(channel, parsed, check_wait(body)),
-                "bucketBaseUrl": self.buckets.for_uri(self.db.bucket_uri(channel)).base_url()}
+                "bucketBaseUrl": self._backend(channel).base_url()}
 
 
 #: A request's handler: ``handler(hub, caller, body)`` gives the JSON answer, or raises.

@@ -254,7 +254,7 @@ class HubDB:
 
     def bucket_uri(self, name: str) -> str:
         """Channel ``name``'s bucket (NotFound if there is none), remembered: a channel's
-        bucket never changes, and every feed watch answers with it."""
+        bucket never changes, and most hub calls need it."""
         uri = self._bucket_uris.get(name)
         if uri is None:
             uri = self._bucket_uris[name] = self.channel(name).bucket_uri
