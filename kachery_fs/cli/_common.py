@@ -56,16 +56,9 @@ def _input_files(names: list[str], command: str) -> list[Path]:
 
 
 def _pick_channel(node, name: str | None) -> str:
-    channels = [c.name for c in node.db.channels()]
-    if name:
-        node.db.channel(name)  # NotFound with advice
-        return name
-    if len(channels) == 1:
-        return channels[0]
-    if not channels:
-        raise NotFound("this node has joined no channel (see `kachery-fs join HUB_URL CHANNEL`)")
-    raise InvalidInput(f"this node has joined several channels ({', '.join(channels)}):"
-                       " choose one with --channel")
+    from ..api import pick_channel
+
+    return pick_channel(node, name)
 
 
 def _sub(parent, name: str, help: str, description: str | None = None, **kw):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
-from functools import partial
 
 import trio
 
-from ..errors import InvalidInput, KacheryError, NotFound, leaves
+from .. import _systemd
+from ..errors import InvalidInput, KacheryError, leaves
 from ..requester import DEFAULT_STALL_TIMEOUT_S
-from ..uris import format_uri, is_sha1, parse_uri
+from ..uris import parse_uri
 from . import _common
 from ._common import (
     _add_cache_size,
@@ -27,50 +27,52 @@ log = logging.getLogger("kachery_fs")
 async def _put(args) -> int:
     from tqdm import tqdm
 
+    from ..api import store_path
     from ..parts import running
 
     paths = _input_files(args.files, "put")
     node = _common.open_node()
-    uri = None
+    uploading: tuple[str, str] | None = None  # (sha1, uri) of the upload in progress
     try:
         channel = _pick_channel(node, args.channel)
         async with running(node, upload_workers=0, keep_cache=False,
                            bwlimit=args.bwlimit) as parts:
             for path in paths:
-                uri = None
-                with tqdm(total=path.stat().st_size, unit="B", unit_scale=True,
-                          desc=f"hashing {path.name}", disable=args.quiet or None,
-                          file=sys.stderr) as bar:
-                    sha1, size, manifest = await trio.to_thread.run_sync(
-                        partial(node.store.add_file_with_manifest, path, progress=bar.update))
-                uri = format_uri(sha1, path.name,
-                                 manifest=manifest.hash if manifest is not None else None)
-                with tqdm(total=size, unit="B", unit_scale=True, desc=f"uploading {path.name}",
-                          disable=args.quiet or None, file=sys.stderr) as bar:
-                    def progress(committed: int, bar=bar) -> None:
-                        bar.update(committed - bar.n)
-                    try:
-                        # (A manifest goes up first, with the file's finalize: the uploader.)
-                        await parts.uploader.upload_now(channel, sha1, size,
-                                                        on_progress=progress, retry=False)
-                    except KacheryError as exc:
-                        up = node.db.upload(channel, sha1)
-                        if up is not None and up.state == "failed":
-                            raise  # refused: retrying would not help
-                        # Transient (hub or bucket unreachable...): the upload stays queued.
-                        raise KacheryError(
-                            f"{path}: {exc}; the upload of {uri} stays queued: run this"
-                            " `kachery-fs put` again to resume it, or the next `kachery-fs"
-                            " mount` or `kachery-fs serve` finishes it") from None
+                size = path.stat().st_size
+                bars = [tqdm(total=size, unit="B", unit_scale=True, desc=f"hashing {path.name}",
+                             disable=args.quiet or None, file=sys.stderr)]
+
+                def stored(sha1: str, uri: str, path=path, size=size, bars=bars) -> None:
+                    nonlocal uploading
+                    uploading = (sha1, uri)
+                    bars[0].close()
+                    bars[0] = tqdm(total=size, unit="B", unit_scale=True,
+                                   desc=f"uploading {path.name}", disable=args.quiet or None,
+                                   file=sys.stderr)
+
+                def hashed(n: int, bars=bars) -> None:
+                    bars[0].update(n)
+
+                def sent(committed: int, bars=bars) -> None:
+                    bars[0].update(committed - bars[0].n)
+
+                try:
+                    uri = await store_path(parts, path, channel=channel,
+                                           hashed=hashed,
+                                           sent=sent, stored=stored,
+                                           again="run this `kachery-fs put` again")
+                finally:
+                    bars[0].close()
                 print(uri)
-                uri = None
+                uploading = None
     except BaseException as exc:
-        if uri is not None and any(isinstance(e, KeyboardInterrupt) for e in leaves(exc)):
+        if uploading is not None and any(isinstance(e, KeyboardInterrupt) for e in leaves(exc)):
+            sha1, uri = uploading
             up = node.db.upload(channel, sha1)
-            sent = f" ({up.committed * 100 // max(up.size, 1)}% sent)" if up else ""
-            print(f"kachery-fs: interrupted; the upload of {uri} stays queued{sent}: run this"
-                  " `kachery-fs put` again to resume it, or the next `kachery-fs mount` or"
-                  " `kachery-fs serve` finishes it", file=sys.stderr)
+            sent_part = f" ({up.committed * 100 // max(up.size, 1)}% sent)" if up else ""
+            print(f"kachery-fs: interrupted; the upload of {uri} stays queued{sent_part}: run"
+                  " this `kachery-fs put` again to resume it, or the next `kachery-fs mount`"
+                  " or `kachery-fs serve` finishes it", file=sys.stderr)
         raise
     finally:
         await node.aclose()
@@ -78,12 +80,11 @@ async def _put(args) -> int:
 
 
 async def _cat(args) -> int:
+    from ..api import open_uri
     from ..parts import running
 
     uri = parse_uri(args.uri)
-    manifest = uri.query.get("manifest")
-    if manifest is not None and not is_sha1(manifest):
-        raise InvalidInput(f"manifest={manifest!r} in {args.uri!r} is not a SHA-1 hash")
+    uri.manifest  # noqa: B018 (checked before anything is opened)
     node = _common.open_node(create=True)
     try:
         _apply_cache_size(node, args)
@@ -94,9 +95,7 @@ async def _cat(args) -> int:
                            strict=args.strict) as parts:
             # Read by chunk (?manifest=), each chunk is verified before it is written out,
             # and the whole file's SHA-1 before its last chunk is.
-            content = await _open_content(parts.resolver, uri.sha1, [args.channel] if args.channel
-                                          else [c.name for c in node.channels.all()],
-                                          manifest=manifest and manifest.lower())
+            content = await open_uri(parts, uri, channel=args.channel)
             try:
                 out = sys.stdout.buffer
                 offset = 0
@@ -115,26 +114,6 @@ async def _cat(args) -> int:
     return 0
 
 
-async def _open_content(resolver, sha1: str, channels: list[str], *,
-                        manifest: str | None = None):
-    """The verified content of ``sha1``: from this machine, else through the first of
-    ``channels`` that can get it (the mount's read path: bucket, then a request); by
-    chunk through ``manifest`` when the URI names one."""
-    content = await resolver.open_here(sha1)
-    if content is not None:
-        return content
-    if not channels:
-        raise NotFound(f"sha1://{sha1} is neither in the local store nor in a kachery store"
-                       " on this machine, and this node has joined no channel to look in")
-    errors = []
-    for channel in channels:
-        try:
-            return await resolver.open(channel, sha1, manifest=manifest)
-        except KacheryError as exc:
-            errors.append(f"{channel}: {exc}")
-    raise NotFound(f"could not get sha1://{sha1}: {'; '.join(errors)}")
-
-
 async def _serve(args) -> int:
     from ..parts import running
 
@@ -148,6 +127,7 @@ async def _serve(args) -> int:
             print(f"kachery-fs serving files of node {node.node_id} on request"
                   f" (channels: {', '.join(c.name for c in node.channels.all())}); Ctrl-C"
                   " stops", file=sys.stderr, flush=True)
+            _systemd.notify("READY=1")
             await trio.sleep_forever()
     finally:
         await node.aclose()

@@ -166,6 +166,13 @@ def test_bad_private_pem(text):
     (f"sha1://{HELLO}?label=a%20b.txt", "a b.txt"),
     (f"sha1://{HELLO}/x/y.bin?manifest={'0' * 40}", "y.bin"),
     (f"  sha1://{HELLO}\n", None),
+    (f"sha1://{HELLO}/a%20b.txt", "a b.txt"),
+    # kachery 2: kachery:<zone>:sha1:<hash>[:<URL-quoted label>]; its default zone is ""
+    (f"kachery::sha1:{HELLO}:test_content.txt", "test_content.txt"),
+    (f"kachery:scratch:sha1:{HELLO}", None),
+    (f"kachery:scratch:sha1:{HELLO}:", None),
+    (f"KACHERY:scratch:SHA1:{HELLO.upper()}:a%20b%3Ac.txt", "a b:c.txt"),
+    (f"kachery::sha1:{HELLO}:a:b", "a:b"),
 ])
 def test_parse_uri_is_lenient(text, label):
     uri = parse_uri(text)
@@ -174,10 +181,27 @@ def test_parse_uri_is_lenient(text, label):
 
 
 @pytest.mark.parametrize("text", ["", "sha1://", f"sha1://{HELLO[:-1]}", f"md5://{HELLO}",
-                                  "sha1://" + "g" * 40, f"feed://{HELLO}", HELLO + "0"])
+                                  "sha1://" + "g" * 40, f"feed://{HELLO}", HELLO + "0",
+                                  "kachery:", "kachery:z:sha1", f"kachery::md5:{HELLO}",
+                                  f"kachery::sha1:{HELLO[:-1]}", f"kachery:sha1:{HELLO}",
+                                  f"kachery-feed://{HELLO}"])
 def test_parse_uri_rejects(text):
     with pytest.raises(InvalidInput):
         parse_uri(text)
+
+
+def test_kachery2_uris_keep_their_zone_and_are_read_by_hash():
+    uri = parse_uri(f"kachery:scratch:sha1:{HELLO}:x.txt")
+    assert (uri.zone, uri.sha1, uri.manifest) == ("scratch", HELLO, None)
+    assert str(uri) == f"sha1://{HELLO}?label=x.txt"
+    assert parse_uri(f"kachery::sha1:{HELLO}").zone == ""
+    assert parse_uri(f"sha1://{HELLO}").zone is None
+
+
+def test_a_manifest_in_a_uri_is_checked():
+    assert parse_uri(f"sha1://{HELLO}?manifest={HELLO.upper()}").manifest == HELLO
+    with pytest.raises(InvalidInput, match="manifest="):
+        parse_uri(f"sha1://{HELLO}?manifest=xyz").manifest  # noqa: B018
 
 
 def test_format_uri():
