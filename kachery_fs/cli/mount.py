@@ -76,7 +76,8 @@ async def _mount_foreground(args) -> int:
         _apply_cache_size(node, args)
         await run_mount(node, mountpoint, allow_other=args.allow_other,
                         debug=args.debug_fuse, request_timeout=args.request_timeout,
-                        bwlimit=args.bwlimit, strict=args.strict)
+                        bwlimit=args.bwlimit, strict=args.strict,
+                        read_only=args.read_only)
     finally:
         await node.aclose()
     _check_unmounted(mountpoint)
@@ -141,9 +142,11 @@ def _mount_entries(path: Path) -> list[tuple[str, str]]:
 
 def _is_kachery_mount(entry: tuple[str, str]) -> bool:
     """Whether a mountinfo entry is ours: fs/mount.py mounts with ``fsname=kachery-fs``
-    and ``subtype=kachery``, which the kernel shows as type ``fuse.kachery``."""
+    and ``subtype=kachery-fs``, which the kernel shows as type ``fuse.kachery-fs`` (the
+    type of an fstab line); mounts of earlier versions had ``fuse.kachery``."""
     fstype, source = entry
-    return fstype == "fuse.kachery" or (fstype.startswith("fuse") and source == "kachery-fs")
+    return (fstype in ("fuse.kachery-fs", "fuse.kachery")
+            or (fstype.startswith("fuse") and source == "kachery-fs"))
 
 
 def cmd_umount(args) -> int:
@@ -271,6 +274,9 @@ MOUNT_OPTIONS = (
     Option("--allow-other", "let other users see the mount (needs user_allow_other in"
            " /etc/fuse.conf)"),
     Option("--debug-fuse", "libfuse debug output"),
+    Option("--read-only", "change nothing: writes, renames and removals get EROFS, no"
+           " uploads (queued ones wait for a mount without it), no answers to other nodes'"
+           " file requests, no feed appends"),
     Option("--strict", "serve no byte of a file before the whole file is fetched and"
            " verified against its SHA-1: no reads by chunk of large files (a first read of"
            " a cold 2 GB file then waits for all of it)"),

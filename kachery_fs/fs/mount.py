@@ -68,30 +68,44 @@ def one_mount_per_node(node_dir: Path, mountpoint: Path):
 async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     debug: bool = False, request_timeout: float = DEFAULT_STALL_TIMEOUT_S,
                     bwlimit: float | None = None, strict: bool = False,
+                    read_only: bool = False,
                     also: Callable[[trio.Nursery], Awaitable[None]] | None = None,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled."""
+    """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled.
+
+    ``read_only``: a ``ro`` mount that changes nothing anywhere: no writes (``EROFS``),
+    no uploads (the queue waits for a mount that may write), no answers to other nodes'
+    file requests (they would be uploads), no feed appends or publications."""
     mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
     with one_mount_per_node(node.dir, mountpoint):
         await _serve(node, mountpoint, allow_other=allow_other, debug=debug,
                      request_timeout=request_timeout, bwlimit=bwlimit, strict=strict,
-                     also=also, task_status=task_status)
+                     read_only=read_only, also=also, task_status=task_status)
 
 
 async def _serve(node: Node, mountpoint: Path, *, allow_other: bool, debug: bool,
                  request_timeout: float, bwlimit: float | None, strict: bool,
+                 read_only: bool,
                  also: Callable[[trio.Nursery], Awaitable[None]] | None,
                  task_status) -> None:
-    async with running(node, provide=True, feeds=True, bwlimit=bwlimit,
+    async with running(node, provide=not read_only, feeds=True, bwlimit=bwlimit,
+                       upload_workers=0 if read_only else 2,
                        request_timeout=request_timeout, strict=strict) as parts:
         nursery = parts.nursery
         nursery.start_soon(partial(status.keep_written, node, provider=parts.provider,
                                    resolver=parts.resolver, mountpoint=str(mountpoint)))
-        ops = operations(parts)
+        ops = operations(parts, read_only=read_only)
         options = set(pyfuse3.default_options)
+        if read_only:
+            options.add("ro")
+            waiting = sum(n for state, n in node.db.upload_counts().items() if state != "done")
+            log.warning("mounting read-only (--read-only): changes get EROFS; no uploads"
+                        "%s, no answers to file requests, no feed appends",
+                        f" ({waiting} queued wait for a mount that may write)" if waiting
+                        else "")
         options.add("fsname=kachery-fs")
-        options.add("subtype=kachery")
+        options.add("subtype=kachery-fs")  # type fuse.kachery-fs, as in /etc/fstab
         options.add("default_permissions")
         if allow_other:
             options.add("allow_other")
@@ -118,16 +132,18 @@ async def _serve(node: Node, mountpoint: Path, *, allow_other: bool, debug: bool
             pyfuse3.close(unmount=True)
 
 
-def operations(parts: Parts) -> Operations:
-    """The FUSE handlers over a node's running parts (as a mount serves them)."""
+def operations(parts: Parts, *, read_only: bool = False) -> Operations:
+    """The FUSE handlers over a node's running parts (as a mount serves them); those of
+    a read-only mount publish none of the feed messages that wait to be."""
     node = parts.node
     ops = Operations(node.db, node.store, node.channels, parts.resolver, parts.uploader,
                      nursery=parts.nursery, feeds=parts.feeds,
                      snapshot=partial(status.collect, node, provider=parts.provider,
-                                      resolver=parts.resolver))
+                                      resolver=parts.resolver), read_only=read_only)
     if parts.feeds is not None:
         parts.feeds.on_grow = ops.feed_grew
-        parts.feeds.resume_publishing()
+        if not read_only:
+            parts.feeds.resume_publishing()
     return ops
 
 

@@ -80,10 +80,13 @@ class Operations(pyfuse3.Operations):
 
     def __init__(self, db: NodeDB, store: Store, channels: Channels, resolver: Resolver,
                  uploader: Uploader, *, nursery: trio.Nursery, feeds: FeedFiles | None = None,
-                 snapshot: Callable[[], dict] | None = None):
+                 snapshot: Callable[[], dict] | None = None, read_only: bool = False):
         """``snapshot()`` is the node's activity (:func:`kachery_fs.status.collect`), shown
-        as a channel directory's ``user.kachery.status``; without it there is none."""
+        as a channel directory's ``user.kachery.status``; without it there is none.
+        ``read_only``: every change is refused with ``EROFS`` (the kernel refuses them
+        first, the mount being ``ro``: this is the second line)."""
         super().__init__()
+        self.read_only = read_only
         self.db = db
         self.store = store
         self.channels = channels
@@ -109,6 +112,13 @@ class Operations(pyfuse3.Operations):
         self._handles: dict[int, Handle | DirHandle] = {}
         self._next_fh = 1
         self._start_ns = time.time_ns()
+
+    def _writable(self, operation: str) -> None:
+        """Raise ReadOnly (``EROFS``, logged by :func:`fuse_errors` as every refusal is)
+        for a change on a read-only mount."""
+        if self.read_only:
+            raise ReadOnly(f"refused a {operation}: this mount is read-only (--read-only);"
+                           " mount without it to write")
 
     # -- attributes -------------------------------------------------------------------
 
@@ -188,6 +198,7 @@ class Operations(pyfuse3.Operations):
 
     async def setattr(self, inode, attr, fields, fh, ctx):
         with fuse_errors("setattr"):
+            self._writable("setattr")
             self.durability.committed()
             vnode = self.ns.vnode(inode)
             if not isinstance(vnode, UserInode):
@@ -271,6 +282,7 @@ class Operations(pyfuse3.Operations):
 
     async def mkdir(self, parent_inode, name, mode, ctx):
         with fuse_errors("mkdir"):
+            self._writable("mkdir")
             row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
                                mode=stat.S_IFDIR | (mode & ~ctx.umask & 0o7777),
                                uid=ctx.uid, gid=ctx.gid)
@@ -278,6 +290,7 @@ class Operations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
         with fuse_errors("mknod"):
+            self._writable("mknod")
             kind = stat.S_IFMT(mode) or stat.S_IFREG
             if kind == stat.S_IFDIR:
                 raise InvalidInput("mknod makes no directories (mkdir does)")
@@ -293,6 +306,7 @@ class Operations(pyfuse3.Operations):
 
     async def symlink(self, parent_inode, name, target, ctx):
         with fuse_errors("symlink"):
+            self._writable("symlink")
             row = self.ns.make(self.ns.vnode(parent_inode), os.fsdecode(name),
                                mode=stat.S_IFLNK | 0o777, uid=ctx.uid, gid=ctx.gid,
                                target=bytes(target))
@@ -300,20 +314,24 @@ class Operations(pyfuse3.Operations):
 
     async def link(self, inode, new_parent_inode, new_name, ctx):
         with fuse_errors("link"):
+            self._writable("link")
             row = self.ns.link(self.ns.vnode(inode), self.ns.vnode(new_parent_inode),
                                os.fsdecode(new_name))
             return self._entry_of(row)
 
     async def rmdir(self, parent_inode, name, ctx):
         with fuse_errors("rmdir"):
+            self._writable("rmdir")
             self.ns.rmdir(self.ns.vnode(parent_inode), os.fsdecode(name))
 
     async def unlink(self, parent_inode, name, ctx):
         with fuse_errors("unlink"):
+            self._writable("unlink")
             self.ns.unlink(self.ns.vnode(parent_inode), os.fsdecode(name))
 
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
         with fuse_errors("rename"):
+            self._writable("rename")
             if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):  # RENAME_WHITEOUT: overlayfs's
                 raise InvalidInput(f"rename flags {flags:#x} are not supported")
             old_parent, new_parent = self.ns.vnode(parent_inode_old), self.ns.vnode(parent_inode_new)
@@ -365,6 +383,7 @@ class Operations(pyfuse3.Operations):
 
     async def create(self, parent_inode, name, mode, flags, ctx):
         with fuse_errors("create"):
+            self._writable("create")
             parent = self.ns.vnode(parent_inode)
             text = os.fsdecode(name)
             if isinstance(parent, FeedDir):  # a new subfeed, by appending to it
@@ -392,6 +411,8 @@ class Operations(pyfuse3.Operations):
         with fuse_errors("open"):
             vnode = self.ns.vnode(inode)
             accmode = flags & os.O_ACCMODE
+            if accmode != os.O_RDONLY or flags & os.O_TRUNC:
+                self._writable("open to write")
             if isinstance(vnode, HashFile):
                 if accmode != os.O_RDONLY:
                     raise ReadOnly("content under sha1/ is read-only")
@@ -531,6 +552,7 @@ class Operations(pyfuse3.Operations):
 
     async def write(self, fh, off, buf):
         with fuse_errors("write"):
+            self._writable("write")
             handle = self._handles[fh]
             assert isinstance(handle, Handle)  # the kernel writes files only
             if handle.pending is not None:  # appending to a subfeed: whole lines only
