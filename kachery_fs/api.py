@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import metrics
 from .config import node_dir as default_node_dir
 from .errors import InvalidInput, KacheryError, NotFound
 from .requester import DEFAULT_STALL_TIMEOUT_S
@@ -85,8 +86,9 @@ async def open_uri(parts: Parts, uri: ContentUri, *, channel: str | None = None)
     raise NotFound(f"could not get sha1://{uri.sha1}: {'; '.join(errors)}")
 
 
-async def read_range(content: Content, start: int, end: int) -> bytes:
-    """Bytes ``[start, end)`` of ``content`` (clipped to its size), read whole."""
+async def read_range(content: Content, start: int, end: int, *, via: str = "api") -> bytes:
+    """Bytes ``[start, end)`` of ``content`` (clipped to its size), read whole; counted
+    as served ``via`` (a metrics label)."""
     end = min(end, content.size)
     pieces = []
     offset = start
@@ -96,6 +98,7 @@ async def read_range(content: Content, start: int, end: int) -> bytes:
             raise KacheryError(f"content ended at byte {offset} of {content.size}")
         pieces.append(piece)
         offset += len(piece)
+        metrics.SERVED_BYTES.labels(via).inc(len(piece))
     return b"".join(pieces)
 
 

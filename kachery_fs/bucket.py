@@ -37,6 +37,7 @@ from typing import Literal
 import httpx
 import trio
 
+from . import metrics
 from ._http import check_response, error_for_exception, error_for_response
 from .errors import (
     DeadlineExceeded,
@@ -269,8 +270,10 @@ class Download:
             raise DeadlineExceeded(f"download of sha1://{self.sha1} from {self.url} made no"
                                    f" progress for {self.stall_timeout:g} s")
         if digest != self.sha1:
+            metrics.REFUSED_BYTES.labels("sha1").inc(self.size)
             raise IntegrityError(
                 f"bucket object {self.url} hashes to {digest}, not {self.sha1}; not cached")
+        metrics.VERIFIED_BYTES.labels("whole").inc(self.size)
         # Verified: readers may have it now, from the temp file's descriptor, while it is
         # made durable (fsync) and renamed into the store, which can take a while on a
         # slow disk (no deadline: that is local work, and it is not waited for).
@@ -293,6 +296,7 @@ class Download:
                 async for index in todo:
                     start, end = ranges[index]
                     data = await self._fetch_with_retry(start, end)
+                    metrics.FETCHED_BYTES.labels("whole").inc(len(data))
                     await trio.to_thread.run_sync(os.pwrite, self.fd, data, start)
                     buffers[index] = data
                     landed[index].set()

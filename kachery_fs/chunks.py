@@ -44,6 +44,7 @@ from typing import Any, Protocol
 
 import trio
 
+from . import metrics
 from .errors import DeadlineExceeded, IntegrityError, KacheryError, NotFound
 from .manifest import Manifest
 from .partial import PartialFile
@@ -429,6 +430,7 @@ class ChunkedContent:
         (and ``on_bad_chunk`` is told)."""
         if not await self._matches(i, data):
             chunk = self.manifest.chunks[i]
+            metrics.REFUSED_BYTES.labels("chunk").inc(len(data))
             error = IntegrityError(
                 f"chunk {i} (bytes {chunk.start:,}-{chunk.end - 1:,}) of"
                 f" sha1://{self.manifest.sha1} does not match its SHA-1 in the manifest"
@@ -436,6 +438,7 @@ class ChunkedContent:
             if self._on_bad_chunk is not None:
                 self._on_bad_chunk(error)
             raise error
+        metrics.VERIFIED_BYTES.labels("chunk").inc(len(data))
         self.fetched += 1
 
     async def _store(self, i: int, data: bytes | memoryview) -> bytes | None:
@@ -463,7 +466,9 @@ class ChunkedContent:
             def progressed(_n: int) -> None:
                 scope.deadline = trio.current_time() + STALL_TIMEOUT_S
 
-            return await self._ranges.read_into(url, start, end, into, on_data=progressed)
+            data = await self._ranges.read_into(url, start, end, into, on_data=progressed)
+            metrics.FETCHED_BYTES.labels("chunk").inc(len(data))
+            return data
         raise DeadlineExceeded(f"GET {url} bytes {start}-{end - 1}: nothing arrived for"
                                f" {STALL_TIMEOUT_S:.0f} s")
 
@@ -558,6 +563,7 @@ class ChunkedContent:
     async def _finish_whole(self) -> None:
         actual = self._whole.hexdigest()
         if actual != self.manifest.sha1:
+            metrics.REFUSED_BYTES.labels("manifest").inc(self.size)
             self._lie = IntegrityError(
                 f"the chunks of manifest sha1://{self.manifest.hash} each matched, but"
                 f" together they are sha1://{actual}, not sha1://{self.manifest.sha1}: the"

@@ -23,9 +23,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from functools import partial
 
 import trio
 
+from . import metrics, status
 from .feeds import FeedFiles, FeedStore
 from .node import Node
 from .provider import Provider
@@ -84,7 +86,17 @@ async def start(node: Node, nursery: trio.Nursery, *, provide: bool = False,
     if feeds:
         parts.feeds = FeedFiles(node.channels, node.db, FeedStore.for_node(node.dir),
                                 node.client, nursery, urls=node.urls)
+    nursery.start_soon(metrics.keep_node_gauges, partial(metrics_snapshot, parts))
     return parts
+
+
+def metrics_snapshot(parts: Parts) -> dict:
+    """What the node's gauges show (:mod:`kachery_fs.metrics`): ``status``'s snapshot,
+    with the uploads in flight and the long-polls held."""
+    snapshot = status.collect(parts.node, provider=parts.provider, resolver=parts.resolver)
+    listening = sum(1 for conn in snapshot["hubs"].values() if conn["state"] == "connected")
+    return {**snapshot, "uploadsInFlight": parts.uploader.in_flight,
+            "longPolls": len(snapshot["requests"]) + listening}
 
 
 @asynccontextmanager

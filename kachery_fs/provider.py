@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import trio
 
 from . import manifest as manifest_module
+from . import metrics
 from .channels import Channels
 from .errors import IntegrityError, KacheryError, NotFound, PermissionDenied
 from .manifest import Manifest
@@ -172,7 +173,9 @@ class Provider:
                     if manifest is not None:
                         await self._stream_chunks(channel, sha1, manifest)
                     await self.uploader.upload_now(channel, sha1, size, on_progress=on_progress)
+                    metrics.PROVIDED.labels("uploaded").inc()
                 except KacheryError as exc:
+                    metrics.PROVIDED.labels("failed").inc()
                     log.warning("could not provide sha1://%s to %s: %s", sha1, channel, exc)
                     await hub.answer_request(channel, sha1, accept=False, reason=str(exc)[:300])
                 nursery.cancel_scope.cancel()

@@ -29,6 +29,7 @@ from functools import partial
 
 import trio
 
+from . import metrics
 from .channels import Channels
 from .errors import (
     DeadlineExceeded,
@@ -106,8 +107,10 @@ class FileRequest:
         """Follow the request to its end; never raises (see :attr:`error`)."""
         try:
             self.size = await self._follow()
+            metrics.FILE_REQUESTS.labels("done").inc()
             log.info("sha1://%s is in the bucket of %s (requested)", self.sha1, self.channel)
         except KacheryError as exc:
+            metrics.FILE_REQUESTS.labels("failed").inc()
             self.error = exc
             log.info("request for sha1://%s on channel %s failed: %s", self.sha1,
                         self.channel, exc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
@@ -31,6 +32,7 @@ import trio
 from cachetools import TTLCache
 
 from . import manifest as manifest_module
+from . import metrics
 from .bucket import EMPTY_SHA1, Download, head_size
 from .cache import MANIFEST_HERE, vouched_by_hub
 from .channels import Channels
@@ -98,6 +100,7 @@ class DownloadContent(Content):
                  reopen: Callable[[], Awaitable[Content]] | None = None):
         self.download: Download | None = download
         self.size = download.size
+        self._opened: float | None = time.monotonic()  # until the first byte: its latency
         self._reopen = reopen
         self._reopening = trio.Lock()  # concurrent reads of one handle reopen once
         self._instead: Content | None = None
@@ -129,6 +132,9 @@ class DownloadContent(Content):
                     self._instead = instead
                     self._release()
             return await self._instead.read(offset, size)
+        if self._opened is not None:
+            metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - self._opened)
+            self._opened = None
         # No checkpoint since the wait: another read of this handle cannot have replaced
         # the download meanwhile (it would first have to fetch the replacement).
         return os.pread(download.fd, end - offset, offset)
@@ -155,9 +161,14 @@ class SharedChunks(Content):
         self.chunked = chunked
         self.size = chunked.size
         self._release: Callable[[], None] | None = release
+        self._opened: float | None = time.monotonic()  # until the first byte: its latency
 
     async def read(self, offset: int, size: int) -> bytes:
-        return await self.chunked.read(offset, size)
+        data = await self.chunked.read(offset, size)
+        if self._opened is not None and data:
+            metrics.FIRST_BYTE_SECONDS.observe(time.monotonic() - self._opened)
+            self._opened = None
+        return data
 
     def close(self) -> None:
         release, self._release = self._release, None
@@ -309,7 +320,15 @@ class Resolver:
         a manifest the caller trusts for this file."""
         local = self._open_local(sha1)  # whole and verified: nothing to decide
         if local is not None:
+            metrics.STORE_LOOKUPS.labels("hit").inc()
             return local
+        content = await self._open_fetched(channel, sha1, manifest)
+        # A kachery store on this machine counts as a hit: nothing was fetched.
+        metrics.STORE_LOOKUPS.labels(
+            "hit" if isinstance(content, LocalContent) else "miss").inc()
+        return content
+
+    async def _open_fetched(self, channel: str, sha1: str, manifest: str | None) -> Content:
         trusted = self._trusted_manifest(channel, sha1, manifest)
         if trusted is not None and sha1 not in self._downloads:
             found = await self._manifest_or_none(channel, sha1, trusted,
@@ -365,6 +384,8 @@ class Resolver:
         local = self._open_local(sha1)
         if local is None and await self._copy_from_sources(sha1) is not None:
             local = self._open_local(sha1)
+        if local is not None:
+            metrics.STORE_LOOKUPS.labels("hit").inc()
         return local
 
     # -- reads by chunk ----------------------------------------------------------------

@@ -30,7 +30,7 @@ import httpx
 import trio
 
 from . import manifest as manifest_module
-from . import resumable
+from . import metrics, resumable
 from .cache import MANIFEST_HERE
 from .channels import Channels
 from .errors import (
@@ -246,22 +246,26 @@ class Uploader:
         try:
             await self._attempt(job)
             self.db.update_upload(job.channel, job.sha1, state="done", error=None)
+            metrics.UPLOADS_ENDED.labels("done").inc()
             log.info("sha1://%s is in the bucket of %s", job.sha1, job.channel)
             return None
         except CorruptLocalFile as exc:
             self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+            metrics.UPLOADS_ENDED.labels("failed").inc()
             log.log(level, "upload of sha1://%s to %s abandoned: %s; removing the bad copy"
                     " from the local store", job.sha1, job.channel, exc)
             self.store.delete(job.sha1)
             return None
         except (PermissionDenied, InvalidInput) as exc:
             self.db.update_upload(job.channel, job.sha1, state="failed", error=str(exc))
+            metrics.UPLOADS_ENDED.labels("failed").inc()
             log.log(level, "upload of sha1://%s to %s refused: %s", job.sha1, job.channel, exc)
             return None
         except NotFound as exc:
             if not self.store.has(job.sha1):
                 self.db.update_upload(job.channel, job.sha1, state="failed",
                                       error="the file is no longer in the local store")
+                metrics.UPLOADS_ENDED.labels("failed").inc()
                 return None
             err: KacheryError = exc
         except IntegrityError as exc:
@@ -275,6 +279,11 @@ class Uploader:
         attempts = (recorded.attempts or 0) + 1
         self.db.update_upload(job.channel, job.sha1, error=str(err), attempts=attempts)
         return err
+
+    @property
+    def in_flight(self) -> int:
+        """How many uploads are being sent now."""
+        return len(self._active)
 
     async def upload_now(self, channel: str, sha1: str, size: int, *,
                          on_progress: Callable[[int], None] | None = None,
@@ -375,7 +384,11 @@ class Uploader:
 
         key = (job.channel, job.sha1)
 
+        sent = [offset]
+
         def on_progress(committed: int) -> None:
+            metrics.UPLOADED_BYTES.inc(max(0, committed - sent[0]))
+            sent[0] = committed
             self._progress[key] = committed
             db.update_upload(job.channel, job.sha1, committed=committed)
             listener = self._listeners.get(key)

@@ -392,3 +392,18 @@ def make_entry(db, channel: str, parent: int, name: str, *, is_dir: bool, mode: 
     if sha1 is not None:
         db.set_content(row.id, sha1, size)
     return db.inode(row.id)
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of the metrics at ``http://127.0.0.1:PORT/metrics`` (``--metrics``):
+    (name, sorted labels) -> value."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def metric(samples, name: str, **labels: str) -> float:
+    """One sample of :func:`scrape`'s, 0 when absent."""
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

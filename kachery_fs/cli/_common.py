@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import textwrap
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..config import DEFAULT_HUB_PORT, node_dir
@@ -111,6 +112,38 @@ def _port(text: str) -> int:
         raise argparse.ArgumentTypeError(f"port {port} is out of range: choose one from 0 to"
                                          " 65535 (0 picks a free one)")
     return port
+
+
+METRICS_HELP = ("serve Prometheus metrics at http://ADDR:PORT/metrics (PORT alone: on"
+                " 127.0.0.1; see the README's table of metrics)")
+
+
+def _metrics_address(text: str) -> str:
+    from ..metrics import parse_address
+
+    try:
+        parse_address(text)
+    except InvalidInput as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def add_metrics(parser) -> None:
+    parser.add_argument("--metrics", type=_metrics_address, metavar="ADDR:PORT",
+                        help=METRICS_HELP)
+
+
+@contextmanager
+def serving_metrics(address: str | None):
+    """The metrics server of ``--metrics ADDRESS`` (none without it) for the block."""
+    from ..metrics import serve
+
+    server = serve(address)
+    try:
+        yield server
+    finally:
+        if server is not None:
+            server.close()
 
 
 def _rate(text: str) -> float:

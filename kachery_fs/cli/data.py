@@ -19,6 +19,7 @@ from ._common import (
     _pick_channel,
     _rate,
     _sub,
+    add_metrics,
 )
 
 log = logging.getLogger("kachery_fs")
@@ -80,6 +81,7 @@ async def _put(args) -> int:
 
 
 async def _cat(args) -> int:
+    from .. import metrics
     from ..api import open_uri
     from ..parts import running
 
@@ -106,6 +108,7 @@ async def _cat(args) -> int:
                                            f" {content.size}")
                     out.write(chunk)
                     offset += len(chunk)
+                    metrics.SERVED_BYTES.labels("cat").inc(len(chunk))
                 out.flush()
             finally:
                 content.close()
@@ -115,23 +118,29 @@ async def _cat(args) -> int:
 
 
 async def _serve(args) -> int:
-    from ..parts import running
-
     node = _common.open_node()
     try:
         _apply_cache_size(node, args)
         if not node.channels.all():
             raise InvalidInput("this node has joined no channel: `kachery-fs join HUB_URL"
                                " CHANNEL` first")
-        async with running(node, provide=True, bwlimit=args.bwlimit):
-            print(f"kachery-fs serving files of node {node.node_id} on request"
-                  f" (channels: {', '.join(c.name for c in node.channels.all())}); Ctrl-C"
-                  " stops", file=sys.stderr, flush=True)
-            _systemd.notify("READY=1")
-            await trio.sleep_forever()
+        with _common.serving_metrics(args.metrics) as metrics:
+            await _serve_until_stopped(node, args, metrics)
     finally:
         await node.aclose()
     return 0
+
+
+async def _serve_until_stopped(node, args, metrics) -> None:
+    from ..parts import running
+
+    async with running(node, provide=True, bwlimit=args.bwlimit):
+        print(f"kachery-fs serving files of node {node.node_id} on request"
+              f" (channels: {', '.join(c.name for c in node.channels.all())})"
+              + (f"; metrics at {metrics.url}" if metrics else "") + "; Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        _systemd.notify("READY=1")
+        await trio.sleep_forever()
 
 
 def add_commands(sub) -> None:
@@ -180,5 +189,6 @@ def add_commands(sub) -> None:
     s.add_argument("--bwlimit", type=_rate, metavar="RATE",
                    help="limit upload bandwidth, e.g. 500K, 10M (bytes per second)")
     _add_cache_size(s)
+    add_metrics(s)
     s.set_defaults(run=_serve, is_async=True, log_default=1)
 

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from .. import _systemd
 from ..config import DEFAULT_HUB_PORT, node_dir
 from ..errors import InvalidInput, NotFound
 from ..protocol import PERMISSIONS
@@ -23,6 +24,7 @@ from ._common import (
     _hub_url,
     _port,
     _sub,
+    add_metrics,
 )
 
 if TYPE_CHECKING:
@@ -61,13 +63,16 @@ async def _hub_serve(args) -> int:
                        gcs=gcs, database=database)
     server.hub.read_url_expiry_s = args.read_url_lifetime
     try:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(lambda task_status: server.run(
-                host=args.host, port=args.port, public_url=args.public_url, tls=tls,
-                task_status=task_status))
-            print(f"kachery-fs hub listening on {url} (owner {owner})", flush=True)
-            if args.url_file:
-                Path(args.url_file).write_text(url + "\n")
+        with _common.serving_metrics(args.metrics) as metrics:
+            async with trio.open_nursery() as nursery:
+                url = await nursery.start(lambda task_status: server.run(
+                    host=args.host, port=args.port, public_url=args.public_url, tls=tls,
+                    task_status=task_status))
+                print(f"kachery-fs hub listening on {url} (owner {owner})"
+                      + (f"; metrics at {metrics.url}" if metrics else ""), flush=True)
+                if args.url_file:
+                    Path(args.url_file).write_text(url + "\n")
+                _systemd.notify("READY=1")
     finally:
         server.close()
     return 0
@@ -322,6 +327,7 @@ def add_commands(sub) -> None:
                         " the password from ~/.pgpass or $PGPASSWORD) instead of hub.db in"
                         " --dir: any number of hub processes on one database serve the same"
                         " channels (default $KACHERY_FS_HUB_DATABASE, else SQLite)")
+    add_metrics(t)
     t.set_defaults(run=_hub_serve, is_async=True, log_default=1)
 
     t = _sub(hs, "migrate", "move a hub's state from SQLite to PostgreSQL",

@@ -24,12 +24,15 @@ from ..requester import DEFAULT_STALL_TIMEOUT_S
 from . import _common
 from ._common import (
     CACHE_SIZE_HELP,
+    METRICS_HELP,
     _add_cache_size,
     _apply_cache_size,
     _cache_size,
+    _metrics_address,
     _port,
     _rate,
     _sub,
+    add_metrics,
     setup_logging,
 )
 
@@ -74,10 +77,11 @@ async def _mount_foreground(args) -> int:
     try:
         _check_joined(node)
         _apply_cache_size(node, args)
-        await run_mount(node, mountpoint, allow_other=args.allow_other,
-                        debug=args.debug_fuse, request_timeout=args.request_timeout,
-                        bwlimit=args.bwlimit, strict=args.strict,
-                        read_only=args.read_only)
+        with _common.serving_metrics(args.metrics):
+            await run_mount(node, mountpoint, allow_other=args.allow_other,
+                            debug=args.debug_fuse, request_timeout=args.request_timeout,
+                            bwlimit=args.bwlimit, strict=args.strict,
+                            read_only=args.read_only)
     finally:
         await node.aclose()
     _check_unmounted(mountpoint)
@@ -107,7 +111,8 @@ def cmd_mount(args) -> int:
                                  stderr=stderr, start_new_session=True)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if os.path.ismount(mountpoint):
+        entries = _mount_entries(mountpoint)  # not ismount: an automount trigger is a mount
+        if entries and _is_kachery_mount(entries[-1]):
             print(f"mounted at {mountpoint} (pid {child.pid}; log: {log_file})")
             return 0
         if child.poll() is not None:
@@ -183,6 +188,11 @@ def _detach_dead_mount(mountpoint: Path) -> None:
 
 
 async def _up(args) -> int:
+    with _common.serving_metrics(args.metrics) as metrics:  # the hub's and the node's
+        return await _up_serving(args, metrics)
+
+
+async def _up_serving(args, metrics) -> int:
     from ..fs.mount import check_mountpoint, run_mount
     from ..hub.serve import HubServer
 
@@ -205,9 +215,11 @@ async def _up(args) -> int:
             node.db.add_channel(args.channel, url, info["bucketBaseUrl"],
                                 set(info["permissions"]), private=info.get("private") is True)
 
+            shown = f"; metrics at {metrics.url}" if metrics else ""
+
             async def announce(_nursery):
                 print(f"""kachery-fs is up: hub and local bucket at {url}, node {node.node_id}
-channel {args.channel!r} mounted at {mountpoint}
+channel {args.channel!r} mounted at {mountpoint}{shown}
 
 Try, in another terminal:
   cp SOMEFILE {mountpoint}/{args.channel}/
@@ -287,6 +299,8 @@ MOUNT_OPTIONS = (
            type=_rate, metavar="RATE", example="500K"),
     Option("--cache-size", CACHE_SIZE_HELP.format(what="for this run"), type=_cache_size,
            metavar="SIZE", example="10G"),
+    Option("--metrics", METRICS_HELP, type=_metrics_address, metavar="ADDR:PORT",
+           example="127.0.0.1:9420"),
 )
 
 
@@ -311,6 +325,7 @@ def add_commands(sub) -> None:
     s.add_argument("--nonempty", action="store_true",
                    help="mount even on a directory that is not empty (hiding its files)")
     _add_cache_size(s)
+    add_metrics(s)
     s.set_defaults(run=_up, is_async=True)
 
     s = _sub(sub, "mount", "mount this node's channels",

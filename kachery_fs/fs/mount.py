@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from .. import status
+from .. import _systemd, status
 from ..errors import InvalidInput, NotMounted
 from ..node import Node
 from ..parts import Parts, running
@@ -37,10 +38,27 @@ log = logging.getLogger(__name__)
 def check_mountpoint(mountpoint: Path) -> None:
     if not mountpoint.is_dir():
         raise InvalidInput(f"mount point {mountpoint} is not a directory (create it first)")
-    if os.path.ismount(mountpoint):
+    if os.path.ismount(mountpoint) and not is_automount_point(mountpoint):
         raise InvalidInput(f"{mountpoint} is already a mount point")
     if not os.path.exists("/dev/fuse"):
         raise InvalidInput("/dev/fuse is missing: install fuse3 and load the fuse module")
+
+
+def is_automount_point(mountpoint: Path) -> bool:
+    """Whether the newest mount at ``mountpoint`` (a resolved path) is an autofs trigger,
+    such as systemd's for an fstab line with ``x-systemd.automount``: the mount it waits
+    for goes over it. Read from ``/proc/self/mountinfo``, as a stat could wait for it."""
+    target = re.sub(r"[ \t\n\\]", lambda m: f"\\{ord(m.group()):03o}", str(mountpoint))
+    fstype = None  # (mountinfo writes a space, tab, newline or backslash as \ooo)
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4] == target and "-" in fields:
+                    fstype = fields[fields.index("-") + 1]  # the last listed is the newest
+    except OSError:
+        return False
+    return fstype == "autofs"
 
 
 @contextmanager
@@ -120,8 +138,10 @@ async def _serve(node: Node, mountpoint: Path, *, allow_other: bool, debug: bool
             log.info("mounted %s at %s (node %s)", ", ".join(
                 c.name for c in node.db.channels()) or "no channels", mountpoint, node.node_id)
             task_status.started()
+            _systemd.notify("READY=1")  # mounted: a request waits for pyfuse3.main, no more
             await pyfuse3.main()
             log.info("unmounting %s", mountpoint)
+            _systemd.notify("STOPPING=1")
             try:  # what was committed is on the disk, in sha1/
                 await ops.durability.sync()
             except OSError as exc:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pyfuse3
 import trio
 
-from .. import status
+from .. import metrics, status
 from ..channels import Channels
 from ..errors import (
     Conflict,
@@ -483,8 +483,12 @@ class Operations(pyfuse3.Operations):
             if handle.writer is not None:
                 return await self.staging.read(handle.writer, off, size)
             assert handle.content is not None  # a file open to read has content or a writer
+            started = time.monotonic()
             try:
-                return await handle.content.read(off, size)
+                data = await handle.content.read(off, size)
+                metrics.READ_SECONDS.observe(time.monotonic() - started)
+                metrics.SERVED_BYTES.labels("mount").inc(len(data))
+                return data
             except Exception:
                 # A whole download that failed may have had a bad copy's size: look the
                 # name up again. A chunk that failed fails alone (the size came from a

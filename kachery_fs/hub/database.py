@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-from .. import __version__
+from .. import __version__, metrics
 from .._sqlite import Migration, Schema, statements
 from ..errors import InvalidInput, NewerDatabase, Unavailable
 
@@ -138,6 +138,7 @@ class SQLiteDatabase(Database):
 
     @contextmanager
     def transaction(self):
+        started = time.monotonic()
         self.connection.execute("BEGIN IMMEDIATE")
         try:
             yield
@@ -146,6 +147,8 @@ class SQLiteDatabase(Database):
             if self.connection.in_transaction:  # a COMMIT that failed may leave it open
                 self.connection.execute("ROLLBACK")
             raise
+        finally:
+            metrics.HUB_TRANSACTION_SECONDS.observe(time.monotonic() - started)
 
     def close(self):
         self.connection.close()
@@ -246,11 +249,15 @@ class PostgresDatabase(Database):
 
     @contextmanager
     def transaction(self):
-        with self._errors():
-            connection = self.connection
-            with connection.transaction():
-                connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
-                yield
+        started = time.monotonic()
+        try:
+            with self._errors():
+                connection = self.connection
+                with connection.transaction():
+                    connection.execute("SELECT pg_advisory_xact_lock(%s)", (_WRITE_LOCK,))
+                    yield
+        finally:
+            metrics.HUB_TRANSACTION_SECONDS.observe(time.monotonic() - started)
 
     def close(self):
         self._conn.close()

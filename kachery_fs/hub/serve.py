@@ -19,12 +19,14 @@ from pathlib import Path
 
 import trio
 
+from .. import metrics
 from .._serve import Tls, serve_asgi
 from ..config import private_directory, private_files
 from ..localbucket import LocalBucket, create_app
 from .app import compose, create_api
 from .backends import Buckets
 from .gcs import GoogleCloudStorage
+from .requests import ACTIVE
 from .service import Hub
 from .signing import UrlSigner
 from .storage import HubDB
@@ -87,10 +89,23 @@ class HubServer:
             await nursery.start(self.hub.wakeups.run)
             nursery.start_soon(self.hub.requests.run)
             nursery.start_soon(self.hub.cache.run)
+            nursery.start_soon(metrics.keep_hub_gauges, self.metrics_snapshot)
             scheme = "https" if tls is not None else "http"
             self._set_public_url(public_url or f"{scheme}://{host}:{bound}")
             log.info("hub listening on %s (owner %s…)", self.url, self.hub.owner_id[:12])
             task_status.started(self.url)
+
+    def metrics_snapshot(self) -> dict:
+        """What the hub's gauges show (:mod:`kachery_fs.metrics`): each channel's bucket
+        usage and allocation, and the file requests not yet answered."""
+        cache = self.hub.cache
+        channels = {}
+        for record in self.db.channels():
+            used, objects = cache.usage(record.name)
+            channels[record.name] = {"bytes": used, "objects": objects,
+                                     "allocation": cache.settings(record.name)[0]}
+        pending = sum(1 for r in self.hub.requests.records() if r.state in ACTIVE)
+        return {"channels": channels, "requestsPending": pending}
 
     def close(self) -> None:
         self.db.close()

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 from cachetools import TTLCache
 
+from .. import metrics
 from ..errors import (
     Conflict,
     IntegrityError,
@@ -214,17 +215,31 @@ class Hub:
         return Caller(node_id=node_id.lower(), is_owner=is_owner), body
 
     async def handle(self, envelope: Any, *, size: int = 0) -> dict:
-        caller, body = self.authenticate(envelope, size=size)
-        kind = body.get("type")
-        if not isinstance(kind, str) or kind not in HANDLERS:
-            raise InvalidInput(f"unknown request type {kind!r}")
-        request = Request(kind)
+        started = time.monotonic()
+        # The call's kind for the metrics: only a known one (labels stay few).
+        claimed = envelope.get("body") if isinstance(envelope, dict) else None
+        claimed = claimed.get("type") if isinstance(claimed, dict) else None
+        call = claimed if isinstance(claimed, str) and claimed in HANDLERS else "unknown"
+        error: BaseException | None = None
         try:
-            with self._long_poll(caller, request, body):
-                return await HANDLERS[request](self, caller, body)
-        except KacheryError as exc:
-            log.info("%s from %s… refused: %s", kind, caller.node_id[:12], exc)
+            caller, body = self.authenticate(envelope, size=size)
+            kind = body.get("type")
+            if not isinstance(kind, str) or kind not in HANDLERS:
+                raise InvalidInput(f"unknown request type {kind!r}")
+            request = Request(kind)
+            try:
+                with self._long_poll(caller, request, body):
+                    return await HANDLERS[request](self, caller, body)
+            except KacheryError as exc:
+                log.info("%s from %s… refused: %s", kind, caller.node_id[:12], exc)
+                raise
+        except BaseException as exc:
+            error = exc
             raise
+        finally:
+            if not isinstance(error, trio.Cancelled):  # the caller went away: no answer
+                metrics.HUB_CALLS.labels(call, metrics.outcome_of(error)).inc()
+                metrics.HUB_CALL_SECONDS.labels(call).observe(time.monotonic() - started)
 
     @contextmanager
     def _long_poll(self, caller: Caller, kind: Request, body: dict):
@@ -243,9 +258,11 @@ class Hub:
                                   " try again when one ends", retry_after=5)
         for key in keys:
             self._polls[key] += 1
+        metrics.HUB_LONG_POLLS.inc()
         try:
             yield
         finally:
+            metrics.HUB_LONG_POLLS.dec()
             for key in keys:
                 self._polls[key] -= 1
                 if not self._polls[key]:
