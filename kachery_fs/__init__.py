@@ -13,7 +13,8 @@ __version__ = "0.1.0"
 
 _API = ("Client", "load_file", "load_bytes", "load_json", "load_text", "store_file",
         "store_json", "store_text", "open")
-__all__ = ["__version__", *_API]
+# Not `open`: `from kachery_fs import *` must not hide the builtin.
+__all__ = ["__version__", *(name for name in _API if name != "open")]
 
 
 def __getattr__(name: str) -> Any:

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import os
 import threading
+import weakref
 from collections.abc import Awaitable, Callable
 from functools import partial
 from pathlib import Path
@@ -44,6 +46,7 @@ from . import metrics
 from .config import node_dir as default_node_dir
 from .errors import InvalidInput, KacheryError, NotFound
 from .requester import DEFAULT_STALL_TIMEOUT_S
+from .resolver import LocalContent
 from .uris import ContentUri, format_uri, parse_uri
 
 if TYPE_CHECKING:
@@ -52,6 +55,7 @@ if TYPE_CHECKING:
     from .resolver import Content
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 #: How much of a file one read of :meth:`Client.load_file` copies at a time.
 READ_STEP = 1 << 20
@@ -59,31 +63,54 @@ READ_STEP = 1 << 20
 
 # -- the shared steps (also those of `cat` and `put`) ---------------------------------
 
-async def open_uri(parts: Parts, uri: ContentUri, *, channel: str | None = None) -> Content:
-    """The verified content ``uri`` names: from this machine, else through ``channel``
-    (or the first joined channel that can get it): the bucket, then a request. By chunk
-    through the URI's ``?manifest=``, or a manifest the node trusts for the hash."""
-    resolver = parts.resolver
-    manifest = uri.manifest
-    content = await resolver.open_here(uri.sha1)
-    if content is not None:
-        return content
+def _channels(parts: Parts, uri: ContentUri, channel: str | None) -> list[str]:
+    """Where to look for ``uri``: ``channel``, else every joined channel."""
     if channel is not None:
         parts.node.channels.get(channel)  # NotFound with advice
-        channels = [channel]
-    else:
-        channels = [c.name for c in parts.node.channels.all()]
+        return [channel]
+    channels = [c.name for c in parts.node.channels.all()]
     if not channels:
         raise NotFound(f"sha1://{uri.sha1} is neither in the local store nor in a kachery"
                        " store on this machine, and this node has joined no channel to look"
                        " in")
+    return channels
+
+
+async def open_uri(parts: Parts, uri: ContentUri, *, channel: str | None = None) -> Content:
+    """The verified content ``uri`` names: from this machine, else through ``channel``
+    (or the first joined channel that can get it): the bucket, then a request. By chunk
+    through the URI's ``?manifest=``, or a manifest the node trusts for the hash (the
+    hub's too: looked up first, as the mount's lookup does before its open)."""
+    resolver = parts.resolver
+    manifest = uri.manifest  # InvalidInput before anything is looked for
+    content = await resolver.open_here(uri.sha1)
+    if content is not None:
+        return content
     errors = []
-    for name in channels:
+    for name in _channels(parts, uri, channel):
         try:
+            await resolver.size(name, uri.sha1, manifest=manifest)
             return await resolver.open(name, uri.sha1, manifest=manifest)
         except KacheryError as exc:
             errors.append(f"{name}: {exc}")
     raise NotFound(f"could not get sha1://{uri.sha1}: {'; '.join(errors)}")
+
+
+async def size_of(parts: Parts, uri: ContentUri, *, channel: str | None = None) -> int:
+    """The size of the content ``uri`` names, fetching none of it: from this machine, the
+    manifest, or the bucket (or, in no bucket, from the node a request reaches, as the
+    mount's lookup of ``sha1/<hash>``)."""
+    manifest = uri.manifest  # InvalidInput before anything is looked for
+    local = parts.node.store.size(uri.sha1)
+    if local is not None:
+        return local
+    errors = []
+    for name in _channels(parts, uri, channel):
+        try:
+            return await parts.resolver.size(name, uri.sha1, manifest=manifest)
+        except KacheryError as exc:
+            errors.append(f"{name}: {exc}")
+    raise NotFound(f"could not find sha1://{uri.sha1}: {'; '.join(errors)}")
 
 
 async def read_range(content: Content, start: int, end: int, *, via: str = "api") -> bytes:
@@ -191,6 +218,7 @@ class Client:
         self._thread: threading.Thread | None = None
         self._pid = os.getpid()
         self._closed = False
+        _open_clients.add(self)  # closed at exit, if not before
 
     def __enter__(self) -> Client:
         return self
@@ -200,6 +228,10 @@ class Client:
 
     def __repr__(self) -> str:
         return f"<kachery_fs.Client {self.node_dir}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     # -- reads --------------------------------------------------------------------------
 
@@ -345,31 +377,49 @@ class Client:
                 started.append(None)
                 ready.set()
                 await self._stop.wait()
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - the thread's end: said once, here
             if not started:
                 started.append(exc)
-            raise
+            elif isinstance(exc, KacheryError):
+                log.error("the kachery-fs client of %s stopped: %s; the next call starts"
+                          " it again", self.node_dir, exc)
+            else:
+                log.exception("the kachery-fs client of %s stopped; the next call starts it"
+                              " again", self.node_dir)
         finally:
+            # The next call (unless closed) starts the parts again, on a new thread.
+            self._token = self._stop = self._parts = None
             ready.set()
-            self._parts = None
             await node.aclose()
 
     def _run(self, fn: Callable[[Parts], Awaitable[T]]) -> T:
+        """``fn(parts)`` on the client's thread; a KeyboardInterrupt while it runs (Ctrl-C
+        in a terminal, Jupyter's interrupt) cancels it there too."""
         self._start()
         token = self._token
         if token is None:
             raise KacheryError(f"{self!r} has stopped")
+        scope = trio.CancelScope()  # entered there, cancelled from here
 
         async def call() -> T:
             parts = self._parts
             if parts is None:
                 raise KacheryError(f"{self!r} has stopped")
-            return await fn(parts)
+            with scope:
+                return await fn(parts)
+            raise KacheryError("interrupted")  # cancelled by the interrupt below
 
         try:
             return trio.from_thread.run(call, trio_token=token)
-        except trio.RunFinishedError:
-            raise KacheryError(f"{self!r} has stopped") from None
+        except (trio.Cancelled, trio.RunFinishedError):  # its event loop ended meanwhile
+            raise KacheryError(f"{self!r} stopped during the call; call again to start it"
+                               " again") from None
+        except KeyboardInterrupt:
+            try:  # (a scope cancelled before it is entered cancels what enters it)
+                trio.from_thread.run_sync(scope.cancel, trio_token=token)
+            except trio.RunFinishedError:
+                pass
+            raise
 
     # -- on the client's thread -------------------------------------------------------
 
@@ -381,16 +431,21 @@ class Client:
 
     async def _load_file(self, uri: ContentUri, parts: Parts) -> str:
         store = parts.node.store
-        content = await self._open(parts, uri)
+        content: Content | None = await self._open(parts, uri)
+        if isinstance(content, LocalContent):  # whole and verified in the store already
+            content.close()
+            content = None
         try:
             offset = 0
-            while offset < content.size:  # a download or a read by chunk ends in the store
+            while content is not None and offset < content.size:
+                # A download or a read by chunk ends in the store.
                 piece = await content.read(offset, READ_STEP)
                 if not piece:
                     raise KacheryError(f"{uri} ended at byte {offset} of {content.size}")
                 offset += len(piece)
         finally:
-            content.close()
+            if content is not None:
+                content.close()
         final = store.path(uri.sha1)
         for _ in range(200):  # a file read by chunk is installed moments after its end
             if final.exists():
@@ -412,12 +467,7 @@ class Client:
             content.close()
 
     async def _size(self, uri: ContentUri, parts: Parts) -> int:
-        local = parts.node.store.size(uri.sha1)
-        if local is not None:
-            return local
-        content = await self._open(parts, uri)
-        content.close()
-        return content.size
+        return await size_of(parts, uri, channel=self.channel)
 
     async def _store(self, path: Path, label: str | None, upload: bool, parts: Parts) -> str:
         return await store_path(parts, path, label=label, channel=self.channel,
@@ -497,10 +547,15 @@ def client() -> Client:
         return _default
 
 
+#: Every client not yet collected: those still open at exit are closed then, so that
+#: what their downloads fetched is reported to the hubs.
+_open_clients: weakref.WeakSet[Client] = weakref.WeakSet()
+
+
 @atexit.register
-def _close_default() -> None:
-    if _default is not None:
-        _default.close()
+def _close_all() -> None:
+    for c in list(_open_clients):
+        c.close()
 
 
 def load_file(uri: str) -> str:

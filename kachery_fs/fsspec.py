@@ -24,6 +24,7 @@ forms reach this file system only when the protocol is named:
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
@@ -31,6 +32,19 @@ from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 from .api import Client, ContentHandle, client
 from .errors import InvalidInput, KacheryError, NotFound
 from .uris import format_uri, parse_uri
+
+#: The clients made for ``node_dir=``/``channel=``, one for each pair: fsspec makes a file
+#: system for every ``fsspec.open``.
+_clients: dict[tuple[str | None, str | None], Client] = {}
+_clients_lock = threading.Lock()
+
+
+def _client_for(node_dir: str | None, channel: str | None) -> Client:
+    with _clients_lock:
+        found = _clients.get((node_dir, channel))
+        if found is None or found.closed:
+            found = _clients[(node_dir, channel)] = Client(node_dir, channel=channel)
+        return found
 
 
 class KacheryFileSystem(AbstractFileSystem):
@@ -52,7 +66,7 @@ class KacheryFileSystem(AbstractFileSystem):
             kwargs.pop(key, None)
         super().__init__(*args, **kwargs)
         if client is None and (node_dir is not None or channel is not None):
-            client = Client(node_dir, channel=channel)
+            client = _client_for(node_dir, channel)
         self._client = client
 
     @property
@@ -72,8 +86,11 @@ class KacheryFileSystem(AbstractFileSystem):
             return ""
         if text[:5].lower() == "sha1:" and not text[5:7] == "//":
             text = "kachery::" + text  # kachery 2's default form, cut at its "::"
-        uri = parse_uri(text)
-        return format_uri(uri.sha1, uri.label, manifest=uri.manifest)
+        try:
+            uri = parse_uri(text)
+            return format_uri(uri.sha1, uri.label, manifest=uri.manifest)
+        except InvalidInput as exc:  # what fsspec's callers expect of a bad path
+            raise ValueError(str(exc)) from None
 
     def _path(self, path: str) -> str:
         """``path`` as a URI in one form; the empty path of a chained
@@ -104,7 +121,7 @@ class KacheryFileSystem(AbstractFileSystem):
     def exists(self, path: str, **kwargs: Any) -> bool:
         try:
             self.info(path)
-        except (FileNotFoundError, InvalidInput):
+        except (FileNotFoundError, ValueError):
             return False
         return True
 
@@ -113,8 +130,8 @@ class KacheryFileSystem(AbstractFileSystem):
         uri = self._path(path)
         if (start is not None and start < 0) or (end is not None and end < 0):
             size = self.info(uri)["size"]
-            start = size + start if start is not None and start < 0 else start
-            end = size + end if end is not None and end < 0 else end
+            start = max(0, size + start) if start is not None and start < 0 else start
+            end = max(0, size + end) if end is not None and end < 0 else end
         try:
             return self.client.load_bytes(uri, start, end)
         except NotFound as exc:

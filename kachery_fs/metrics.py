@@ -32,8 +32,12 @@ log = logging.getLogger(__name__)
 #: node across the world.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                    2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-#: How often the gauges read from databases are brought up to date.
+#: How often the gauges read from databases are brought up to date: a node's (cheap), and
+#: a hub's (a sum over each channel's objects: with a million of them, some 150 ms).
 GAUGE_INTERVAL_S = 1.0
+HUB_GAUGE_INTERVAL_S = 5.0
+#: The gauges are read only while something scrapes them: within this long of a scrape.
+SCRAPED_WITHIN_S = 120.0
 
 # -- a node: its reads ------------------------------------------------------------------
 
@@ -45,7 +49,8 @@ FETCHED_BYTES = Counter(
     " large files", ["how"])
 VERIFIED_BYTES = Counter(
     "kachery_fs_verified_bytes", "Bytes fetched that matched their SHA-1 (a file's, or a"
-    " chunk's in a trusted manifest)", ["how"])
+    " chunk's in a trusted manifest; such a chunk is refused later, as cause manifest, if"
+    " its whole file does not match)", ["how"])
 REFUSED_BYTES = Counter(
     "kachery_fs_refused_bytes", "Bytes fetched and refused, by cause: sha1 (a file that does"
     " not match its hash), chunk (a chunk that does not match its manifest), manifest"
@@ -77,7 +82,8 @@ PROVIDED = Counter(
 
 HUB_CALLS = Counter(
     "kachery_fs_hub_calls", "Calls the hub answered, by kind and outcome (ok, or the"
-    " error's kind: denied, invalid, not_found, unavailable...)", ["call", "outcome"])
+    " error's kind: permission_denied, invalid_input, not_found, unavailable...)",
+    ["call", "outcome"])
 HUB_CALL_SECONDS = Histogram(
     "kachery_fs_hub_call_seconds", "How long the hub takes to answer a call (a long-poll:"
     " how long it was held)", ["call"], buckets=LATENCY_BUCKETS)
@@ -103,9 +109,11 @@ class SnapshotCollector(Collector):
 
     def __init__(self, families: Callable[[dict], Iterator[Any]]):
         self.snapshot: dict | None = None
+        self.scraped: float | None = None  # when a scrape last asked (time.monotonic())
         self._families = families
 
     def collect(self):
+        self.scraped = time.monotonic()
         snapshot = self.snapshot
         if snapshot is not None:
             yield from self._families(snapshot)
@@ -197,7 +205,7 @@ async def keep_node_gauges(take: Callable[[], dict], *,
 
 
 async def keep_hub_gauges(take: Callable[[], dict], *,
-                          interval: float = GAUGE_INTERVAL_S) -> None:
+                          interval: float = HUB_GAUGE_INTERVAL_S) -> None:
     await _keep(HUB_GAUGES, take, interval, "hub")
 
 
@@ -206,9 +214,12 @@ async def _keep(collector: SnapshotCollector, take: Callable[[], dict], interval
     failing = False
     try:
         while True:
-            if not _serving:  # nobody can see them: nothing to read
+            scraped = collector.scraped
+            if not _serving or scraped is None or \
+                    time.monotonic() - scraped > SCRAPED_WITHIN_S:
+                # Nobody looks: nothing to read (a first scrape shows them a moment later).
                 collector.snapshot = None
-                await trio.sleep(interval)
+                await trio.sleep(min(interval, 1.0))
                 continue
             try:
                 collector.snapshot = take()
@@ -233,7 +244,7 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep:
         host = "127.0.0.1"
     host = host.strip("[]") or "127.0.0.1"
-    if not port.isdigit() or not 0 <= int(port) <= 65535:
+    if not (port.isascii() and port.isdigit()) or not 0 <= int(port) <= 65535:
         raise InvalidInput(f"--metrics {text!r}: expected ADDR:PORT or PORT, e.g."
                            " 127.0.0.1:9420")
     return host, int(port)
@@ -246,8 +257,9 @@ class MetricsServer:
         global _serving
         try:
             self._server, self._thread = start_http_server(port, addr=host, registry=REGISTRY)
-        except OSError as exc:
-            raise KacheryError(f"--metrics {_bracketed(host)}:{port}: {exc.strerror}; choose"
+        except (OSError, UnicodeError, ValueError) as exc:  # in use; not an address
+            reason = getattr(exc, "strerror", None) or str(exc)
+            raise KacheryError(f"--metrics {_bracketed(host)}:{port}: {reason}; choose"
                                " another address or port") from None
         _serving += 1
         self._closed = False

@@ -92,9 +92,11 @@ class Uploader:
         queue is recovered first (committed files not queued, failed uploads retried);
         with none, uploads run only when asked (:meth:`upload_now`)."""
         self = cls(db, store, channels, client, workers=workers, rate_limit=rate_limit)
+        # Manifests are made in the background with or without workers: a read-only mount
+        # has none, and its user.kachery.uri of a large file waits for one.
+        self._nursery = nursery
         if not workers:
             return self
-        self._nursery = nursery
         for _ in range(workers):
             nursery.start_soon(self._worker)
         for channel, sha1, size in db.entries_not_queued():

@@ -27,7 +27,11 @@ FAILURE = 32  # mount(8): mount failure
 #: Accepted and ignored: mount(8)'s and systemd's own (it passes ``rw`` when given none),
 #: and what a FUSE mount is anyway (nosuid, nodev).
 IGNORED = frozenset({"rw", "defaults", "_netdev", "auto", "noauto", "nofail", "user", "users",
-                     "nouser", "suid", "nosuid", "dev", "nodev", "exec", "noexec"})
+                     "nouser", "suid", "nosuid", "dev", "nodev", "exec", "noexec",
+                     # access times and write-back: the mount keeps its own
+                     "atime", "noatime", "relatime", "norelatime", "strictatime",
+                     "nostrictatime", "lazytime", "nolazytime", "diratime", "nodiratime",
+                     "async"})
 
 EPILOG = """\
 options (-o, comma-separated):
@@ -212,7 +216,14 @@ def _become(user: pwd.struct_passwd) -> None:
         os.initgroups(user.pw_name, user.pw_gid)
         os.setgid(user.pw_gid)
         os.setuid(user.pw_uid)
-    # mount(8) runs helpers with an emptied environment: HOME too
+        # Another user's mount gets a fresh environment: what mount(8) leaves of root's
+        # (it removes only PATH, HOME, LD_* and a few more) is not for that user's eyes,
+        # who could read it in /proc/PID/environ of the mount it owns.
+        kept = {name: value for name, value in os.environ.items()
+                if name in ("LANG", "TZ") or name.startswith("LC_")}
+        os.environ.clear()
+        os.environ.update(kept, PATH="/usr/local/bin:/usr/bin:/bin")
+    # mount(8) leaves no HOME, USER nor LOGNAME either
     os.environ.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
     os.chdir("/")
 

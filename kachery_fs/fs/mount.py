@@ -91,9 +91,11 @@ async def run_mount(node: Node, mountpoint: Path, *, allow_other: bool = False,
                     task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Mount ``node``'s channels at ``mountpoint`` and serve until unmounted or signalled.
 
-    ``read_only``: a ``ro`` mount that changes nothing anywhere: no writes (``EROFS``),
-    no uploads (the queue waits for a mount that may write), no answers to other nodes'
-    file requests (they would be uploads), no feed appends or publications."""
+    ``read_only``: a ``ro`` mount that changes nothing a user or another node sees: no
+    writes (``EROFS``), no uploads (the queue waits for a mount that may write), no
+    answers to other nodes' file requests (they would be uploads), no feed appends or
+    publications. What a crash left is still put right at start (names committed but not
+    synced, files unlinked while open), as at any mount."""
     mountpoint = Path(os.path.realpath(mountpoint))  # not later: a stat of it would hang
     check_mountpoint(mountpoint)
     with one_mount_per_node(node.dir, mountpoint):

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import fsspec
@@ -20,7 +23,7 @@ from kachery_fs.errors import InvalidInput, NotFound
 from kachery_fs.manifest import CHUNK_SIZE
 from kachery_fs.uris import parse_uri
 
-from ..util import REPO, kfs, make_cluster
+from ..util import REPO, kfs, make_cluster, wait_for
 
 CH = "api.data"
 
@@ -207,9 +210,90 @@ def test_h5py_reads_a_large_hdf5_file_by_chunk_through_fsspec(cluster, clients, 
     assert not (cluster.b / "sha1" / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1).exists()
 
 
-def test_status_of_the_json_shape(clients):
-    """What store_json writes is what kachery's clients write: compact, keys sorted."""
+def test_store_json_writes_compact_sorted_json(clients):
+    """What store_json writes: compact, keys sorted (so equal objects get one hash)."""
     a, _ = clients
     uri = a.store_json({"b": 1, "a": [1.5, "x"]})
     assert a.load_bytes(uri) == json.dumps({"a": [1.5, "x"], "b": 1},
                                            separators=(",", ":")).encode()
+
+
+def test_a_large_file_by_its_bare_hash_is_read_by_chunk_too(cluster, clients, tmp_path):
+    """No ?manifest= in the URI (kachery 2's never has one): the hub vouches for the
+    manifest its uploader sent, and a range costs its chunk, not the file."""
+    a, b = clients
+    src = tmp_path / "big.bin"
+    data = os.urandom(2 * CHUNK_SIZE + 1000)
+    src.write_bytes(data)
+    sha1 = parse_uri(a.store_file(src)).sha1
+    assert b.size(f"kachery::sha1:{sha1}:big.bin") == len(data)  # fetches nothing
+    assert _chunks_present(cluster.b, sha1) == 0
+    assert b.load_bytes(f"kachery::sha1:{sha1}:big.bin", 10, 20) == data[10:20]
+    # (written to the partial file behind the read)
+    wait_for(lambda: _chunks_present(cluster.b, sha1) >= CHUNK_SIZE, timeout=20,
+             what="the chunk in B's partial file")
+    time.sleep(0.5)
+    assert _chunks_present(cluster.b, sha1) == CHUNK_SIZE  # that one only
+    assert not (cluster.b / "sha1" / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1).exists()
+
+
+def test_size_fetches_nothing(clients, cluster, tmp_path):
+    a, b = clients
+    src = tmp_path / "f"
+    src.write_bytes(os.urandom(500_000))
+    uri = a.store_file(src)
+    assert b.size(uri) == 500_000
+    sha1 = parse_uri(uri).sha1
+    assert not (cluster.b / "sha1" / sha1[0:2] / sha1[2:4] / sha1[4:6] / sha1).exists()
+
+
+def test_a_client_whose_parts_stopped_starts_them_again(clients):
+    import trio
+
+    a, _ = clients
+    uri = a.store_text("before")
+    parts = a._parts
+    trio.from_thread.run_sync(parts.nursery.cancel_scope.cancel, trio_token=a._token)
+    for _ in range(100):  # its thread notices
+        if a._token is None:
+            break
+        time.sleep(0.05)
+    assert a.load_text(uri) == "before"  # a new thread, new parts
+    assert a._parts is not parts
+
+
+def test_an_interrupt_cancels_the_call_on_the_clients_thread(clients):
+    import trio
+
+    a, _ = clients
+    ended = threading.Event()
+
+    async def forever(parts):
+        try:
+            await trio.sleep_forever()
+        finally:
+            ended.set()
+
+    main = threading.main_thread().ident
+    assert threading.get_ident() == main  # (where Python delivers SIGINT)
+    timer = threading.Timer(0.5, signal.pthread_kill, (main, signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            a._run(forever)
+    finally:
+        timer.join()
+    assert ended.wait(10)  # not left running there
+    assert a.load_text(a.store_text("after")) == "after"
+
+
+def test_fsspec_makes_one_client_for_each_node_and_channel(cluster):
+    one = fsspec.filesystem("sha1", node_dir=str(cluster.b))
+    two = fsspec.filesystem("sha1", node_dir=str(cluster.b))
+    other = fsspec.filesystem("sha1", node_dir=str(cluster.b), channel=CH)
+    assert one.client is two.client and other.client is not one.client
+    with pytest.raises(ValueError, match="not a content URI"):
+        one.info("nonsense")
+    assert not one.exists("nonsense")
+    one.client.close()
+    other.client.close()

@@ -4,6 +4,8 @@ through mount(8) are tests/mount/test_fstab.py's."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from kachery_fs import cli
@@ -118,3 +120,26 @@ def test_help_shows_an_fstab_line(capsys):
     assert caught.value.code == 0
     out = capsys.readouterr().out
     assert "fuse.kachery-fs" in out and "/etc/fstab" in out and "setuid=USER" in out
+
+
+def test_another_users_mount_gets_a_fresh_environment(monkeypatch):
+    """Nothing of root's environment (a database password, say) reaches the mount that
+    the other user owns and could read /proc/PID/environ of."""
+    import pwd
+
+    calls = []
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(os, "initgroups", lambda name, gid: calls.append(("groups", name)))
+    monkeypatch.setattr(os, "setgid", lambda gid: calls.append(("gid", gid)))
+    monkeypatch.setattr(os, "setuid", lambda uid: calls.append(("uid", uid)))
+    monkeypatch.setattr(os, "chdir", lambda path: None)
+    # a copy: the test process's own environment stays as it is
+    monkeypatch.setattr(os, "environ", {**os.environ, "PGPASSWORD": "secret",
+                                        "LANG": "C.UTF-8"})
+    user = pwd.struct_passwd(("alice", "x", 1234, 1234, "", "/home/alice", "/bin/sh"))
+    mount_helper._become(user)
+    assert calls == [("groups", "alice"), ("gid", 1234), ("uid", 1234)]  # in this order
+    assert "PGPASSWORD" not in os.environ
+    assert os.environ["LANG"] == "C.UTF-8" and os.environ["HOME"] == "/home/alice"
+    assert os.environ["USER"] == os.environ["LOGNAME"] == "alice"
+    assert os.environ["PATH"] == "/usr/local/bin:/usr/bin:/bin"
