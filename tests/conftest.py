@@ -31,6 +31,7 @@ import inspect
 import os
 import re
 import socket
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,18 @@ def fake_gcs(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def notify_socket():
+    """A bound AF_UNIX datagram socket, as systemd's ``$NOTIFY_SOCKET``, and its path."""
+    directory = Path(tempfile.mkdtemp(prefix="kfs-notify-"))  # a short path (107 bytes)
+    path = directory / "notify"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    try:
+        sock.bind(str(path))
+        yield sock, path
+    finally:
+        sock.close()
+        path.unlink(missing_ok=True)
+        directory.rmdir()

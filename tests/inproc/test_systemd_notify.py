@@ -7,28 +7,11 @@ from __future__ import annotations
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
 
 import httpx
-import pytest
 
 from ..util import KFS, PERMS_ALL, HubProcess, free_port, kfs, node_env, stop_process
-
-
-@pytest.fixture
-def notify_socket():
-    """A bound AF_UNIX datagram socket, as systemd's ``$NOTIFY_SOCKET``, and its path."""
-    directory = Path(tempfile.mkdtemp(prefix="kfs-notify-"))  # a short path (107 bytes)
-    path = directory / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(str(path))
-        yield sock, path
-    finally:
-        sock.close()
-        path.unlink(missing_ok=True)
-        directory.rmdir()
 
 
 def wait_ready(sock: socket.socket, proc: subprocess.Popen, log: Path) -> bytes:

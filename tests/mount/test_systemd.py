@@ -9,10 +9,7 @@ import os
 import signal
 import socket
 import subprocess
-import tempfile
 from pathlib import Path
-
-import pytest
 
 from .. import util
 from ..util import (
@@ -25,21 +22,6 @@ from ..util import (
     run_cli,
     stop_process,
 )
-
-
-@pytest.fixture
-def notify_socket():
-    """A bound AF_UNIX datagram socket, as systemd's ``$NOTIFY_SOCKET``, and its path."""
-    directory = Path(tempfile.mkdtemp(prefix="kfs-notify-"))  # a short path (107 bytes)
-    path = directory / "notify"
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(str(path))
-        yield sock, path
-    finally:
-        sock.close()
-        path.unlink(missing_ok=True)
-        directory.rmdir()
 
 
 def mount_types(path: Path) -> list[str]:
