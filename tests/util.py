@@ -407,3 +407,17 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 def metric(samples, name: str, **labels: str) -> float:
     """One sample of :func:`scrape`'s, 0 when absent."""
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def next_datagram(sock, proc: subprocess.Popen, log: Path) -> bytes:
+    """The next datagram on ``sock`` (a ``$NOTIFY_SOCKET`` of the test's: ``READY=1``,
+    ``STOPPING=1``), within 30 s, while ``proc`` runs; its log in the failure."""
+    sock.settimeout(0.2)
+    for _ in range(150):
+        try:
+            return sock.recv(4096)
+        except TimeoutError:
+            if proc.poll() is not None:
+                raise AssertionError(f"exited ({proc.returncode}) before it said anything:\n"
+                                     f"{log.read_text() if log.exists() else ''}") from None
+    raise AssertionError(f"nothing said within 30 s:\n{log.read_text() if log.exists() else ''}")

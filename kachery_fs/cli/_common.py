@@ -73,14 +73,19 @@ def _sub(parent, name: str, help: str, description: str | None = None, **kw):
     return parser
 
 
-def _cache_size(text: str) -> str:
-    from ..settings import parse_limit
-
+def _checked(check, text: str) -> str:
+    """``text``, once ``check`` (a parser) takes it; its InvalidInput as argparse's error."""
     try:
-        parse_limit(text)
+        check(text)
     except InvalidInput as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
     return text
+
+
+def _cache_size(text: str) -> str:
+    from ..settings import parse_limit
+
+    return _checked(parse_limit, text)
 
 
 def _apply_cache_size(node, args) -> None:
@@ -121,11 +126,7 @@ METRICS_HELP = ("serve Prometheus metrics at http://ADDR:PORT/metrics (PORT alon
 def _metrics_address(text: str) -> str:
     from ..metrics import parse_address
 
-    try:
-        parse_address(text)
-    except InvalidInput as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-    return text
+    return _checked(parse_address, text)
 
 
 def add_metrics(parser) -> None:

@@ -5,26 +5,20 @@ SuccessExitStatus= counts as clean. The mount's READY=1 is tests/mount/test_syst
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
-from pathlib import Path
 
 import httpx
 
-from ..util import KFS, PERMS_ALL, HubProcess, free_port, kfs, node_env, stop_process
-
-
-def wait_ready(sock: socket.socket, proc: subprocess.Popen, log: Path) -> bytes:
-    """The first datagram, within 30 s, while ``proc`` runs."""
-    sock.settimeout(0.2)
-    for _ in range(150):
-        try:
-            return sock.recv(4096)
-        except TimeoutError:
-            if proc.poll() is not None:
-                raise AssertionError(f"exited ({proc.returncode}) before READY=1:\n"
-                                     f"{log.read_text()}") from None
-    raise AssertionError(f"no READY=1 within 30 s:\n{log.read_text()}")
+from ..util import (
+    KFS,
+    PERMS_ALL,
+    HubProcess,
+    free_port,
+    kfs,
+    next_datagram,
+    node_env,
+    stop_process,
+)
 
 
 def stopped_as_by_systemd(proc: subprocess.Popen) -> int:
@@ -44,7 +38,7 @@ def test_hub_serve_is_ready_once_it_listens(tmp_path, notify_socket):
             env={**node_env(owner), "NOTIFY_SOCKET": str(path)}, stdin=subprocess.DEVNULL,
             stdout=out, stderr=out)
     try:
-        assert wait_ready(sock, proc, log) == b"READY=1"
+        assert next_datagram(sock, proc, log) == b"READY=1"
         # at that moment: listening, and the URL written
         assert url_file.read_text().strip() == f"http://127.0.0.1:{port}"
         with httpx.Client(trust_env=False, timeout=10) as client:
@@ -71,7 +65,7 @@ def test_serve_is_ready_once_its_parts_run(tmp_path, notify_socket):
                                     env={**node_env(node), "NOTIFY_SOCKET": str(path)},
                                     stdin=subprocess.DEVNULL, stdout=out, stderr=out)
         try:
-            assert wait_ready(sock, proc, log) == b"READY=1"
+            assert next_datagram(sock, proc, log) == b"READY=1"
             assert "kachery-fs serving files of node" in log.read_text()
             assert stopped_as_by_systemd(proc) == 130
             assert "Traceback" not in log.read_text()

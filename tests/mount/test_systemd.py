@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ..util import (
     KFS,
     in_mount_table,
     lazy_unmount,
+    next_datagram,
     node_env,
     offline_node,
     require_fuse,
@@ -29,18 +29,6 @@ def mount_types(path: Path) -> list[str]:
     with open("/proc/self/mountinfo") as f:
         return [fields[fields.index("-") + 1] for fields in map(str.split, f)
                 if fields[4] == target]
-
-
-def next_datagram(sock: socket.socket, proc: subprocess.Popen, log: Path) -> bytes:
-    sock.settimeout(0.2)
-    for _ in range(150):
-        try:
-            return sock.recv(4096)
-        except TimeoutError:
-            if proc.poll() is not None:
-                raise AssertionError(f"the mount exited ({proc.returncode}):\n"
-                                     f"{log.read_text() if log.exists() else ''}") from None
-    raise AssertionError(f"nothing from the mount within 30 s:\n{log.read_text()}")
 
 
 def foreground_mount(node_dir: Path, mountpoint: Path, notify: Path) -> tuple:
